@@ -1,0 +1,153 @@
+"""Kafka plumbing shared by the services: the reliable producer, topics, and the subscriber wiring.
+
+Two defaults are overridden on purpose. aiokafka's producer defaults to `acks=1` without
+idempotence, so a leader change can lose or duplicate a write: ours uses `acks="all"` and the
+idempotent producer. FastStream's Kafka subscriber defaults to `AckPolicy.ACK_FIRST`, which
+auto-commits before the handler ran (at-most-once): ours commits after it (see `consumers`).
+"""
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.middlewares import AckPolicy
+from opentelemetry import propagate, trace
+
+from microcred_events import KafkaRecord
+
+from .consumers import EventConsumer
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("microcred.kafka")
+
+
+def reliable_producer(bootstrap_servers: str, client_id: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        # A little batching for the relay's bursts; latency stays in single-digit milliseconds.
+        linger_ms=5,
+        request_timeout_ms=30_000,
+    )
+
+
+async def publish(
+    producer: AIOKafkaProducer, records: Sequence[KafkaRecord], *, prefix: str = ""
+) -> list[BaseException | None]:
+    """Send records in order and wait for every acknowledgement; returns None or the error per record.
+
+    `prefix` is the environment's topic prefix; records name the contract's topics.
+
+    Each record continues the trace whose context it carries (the outbox stored it at commit time).
+    """
+    pending = []
+    for record in records:
+        carrier = {name: value.decode("latin-1") for name, value in record.headers}
+        parent = propagate.extract(carrier)
+        topic = prefix + record.topic
+        with tracer.start_as_current_span(
+            f"{topic} publish", context=parent, kind=trace.SpanKind.PRODUCER
+        ) as span:
+            span.set_attribute("messaging.system", "kafka")
+            span.set_attribute("messaging.destination.name", topic)
+            propagate.inject(carrier)
+            headers = [
+                (name, value)
+                for name, value in record.headers
+                if name not in ("traceparent", "tracestate")
+            ]
+            headers += [(name, carrier[name].encode()) for name in ("traceparent", "tracestate") if name in carrier]
+            try:
+                pending.append(
+                    await producer.send(topic, record.value, key=record.key, headers=headers)
+                )
+            except Exception as exc:  # the client refused it before sending (size, closed, ...)
+                pending.append(exc)
+    results: list[BaseException | None] = []
+    for item in pending:
+        if isinstance(item, BaseException):
+            results.append(item)
+            continue
+        try:
+            await item
+        except Exception as exc:
+            results.append(exc)
+        else:
+            results.append(None)
+    return results
+
+
+async def publish_one(producer: AIOKafkaProducer, record: KafkaRecord, *, prefix: str = "") -> None:
+    (error,) = await publish(producer, [record], prefix=prefix)
+    if error is not None:
+        raise error
+
+
+async def ensure_topics(
+    bootstrap_servers: str, topics: Sequence[str], *, partitions: int, replication: int
+) -> None:
+    """Create the missing topics; existing ones are left as they are (operators may have tuned them)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in topics if name not in existing]
+        if not missing:
+            return
+        try:
+            await admin.create_topics(
+                [NewTopic(name, num_partitions=partitions, replication_factor=replication) for name in missing]
+            )
+        except TopicAlreadyExistsError:
+            pass  # another replica created it first
+        log.info("created topics", extra={"topics": missing})
+    finally:
+        await admin.close()
+
+
+def subscribe(
+    broker: KafkaBroker, consumer: EventConsumer, topics: Sequence[str], *, prefix: str = "", **options: Any
+) -> None:
+    """Register the consumer on the broker: one consumer group per service, commit after effect."""
+
+    @broker.subscriber(
+        *(prefix + topic for topic in topics),
+        group_id=prefix + consumer.group,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        # A new consumer group reads the topic from its start: read models need every event.
+        auto_offset_reset="earliest",
+        parser=_tolerant_parser,
+        decoder=_raw_body,
+        **options,
+    )
+    async def consume(message: KafkaMessage) -> None:
+        await consumer.process(message.raw_message)
+
+
+async def _tolerant_parser(record: Any, original: Any) -> Any:
+    """FastStream decodes every header as UTF-8 and would crash on a poison message's headers.
+
+    Let it see a lossy copy instead; the handler reads the untouched record, which `decode`
+    rejects with a reason so the message is dead-lettered rather than redelivered forever.
+    """
+    try:
+        return await original(record)
+    except UnicodeDecodeError:
+        headers = record.headers
+        record.headers = [(name, value.decode("utf-8", "replace").encode()) for name, value in headers]
+        message = await original(record)
+        record.headers = headers
+        return message
+
+
+async def _raw_body(message: Any) -> bytes:
+    # Decoding is ours (CloudEvents + pydantic), with reasons; FastStream's JSON guess would raise.
+    body: bytes = message.body
+    return body

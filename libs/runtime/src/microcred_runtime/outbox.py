@@ -1,0 +1,195 @@
+"""Transactional outbox: events are written with the state change that caused them, then relayed.
+
+`add(conn, event)` runs inside the caller's transaction, so an event exists exactly when the
+change it describes was committed. The relay publishes committed rows to Kafka in id order
+(so in order per aggregate key), with `acks=all` and the idempotent producer, and stamps them
+as published only once Kafka has acknowledged them. A crash between the two means a row is
+published again after restart: consumers are idempotent (see `inbox`), so nothing is doubled.
+
+Several replicas may run the relay: a session-level advisory lock elects one publisher at a time,
+which keeps the per-key order that `FOR UPDATE SKIP LOCKED` sharing would break. If the leader
+dies, PostgreSQL drops its session and its lock, and another replica takes over.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+from opentelemetry import propagate
+
+from microcred_events import Event, KafkaRecord, encode
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "microcred_outbox"
+
+_INSERT = """
+WITH row AS (
+    INSERT INTO outbox (event_id, event_type, topic, message_key, payload, headers)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    RETURNING id
+)
+SELECT pg_notify('""" + CHANNEL + """', '') FROM row
+"""
+
+
+def event_source(event: Event) -> str:
+    """The CloudEvents source of an event we produce: the context that owns its type."""
+    context = event.TYPE.split(".")[2]
+    return f"urn:microcred:{context}"
+
+
+async def add(conn: asyncpg.Connection, event: Event, *, source: str | None = None) -> uuid.UUID:
+    """Queue `event` for publication in the caller's transaction; returns its CloudEvents id.
+
+    The current trace context goes into the row, so the consumer's span joins this trace.
+    """
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    event_id = uuid.uuid4()
+    record = encode(
+        event,
+        source=source or event_source(event),
+        event_id=str(event_id),
+        traceparent=carrier.get("traceparent"),
+        tracestate=carrier.get("tracestate"),
+    )
+    headers = {name: value.decode() for name, value in record.headers}
+    await conn.execute(
+        _INSERT, event_id, event.TYPE, record.topic, record.key, record.value, json.dumps(headers)
+    )
+    return event_id
+
+
+PublishBatch = Callable[[Sequence[KafkaRecord]], Awaitable[Sequence[BaseException | None]]]
+"""Publishes records in order and waits for Kafka's acknowledgement of each: None or the error."""
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    batch_size: int = 500
+    poll_interval: float = 1.0
+    retention_hours: int = 168
+    # Advisory-lock key for leader election; distinct per service database is not required
+    # (locks are per database) but a fixed value keeps it recognisable in pg_locks.
+    lock_key: int = 0x6D6372_6F7574  # "mcr" "out"
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows until stopped; `stop()` flushes what is pending first."""
+
+    def __init__(self, dsn: str, publish: PublishBatch, settings: RelaySettings) -> None:
+        self._dsn = dsn
+        self._publish = publish
+        self._settings = settings
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._last_purge = 0.0
+        self.is_leader = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        """Stop after one last drain, so what was committed before SIGTERM is not left behind."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                conn = await asyncpg.connect(self._dsn)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("outbox relay cannot reach PostgreSQL: %s", exc)
+                await self._sleep(self._settings.poll_interval)
+                continue
+            try:
+                await self._lead(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("outbox relay lost PostgreSQL: %s", exc)
+                await self._sleep(self._settings.poll_interval)
+            finally:
+                self.is_leader = False
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=5)
+
+    async def _lead(self, conn: asyncpg.Connection) -> None:
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._settings.lock_key):
+            if self._stopping:
+                return
+            # Another replica is the leader; check again later in case it died.
+            await self._sleep(self._settings.poll_interval * 5)
+        self.is_leader = True
+        await conn.add_listener(CHANNEL, self._notified)
+        while True:
+            self._wakeup.clear()
+            published = await self.drain_once(conn)
+            if self._stopping:
+                if published == 0:
+                    return
+                continue
+            await self._purge(conn)
+            if published < self._settings.batch_size:
+                await self._sleep(self._settings.poll_interval)
+
+    def _notified(self, *_: object) -> None:
+        self._wakeup.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=seconds)
+
+    async def drain_once(self, conn: asyncpg.Connection) -> int:
+        """Publish the oldest pending rows; returns how many were acknowledged by Kafka."""
+        rows = await conn.fetch(
+            "SELECT id, topic, message_key, payload, headers FROM outbox"
+            " WHERE published_at IS NULL ORDER BY id LIMIT $1",
+            self._settings.batch_size,
+        )
+        if not rows:
+            return 0
+        records = [
+            KafkaRecord(
+                topic=row["topic"],
+                key=row["message_key"],
+                value=row["payload"],
+                headers=[(name, value.encode()) for name, value in json.loads(row["headers"]).items()],
+            )
+            for row in rows
+        ]
+        results = await self._publish(records)
+        acknowledged = [row["id"] for row, error in zip(rows, results, strict=True) if error is None]
+        failures = [error for error in results if error is not None]
+        if acknowledged:
+            await conn.execute(
+                "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", acknowledged
+            )
+        if failures:
+            log.warning(
+                "outbox relay: %d of %d events not acknowledged, will retry: %s",
+                len(failures),
+                len(rows),
+                failures[0],
+            )
+            # Kafka is unhappy; back off instead of spinning on the same rows.
+            await self._sleep(self._settings.poll_interval)
+        return len(acknowledged)
+
+    async def _purge(self, conn: asyncpg.Connection) -> None:
+        now = time.monotonic()
+        if now - self._last_purge < 60:
+            return
+        self._last_purge = now
+        await conn.execute(
+            "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)",
+            self._settings.retention_hours,
+        )

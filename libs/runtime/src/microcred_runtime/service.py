@@ -1,0 +1,227 @@
+"""One call wires a service: settings, FastAPI + FastStream with one lifecycle, database, outbox,
+inbox consumers, health, telemetry and problem+json errors.
+
+Every service describes itself with a `Service` and calls `run()`; tests call `create_app()`.
+"""
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated, Any, Generic, TypeVar
+
+import asyncpg
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from faststream.kafka import KafkaBroker
+from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+from microcred_events import TOPICS, dead_letter_topic
+
+from . import kafka
+from .consumers import EventConsumer, RetryPolicy, Subscriptions
+from .migrations import migrate
+from .outbox import OutboxRelay, RelaySettings
+from .problems import install_problem_handlers, problem_response
+from .settings import ConfigurationError, ServiceSettings, load_settings
+from .telemetry import configure_logging, configure_tracing
+
+log = logging.getLogger(__name__)
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+_RUNTIME_MIGRATIONS = Path(str(files("microcred_runtime") / "migrations"))
+_READINESS_TIMEOUT = 2.0
+
+
+@dataclass
+class Runtime(Generic[SettingsT]):
+    """What a running service holds; routes reach it through the `RuntimeDep` dependency."""
+
+    settings: SettingsT
+    pool: asyncpg.Pool
+    broker: KafkaBroker
+    relay: OutboxRelay
+    consumer: EventConsumer | None
+
+
+@dataclass(frozen=True)
+class Service(Generic[SettingsT]):
+    """A microcred service: its name, settings, SQL migrations, HTTP routes and subscriptions."""
+
+    name: str
+    settings_class: type[SettingsT]
+    migrations: Path
+    routers: Sequence[APIRouter] = ()
+    subscriptions: Subscriptions = field(default_factory=Subscriptions)
+    version: str = "0.1.0"
+    description: str = ""
+
+    def create_app(self, settings: SettingsT | None = None) -> FastAPI:
+        """The ASGI app; its lifespan starts and stops everything the service needs."""
+        settings = settings or load_settings(self.settings_class)
+        configure_tracing(self.name, self.version)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            async with self._running(settings) as runtime:
+                app.state.runtime = runtime
+                yield
+
+        app = FastAPI(title=f"microcred {self.name}", version=self.version, description=self.description, lifespan=lifespan)
+        install_problem_handlers(app)
+        if settings.cors_origins:
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+            )
+        app.include_router(_health_router())
+        for router in self.routers:
+            app.include_router(router)
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*")
+        return app
+
+    def run(self) -> None:
+        """Entry point of the service's process: refuse bad settings, then serve until SIGTERM."""
+        try:
+            settings = load_settings(self.settings_class)
+        except ConfigurationError as exc:
+            print(f"{self.name}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        configure_logging(self.name, settings.log_level)
+        uvicorn.run(
+            self.create_app(settings),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            # uvicorn turns SIGTERM into the lifespan shutdown; give in-flight work its grace time.
+            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _running(self, settings: SettingsT) -> AsyncIterator[Runtime[SettingsT]]:
+        dsn = str(settings.database_url)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=settings.db_pool_min_size, max_size=settings.db_pool_max_size
+        )
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn, "runtime", _RUNTIME_MIGRATIONS)
+                await migrate(conn, self.name, self.migrations)
+            bootstrap = settings.kafka_bootstrap_servers
+            prefix = settings.kafka_topic_prefix
+            await kafka.ensure_topics(
+                bootstrap,
+                [prefix + topic for topic in (*TOPICS, dead_letter_topic(self.name))],
+                partitions=settings.kafka_topic_partitions,
+                replication=settings.kafka_topic_replication,
+            )
+            producer = kafka.reliable_producer(bootstrap, client_id=self.name)
+            await producer.start()
+            try:
+                broker = KafkaBroker(
+                    bootstrap,
+                    client_id=self.name,
+                    graceful_timeout=settings.shutdown_grace_seconds,
+                    middlewares=[KafkaTelemetryMiddleware()],
+                    log_level=logging.DEBUG,
+                )
+                consumer = None
+                if self.subscriptions.topics:
+                    consumer = EventConsumer(
+                        group=self.name,
+                        subscriptions=self.subscriptions,
+                        pool=pool,
+                        publish_dead_letter=lambda record: kafka.publish_one(producer, record, prefix=prefix),
+                        retry=RetryPolicy(
+                            settings.consumer_max_attempts, settings.consumer_retry_backoff_seconds
+                        ),
+                    )
+                    kafka.subscribe(broker, consumer, self.subscriptions.topics, prefix=prefix)
+                relay = OutboxRelay(
+                    dsn,
+                    lambda records: kafka.publish(producer, records, prefix=prefix),
+                    RelaySettings(
+                        batch_size=settings.outbox_batch_size,
+                        poll_interval=settings.outbox_poll_interval_seconds,
+                        retention_hours=settings.outbox_retention_hours,
+                    ),
+                )
+                await broker.start()
+                relay.start()
+                log.info("service started", extra={"http_port": settings.http_port})
+                try:
+                    yield Runtime(settings, pool, broker, relay, consumer)
+                finally:
+                    # Order matters: stop taking messages and let in-flight ones commit, then
+                    # flush what they (and the API) queued in the outbox, then close the clients.
+                    await broker.stop()
+                    await relay.stop()
+            finally:
+                await producer.stop()
+        finally:
+            await pool.close()
+        log.info("service stopped")
+
+
+def _runtime(request: Request) -> Runtime[Any]:
+    runtime: Runtime[Any] = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime[Any], Depends(_runtime)]
+
+
+def _pool(request: Request) -> asyncpg.Pool:
+    return _runtime(request).pool
+
+
+Db = Annotated[asyncpg.Pool, Depends(_pool)]
+
+
+def _health_router() -> APIRouter:
+    router = APIRouter(prefix="/health", tags=["health"])
+
+    @router.get("/live", summary="The process is up")
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/ready", summary="PostgreSQL and Kafka answer", responses={503: {"description": "Not ready"}})
+    async def ready(runtime: RuntimeDep) -> JSONResponse:
+        checks = dict(
+            zip(
+                ("postgres", "kafka"),
+                await asyncio.gather(_postgres_ready(runtime.pool), runtime.broker.ping(_READINESS_TIMEOUT)),
+                strict=True,
+            )
+        )
+        if all(checks.values()):
+            return JSONResponse({"status": "ready", "checks": {name: "ok" for name in checks}})
+        failing = sorted(name for name, ok in checks.items() if not ok)
+        return problem_response(
+            503,
+            f"not ready: {', '.join(failing)} unreachable",
+            kind="not-ready",
+            checks={name: "ok" if ok else "failing" for name, ok in checks.items()},
+        )
+
+    return router
+
+
+async def _postgres_ready(pool: asyncpg.Pool) -> bool:
+    try:
+        async with asyncio.timeout(_READINESS_TIMEOUT):
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,71 @@
+"""Service settings: read from the environment, refused at start-up when wrong."""
+
+from typing import Annotated, TypeVar
+
+from pydantic import Field, PostgresDsn, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """What every service reads from its environment; a service subclasses it to add its own."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_file=None)
+
+    database_url: Annotated[
+        PostgresDsn, Field(description="PostgreSQL URL of the service's own database.")
+    ]
+    kafka_bootstrap_servers: Annotated[
+        str, Field(min_length=1, description="Comma-separated Kafka bootstrap servers, host:port.")
+    ]
+    http_host: str = Field(default="127.0.0.1", description="Interface the HTTP API listens on.")
+    http_port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP API listens on.")
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed by CORS.")
+
+    db_pool_min_size: int = Field(default=1, ge=0)
+    db_pool_max_size: int = Field(default=10, ge=1)
+
+    kafka_topic_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="Prepended to every topic and consumer group: several environments can share a cluster.",
+    )
+    kafka_topic_partitions: int = Field(
+        default=3, ge=1, description="Partitions for topics this service creates when they are missing."
+    )
+    kafka_topic_replication: int = Field(default=1, ge=1)
+    consumer_max_attempts: int = Field(
+        default=5, ge=1, description="Handler attempts before a message goes to the dead-letter topic."
+    )
+    consumer_retry_backoff_seconds: float = Field(
+        default=0.2, gt=0, description="First retry delay; it doubles on every further attempt."
+    )
+    outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
+    outbox_poll_interval_seconds: float = Field(
+        default=1.0, gt=0, description="Safety net poll; commits wake the relay at once via NOTIFY."
+    )
+    outbox_retention_hours: int = Field(
+        default=168, ge=0, description="How long published outbox rows are kept for inspection."
+    )
+    shutdown_grace_seconds: float = Field(
+        default=20.0, gt=0, description="Time in-flight messages get to finish on SIGTERM."
+    )
+
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+class ConfigurationError(Exception):
+    """The environment does not configure the service; the message names every bad setting."""
+
+
+def load_settings(settings_class: type[SettingsT]) -> SettingsT:
+    """Read the settings, or raise one error that names each bad environment variable."""
+    try:
+        return settings_class()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            variable = "_".join(str(part) for part in error["loc"][:1]).upper() or "?"
+            lines.append(f"  {variable}: {error['msg']}")
+        raise ConfigurationError("invalid configuration:\n" + "\n".join(lines)) from None

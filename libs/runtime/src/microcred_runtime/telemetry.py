@@ -1,0 +1,65 @@
+"""Traces and logs: one trace per journey across HTTP, SQL and Kafka; JSON logs carrying its id."""
+
+import logging
+import os
+import sys
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from pythonjsonlogger.json import JsonFormatter
+
+_configured = False
+
+
+def configure_tracing(service_name: str, version: str) -> None:
+    """Install the tracer provider once per process.
+
+    Spans are always created, so trace ids flow into logs and through Kafka headers; they are
+    exported over OTLP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the exporter reads the
+    standard OTEL_* variables itself).
+    """
+    global _configured
+    if _configured:
+        return
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name, "service.version": version})
+    )
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    AsyncPGInstrumentor().instrument()
+    _configured = True
+
+
+class _TraceIds(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        return True
+
+
+def configure_logging(service_name: str, level: str) -> None:
+    """JSON lines on stdout, each with the service name and, inside a span, its trace and span ids."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(_TraceIds())
+    handler.setFormatter(
+        JsonFormatter(
+            "{asctime}{levelname}{name}{message}",
+            style="{",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            static_fields={"service": service_name},
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Per-message chatter from the clients stays out of INFO.
+    for noisy in ("aiokafka", "faststream", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

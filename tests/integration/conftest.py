@@ -1,0 +1,116 @@
+"""Real Kafka and PostgreSQL for the integration tests.
+
+Where they come from, in order: `KAFKA_BOOTSTRAP_SERVERS` and `POSTGRES_URL` from the
+environment; containers (testcontainers) when a Docker engine answers; otherwise the project's
+own broker and server (`scripts/infra.py`), started if they are not running yet.
+Each test gets its own databases and its own topic prefix, so tests never see each other's data.
+"""
+
+import contextlib
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+ROOT = Path(__file__).resolve().parents[2]
+KAFKA_IMAGE = "apache/kafka:4.1.1"
+POSTGRES_IMAGE = "postgres:16-alpine"
+
+
+@dataclass(frozen=True)
+class Infrastructure:
+    kafka_bootstrap: str
+    postgres_url: str  # a role that may create databases
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def _docker_engine_answers() -> bool:
+    try:
+        import docker  # noqa: PLC0415  (only where testcontainers is usable)
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+    except Exception:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _containers() -> Iterator[Infrastructure]:
+    from testcontainers.kafka import KafkaContainer  # noqa: PLC0415
+    from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+
+    with KafkaContainer(KAFKA_IMAGE) as kafka, PostgresContainer(POSTGRES_IMAGE, driver=None) as postgres:
+        yield Infrastructure(kafka.get_bootstrap_server(), postgres.get_connection_url())
+
+
+@pytest.fixture(scope="session")
+def infrastructure(pytestconfig: pytest.Config) -> Iterator[Infrastructure]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("POSTGRES_URL"):
+        yield Infrastructure(os.environ["KAFKA_BOOTSTRAP_SERVERS"], os.environ["POSTGRES_URL"])
+        return
+    if _docker_engine_answers():
+        with _containers() as infra:
+            yield infra
+        return
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import infra as local  # noqa: PLC0415  (the project's provisioning script)
+
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    # The first run downloads Kafka: let its progress reach the terminal.
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        endpoints = local.ensure_up()
+    yield Infrastructure(endpoints.kafka_bootstrap, endpoints.postgres_url)
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture
+async def new_database(infrastructure: Infrastructure) -> AsyncIterator[Callable[[], Any]]:
+    """Creates throwaway databases for the test; all are dropped at its end."""
+    created: list[str] = []
+    admin = await asyncpg.connect(infrastructure.postgres_url)
+
+    async def create() -> str:
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return _with_database(infrastructure.postgres_url, name)
+
+    try:
+        yield create
+    finally:
+        for name in created:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}."
+
+
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run an app's whole lifespan (database, broker, relay) and talk to it over ASGI."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+            yield client
