@@ -6,23 +6,26 @@ own broker and server (`scripts/infra.py`), started if they are not running yet.
 Each test gets its own databases and its own topic prefix, so tests never see each other's data.
 """
 
+import asyncio
 import contextlib
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from fastapi import FastAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_IMAGE = "apache/kafka:4.1.1"
 POSTGRES_IMAGE = "postgres:16-alpine"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,3 +117,63 @@ async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
             yield client
+
+
+@pytest.fixture
+def serve() -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]:
+    return serving
+
+
+@pytest.fixture
+async def producer(infrastructure: Infrastructure) -> AsyncIterator[AIOKafkaProducer]:
+    """A plain Kafka client, as a partner or another service would use."""
+    client = AIOKafkaProducer(
+        bootstrap_servers=infrastructure.kafka_bootstrap, acks="all", enable_idempotence=True
+    )
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.stop()
+
+
+async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list[ConsumerRecord[bytes, bytes]]:
+    """The first `count` records of a topic, or fewer if the timeout runs out."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(records) < count:
+                batch = await consumer.getmany(timeout_ms=500)
+                records += [record for partition in batch.values() for record in partition]
+    except TimeoutError:
+        pass
+    finally:
+        await consumer.stop()
+    return records
+
+
+@pytest.fixture
+def topic_reader(infrastructure: Infrastructure) -> Callable[..., Any]:
+    async def read(topic: str, count: int, timeout: float = 30.0) -> list[ConsumerRecord[bytes, bytes]]:
+        return await read_topic(infrastructure.kafka_bootstrap, topic, count, timeout)
+
+    return read
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 30.0, interval: float = 0.1) -> T:
+    """Poll `check` until it returns something truthy; the last value otherwise (which fails the test)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value or asyncio.get_running_loop().time() > deadline:
+            return value
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Any]:
+    return eventually

@@ -2,8 +2,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import pytest
-from pydantic import BaseModel, ValidationError
-
 from microcred_events import (
     REGISTRY,
     CompletionReported,
@@ -15,6 +13,7 @@ from microcred_events import (
     PathwaySnapshot,
     example_data,
 )
+from pydantic import BaseModel, ValidationError
 
 EVENT_CLASSES = list(REGISTRY.values())
 M = TypeVar("M", bound=BaseModel)

@@ -120,7 +120,7 @@ class EventConsumer:
         try:
             envelope = decode(record.headers, record.value or b"")
         except InvalidEvent as exc:
-            await self._dead_letter(record, exc.reason, str(exc), attempts=0)
+            await self._dead_letter(record, exc.reason, exc.detail, attempts=0)
             return Outcome.DEAD_LETTERED
         handler = self._subscriptions.handler_for(envelope.type)
         if handler is None:

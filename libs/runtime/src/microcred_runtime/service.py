@@ -23,7 +23,7 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-from microcred_events import TOPICS, dead_letter_topic
+from microcred_events import Topic, dead_letter_topic
 
 from . import kafka
 from .consumers import EventConsumer, RetryPolicy, Subscriptions
@@ -121,7 +121,7 @@ class Service(Generic[SettingsT]):
             prefix = settings.kafka_topic_prefix
             await kafka.ensure_topics(
                 bootstrap,
-                [prefix + topic for topic in (*TOPICS, dead_letter_topic(self.name))],
+                [prefix + topic for topic in (*Topic, dead_letter_topic(self.name))],
                 partitions=settings.kafka_topic_partitions,
                 replication=settings.kafka_topic_replication,
             )
