@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import infra  # noqa: E402  (a sibling script, not an installed package)
+import infra
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".local" / "logs"
@@ -93,7 +93,7 @@ def _wait_ready(processes: dict[str, subprocess.Popen[bytes]]) -> bool:
 
 def _ready(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=3) as response:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=3) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False

@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def _docker_engine_answers() -> bool:
     try:
-        import docker  # noqa: PLC0415  (only where testcontainers is usable)
+        import docker
 
         client = docker.from_env(timeout=3)
         client.ping()
@@ -54,8 +54,8 @@ def _docker_engine_answers() -> bool:
 
 @contextlib.contextmanager
 def _containers() -> Iterator[Infrastructure]:
-    from testcontainers.kafka import KafkaContainer  # noqa: PLC0415
-    from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.postgres import PostgresContainer
 
     with KafkaContainer(KAFKA_IMAGE) as kafka, PostgresContainer(POSTGRES_IMAGE, driver=None) as postgres:
         yield Infrastructure(kafka.get_bootstrap_server(), postgres.get_connection_url())
@@ -71,7 +71,7 @@ def infrastructure(pytestconfig: pytest.Config) -> Iterator[Infrastructure]:
             yield infra
         return
     sys.path.insert(0, str(ROOT / "scripts"))
-    import infra as local  # noqa: PLC0415  (the project's provisioning script)
+    import infra as local
 
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     # The first run downloads Kafka: let its progress reach the terminal.
@@ -137,7 +137,9 @@ async def producer(infrastructure: Infrastructure) -> AsyncIterator[AIOKafkaProd
         await client.stop()
 
 
-async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list[ConsumerRecord[bytes, bytes]]:
+async def read_topic(
+    bootstrap: str, topic: str, count: int, timeout: float = 30.0
+) -> list[ConsumerRecord[bytes, bytes]]:
     """The first `count` records of a topic, or fewer if the timeout runs out."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False

@@ -11,19 +11,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import pytest
-from aiokafka import AIOKafkaProducer
-
 import catalog.main
 import catalog.settings
 import enrollment.main
 import enrollment.settings
+import pytest
+from aiokafka import AIOKafkaProducer
 from microcred_events import CourseSnapshot, CourseUpdated, Topic, encode, example_data
 
 from .conftest import Infrastructure
 
 COURSE_DETAILS = {
-    name: value for name, value in example_data(CourseSnapshot).items() if name not in ("course_id", "version")
+    name: value
+    for name, value in example_data(CourseSnapshot).items()
+    if name not in ("course_id", "version")
 }
 
 
@@ -50,7 +51,9 @@ def catalog_app(databases: dict[str, str], infrastructure: Infrastructure, topic
 
 
 @pytest.fixture
-def enrollment_app(databases: dict[str, str], infrastructure: Infrastructure, topic_prefix: str) -> Callable[[], Any]:
+def enrollment_app(
+    databases: dict[str, str], infrastructure: Infrastructure, topic_prefix: str
+) -> Callable[[], Any]:
     settings = _settings(enrollment.settings.Settings, databases["enrollment"], infrastructure, topic_prefix)
     return lambda: enrollment.main.create_app(settings)
 
@@ -62,7 +65,9 @@ def _course_update(course_id: uuid.UUID, version: int) -> CourseUpdated:
     return CourseUpdated(course=snapshot, updated_at=datetime.now(UTC))
 
 
-async def _send(producer: AIOKafkaProducer, prefix: str, event: CourseUpdated, event_id: str | None = None) -> None:
+async def _send(
+    producer: AIOKafkaProducer, prefix: str, event: CourseUpdated, event_id: str | None = None
+) -> None:
     record = encode(event, source="urn:microcred:catalog", event_id=event_id)
     await producer.send_and_wait(prefix + record.topic, record.value, key=record.key, headers=record.headers)
 
@@ -117,9 +122,13 @@ async def test_same_event_twice_changes_nothing(
             # A later event on the same partition proves both copies have been consumed.
             sentinel = str(uuid.uuid4())
             await _send(producer, topic_prefix, _course_update(course_id, 3), sentinel)
-            assert await wait_for(lambda: reader.fetchval("SELECT count(*) FROM inbox WHERE event_id = $1", sentinel))
-            applied = await reader.fetch("SELECT \"offset\" FROM inbox WHERE event_id = $1", event_id)
-            course = await reader.fetchrow("SELECT version, title FROM courses WHERE course_id = $1", course_id)
+            assert await wait_for(
+                lambda: reader.fetchval("SELECT count(*) FROM inbox WHERE event_id = $1", sentinel)
+            )
+            applied = await reader.fetch('SELECT "offset" FROM inbox WHERE event_id = $1', event_id)
+            course = await reader.fetchrow(
+                "SELECT version, title FROM courses WHERE course_id = $1", course_id
+            )
     finally:
         await reader.close()
     assert len(applied) == 1, "the duplicate was applied a second time"
@@ -153,10 +162,12 @@ async def test_consumer_stopped_mid_stream_loses_nothing(
             consumed = await wait_for(
                 lambda: reader.fetchval("SELECT count(*) = $1 FROM inbox", total), timeout=60
             )
-            rows = await reader.fetch("SELECT version FROM courses WHERE course_id = ANY($1::uuid[])", courses)
+            rows = await reader.fetch(
+                "SELECT version FROM courses WHERE course_id = ANY($1::uuid[])", courses
+            )
     finally:
         await reader.close()
-    assert 0 < consumed_before_restart, "nothing was consumed before the stop"
+    assert consumed_before_restart > 0, "nothing was consumed before the stop"
     assert consumed, "events were lost across the restart"
     assert [row["version"] for row in rows] == [1 + total // len(courses)] * len(courses)
 
@@ -183,10 +194,13 @@ async def test_poison_message_is_dead_lettered_and_the_partition_moves_on(
             await producer.send_and_wait(topic, b"{not json", key=record.key, headers=record.headers)
             await producer.send_and_wait(topic, record.value, key=record.key, headers=not_utf8)
             await producer.send_and_wait(topic, record.value, key=record.key, headers=record.headers)
-            row = await wait_for(lambda: reader.fetchrow("SELECT version FROM courses WHERE course_id = $1", course_id))
+            row = await wait_for(
+                lambda: reader.fetchrow("SELECT version FROM courses WHERE course_id = $1", course_id)
+            )
     finally:
         await reader.close()
-    assert row is not None and row["version"] == 2, "the good message after the poison was not applied"
+    assert row is not None, "the good message after the poison was not applied"
+    assert row["version"] == 2
 
     dead = await topic_reader(topic_prefix + "enrollment.dlq", 2)
     assert len(dead) == 2

@@ -44,7 +44,7 @@ InvalidReason = Literal[
 ]
 
 
-class InvalidEvent(Exception):  # noqa: N818 - the contract's name for it: "this is not a valid event"
+class InvalidEvent(Exception):
     """A Kafka message that is not a valid event of this contract; it belongs in a dead-letter topic.
 
     `reason` is a stable code for metrics and dead-letter headers; `detail` says, for people,

@@ -24,13 +24,15 @@ from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import ConsumerRecord
+from microcred_events import Envelope, Event, InvalidEvent, KafkaRecord, dead_letter_topic, decode
 
-from microcred_events import Envelope, Event, InvalidEvent, KafkaRecord, decode, dead_letter_topic
+from .db import Connection
 
 log = logging.getLogger(__name__)
 
-E = TypeVar("E", bound=Event)
-Handler = Callable[[asyncpg.Connection, E], Awaitable[None]]
+Handler = Callable[[Connection, Any], Awaitable[None]]
+"""`async def on_<event>(conn, event)`: applies one event inside the consumer's transaction."""
+H = TypeVar("H", bound=Handler)
 
 # Errors that say the infrastructure is down, not that the message is bad.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -65,10 +67,10 @@ class Subscriptions:
     """The one place where a service lists the events it reacts to and the handler for each."""
 
     def __init__(self) -> None:
-        self._handlers: dict[str, tuple[type[Event], Handler[Any]]] = {}
+        self._handlers: dict[str, tuple[type[Event], Handler]] = {}
 
-    def on(self, *event_types: type[E]) -> Callable[[Handler[E]], Handler[E]]:
-        def register(handler: Handler[E]) -> Handler[E]:
+    def on(self, *event_types: type[Event]) -> Callable[[H], H]:
+        def register(handler: H) -> H:
             for event_type in event_types:
                 if event_type.TYPE in self._handlers:
                     raise ValueError(f"{event_type.TYPE} already has a handler")
@@ -81,7 +83,7 @@ class Subscriptions:
     def topics(self) -> list[str]:
         return sorted({event_type.TOPIC for event_type, _ in self._handlers.values()})
 
-    def handler_for(self, type_: str) -> Handler[Any] | None:
+    def handler_for(self, type_: str) -> Handler | None:
         entry = self._handlers.get(type_)
         return entry[1] if entry else None
 
@@ -155,11 +157,11 @@ class EventConsumer:
                 await asyncio.sleep(self._retry.delay(attempt))
 
     async def _apply(
-        self, record: ConsumerRecord[bytes, bytes], envelope: Envelope, handler: Handler[Any]
+        self, record: ConsumerRecord[bytes, bytes], envelope: Envelope, handler: Handler
     ) -> Outcome:
         async with self._pool.acquire() as conn, conn.transaction():
             first_time = await conn.fetchval(
-                "INSERT INTO inbox (consumer, source, event_id, event_type, topic, partition, \"offset\")"
+                'INSERT INTO inbox (consumer, source, event_id, event_type, topic, partition, "offset")'
                 " VALUES ($1, $2, $3, $4, $5, $6, $7)"
                 " ON CONFLICT DO NOTHING RETURNING true",
                 self.group,

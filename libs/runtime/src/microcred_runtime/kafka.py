@@ -6,6 +6,7 @@ idempotent producer. FastStream's Kafka subscriber defaults to `AckPolicy.ACK_FI
 auto-commits before the handler ran (at-most-once): ours commits after it (see `consumers`).
 """
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -16,9 +17,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
-from opentelemetry import propagate, trace
-
 from microcred_events import KafkaRecord
+from opentelemetry import propagate, trace
 
 from .consumers import EventConsumer
 
@@ -59,15 +59,13 @@ async def publish(
             span.set_attribute("messaging.destination.name", topic)
             propagate.inject(carrier)
             headers = [
-                (name, value)
-                for name, value in record.headers
-                if name not in ("traceparent", "tracestate")
+                (name, value) for name, value in record.headers if name not in ("traceparent", "tracestate")
             ]
-            headers += [(name, carrier[name].encode()) for name in ("traceparent", "tracestate") if name in carrier]
+            headers += [
+                (name, carrier[name].encode()) for name in ("traceparent", "tracestate") if name in carrier
+            ]
             try:
-                pending.append(
-                    await producer.send(topic, record.value, key=record.key, headers=headers)
-                )
+                pending.append(await producer.send(topic, record.value, key=record.key, headers=headers))
             except Exception as exc:  # the client refused it before sending (size, closed, ...)
                 pending.append(exc)
     results: list[BaseException | None] = []
@@ -101,12 +99,14 @@ async def ensure_topics(
         missing = [name for name in topics if name not in existing]
         if not missing:
             return
-        try:
+        # Another replica may create them first.
+        with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(
-                [NewTopic(name, num_partitions=partitions, replication_factor=replication) for name in missing]
+                [
+                    NewTopic(name, num_partitions=partitions, replication_factor=replication)
+                    for name in missing
+                ]
             )
-        except TopicAlreadyExistsError:
-            pass  # another replica created it first
         log.info("created topics", extra={"topics": missing})
     finally:
         await admin.close()
@@ -117,7 +117,7 @@ def subscribe(
 ) -> None:
     """Register the consumer on the broker: one consumer group per service, commit after effect."""
 
-    @broker.subscriber(
+    @broker.subscriber(  # type: ignore[untyped-decorator]  # FastStream's decorator is untyped
         *(prefix + topic for topic in topics),
         group_id=prefix + consumer.group,
         ack_policy=AckPolicy.NACK_ON_ERROR,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
+from .db import Connection
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def discover(folder: Path) -> list[Migration]:
     return [migrations[version] for version in sorted(migrations)]
 
 
-async def migrate(conn: asyncpg.Connection, component: str, folder: Path) -> list[Migration]:
+async def migrate(conn: Connection, component: str, folder: Path) -> list[Migration]:
     """Apply the folder's pending migrations for `component`; returns those it applied."""
     pending = discover(folder)
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)

@@ -21,22 +21,27 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
+from microcred_events import Event, KafkaRecord, encode
 from opentelemetry import propagate
 
-from microcred_events import Event, KafkaRecord, encode
+from .db import Connection
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "microcred_outbox"
 
-_INSERT = """
+_INSERT = (
+    """
 WITH row AS (
     INSERT INTO outbox (event_id, event_type, topic, message_key, payload, headers)
     VALUES ($1, $2, $3, $4, $5, $6)
     RETURNING id
 )
-SELECT pg_notify('""" + CHANNEL + """', '') FROM row
+SELECT pg_notify('"""
+    + CHANNEL
+    + """', '') FROM row
 """
+)
 
 
 def event_source(event: Event) -> str:
@@ -45,7 +50,7 @@ def event_source(event: Event) -> str:
     return f"urn:microcred:{context}"
 
 
-async def add(conn: asyncpg.Connection, event: Event, *, source: str | None = None) -> uuid.UUID:
+async def add(conn: Connection, event: Event, *, source: str | None = None) -> uuid.UUID:
     """Queue `event` for publication in the caller's transaction; returns its CloudEvents id.
 
     The current trace context goes into the row, so the consumer's span joins this trace.

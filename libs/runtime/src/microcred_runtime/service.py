@@ -21,9 +21,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
 from microcred_events import Topic, dead_letter_topic
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from . import kafka
 from .consumers import EventConsumer, RetryPolicy, Subscriptions
@@ -75,7 +74,12 @@ class Service(Generic[SettingsT]):
                 app.state.runtime = runtime
                 yield
 
-        app = FastAPI(title=f"microcred {self.name}", version=self.version, description=self.description, lifespan=lifespan)
+        app = FastAPI(
+            title=f"microcred {self.name}",
+            version=self.version,
+            description=self.description,
+            lifespan=lifespan,
+        )
         install_problem_handlers(app)
         if settings.cors_origins:
             app.add_middleware(
@@ -195,7 +199,9 @@ def _health_router() -> APIRouter:
     async def live() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/ready", summary="PostgreSQL and Kafka answer", responses={503: {"description": "Not ready"}})
+    @router.get(
+        "/ready", summary="PostgreSQL and Kafka answer", responses={503: {"description": "Not ready"}}
+    )
     async def ready(runtime: RuntimeDep) -> JSONResponse:
         checks = dict(
             zip(
@@ -205,7 +211,7 @@ def _health_router() -> APIRouter:
             )
         )
         if all(checks.values()):
-            return JSONResponse({"status": "ready", "checks": {name: "ok" for name in checks}})
+            return JSONResponse({"status": "ready", "checks": dict.fromkeys(checks, "ok")})
         failing = sorted(name for name, ok in checks.items() if not ok)
         return problem_response(
             503,

@@ -11,9 +11,7 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(frozen=True, extra="ignore", env_file=None)
 
-    database_url: Annotated[
-        PostgresDsn, Field(description="PostgreSQL URL of the service's own database.")
-    ]
+    database_url: Annotated[PostgresDsn, Field(description="PostgreSQL URL of the service's own database.")]
     kafka_bootstrap_servers: Annotated[
         str, Field(min_length=1, description="Comma-separated Kafka bootstrap servers, host:port.")
     ]

@@ -5,9 +5,8 @@ from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
-
 from microcred_runtime import Db
+from pydantic import BaseModel
 
 from . import service
 from .domain import Course, CourseDetails, CourseStatus

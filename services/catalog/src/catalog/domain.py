@@ -5,9 +5,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from uuid import UUID
 
+from microcred_events import (
+    Achievement,
+    CourseFormat,
+    CoursePublished,
+    CourseSnapshot,
+    Duration,
+    Issuer,
+    Money,
+)
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
-
-from microcred_events import Achievement, CourseFormat, CoursePublished, CourseSnapshot, Duration, Issuer, Money
 
 
 class CourseStatus(enum.StrEnum):

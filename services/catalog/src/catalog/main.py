@@ -3,7 +3,6 @@
 from pathlib import Path
 
 from fastapi import FastAPI
-
 from microcred_runtime import Service
 
 from . import api

@@ -3,6 +3,7 @@
 from uuid import UUID
 
 import asyncpg
+from microcred_runtime import Connection
 
 from .domain import Course, CourseDetails, CourseStatus
 
@@ -20,7 +21,7 @@ def _course(row: asyncpg.Record) -> Course:
     )
 
 
-async def insert(conn: asyncpg.Connection, course: Course) -> None:
+async def insert(conn: Connection, course: Course) -> None:
     await conn.execute(
         f"INSERT INTO courses ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
         course.course_id,
@@ -32,13 +33,13 @@ async def insert(conn: asyncpg.Connection, course: Course) -> None:
     )
 
 
-async def get(conn: asyncpg.Connection, course_id: UUID, *, for_update: bool = False) -> Course | None:
+async def get(conn: Connection, course_id: UUID, *, for_update: bool = False) -> Course | None:
     lock = " FOR UPDATE" if for_update else ""
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM courses WHERE course_id = $1{lock}", course_id)
     return _course(row) if row else None
 
 
-async def save(conn: asyncpg.Connection, course: Course) -> None:
+async def save(conn: Connection, course: Course) -> None:
     await conn.execute(
         "UPDATE courses SET version = $2, status = $3, details = $4, updated_at = $5 WHERE course_id = $1",
         course.course_id,
@@ -49,7 +50,7 @@ async def save(conn: asyncpg.Connection, course: Course) -> None:
     )
 
 
-async def list_published(conn: asyncpg.Connection, *, limit: int) -> list[Course]:
+async def list_published(conn: Connection, *, limit: int) -> list[Course]:
     rows = await conn.fetch(
         f"SELECT {_COLUMNS} FROM courses WHERE status = 'published' ORDER BY created_at, course_id LIMIT $1",
         limit,

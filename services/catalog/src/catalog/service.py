@@ -4,22 +4,20 @@ import uuid
 from datetime import UTC, datetime
 from uuid import UUID
 
-import asyncpg
-
-from microcred_runtime import Problem, outbox
+from microcred_runtime import Connection, Problem, outbox
 
 from . import domain, repository
 from .domain import Course, CourseDetails, CourseStatus
 
 
-async def create_course(conn: asyncpg.Connection, details: CourseDetails) -> Course:
+async def create_course(conn: Connection, details: CourseDetails) -> Course:
     now = datetime.now(UTC)
     course = Course(uuid.uuid4(), 1, CourseStatus.DRAFT, details, created_at=now, updated_at=now)
     await repository.insert(conn, course)
     return course
 
 
-async def publish_course(conn: asyncpg.Connection, course_id: UUID) -> Course:
+async def publish_course(conn: Connection, course_id: UUID) -> Course:
     course = await _existing(conn, course_id, for_update=True)
     try:
         published, event = domain.publish(course, datetime.now(UTC))
@@ -30,15 +28,15 @@ async def publish_course(conn: asyncpg.Connection, course_id: UUID) -> Course:
     return published
 
 
-async def get_course(conn: asyncpg.Connection, course_id: UUID) -> Course:
+async def get_course(conn: Connection, course_id: UUID) -> Course:
     return await _existing(conn, course_id)
 
 
-async def list_published_courses(conn: asyncpg.Connection, *, limit: int) -> list[Course]:
+async def list_published_courses(conn: Connection, *, limit: int) -> list[Course]:
     return await repository.list_published(conn, limit=limit)
 
 
-async def _existing(conn: asyncpg.Connection, course_id: UUID, *, for_update: bool = False) -> Course:
+async def _existing(conn: Connection, course_id: UUID, *, for_update: bool = False) -> Course:
     course = await repository.get(conn, course_id, for_update=for_update)
     if course is None:
         raise Problem(404, "course-not-found", f"no course {course_id}")

@@ -1,6 +1,5 @@
-from pydantic import Field
-
 from microcred_runtime import ServiceSettings
+from pydantic import Field
 
 
 class Settings(ServiceSettings):

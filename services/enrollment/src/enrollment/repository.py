@@ -1,15 +1,13 @@
 """Enrollment's tables, as plain SQL."""
 
 from datetime import datetime
-
-import asyncpg
+from uuid import UUID
 
 from microcred_events import CourseSnapshot
+from microcred_runtime import Connection
 
 
-async def upsert_course(
-    conn: asyncpg.Connection, course: CourseSnapshot, status: str, at: datetime
-) -> bool:
+async def upsert_course(conn: Connection, course: CourseSnapshot, status: str, at: datetime) -> bool:
     """Store the snapshot unless a same-or-newer version is already held; True when stored."""
     stored = await conn.fetchval(
         """
@@ -34,7 +32,7 @@ async def upsert_course(
     return bool(stored)
 
 
-async def retire_course(conn: asyncpg.Connection, course_id: object, version: int, at: datetime) -> bool:
+async def retire_course(conn: Connection, course_id: UUID, version: int, at: datetime) -> bool:
     """Mark the course retired at `version`; a tombstone when it was never seen published."""
     stored = await conn.fetchval(
         """
