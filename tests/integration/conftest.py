@@ -8,6 +8,7 @@ Each test gets its own databases and its own topic prefix, so tests never see ea
 
 import asyncio
 import contextlib
+import inspect
 import os
 import sys
 import uuid
@@ -166,13 +167,16 @@ def topic_reader(infrastructure: Infrastructure) -> Callable[..., Any]:
     return read
 
 
-async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 30.0, interval: float = 0.1) -> T:
+async def eventually(
+    check: Callable[[], T | Awaitable[T]], *, timeout: float = 30.0, interval: float = 0.1
+) -> T:
     """Poll `check` until it returns something truthy; the last value otherwise (which fails the test)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        value = await check()
-        if value or asyncio.get_running_loop().time() > deadline:
-            return value
+        value = check()
+        result = await value if inspect.isawaitable(value) else value
+        if result or asyncio.get_running_loop().time() > deadline:
+            return result
         await asyncio.sleep(interval)
 
 

@@ -1,0 +1,216 @@
+"""The shared runtime's guarantees, against a real Kafka broker and PostgreSQL server.
+
+A small probe service (the runtime with test handlers) shows: bounded retries then the dead-letter
+topic, `Rejected` dead-lettered at once, an outage redelivered rather than dead-lettered; the
+outbox relay surviving a restart, keeping per-key order, electing one publisher among replicas
+and flushing on shutdown; migrations applied once under concurrency; one trace from an HTTP
+request through the outbox to the consumer.
+"""
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI
+
+from microcred_events import CourseSnapshot, CourseUpdated, Topic, decode, encode, example_data
+from microcred_runtime import Connection, Rejected, Service, ServiceSettings, Subscriptions, outbox
+from microcred_runtime.migrations import MigrationError, migrate
+
+from .conftest import Infrastructure
+
+COURSE = example_data(CourseSnapshot)
+
+
+def course_update(title: str, course_id: uuid.UUID | None = None, version: int = 2) -> CourseUpdated:
+    snapshot = {**COURSE, "course_id": str(course_id or uuid.uuid4()), "version": version, "title": title}
+    return CourseUpdated(course=CourseSnapshot.model_validate(snapshot), updated_at=datetime.now(UTC))
+
+
+class Probe:
+    """Handlers whose behaviour the event's title chooses; counts every attempt."""
+
+    def __init__(self) -> None:
+        self.attempts: Counter[str] = Counter()
+        self.subscriptions = Subscriptions()
+        self.subscriptions.on(CourseUpdated)(self.on_course_updated)
+
+    async def on_course_updated(self, conn: Connection, event: CourseUpdated) -> None:
+        title = event.course.title
+        self.attempts[title] += 1
+        if title.startswith("fail-always"):
+            raise ValueError("this handler always fails")
+        if title.startswith("fail-twice") and self.attempts[title] <= 2:
+            raise ValueError("fails on the first two attempts")
+        if title.startswith("reject"):
+            raise Rejected("course_unknown", "no such course here")
+        if title.startswith("outage") and self.attempts[title] == 1:
+            raise ConnectionRefusedError("database unreachable (simulated)")
+        await conn.execute("INSERT INTO applied (title) VALUES ($1)", title)
+
+
+@pytest.fixture
+def migrations(tmp_path: Path) -> Path:
+    (tmp_path / "001_applied.sql").write_text(
+        "CREATE TABLE applied (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, title text NOT NULL);"
+    )
+    return tmp_path
+
+
+@pytest.fixture
+async def probe_settings(
+    new_database: Callable[[], Any], infrastructure: Infrastructure, topic_prefix: str
+) -> ServiceSettings:
+    return ServiceSettings(
+        database_url=await new_database(),
+        kafka_bootstrap_servers=infrastructure.kafka_bootstrap,
+        kafka_topic_prefix=topic_prefix,
+        consumer_max_attempts=3,
+        consumer_retry_backoff_seconds=0.05,
+        outbox_poll_interval_seconds=0.2,
+        shutdown_grace_seconds=5,
+    )
+
+
+def probe_app(probe: Probe, migrations: Path, settings: ServiceSettings) -> FastAPI:
+    service = Service(
+        name="probe", settings_class=ServiceSettings, migrations=migrations, subscriptions=probe.subscriptions
+    )
+    return service.create_app(settings)
+
+
+async def send(producer: AIOKafkaProducer, prefix: str, event: CourseUpdated) -> None:
+    record = encode(event, source="urn:test:probe")
+    await producer.send_and_wait(prefix + record.topic, record.value, key=record.key, headers=record.headers)
+
+
+async def test_failure_policy(
+    migrations: Path,
+    probe_settings: ServiceSettings,
+    producer: AIOKafkaProducer,
+    topic_prefix: str,
+    serve: Any,
+    wait_for: Any,
+    topic_reader: Any,
+) -> None:
+    probe = Probe()
+    course_id = uuid.uuid4()  # one key: one partition, so the order below is the processing order
+    titles = ["fail-always", "fail-twice", "reject", "outage", "ok"]
+    async with serve(probe_app(probe, migrations, probe_settings)):
+        for title in titles:
+            await send(producer, topic_prefix, course_update(title, course_id))
+        reader = await asyncpg.connect(str(probe_settings.database_url))
+        try:
+            await wait_for(lambda: reader.fetchval("SELECT count(*) FROM applied WHERE title = 'ok'"))
+            applied = Counter(row["title"] for row in await reader.fetch("SELECT title FROM applied"))
+        finally:
+            await reader.close()
+
+    assert applied == Counter({"fail-twice": 1, "outage": 1, "ok": 1})
+    assert probe.attempts == Counter({"fail-always": 3, "fail-twice": 3, "reject": 1, "outage": 2, "ok": 1})
+    dead = await topic_reader(topic_prefix + "probe.dlq", 2)
+    failures = [
+        (decode(message.headers, message.value).event.course.title, dict(message.headers)) for message in dead
+    ]
+    assert [(title, headers["dlq_reason"], headers["dlq_attempts"]) for title, headers in failures] == [
+        ("fail-always", b"handler_failed", b"3"),
+        ("reject", b"course_unknown", b"1"),
+    ]
+    assert b"always fails" in failures[0][1]["dlq_detail"]
+    assert failures[0][1]["dlq_topic"] == (topic_prefix + Topic.CATALOG_COURSE).encode()
+
+
+async def _published(reader: asyncpg.Connection) -> int:
+    return int(await reader.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL"))
+
+
+async def test_outbox_survives_restart_and_keeps_order_per_key(
+    migrations: Path,
+    probe_settings: ServiceSettings,
+    topic_prefix: str,
+    serve: Any,
+    wait_for: Any,
+    topic_reader: Any,
+) -> None:
+    probe = Probe()
+    # Migrate and start once so the outbox exists, then queue events while nothing relays them.
+    async with serve(probe_app(probe, migrations, probe_settings)):
+        pass
+    courses = [uuid.uuid4() for _ in range(5)]
+    conn = await asyncpg.connect(str(probe_settings.database_url))
+    try:
+        for version in range(2, 22):
+            async with conn.transaction():
+                for course_id in courses:
+                    await outbox.add(conn, course_update(f"v{version}", course_id, version))
+        assert await _published(conn) == 0
+        async with serve(probe_app(probe, migrations, probe_settings)):
+            assert await wait_for(
+                lambda: conn.fetchval("SELECT count(*) = 100 FROM outbox WHERE published_at IS NOT NULL")
+            ), "the relay did not publish after restart"
+    finally:
+        await conn.close()
+
+    messages = await topic_reader(topic_prefix + Topic.CATALOG_COURSE, 100)
+    assert len(messages) == 100
+    versions: dict[str, list[int]] = {}
+    for message in messages:
+        event = decode(message.headers, message.value).event
+        assert isinstance(event, CourseUpdated)
+        versions.setdefault(str(event.course.course_id), []).append(event.course.version)
+    assert sorted(versions) == sorted(str(course_id) for course_id in courses)
+    assert all(sequence == list(range(2, 22)) for sequence in versions.values()), versions
+
+
+async def test_one_relay_publishes_among_replicas_and_shutdown_flushes(
+    migrations: Path,
+    probe_settings: ServiceSettings,
+    topic_prefix: str,
+    serve: Any,
+    wait_for: Any,
+    topic_reader: Any,
+) -> None:
+    first, second = (
+        probe_app(Probe(), migrations, probe_settings),
+        probe_app(Probe(), migrations, probe_settings),
+    )
+    async with serve(first), serve(second):
+        relays = [first.state.runtime.relay, second.state.runtime.relay]
+        assert await wait_for(lambda: any(relay.is_leader for relay in relays))
+        assert sorted(relay.is_leader for relay in relays) == [False, True]
+        async with first.state.runtime.pool.acquire() as conn, conn.transaction():
+            for index in range(50):
+                await outbox.add(conn, course_update(f"e{index}"))
+    # Both replicas have stopped; whatever was committed before was flushed, and only once.
+    messages = await topic_reader(topic_prefix + Topic.CATALOG_COURSE, 51, timeout=5)
+    assert len(messages) == 50
+    ids = {decode(message.headers, message.value).id for message in messages}
+    assert len(ids) == 50
+
+
+async def test_migrations_apply_once_under_concurrency(
+    new_database: Callable[[], Any], tmp_path: Path
+) -> None:
+    (tmp_path / "001_first.sql").write_text("CREATE TABLE first (id int);")
+    (tmp_path / "002_second.sql").write_text("CREATE TABLE second (id int);")
+    url = await new_database()
+    connections = [await asyncpg.connect(url) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(migrate(conn, "probe", tmp_path) for conn in connections))
+        assert sorted(len(applied) for applied in results) == [0, 0, 2]
+        recorded = await connections[0].fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert [(row["version"], row["name"]) for row in recorded] == [(1, "first"), (2, "second")]
+
+        (tmp_path / "002_second.sql").write_text("CREATE TABLE second (id bigint);")
+        with pytest.raises(MigrationError, match="was changed after it was applied"):
+            await migrate(connections[0], "probe", tmp_path)
+    finally:
+        for conn in connections:
+            await conn.close()
