@@ -19,7 +19,6 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
-
 from microcred_events import CourseSnapshot, CourseUpdated, Topic, decode, encode, example_data
 from microcred_runtime import Connection, Rejected, Service, ServiceSettings, Subscriptions, outbox
 from microcred_runtime.migrations import MigrationError, migrate
@@ -116,15 +115,19 @@ async def test_failure_policy(
     assert applied == Counter({"fail-twice": 1, "outage": 1, "ok": 1})
     assert probe.attempts == Counter({"fail-always": 3, "fail-twice": 3, "reject": 1, "outage": 2, "ok": 1})
     dead = await topic_reader(topic_prefix + "probe.dlq", 2)
-    failures = [
-        (decode(message.headers, message.value).event.course.title, dict(message.headers)) for message in dead
-    ]
+    failures = [(_title(message.headers, message.value), dict(message.headers)) for message in dead]
     assert [(title, headers["dlq_reason"], headers["dlq_attempts"]) for title, headers in failures] == [
         ("fail-always", b"handler_failed", b"3"),
         ("reject", b"course_unknown", b"1"),
     ]
     assert b"always fails" in failures[0][1]["dlq_detail"]
     assert failures[0][1]["dlq_topic"] == (topic_prefix + Topic.CATALOG_COURSE).encode()
+
+
+def _title(headers: list[tuple[str, bytes]], value: bytes) -> str:
+    event = decode(headers, value).event
+    assert isinstance(event, CourseUpdated)
+    return event.course.title
 
 
 async def _published(reader: asyncpg.Connection) -> int:

@@ -5,6 +5,7 @@ a consumer stopped mid-stream and restarted loses nothing, and a poison message 
 with its reason while the next good message is still applied.
 """
 
+import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +19,11 @@ import enrollment.settings
 import pytest
 from aiokafka import AIOKafkaProducer
 from microcred_events import CourseSnapshot, CourseUpdated, Topic, encode, example_data
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from .conftest import Infrastructure
 
@@ -211,3 +217,44 @@ async def test_poison_message_is_dead_lettered_and_the_partition_moves_on(
     assert first["dlq_consumer_group"].decode() == "enrollment"
     assert dead[0].value == b"{not json"
     assert first["dlq_detail"]
+
+
+async def test_one_trace_from_http_request_through_outbox_to_consumer(
+    catalog_app: Any, enrollment_app: Callable[[], Any], databases: dict[str, str], serve: Any, wait_for: Any
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider), "the runtime installs the SDK tracer provider"
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with serve(catalog_app) as catalog_api, serve(enrollment_app()):
+        course_id = (await catalog_api.post("/courses", json=COURSE_DETAILS)).json()["course_id"]
+        exporter.clear()
+        await catalog_api.post(f"/courses/{course_id}/publish")
+        reader = await asyncpg.connect(databases["enrollment"])
+        try:
+            assert await wait_for(lambda: reader.fetchval("SELECT count(*) FROM courses"))
+        finally:
+            await reader.close()
+        writer = await asyncpg.connect(databases["catalog"])
+        try:
+            headers = json.loads(await writer.fetchval("SELECT headers FROM outbox"))
+        finally:
+            await writer.close()
+
+    spans = exporter.get_finished_spans()
+    request = next(
+        span
+        for span in spans
+        if span.kind is SpanKind.SERVER and span.attributes and "publish" in str(span.name)
+    )
+    trace_id = format(request.context.trace_id, "032x")
+    assert headers["traceparent"].split("-")[1] == trace_id, "the outbox row did not keep the trace context"
+    consumer_spans = [span for span in spans if span.kind is SpanKind.CONSUMER]
+    assert consumer_spans, "no consumer span was recorded"
+    assert {format(span.context.trace_id, "032x") for span in consumer_spans} == {trace_id}
+    database_spans_in_trace = [
+        span
+        for span in spans
+        if span.kind is SpanKind.CLIENT and format(span.context.trace_id, "032x") == trace_id
+    ]
+    assert database_spans_in_trace, "the consumer's SQL did not join the trace"

@@ -137,6 +137,9 @@ class Service(Generic[SettingsT]):
                     client_id=self.name,
                     graceful_timeout=settings.shutdown_grace_seconds,
                     middlewares=[KafkaTelemetryMiddleware()],
+                    # FastStream's own handler prints coloured text: send its records to ours (JSON),
+                    # with the per-message lines at DEBUG.
+                    logger=logging.getLogger("faststream"),
                     log_level=logging.DEBUG,
                 )
                 consumer = None
