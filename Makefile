@@ -9,8 +9,10 @@ PY := $(UV) run --frozen python
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-bootstrap: ## Install uv when missing
-	@command -v uv >/dev/null 2>&1 || test -x $(HOME)/.local/bin/uv || python3 -m pip install --user --quiet uv
+bootstrap: ## Install uv when missing (from PyPI, into ~/.local/bin)
+	@command -v uv >/dev/null 2>&1 || test -x $(HOME)/.local/bin/uv || \
+		python3 -m pip install --user --quiet uv 2>/dev/null || \
+		python3 -m pip install --user --quiet --break-system-packages uv
 
 sync: bootstrap ## Create the Python environment from the lockfile
 	@$(UV) sync --frozen --all-packages

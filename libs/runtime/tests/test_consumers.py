@@ -1,0 +1,268 @@
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from microcred_events import (
+    CoursePublished,
+    CourseUpdated,
+    EnrollmentCreated,
+    Event,
+    KafkaRecord,
+    encode,
+)
+from microcred_runtime import Connection, Outcome, Rejected, Subscriptions
+from microcred_runtime.consumers import EventConsumer, RetryPolicy, dead_letter_record
+
+from .conftest import FakeConnection, FakePool, consumer_record, course_updated
+
+GROUP = "enrollment"
+SOURCE = "urn:microcred:catalog"
+
+
+class Handler:
+    """Fails its first `failures` calls with `error`, then succeeds; remembers what it was given."""
+
+    def __init__(self, failures: int = 0, error: Exception | None = None) -> None:
+        self.failures = failures
+        self.error = error or RuntimeError("boom")
+        self.events: list[Event] = []
+
+    async def __call__(self, conn: Connection, event: Any) -> None:
+        self.events.append(event)
+        if len(self.events) <= self.failures:
+            raise self.error
+
+
+class DeadLetters:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.records: list[KafkaRecord] = []
+
+    async def publish(self, record: KafkaRecord) -> None:
+        if self.error is not None:
+            raise self.error
+        self.records.append(record)
+
+    def only_headers(self) -> dict[str, bytes]:
+        (record,) = self.records
+        return dict(record.headers)
+
+
+def consumer(
+    handler: Handler, pool: FakePool, dead_letters: DeadLetters, *, handles: type[Event] = CourseUpdated
+) -> EventConsumer:
+    subscriptions = Subscriptions()
+    subscriptions.on(handles)(handler)
+    return EventConsumer(
+        group=GROUP,
+        subscriptions=subscriptions,
+        pool=pool,  # type: ignore[arg-type]  # a fake pool lending a fake connection
+        publish_dead_letter=dead_letters.publish,
+        retry=RetryPolicy(max_attempts=3, backoff_seconds=0.001),
+    )
+
+
+def valid_record() -> KafkaRecord:
+    return encode(course_updated(), source=SOURCE, event_id="evt-1")
+
+
+async def noop(conn: Connection, event: Any) -> None:
+    """A handler that is only registered, never run."""
+
+
+def test_one_handler_can_take_several_event_types() -> None:
+    subscriptions = Subscriptions()
+
+    subscriptions.on(CoursePublished, CourseUpdated)(noop)
+
+    assert subscriptions.handler_for(CoursePublished.TYPE) is noop
+    assert subscriptions.handler_for(CourseUpdated.TYPE) is noop
+    assert subscriptions.handler_for(EnrollmentCreated.TYPE) is None
+
+
+def test_a_second_handler_for_an_event_type_is_refused() -> None:
+    subscriptions = Subscriptions()
+    subscriptions.on(CourseUpdated)(noop)
+
+    with pytest.raises(ValueError, match=r"catalog\.course\.updated\.v1 already has a handler"):
+        subscriptions.on(CourseUpdated)(Handler())
+
+
+def test_topics_are_those_of_the_handled_events_once_each() -> None:
+    subscriptions = Subscriptions()
+    subscriptions.on(EnrollmentCreated)(Handler())
+    subscriptions.on(CoursePublished, CourseUpdated)(noop)
+
+    assert subscriptions.topics == ["catalog.course.v1", "enrollment.enrollment.v1"]
+    assert Subscriptions().topics == []
+
+
+def test_retry_delay_doubles_from_the_first_backoff() -> None:
+    policy = RetryPolicy(max_attempts=4, backoff_seconds=0.5)
+
+    assert [policy.delay(attempt) for attempt in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_dead_letter_record_keeps_the_message_and_says_why_it_failed() -> None:
+    original = valid_record()
+    earlier_failure = [("dlq_reason", b"handler_failed"), ("dlq_attempts", b"5")]
+    received = consumer_record(
+        KafkaRecord(original.topic, original.key, original.value, [*original.headers, *earlier_failure]),
+        partition=2,
+        offset=1234,
+    )
+
+    dead = dead_letter_record(received, GROUP, "schema_violation", "x" * 5000, attempts=3)
+
+    assert dead.topic == "enrollment.dlq"
+    assert (dead.key, dead.value) == (original.key, original.value)
+    assert dead.headers[: len(original.headers)] == original.headers
+    added = dead.headers[len(original.headers) :]
+    assert [name for name, _ in added] == [
+        "dlq_reason",
+        "dlq_detail",
+        "dlq_topic",
+        "dlq_partition",
+        "dlq_offset",
+        "dlq_consumer_group",
+        "dlq_attempts",
+        "dlq_failed_at",
+    ]
+    headers = dict(added)
+    assert headers["dlq_reason"] == b"schema_violation"
+    assert headers["dlq_detail"] == b"x" * 2000
+    assert headers["dlq_topic"] == b"catalog.course.v1"
+    assert (headers["dlq_partition"], headers["dlq_offset"]) == (b"2", b"1234")
+    assert headers["dlq_consumer_group"] == GROUP.encode()
+    assert headers["dlq_attempts"] == b"3"
+    failed_at = datetime.fromisoformat(headers["dlq_failed_at"].decode())
+    assert failed_at.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - failed_at) < timedelta(minutes=1)
+
+
+async def test_an_event_is_applied_in_one_transaction_with_its_inbox_row() -> None:
+    handler, pool, dead_letters = Handler(), FakePool(), DeadLetters()
+
+    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
+
+    assert outcome is Outcome.APPLIED
+    assert handler.events == [course_updated()]
+    assert pool.conn.transactions == ["committed"]
+    ((query, args),) = pool.conn.fetched
+    assert "INSERT INTO inbox" in query
+    assert args == (GROUP, SOURCE, "evt-1", CourseUpdated.TYPE, "catalog.course.v1", 1, 42)
+    assert dead_letters.records == []
+
+
+async def test_a_message_that_is_not_an_event_is_dead_lettered_without_attempts() -> None:
+    handler, pool, dead_letters = Handler(), FakePool(), DeadLetters()
+    record = valid_record()
+    not_json = KafkaRecord(record.topic, record.key, b"{not json", record.headers)
+
+    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(not_json))
+
+    assert outcome is Outcome.DEAD_LETTERED
+    headers = dead_letters.only_headers()
+    assert headers["dlq_reason"] == b"malformed_body"
+    assert headers["dlq_detail"].startswith(b"the body is not JSON")
+    assert headers["dlq_attempts"] == b"0"
+    assert dead_letters.records[0].value == b"{not json"
+    assert handler.events == []
+    assert pool.conn.fetched == []
+
+
+async def test_a_valid_event_of_a_type_not_handled_here_is_ignored() -> None:
+    handler, pool, dead_letters = Handler(), FakePool(), DeadLetters()
+
+    outcome = await consumer(handler, pool, dead_letters, handles=CoursePublished).process(
+        consumer_record(valid_record())
+    )
+
+    assert outcome is Outcome.IGNORED
+    assert handler.events == []
+    assert pool.conn.fetched == []
+    assert dead_letters.records == []
+
+
+async def test_a_handler_that_fails_twice_is_retried_and_applied_on_the_third_attempt() -> None:
+    handler, pool, dead_letters = Handler(failures=2), FakePool(), DeadLetters()
+
+    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
+
+    assert outcome is Outcome.APPLIED
+    assert len(handler.events) == 3
+    assert pool.conn.transactions == ["rolled back", "rolled back", "committed"]
+    assert dead_letters.records == []
+
+
+async def test_a_handler_that_keeps_failing_is_dead_lettered_after_max_attempts() -> None:
+    handler, pool, dead_letters = Handler(failures=99), FakePool(), DeadLetters()
+
+    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
+
+    assert outcome is Outcome.DEAD_LETTERED
+    assert len(handler.events) == 3
+    assert pool.conn.transactions == ["rolled back"] * 3
+    headers = dead_letters.only_headers()
+    assert headers["dlq_reason"] == b"handler_failed"
+    assert headers["dlq_detail"] == b"RuntimeError: boom"
+    assert headers["dlq_attempts"] == b"3"
+
+
+async def test_a_rejected_event_is_dead_lettered_at_once() -> None:
+    rejected = Rejected("unknown_course", "course 3f1c2a9e is not in the catalog")
+    handler, pool, dead_letters = Handler(failures=99, error=rejected), FakePool(), DeadLetters()
+
+    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
+
+    assert outcome is Outcome.DEAD_LETTERED
+    assert len(handler.events) == 1
+    assert pool.conn.transactions == ["rolled back"]
+    headers = dead_letters.only_headers()
+    assert headers["dlq_reason"] == b"unknown_course"
+    assert headers["dlq_detail"] == b"course 3f1c2a9e is not in the catalog"
+    assert headers["dlq_attempts"] == b"1"
+
+
+async def test_a_handler_hitting_an_outage_propagates_for_redelivery_without_retries_or_dead_letter() -> None:
+    handler = Handler(failures=99, error=ConnectionRefusedError("connection refused"))
+    pool, dead_letters = FakePool(), DeadLetters()
+
+    with pytest.raises(ConnectionRefusedError):
+        await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
+
+    assert len(handler.events) == 1
+    assert pool.conn.transactions == ["rolled back"]
+    assert dead_letters.records == []
+
+
+async def test_an_unreachable_database_propagates_for_redelivery_without_dead_letter() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    pool = FakePool(acquire_error=OSError("no route to host"))
+
+    with pytest.raises(OSError, match="no route to host"):
+        await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
+
+    assert handler.events == []
+    assert dead_letters.records == []
+
+
+async def test_a_dead_letter_that_cannot_be_published_propagates_for_redelivery() -> None:
+    dead_letters = DeadLetters(error=ConnectionError("kafka unreachable"))
+    record = valid_record()
+    not_json = KafkaRecord(record.topic, record.key, b"[", record.headers)
+
+    with pytest.raises(ConnectionError):
+        await consumer(Handler(), FakePool(), dead_letters).process(consumer_record(not_json))
+
+
+async def test_a_redelivered_event_is_a_duplicate_and_not_applied_again() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    pool = FakePool(FakeConnection(fetchval_result=None))
+
+    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
+
+    assert outcome is Outcome.DUPLICATE
+    assert handler.events == []
+    assert dead_letters.records == []
+

@@ -1,0 +1,90 @@
+import os
+
+import pytest
+from microcred_runtime import ConfigurationError, ServiceSettings, load_settings
+
+VALID = {
+    "DATABASE_URL": "postgresql://catalog:secret@db.internal:5432/catalog",
+    "KAFKA_BOOTSTRAP_SERVERS": "kafka-1:9092,kafka-2:9092",
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No setting leaks in from the machine running the tests (names match case-insensitively)."""
+    for name in list(os.environ):
+        if name.lower() in ServiceSettings.model_fields:
+            monkeypatch.delenv(name)
+
+
+def set_environment(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_valid_environment_loads_with_defaults_for_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_environment(monkeypatch, {**VALID, "HTTP_PORT": "8081", "KAFKA_TOPIC_PREFIX": "staging."})
+
+    settings = load_settings(ServiceSettings)
+
+    assert str(settings.database_url) == VALID["DATABASE_URL"]
+    assert settings.kafka_bootstrap_servers == VALID["KAFKA_BOOTSTRAP_SERVERS"]
+    assert settings.http_port == 8081
+    assert settings.kafka_topic_prefix == "staging."
+    assert settings.consumer_max_attempts == 5
+
+
+def test_missing_variables_are_each_named() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(ServiceSettings)
+
+    assert "DATABASE_URL" in str(caught.value)
+    assert "KAFKA_BOOTSTRAP_SERVERS" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DATABASE_URL", "not a url"),
+        ("DATABASE_URL", "mysql://catalog@db/catalog"),
+        ("KAFKA_BOOTSTRAP_SERVERS", ""),
+        ("HTTP_PORT", "abc"),
+        ("HTTP_PORT", "70000"),
+        ("LOG_LEVEL", "LOUD"),
+        ("KAFKA_TOPIC_PREFIX", "has spaces"),
+        ("CONSUMER_MAX_ATTEMPTS", "0"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    set_environment(monkeypatch, {**VALID, variable: value})
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(ServiceSettings)
+
+    named = [line.split(":")[0].strip() for line in str(caught.value).splitlines()[1:]]
+    assert named == [variable]
+
+
+def test_several_bad_values_are_reported_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_environment(monkeypatch, {"HTTP_PORT": "abc", "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"})
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(ServiceSettings)
+
+    assert "DATABASE_URL" in str(caught.value)
+    assert "HTTP_PORT" in str(caught.value)
+    assert "KAFKA_BOOTSTRAP_SERVERS" not in str(caught.value)
+
+
+def test_a_service_subclass_adds_its_own_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    class CatalogSettings(ServiceSettings):
+        signing_key: str
+
+    set_environment(monkeypatch, VALID)
+    with pytest.raises(ConfigurationError, match="SIGNING_KEY"):
+        load_settings(CatalogSettings)
+
+    monkeypatch.setenv("SIGNING_KEY", "k")
+    assert load_settings(CatalogSettings).signing_key == "k"
