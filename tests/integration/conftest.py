@@ -9,6 +9,7 @@ Each test gets its own databases and its own topic prefix, so tests never see ea
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import sys
 import uuid
@@ -22,11 +23,13 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from fastapi import FastAPI
+from microcred_runtime import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_IMAGE = "apache/kafka:4.1.1"
 POSTGRES_IMAGE = "postgres:16-alpine"
 T = TypeVar("T")
+S = TypeVar("S", bound=ServiceSettings)
 
 
 @dataclass(frozen=True)
@@ -183,3 +186,50 @@ async def eventually(
 @pytest.fixture
 def wait_for() -> Callable[..., Any]:
     return eventually
+
+
+@pytest.fixture(scope="session")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A token issuer for the tests, with its own key; services trust it through a JWKS file."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from dev_issuer import DevIssuer
+
+    return DevIssuer(tmp_path_factory.mktemp("issuer"), issuer="https://issuer.test", audience="microcred")
+
+
+@pytest.fixture(scope="session")
+def jwks_file(issuer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("jwks") / "jwks.json"
+    path.write_text(json.dumps(issuer.jwks()))
+    return path
+
+
+@pytest.fixture
+def make_settings(infrastructure: Infrastructure, topic_prefix: str, jwks_file: Path) -> Callable[..., Any]:
+    """Settings for a service under test: this test's Kafka prefix, the test issuer, quick retries."""
+
+    def make(settings_class: type[S], database_url: str, **overrides: Any) -> S:
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "kafka_bootstrap_servers": infrastructure.kafka_bootstrap,
+            "kafka_topic_prefix": topic_prefix,
+            "auth_issuer": "https://issuer.test",
+            "auth_jwks_file": jwks_file,
+            "consumer_retry_backoff_seconds": 0.05,
+            "outbox_poll_interval_seconds": 0.2,
+            "shutdown_grace_seconds": 5,
+            **overrides,
+        }
+        return settings_class(**values)
+
+    return make
+
+
+@pytest.fixture
+def bearer(issuer: Any) -> Callable[..., dict[str, str]]:
+    """Authorization headers for a caller with the given subject and roles."""
+
+    def headers(subject: str, *roles: str, **claims: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {issuer.token(subject, list(roles or ('learner',)), **claims)}"}
+
+    return headers

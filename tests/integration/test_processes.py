@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +24,11 @@ def _free_port() -> int:
 
 
 async def test_service_process_is_ready_then_stops_gracefully_on_sigterm(
-    new_database: Callable[[], Any], infrastructure: Infrastructure, topic_prefix: str, wait_for: Any
+    new_database: Callable[[], Any],
+    infrastructure: Infrastructure,
+    topic_prefix: str,
+    jwks_file: Path,
+    wait_for: Any,
 ) -> None:
     port = _free_port()
     env = {
@@ -33,6 +38,8 @@ async def test_service_process_is_ready_then_stops_gracefully_on_sigterm(
         "KAFKA_TOPIC_PREFIX": topic_prefix,
         "HTTP_PORT": str(port),
         "SHUTDOWN_GRACE_SECONDS": "5",
+        "AUTH_ISSUER": "https://issuer.test",
+        "AUTH_JWKS_FILE": str(jwks_file),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "enrollment", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

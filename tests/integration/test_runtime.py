@@ -23,8 +23,6 @@ from microcred_events import CourseSnapshot, CourseUpdated, Topic, decode, encod
 from microcred_runtime import Connection, Rejected, Service, ServiceSettings, Subscriptions, outbox
 from microcred_runtime.migrations import MigrationError, migrate
 
-from .conftest import Infrastructure
-
 COURSE = example_data(CourseSnapshot)
 
 
@@ -65,17 +63,10 @@ def migrations(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def probe_settings(
-    new_database: Callable[[], Any], infrastructure: Infrastructure, topic_prefix: str
+    new_database: Callable[[], Any], make_settings: Callable[..., Any]
 ) -> ServiceSettings:
-    return ServiceSettings(
-        database_url=await new_database(),
-        kafka_bootstrap_servers=infrastructure.kafka_bootstrap,
-        kafka_topic_prefix=topic_prefix,
-        consumer_max_attempts=3,
-        consumer_retry_backoff_seconds=0.05,
-        outbox_poll_interval_seconds=0.2,
-        shutdown_grace_seconds=5,
-    )
+    settings: ServiceSettings = make_settings(ServiceSettings, await new_database(), consumer_max_attempts=3)
+    return settings
 
 
 def probe_app(probe: Probe, migrations: Path, settings: ServiceSettings) -> FastAPI:

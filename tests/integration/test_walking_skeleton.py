@@ -25,24 +25,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from .conftest import Infrastructure
-
 COURSE_DETAILS = {
     name: value
     for name, value in example_data(CourseSnapshot).items()
     if name not in ("course_id", "version")
 }
-
-
-def _settings(cls: Any, database_url: str, infrastructure: Infrastructure, prefix: str) -> Any:
-    return cls(
-        database_url=database_url,
-        kafka_bootstrap_servers=infrastructure.kafka_bootstrap,
-        kafka_topic_prefix=prefix,
-        consumer_retry_backoff_seconds=0.05,
-        outbox_poll_interval_seconds=0.2,
-        shutdown_grace_seconds=5,
-    )
 
 
 @pytest.fixture
@@ -51,16 +38,14 @@ async def databases(new_database: Callable[[], Any]) -> dict[str, str]:
 
 
 @pytest.fixture
-def catalog_app(databases: dict[str, str], infrastructure: Infrastructure, topic_prefix: str) -> Any:
-    settings = _settings(catalog.settings.Settings, databases["catalog"], infrastructure, topic_prefix)
+def catalog_app(databases: dict[str, str], make_settings: Callable[..., Any]) -> Any:
+    settings = make_settings(catalog.settings.Settings, databases["catalog"])
     return catalog.main.create_app(settings)
 
 
 @pytest.fixture
-def enrollment_app(
-    databases: dict[str, str], infrastructure: Infrastructure, topic_prefix: str
-) -> Callable[[], Any]:
-    settings = _settings(enrollment.settings.Settings, databases["enrollment"], infrastructure, topic_prefix)
+def enrollment_app(databases: dict[str, str], make_settings: Callable[..., Any]) -> Callable[[], Any]:
+    settings = make_settings(enrollment.settings.Settings, databases["enrollment"])
     return lambda: enrollment.main.create_app(settings)
 
 
@@ -79,13 +64,20 @@ async def _send(
 
 
 async def test_published_course_reaches_enrollment_read_model(
-    catalog_app: Any, enrollment_app: Callable[[], Any], databases: dict[str, str], serve: Any, wait_for: Any
+    bearer: Any,
+    catalog_app: Any,
+    enrollment_app: Callable[[], Any],
+    databases: dict[str, str],
+    serve: Any,
+    wait_for: Any,
 ) -> None:
     async with serve(catalog_app) as catalog_api, serve(enrollment_app()):
-        created = await catalog_api.post("/courses", json=COURSE_DETAILS)
+        created = await catalog_api.post("/courses", json=COURSE_DETAILS, headers=bearer("staff-1", "staff"))
         assert created.status_code == 201, created.text
         course_id = created.json()["course_id"]
-        published = await catalog_api.post(f"/courses/{course_id}/publish")
+        published = await catalog_api.post(
+            f"/courses/{course_id}/publish", headers=bearer("staff-1", "staff")
+        )
         assert published.status_code == 200, published.text
         assert published.json()["status"] == "published"
 
@@ -220,16 +212,23 @@ async def test_poison_message_is_dead_lettered_and_the_partition_moves_on(
 
 
 async def test_one_trace_from_http_request_through_outbox_to_consumer(
-    catalog_app: Any, enrollment_app: Callable[[], Any], databases: dict[str, str], serve: Any, wait_for: Any
+    bearer: Any,
+    catalog_app: Any,
+    enrollment_app: Callable[[], Any],
+    databases: dict[str, str],
+    serve: Any,
+    wait_for: Any,
 ) -> None:
     exporter = InMemorySpanExporter()
     provider = trace.get_tracer_provider()
     assert isinstance(provider, TracerProvider), "the runtime installs the SDK tracer provider"
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     async with serve(catalog_app) as catalog_api, serve(enrollment_app()):
-        course_id = (await catalog_api.post("/courses", json=COURSE_DETAILS)).json()["course_id"]
+        course_id = (
+            await catalog_api.post("/courses", json=COURSE_DETAILS, headers=bearer("staff-1", "staff"))
+        ).json()["course_id"]
         exporter.clear()
-        await catalog_api.post(f"/courses/{course_id}/publish")
+        await catalog_api.post(f"/courses/{course_id}/publish", headers=bearer("staff-1", "staff"))
         reader = await asyncpg.connect(databases["enrollment"])
         try:
             assert await wait_for(lambda: reader.fetchval("SELECT count(*) FROM courses"))

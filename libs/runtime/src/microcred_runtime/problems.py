@@ -1,6 +1,7 @@
 """RFC 9457 problem details for every HTTP error, so clients parse one error shape."""
 
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -17,11 +18,20 @@ PROBLEM_JSON = "application/problem+json"
 class Problem(Exception):
     """An error a use case reports to the caller; `kind` becomes the problem type URI."""
 
-    def __init__(self, status: int, kind: str, detail: str, **extensions: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.kind = kind
         self.detail = detail
+        self.headers = dict(headers or {})
         self.extensions = extensions
 
 
@@ -42,9 +52,11 @@ def problem_response(
 
 async def _problem(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Problem)
-    return problem_response(
+    response = problem_response(
         exc.status, exc.detail, kind=exc.kind, instance=request.url.path, **exc.extensions
     )
+    response.headers.update(exc.headers)
+    return response
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:

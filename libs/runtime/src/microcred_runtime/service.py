@@ -25,6 +25,7 @@ from microcred_events import Topic, dead_letter_topic
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from . import kafka
+from .auth import AuthConfig, Authenticator
 from .consumers import EventConsumer, RetryPolicy, Subscriptions
 from .migrations import migrate
 from .outbox import OutboxRelay, RelaySettings
@@ -79,6 +80,16 @@ class Service(Generic[SettingsT]):
             version=self.version,
             description=self.description,
             lifespan=lifespan,
+        )
+        app.state.authenticator = Authenticator(
+            AuthConfig(
+                issuer=settings.auth_issuer,
+                audience=settings.auth_audience,
+                algorithms=tuple(settings.auth_algorithms),
+                jwks_url=str(settings.auth_jwks_url) if settings.auth_jwks_url else None,
+                jwks_file=settings.auth_jwks_file,
+                roles_claim=settings.auth_roles_claim,
+            )
         )
         install_problem_handlers(app)
         if settings.cors_origins:

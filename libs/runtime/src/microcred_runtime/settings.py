@@ -1,8 +1,9 @@
 """Service settings: read from the environment, refused at start-up when wrong."""
 
-from typing import Annotated, TypeVar
+from pathlib import Path
+from typing import Annotated, Self, TypeVar
 
-from pydantic import Field, PostgresDsn, ValidationError
+from pydantic import Field, HttpUrl, PostgresDsn, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,6 +20,17 @@ class ServiceSettings(BaseSettings):
     http_port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP API listens on.")
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed by CORS.")
+
+    auth_issuer: Annotated[str, Field(min_length=1, description="The `iss` every bearer token must carry.")]
+    auth_audience: str = Field(default="microcred", min_length=1, description="The `aud` tokens must carry.")
+    auth_jwks_url: HttpUrl | None = Field(
+        default=None, description="Where the issuer publishes its keys (JWKS)."
+    )
+    auth_jwks_file: Path | None = Field(default=None, description="A JWKS file, instead of AUTH_JWKS_URL.")
+    auth_algorithms: list[str] = Field(
+        default=["RS256"], min_length=1, description="Signing algorithms accepted; asymmetric only."
+    )
+    auth_roles_claim: str = Field(default="roles", description="The claim listing the caller's roles.")
 
     db_pool_min_size: int = Field(default=1, ge=0)
     db_pool_max_size: int = Field(default=10, ge=1)
@@ -49,6 +61,21 @@ class ServiceSettings(BaseSettings):
         default=20.0, gt=0, description="Time in-flight messages get to finish on SIGTERM."
     )
 
+    @field_validator("auth_algorithms")
+    @classmethod
+    def _asymmetric_only(cls, algorithms: list[str]) -> list[str]:
+        # A shared-secret or unsigned algorithm would let anyone holding the public key mint tokens.
+        refused = [name for name in algorithms if name.lower() == "none" or name.upper().startswith("HS")]
+        if refused:
+            raise ValueError(f"refused: {', '.join(refused)}; use RS*, PS*, ES* or EdDSA")
+        return algorithms
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Self:
+        if (self.auth_jwks_url is None) == (self.auth_jwks_file is None):
+            raise ValueError("set exactly one of AUTH_JWKS_URL and AUTH_JWKS_FILE")
+        return self
+
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
@@ -64,6 +91,7 @@ def load_settings(settings_class: type[SettingsT]) -> SettingsT:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            variable = "_".join(str(part) for part in error["loc"][:1]).upper() or "?"
-            lines.append(f"  {variable}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")
+            variable = str(error["loc"][0]).upper() if error["loc"] else None
+            lines.append(f"  {variable}: {message}" if variable else f"  {message}")
         raise ConfigurationError("invalid configuration:\n" + "\n".join(lines)) from None

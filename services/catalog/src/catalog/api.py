@@ -5,7 +5,7 @@ from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Query
-from microcred_runtime import Db
+from microcred_runtime import Db, Staff
 from pydantic import BaseModel
 
 from . import service
@@ -38,13 +38,13 @@ class CoursePage(BaseModel):
 
 
 @router.post("", status_code=201, summary="Create a draft course")
-async def create_course(details: CourseDetails, db: Db) -> CourseOut:
+async def create_course(details: CourseDetails, db: Db, _: Staff) -> CourseOut:
     async with db.acquire() as conn, conn.transaction():
         return CourseOut.of(await service.create_course(conn, details))
 
 
 @router.post("/{course_id}/publish", summary="Publish a course: learners can enroll from now on")
-async def publish_course(course_id: UUID, db: Db) -> CourseOut:
+async def publish_course(course_id: UUID, db: Db, _: Staff) -> CourseOut:
     async with db.acquire() as conn, conn.transaction():
         return CourseOut.of(await service.publish_course(conn, course_id))
 

@@ -1,0 +1,173 @@
+"""Who is calling: bearer JWTs from an OIDC-style issuer, checked against its published keys.
+
+The token's signature is verified with the issuer's JSON Web Key Set (from a URL, refreshed when
+a token names a key id we have not seen, or from a file); the algorithm list is pinned by
+configuration, so a token cannot choose `none` or HS256-with-the-public-key; `exp`, `iss`, `aud`
+and `sub` are required. Roles come from a claim (`roles` by default): learner, staff, admin.
+"""
+
+import asyncio
+import enum
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import jwt
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from .problems import Problem
+
+log = logging.getLogger(__name__)
+
+# A token naming an unknown key id triggers a refresh, but not more often than this.
+_REFRESH_INTERVAL = 30.0
+
+
+class Role(enum.StrEnum):
+    LEARNER = "learner"
+    STAFF = "staff"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller."""
+
+    subject: str
+    roles: frozenset[Role]
+    email: str | None = None
+    name: str | None = None
+
+    @property
+    def is_staff(self) -> bool:
+        return bool(self.roles & {Role.STAFF, Role.ADMIN})
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    issuer: str
+    audience: str
+    algorithms: tuple[str, ...]
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    roles_claim: str = "roles"
+
+
+class KeySet:
+    """The issuer's public keys, loaded lazily and refreshed when a new key id shows up."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self._config = config
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str | None) -> jwt.PyJWK | None:
+        if kid in self._keys or (kid is None and len(self._keys) == 1):
+            return self._lookup(kid)
+        async with self._lock:
+            if kid not in self._keys and time.monotonic() - self._loaded_at > _REFRESH_INTERVAL:
+                await self._load()
+        return self._lookup(kid)
+
+    def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
+        if kid is None:
+            return next(iter(self._keys.values())) if len(self._keys) == 1 else None
+        return self._keys.get(kid)
+
+    async def _load(self) -> None:
+        self._loaded_at = time.monotonic()
+        try:
+            document = await self._fetch()
+            keys = jwt.PyJWKSet.from_dict(document).keys
+        except (OSError, httpx.HTTPError, ValueError, jwt.PyJWKSetError) as exc:
+            log.warning("cannot load the issuer's keys: %s", exc)
+            return
+        self._keys = {key.key_id or "": key for key in keys}
+
+    async def _fetch(self) -> dict[str, Any]:
+        if self._config.jwks_file is not None:
+            document: dict[str, Any] = json.loads(self._config.jwks_file.read_text())
+            return document
+        assert self._config.jwks_url is not None
+        async with httpx.AsyncClient(timeout=5) as client:
+            response = await client.get(self._config.jwks_url)
+            response.raise_for_status()
+            fetched: dict[str, Any] = response.json()
+            return fetched
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Authenticator:
+    def __init__(self, config: AuthConfig) -> None:
+        self._config = config
+        self._keys = KeySet(config)
+
+    async def principal(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise _unauthorized("the bearer token is not a JWT") from None
+        if header.get("alg") not in self._config.algorithms:
+            raise _unauthorized("the token's signing algorithm is not accepted")
+        key = await self._keys.key(header.get("kid"))
+        if key is None:
+            raise _unauthorized("the token was signed with an unknown key")
+        try:
+            claims = jwt.decode(
+                token,
+                key=key.key,
+                algorithms=list(self._config.algorithms),
+                audience=self._config.audience,
+                issuer=self._config.issuer,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+                leeway=30,
+            )
+        except jwt.InvalidTokenError as exc:
+            raise _unauthorized(f"the token is not valid: {exc}") from None
+        raw_roles = claims.get(self._config.roles_claim, [])
+        roles = frozenset(Role(role) for role in raw_roles if role in Role.__members__.values())
+        if not roles:
+            raise Problem(403, "forbidden", "the token grants no microcred role")
+        return Principal(
+            subject=str(claims["sub"]), roles=roles, email=claims.get("email"), name=claims.get("name")
+        )
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def _authenticated(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    if credentials is None:
+        raise _unauthorized("a bearer token is required")
+    authenticator: Authenticator = request.app.state.authenticator
+    return await authenticator.principal(credentials.credentials)
+
+
+def require(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency that admits callers holding any of `roles` (403 otherwise)."""
+
+    async def check(principal: Annotated[Principal, Depends(_authenticated)]) -> Principal:
+        if not principal.roles & set(roles):
+            raise Problem(403, "forbidden", f"this needs the role {' or '.join(roles)}")
+        return principal
+
+    return check
+
+
+Caller = Annotated[Principal, Depends(_authenticated)]
+"""Any authenticated caller."""
+Staff = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
+"""Staff or admin."""
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
