@@ -23,6 +23,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from fastapi import FastAPI
+
 from microcred_runtime import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]

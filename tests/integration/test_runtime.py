@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
+
 from microcred_events import CourseSnapshot, CourseUpdated, Topic, decode, encode, example_data
 from microcred_runtime import Connection, Rejected, Service, ServiceSettings, Subscriptions, outbox
 from microcred_runtime.migrations import MigrationError, migrate

@@ -12,18 +12,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import catalog.main
-import catalog.settings
-import enrollment.main
-import enrollment.settings
 import pytest
 from aiokafka import AIOKafkaProducer
-from microcred_events import CourseSnapshot, CourseUpdated, Topic, encode, example_data
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+
+import catalog.main
+import catalog.settings
+import enrollment.main
+import enrollment.settings
+from microcred_events import CourseSnapshot, CourseUpdated, Topic, encode, example_data
 
 COURSE_DETAILS = {
     name: value

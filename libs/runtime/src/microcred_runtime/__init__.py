@@ -4,6 +4,7 @@ from . import outbox
 from .auth import Admin, Caller, Principal, Role, Staff
 from .consumers import Outcome, Rejected, Subscriptions
 from .db import Connection
+from .pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
 from .problems import Problem
 from .service import Db, Runtime, RuntimeDep, Service
 from .settings import ConfigurationError, ServiceSettings, load_settings
@@ -13,8 +14,11 @@ __all__ = [
     "Caller",
     "ConfigurationError",
     "Connection",
+    "Cursor",
     "Db",
+    "Limit",
     "Outcome",
+    "Page",
     "Principal",
     "Problem",
     "Rejected",
@@ -25,6 +29,8 @@ __all__ = [
     "ServiceSettings",
     "Staff",
     "Subscriptions",
+    "decode_cursor",
+    "encode_cursor",
     "load_settings",
     "outbox",
 ]

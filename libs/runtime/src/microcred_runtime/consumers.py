@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import ConsumerRecord
+
 from microcred_events import Envelope, Event, InvalidEvent, KafkaRecord, dead_letter_topic, decode
 
 from .db import Connection

@@ -17,8 +17,9 @@ from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
-from microcred_events import KafkaRecord
 from opentelemetry import propagate, trace
+
+from microcred_events import KafkaRecord
 
 from .consumers import EventConsumer
 

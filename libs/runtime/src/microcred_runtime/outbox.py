@@ -21,8 +21,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
-from microcred_events import Event, KafkaRecord, encode
 from opentelemetry import propagate
+
+from microcred_events import Event, KafkaRecord, encode
 
 from .db import Connection
 

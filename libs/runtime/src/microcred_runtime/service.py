@@ -21,8 +21,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
-from microcred_events import Topic, dead_letter_topic
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+from microcred_events import Topic, dead_letter_topic
 
 from . import kafka
 from .auth import AuthConfig, Authenticator

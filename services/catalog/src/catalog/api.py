@@ -5,8 +5,9 @@ from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Query
-from microcred_runtime import Db, Staff
 from pydantic import BaseModel
+
+from microcred_runtime import Db, Staff
 
 from . import service
 from .domain import Course, CourseDetails, CourseStatus

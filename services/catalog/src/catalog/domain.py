@@ -5,6 +5,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from uuid import UUID
 
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
 from microcred_events import (
     Achievement,
     CourseFormat,
@@ -14,7 +16,6 @@ from microcred_events import (
     Issuer,
     Money,
 )
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 
 class CourseStatus(enum.StrEnum):

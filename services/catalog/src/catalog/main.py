@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from fastapi import FastAPI
+
 from microcred_runtime import Service
 
 from . import api

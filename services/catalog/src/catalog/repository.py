@@ -3,6 +3,7 @@
 from uuid import UUID
 
 import asyncpg
+
 from microcred_runtime import Connection
 
 from .domain import Course, CourseDetails, CourseStatus

@@ -1,5 +1,6 @@
-from microcred_runtime import ServiceSettings
 from pydantic import Field
+
+from microcred_runtime import ServiceSettings
 
 
 class Settings(ServiceSettings):
