@@ -11,6 +11,7 @@ import enum
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from .problems import Problem
 
 log = logging.getLogger(__name__)
 
+_LEARNER_NAMESPACE = uuid.UUID("6f1d7c1e-3b5a-4d0e-9a52-2c8e4b7f1a90")
 # A token naming an unknown key id triggers a refresh, but not more often than this.
 _REFRESH_INTERVAL = 30.0
 
@@ -43,6 +45,15 @@ class Principal:
     roles: frozenset[Role]
     email: str | None = None
     name: str | None = None
+
+    @property
+    def learner_id(self) -> uuid.UUID:
+        """The caller's id in microcred events: the subject itself when it is a UUID, else derived
+        from it (UUIDv5), so every service maps one subject to the same learner without a lookup."""
+        try:
+            return uuid.UUID(self.subject)
+        except ValueError:
+            return uuid.uuid5(_LEARNER_NAMESPACE, self.subject)
 
     @property
     def is_staff(self) -> bool:
