@@ -41,7 +41,9 @@ class DevIssuer:
             )
             key_file.touch(mode=0o600)
             key_file.write_bytes(pem)
-        self._private_key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        private_key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        assert isinstance(private_key, rsa.RSAPrivateKey), f"{key_file} is not an RSA key"
+        self._private_key = private_key
         public_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self._private_key.public_key()))
         self.key_id = _thumbprint(public_jwk)
         self._jwk = {**public_jwk, "kid": self.key_id, "use": "sig", "alg": "RS256"}
@@ -72,7 +74,7 @@ class DevIssuer:
             **({"name": name} if name else {}),
             **claims,
         }
-        return jwt.encode(payload, self._private_key, algorithm="RS256", headers={"kid": self.key_id})  # type: ignore[arg-type]
+        return jwt.encode(payload, self._private_key, algorithm="RS256", headers={"kid": self.key_id})
 
 
 def _thumbprint(jwk: dict[str, Any]) -> str:

@@ -1,65 +1,156 @@
-"""Run the whole system locally: the project's Kafka and PostgreSQL, then every service.
+"""Run the whole system locally: Kafka, PostgreSQL, the dev token issuer, the payment-provider
+simulator and every service, with the launch catalog seeded.
 
-`make up` calls this. It prints where each service answers, waits until all are ready, and on
-Ctrl-C (or SIGTERM) stops the services gracefully; Kafka and PostgreSQL keep running
-(`make infra-down` stops them).
+`make up` calls this. It prints where everything answers, waits until all are ready, and on
+Ctrl-C (or SIGTERM) stops what it started, gracefully; Kafka and PostgreSQL keep running
+(`make infra-down` stops them). Secrets for local runs are generated on first use under
+`.local/` (git-ignored), never committed.
 """
 
 import importlib.util
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import dev_issuer
 import infra
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".local" / "logs"
+SECRETS = ROOT / ".local" / "dev-secrets"
 # Fixed local ports so frontends and the README can rely on them.
 PORTS = {"catalog": 8001, "enrollment": 8002, "billing": 8003, "issuance": 8004, "notifications": 8005}
+SIMULATOR_PORT = 8090
 READY_TIMEOUT = 90.0
+
+
+@dataclass
+class Process:
+    name: str
+    argv: list[str]
+    ready_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    popen: "subprocess.Popen[bytes] | None" = None
+
+    @property
+    def log(self) -> Path:
+        return LOGS / f"{self.name}.log"
 
 
 def main() -> int:
     endpoints = infra.ensure_up()
-    services = [name for name in PORTS if importlib.util.find_spec(name) is not None]
     LOGS.mkdir(parents=True, exist_ok=True)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    for name in services:
-        env = {
-            **os.environ,
-            "DATABASE_URL": endpoints.database_url(name),
-            "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap,
-            "HTTP_PORT": str(PORTS[name]),
-        }
-        log_file = (LOGS / f"{name}.log").open("ab")
-        processes[name] = subprocess.Popen(  # noqa: S603  (our own interpreter and module)
-            [sys.executable, "-m", name], env=env, stdout=log_file, stderr=subprocess.STDOUT
+    webhook_secret = _secret("payment-webhook-secret")
+    auth = {"AUTH_ISSUER": dev_issuer.ISSUER, "AUTH_JWKS_URL": f"{dev_issuer.ISSUER}/jwks.json"}
+    issuer = Process(
+        "dev-issuer",
+        [sys.executable, str(ROOT / "scripts" / "dev_issuer.py")],
+        f"{dev_issuer.ISSUER}/jwks.json",
+    )
+    services = [
+        Process(
+            name,
+            [sys.executable, "-m", name],
+            f"http://127.0.0.1:{port}/health/ready",
+            {
+                "DATABASE_URL": endpoints.database_url(name),
+                "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap,
+                "HTTP_PORT": str(port),
+                **auth,
+            },
         )
+        for name, port in PORTS.items()
+        if importlib.util.find_spec(name) is not None
+    ]
+    auxiliaries = [issuer]
+    if importlib.util.find_spec("billing.simulator") is not None:
+        auxiliaries.append(
+            Process(
+                "payment-simulator",
+                [sys.executable, "-m", "billing.simulator"],
+                f"http://127.0.0.1:{SIMULATOR_PORT}/docs",
+                {
+                    "SIMULATOR_PORT": str(SIMULATOR_PORT),
+                    "SIMULATOR_WEBHOOK_URL": f"http://127.0.0.1:{PORTS['billing']}/webhooks/provider",
+                    "SIMULATOR_WEBHOOK_SECRET": webhook_secret,
+                },
+            )
+        )
+        for service in services:
+            if service.name == "billing":
+                service.env["PAYMENT_PROVIDER_URL"] = f"http://127.0.0.1:{SIMULATOR_PORT}"
+                service.env["PAYMENT_WEBHOOK_SECRET"] = webhook_secret
+    processes = auxiliaries + services
     stop = _install_signal_handlers()
     try:
+        for process in processes:
+            _start(process)
         if not _wait_ready(processes):
             return 1
-        print("\nmicrocred is running:")
-        for name in services:
-            print(f"  {name:<14} http://127.0.0.1:{PORTS[name]}/docs   log: {LOGS / name}.log")
-        print(f"  kafka          {endpoints.kafka_bootstrap}")
-        print(f"  postgres       {endpoints.postgres_url}")
-        print("Ctrl-C stops the services; `make infra-down` stops Kafka and PostgreSQL.")
+        if any(service.name == "catalog" for service in services):
+            _seed_catalog(endpoints.database_url("catalog"), endpoints.kafka_bootstrap, auth)
+        _print_summary(processes, endpoints)
         while not stop:
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    print(f"{name} exited with {process.returncode}; see {LOGS / name}.log", file=sys.stderr)
+            for process in processes:
+                assert process.popen is not None
+                if process.popen.poll() is not None:
+                    print(
+                        f"{process.name} exited with {process.popen.returncode}; see {process.log}",
+                        file=sys.stderr,
+                    )
                     return 1
             time.sleep(1)
         return 0
     finally:
         _terminate(processes)
+
+
+def _secret(name: str) -> str:
+    path = SECRETS / name
+    if not path.exists():
+        SECRETS.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _start(process: Process) -> None:
+    log_file = process.log.open("ab")
+    process.popen = subprocess.Popen(  # noqa: S603  (our own interpreter and modules)
+        process.argv, env={**os.environ, **process.env}, stdout=log_file, stderr=subprocess.STDOUT
+    )
+
+
+def _seed_catalog(database_url: str, kafka: str, auth: dict[str, str]) -> None:
+    env = {**os.environ, "DATABASE_URL": database_url, "KAFKA_BOOTSTRAP_SERVERS": kafka, **auth}
+    result = subprocess.run(
+        [sys.executable, "-m", "catalog.seed"], env=env, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        print(f"seeding the catalog failed:\n{result.stdout}{result.stderr}", file=sys.stderr)
+    else:
+        print("catalog seeded with the launch microcredentials")
+
+
+def _print_summary(processes: list[Process], endpoints: infra.Endpoints) -> None:
+    print("\nmicrocred is running:")
+    for name, port in PORTS.items():
+        if any(process.name == name for process in processes):
+            print(f"  {name:<18} http://127.0.0.1:{port}/docs   log: {LOGS / name}.log")
+    print(f'  {"dev token issuer":<18} {dev_issuer.ISSUER}/token   (POST {{"sub", "roles", "email"}})')
+    if any(process.name == "payment-simulator" for process in processes):
+        print(f"  {'payment simulator':<18} http://127.0.0.1:{SIMULATOR_PORT}/docs")
+    print(f"  {'kafka':<18} {endpoints.kafka_bootstrap}")
+    print(f"  {'postgres':<18} {endpoints.postgres_url}")
+    print("Ctrl-C stops the services; `make infra-down` stops Kafka and PostgreSQL.")
 
 
 def _install_signal_handlers() -> list[int]:
@@ -73,42 +164,45 @@ def _install_signal_handlers() -> list[int]:
     return received
 
 
-def _wait_ready(processes: dict[str, subprocess.Popen[bytes]]) -> bool:
+def _wait_ready(processes: list[Process]) -> bool:
     deadline = time.monotonic() + READY_TIMEOUT
-    waiting = set(processes)
+    waiting = {process.name: process for process in processes}
     while waiting and time.monotonic() < deadline:
-        for name in sorted(waiting):
-            if processes[name].poll() is not None:
-                print(f"{name} failed to start; last lines of {LOGS / name}.log:", file=sys.stderr)
-                print(_tail(LOGS / f"{name}.log"), file=sys.stderr)
+        for name, process in sorted(waiting.items()):
+            assert process.popen is not None
+            if process.popen.poll() is not None:
+                print(f"{name} failed to start; last lines of {process.log}:", file=sys.stderr)
+                print(_tail(process.log), file=sys.stderr)
                 return False
-            if _ready(PORTS[name]):
-                print(f"{name} ready on port {PORTS[name]}")
-                waiting.discard(name)
+            if _ready(process.ready_url):
+                print(f"{name} ready")
+                del waiting[name]
         time.sleep(0.5)
     if waiting:
         print(f"not ready after {READY_TIMEOUT:.0f}s: {', '.join(sorted(waiting))}", file=sys.stderr)
     return not waiting
 
 
-def _ready(port: int) -> bool:
+def _ready(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=3) as response:
+        with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310  (loopback URLs we built)
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
 
 
-def _terminate(processes: dict[str, subprocess.Popen[bytes]]) -> None:
-    for process in processes.values():
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for name, process in processes.items():
+def _terminate(processes: list[Process]) -> None:
+    running = [process for process in processes if process.popen and process.popen.poll() is None]
+    for process in running:
+        assert process.popen is not None
+        process.popen.send_signal(signal.SIGTERM)
+    for process in running:
+        assert process.popen is not None
         try:
-            process.wait(timeout=30)
+            process.popen.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            print(f"{name} did not stop in 30s; killing it", file=sys.stderr)
-            process.kill()
+            print(f"{process.name} did not stop in 30s; killing it", file=sys.stderr)
+            process.popen.kill()
 
 
 def _tail(path: Path, lines: int = 30) -> str:

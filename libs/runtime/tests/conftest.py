@@ -6,8 +6,10 @@ from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Tracer
+
 from microcred_events import CourseUpdated, KafkaRecord, example_data
-from opentelemetry.sdk.trace import Tracer, TracerProvider
 
 
 class FakeConnection:

@@ -2,6 +2,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from microcred_events import (
     CoursePublished,
     CourseUpdated,
@@ -265,4 +266,3 @@ async def test_a_redelivered_event_is_a_duplicate_and_not_applied_again() -> Non
     assert outcome is Outcome.DUPLICATE
     assert handler.events == []
     assert dead_letters.records == []
-

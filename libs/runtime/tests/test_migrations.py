@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from microcred_runtime.migrations import Migration, MigrationError, discover, migrate
 
 from .conftest import FakeConnection
@@ -31,7 +32,7 @@ def test_a_misnamed_file_is_refused(tmp_path: Path, name: str) -> None:
     write(tmp_path, "001_create_table.sql")
     write(tmp_path, name)
 
-    with pytest.raises(MigrationError, match="NNN_description.sql"):
+    with pytest.raises(MigrationError, match=r"NNN_description\.sql"):
         discover(tmp_path)
 
 
@@ -76,7 +77,7 @@ async def test_migrate_refuses_a_file_edited_after_it_was_applied_and_releases_t
     write(tmp_path, "001_create_table.sql", "CREATE TABLE t (edited int);")
     conn = FakeConnection(rows=[{"version": 1, "checksum": Migration(1, "x", "CREATE TABLE t ();").checksum}])
 
-    with pytest.raises(MigrationError, match="catalog migration 1_create_table was changed"):
+    with pytest.raises(MigrationError, match=r"catalog migration 001_create_table\.sql was changed"):
         await migrate(conn, "catalog", tmp_path)  # type: ignore[arg-type]  # a fake connection
 
     assert conn.transactions == []

@@ -1,11 +1,14 @@
 import os
 
 import pytest
+
 from microcred_runtime import ConfigurationError, ServiceSettings, load_settings
 
 VALID = {
     "DATABASE_URL": "postgresql://catalog:secret@db.internal:5432/catalog",
     "KAFKA_BOOTSTRAP_SERVERS": "kafka-1:9092,kafka-2:9092",
+    "AUTH_ISSUER": "https://id.microcred.example",
+    "AUTH_JWKS_URL": "https://id.microcred.example/jwks.json",
 }
 
 
@@ -38,8 +41,8 @@ def test_missing_variables_are_each_named() -> None:
     with pytest.raises(ConfigurationError) as caught:
         load_settings(ServiceSettings)
 
-    assert "DATABASE_URL" in str(caught.value)
-    assert "KAFKA_BOOTSTRAP_SERVERS" in str(caught.value)
+    for variable in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "AUTH_ISSUER"):
+        assert variable in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -68,7 +71,8 @@ def test_a_bad_value_is_refused_naming_its_variable(
 
 
 def test_several_bad_values_are_reported_together(monkeypatch: pytest.MonkeyPatch) -> None:
-    set_environment(monkeypatch, {"HTTP_PORT": "abc", "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"})
+    set_environment(monkeypatch, {**VALID, "HTTP_PORT": "abc"})
+    monkeypatch.delenv("DATABASE_URL")
 
     with pytest.raises(ConfigurationError) as caught:
         load_settings(ServiceSettings)

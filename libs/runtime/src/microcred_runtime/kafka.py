@@ -6,12 +6,12 @@ idempotent producer. FastStream's Kafka subscriber defaults to `AckPolicy.ACK_FI
 auto-commits before the handler ran (at-most-once): ours commits after it (see `consumers`).
 """
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
@@ -48,8 +48,8 @@ async def publish(
 
     Each record continues the trace whose context it carries (the outbox stored it at commit time).
     """
-    pending = []
-    for record in records:
+    pending: list[Any] = []
+    for index, record in enumerate(records):
         carrier = {name: value.decode("latin-1") for name, value in record.headers}
         parent = propagate.extract(carrier)
         topic = prefix + record.topic
@@ -68,7 +68,10 @@ async def publish(
             try:
                 pending.append(await producer.send(topic, record.value, key=record.key, headers=headers))
             except Exception as exc:  # the client refused it before sending (size, closed, ...)
-                pending.append(exc)
+                # Sending the rest could let a later event of the same key overtake this one.
+                not_sent = RuntimeError("not sent: an earlier record of the batch was refused")
+                pending += [exc] + [not_sent] * (len(records) - index - 1)
+                break
     results: list[BaseException | None] = []
     for item in pending:
         if isinstance(item, BaseException):
@@ -100,14 +103,17 @@ async def ensure_topics(
         missing = [name for name in topics if name not in existing]
         if not missing:
             return
-        # Another replica may create them first.
-        with contextlib.suppress(TopicAlreadyExistsError):
-            await admin.create_topics(
-                [
-                    NewTopic(name, num_partitions=partitions, replication_factor=replication)
-                    for name in missing
-                ]
-            )
+        response = await admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=replication) for name in missing]
+        )
+        # aiokafka reports per-topic errors in the response instead of raising them.
+        failures = [
+            f"{name}: {kafka_errors.for_code(code).__name__} {' '.join(filter(None, message))}".strip()
+            for name, code, *message in response.topic_errors
+            if code not in (0, TopicAlreadyExistsError.errno)  # another replica may create them first
+        ]
+        if failures:
+            raise RuntimeError("cannot create Kafka topics: " + "; ".join(failures))
         log.info("created topics", extra={"topics": missing})
     finally:
         await admin.close()
@@ -143,9 +149,10 @@ async def _tolerant_parser(record: Any, original: Any) -> Any:
     except UnicodeDecodeError:
         headers = record.headers
         record.headers = [(name, value.decode("utf-8", "replace").encode()) for name, value in headers]
-        message = await original(record)
-        record.headers = headers
-        return message
+        try:
+            return await original(record)
+        finally:
+            record.headers = headers
 
 
 async def _raw_body(message: Any) -> bytes:

@@ -44,12 +44,18 @@ class Migration:
     sql: str
 
     @property
+    def file_name(self) -> str:
+        return f"{self.version:03d}_{self.name}.sql"
+
+    @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
 def discover(folder: Path) -> list[Migration]:
     """The migrations in a folder, in version order; a misnamed or duplicate file is an error."""
+    if not folder.is_dir():
+        raise MigrationError(f"{folder} is not a folder of migrations")
     migrations: dict[int, Migration] = {}
     for path in sorted(folder.glob("*.sql")):
         match = _FILE_NAME.match(path.name)
@@ -78,7 +84,7 @@ async def migrate(conn: Connection, component: str, folder: Path) -> list[Migrat
             if recorded is not None:
                 if recorded != migration.checksum:
                     raise MigrationError(
-                        f"{component} migration {migration.version}_{migration.name} was changed "
+                        f"{component} migration {migration.file_name} was changed "
                         "after it was applied; add a new migration instead"
                     )
                 continue

@@ -30,6 +30,8 @@ from .db import Connection
 log = logging.getLogger(__name__)
 
 CHANNEL = "microcred_outbox"
+# Below Kafka's default max.message.bytes (1 MiB), leaving room for headers and batch overhead.
+MAX_EVENT_BYTES = 900_000
 
 _INSERT = (
     """
@@ -66,6 +68,11 @@ async def add(conn: Connection, event: Event, *, source: str | None = None) -> u
         traceparent=carrier.get("traceparent"),
         tracestate=carrier.get("tracestate"),
     )
+    if len(record.value) > MAX_EVENT_BYTES:
+        # Refused here, inside the writer's transaction, rather than stranded in the outbox forever.
+        raise ValueError(
+            f"{event.TYPE} is {len(record.value)} bytes; events are limited to {MAX_EVENT_BYTES}"
+        )
     headers = {name: value.decode() for name, value in record.headers}
     await conn.execute(
         _INSERT, event_id, event.TYPE, record.topic, record.key, record.value, json.dumps(headers)
@@ -95,7 +102,7 @@ class OutboxRelay:
         self._publish = publish
         self._settings = settings
         self._wakeup = asyncio.Event()
-        self._stopping = False
+        self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
         self.is_leader = False
@@ -105,24 +112,28 @@ class OutboxRelay:
 
     async def stop(self) -> None:
         """Stop after one last drain, so what was committed before SIGTERM is not left behind."""
-        self._stopping = True
+        self._stopped.set()
         self._wakeup.set()
         if self._task is not None:
             await self._task
 
     async def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopped.is_set():
             try:
                 conn = await asyncpg.connect(self._dsn)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("outbox relay cannot reach PostgreSQL: %s", exc)
-                await self._sleep(self._settings.poll_interval)
+                await self._back_off(self._settings.poll_interval)
                 continue
             try:
                 await self._lead(conn)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("outbox relay lost PostgreSQL: %s", exc)
-                await self._sleep(self._settings.poll_interval)
+                await self._back_off(self._settings.poll_interval)
+            except Exception:
+                # The relay must outlive any surprise: a dead relay silently strands every event.
+                log.exception("outbox relay failed; restarting it")
+                await self._back_off(self._settings.poll_interval)
             finally:
                 self.is_leader = False
                 with contextlib.suppress(Exception):
@@ -130,29 +141,35 @@ class OutboxRelay:
 
     async def _lead(self, conn: asyncpg.Connection) -> None:
         while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._settings.lock_key):
-            if self._stopping:
+            if self._stopped.is_set():
                 return
             # Another replica is the leader; check again later in case it died.
-            await self._sleep(self._settings.poll_interval * 5)
+            await self._back_off(self._settings.poll_interval * 5)
         self.is_leader = True
         await conn.add_listener(CHANNEL, self._notified)
         while True:
-            self._wakeup.clear()
             published = await self.drain_once(conn)
-            if self._stopping:
+            if self._stopped.is_set():
                 if published == 0:
                     return
                 continue
             await self._purge(conn)
             if published < self._settings.batch_size:
-                await self._sleep(self._settings.poll_interval)
+                await self._idle(self._settings.poll_interval)
 
     def _notified(self, *_: object) -> None:
         self._wakeup.set()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _idle(self, seconds: float) -> None:
+        """Wait for a commit's NOTIFY, a stop, or the poll interval, whichever comes first."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout=seconds)
+        self._wakeup.clear()
+
+    async def _back_off(self, seconds: float) -> None:
+        """Wait after a failure; only a stop cuts it short (a NOTIFY must not turn it into a spin)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
 
     async def drain_once(self, conn: asyncpg.Connection) -> int:
         """Publish the oldest pending rows; returns how many were acknowledged by Kafka."""
@@ -187,7 +204,7 @@ class OutboxRelay:
                 failures[0],
             )
             # Kafka is unhappy; back off instead of spinning on the same rows.
-            await self._sleep(self._settings.poll_interval)
+            await self._back_off(self._settings.poll_interval)
         return len(acknowledged)
 
     async def _purge(self, conn: asyncpg.Connection) -> None:

@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+# RFC 9457's own members; an extension must not overwrite them.
+_MEMBERS = frozenset({"type", "title", "status", "detail", "instance"})
 
 
 class Problem(Exception):
@@ -27,6 +29,9 @@ class Problem(Exception):
         headers: Mapping[str, str] | None = None,
         **extensions: Any,
     ) -> None:
+        reserved = _MEMBERS & extensions.keys()
+        if reserved:
+            raise ValueError(f"problem extensions may not be named {', '.join(sorted(reserved))}")
         super().__init__(detail)
         self.status = status
         self.kind = kind

@@ -126,15 +126,19 @@ class Service(Generic[SettingsT]):
     @contextlib.asynccontextmanager
     async def _running(self, settings: SettingsT) -> AsyncIterator[Runtime[SettingsT]]:
         dsn = str(settings.database_url)
-        pool = await asyncpg.create_pool(
-            dsn, min_size=settings.db_pool_min_size, max_size=settings.db_pool_max_size
-        )
-        try:
+        bootstrap = settings.kafka_bootstrap_servers
+        prefix = settings.kafka_topic_prefix
+        # Exits run in reverse, each even if an earlier one failed: stop taking messages and let
+        # in-flight ones commit, then flush what they (and the API) queued in the outbox, then
+        # close the Kafka producer and the database pool.
+        async with contextlib.AsyncExitStack() as stack:
+            pool = await asyncpg.create_pool(
+                dsn, min_size=settings.db_pool_min_size, max_size=settings.db_pool_max_size
+            )
+            stack.push_async_callback(pool.close)
             async with pool.acquire() as conn:
                 await migrate(conn, "runtime", _RUNTIME_MIGRATIONS)
                 await migrate(conn, self.name, self.migrations)
-            bootstrap = settings.kafka_bootstrap_servers
-            prefix = settings.kafka_topic_prefix
             await kafka.ensure_topics(
                 bootstrap,
                 [prefix + topic for topic in (*Topic, dead_letter_topic(self.name))],
@@ -143,52 +147,47 @@ class Service(Generic[SettingsT]):
             )
             producer = kafka.reliable_producer(bootstrap, client_id=self.name)
             await producer.start()
-            try:
-                broker = KafkaBroker(
-                    bootstrap,
-                    client_id=self.name,
-                    graceful_timeout=settings.shutdown_grace_seconds,
-                    middlewares=[KafkaTelemetryMiddleware()],
-                    # FastStream's own handler prints coloured text: send its records to ours (JSON),
-                    # with the per-message lines at DEBUG.
-                    logger=logging.getLogger("faststream"),
-                    log_level=logging.DEBUG,
-                )
-                consumer = None
-                if self.subscriptions.topics:
-                    consumer = EventConsumer(
-                        group=self.name,
-                        subscriptions=self.subscriptions,
-                        pool=pool,
-                        publish_dead_letter=lambda record: kafka.publish_one(producer, record, prefix=prefix),
-                        retry=RetryPolicy(
-                            settings.consumer_max_attempts, settings.consumer_retry_backoff_seconds
-                        ),
-                    )
-                    kafka.subscribe(broker, consumer, self.subscriptions.topics, prefix=prefix)
-                relay = OutboxRelay(
-                    dsn,
-                    lambda records: kafka.publish(producer, records, prefix=prefix),
-                    RelaySettings(
-                        batch_size=settings.outbox_batch_size,
-                        poll_interval=settings.outbox_poll_interval_seconds,
-                        retention_hours=settings.outbox_retention_hours,
+            stack.push_async_callback(producer.stop)
+
+            relay = OutboxRelay(
+                dsn,
+                lambda records: kafka.publish(producer, records, prefix=prefix),
+                RelaySettings(
+                    batch_size=settings.outbox_batch_size,
+                    poll_interval=settings.outbox_poll_interval_seconds,
+                    retention_hours=settings.outbox_retention_hours,
+                ),
+            )
+            relay.start()
+            stack.push_async_callback(relay.stop)
+
+            broker = KafkaBroker(
+                bootstrap,
+                client_id=self.name,
+                graceful_timeout=settings.shutdown_grace_seconds,
+                middlewares=[KafkaTelemetryMiddleware()],
+                # FastStream's own handler prints coloured text: send its records to ours (JSON),
+                # with the per-message lines at DEBUG.
+                logger=logging.getLogger("faststream"),
+                log_level=logging.DEBUG,
+            )
+            consumer = None
+            if self.subscriptions.topics:
+                consumer = EventConsumer(
+                    group=self.name,
+                    subscriptions=self.subscriptions,
+                    pool=pool,
+                    publish_dead_letter=lambda record: kafka.publish_one(producer, record, prefix=prefix),
+                    retry=RetryPolicy(
+                        settings.consumer_max_attempts, settings.consumer_retry_backoff_seconds
                     ),
                 )
-                await broker.start()
-                relay.start()
-                log.info("service started", extra={"http_port": settings.http_port})
-                try:
-                    yield Runtime(settings, pool, broker, relay, consumer)
-                finally:
-                    # Order matters: stop taking messages and let in-flight ones commit, then
-                    # flush what they (and the API) queued in the outbox, then close the clients.
-                    await broker.stop()
-                    await relay.stop()
-            finally:
-                await producer.stop()
-        finally:
-            await pool.close()
+                kafka.subscribe(broker, consumer, self.subscriptions.topics, prefix=prefix)
+            await broker.start()
+            stack.push_async_callback(broker.stop)
+
+            log.info("service started", extra={"http_port": settings.http_port})
+            yield Runtime(settings, pool, broker, relay, consumer)
         log.info("service stopped")
 
 

@@ -1,10 +1,18 @@
 """Service settings: read from the environment, refused at start-up when wrong."""
 
+import re
 from pathlib import Path
 from typing import Annotated, Self, TypeVar
 
-from pydantic import Field, HttpUrl, PostgresDsn, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    Field,
+    HttpUrl,
+    PostgresDsn,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 
 class ServiceSettings(BaseSettings):
@@ -71,9 +79,11 @@ class ServiceSettings(BaseSettings):
         return algorithms
 
     @model_validator(mode="after")
-    def _one_key_source(self) -> Self:
+    def _consistent(self) -> Self:
         if (self.auth_jwks_url is None) == (self.auth_jwks_file is None):
             raise ValueError("set exactly one of AUTH_JWKS_URL and AUTH_JWKS_FILE")
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError("DB_POOL_MIN_SIZE must not exceed DB_POOL_MAX_SIZE")
         return self
 
 
@@ -88,6 +98,13 @@ def load_settings(settings_class: type[SettingsT]) -> SettingsT:
     """Read the settings, or raise one error that names each bad environment variable."""
     try:
         return settings_class()
+    except SettingsError as exc:
+        # A list setting that is not JSON, e.g. CORS_ORIGINS=https://a.example: name it.
+        field = re.search(r'field "(\w+)"', str(exc))
+        variable = field[1].upper() if field else "a list setting"
+        raise ConfigurationError(
+            f'invalid configuration:\n  {variable}: not a JSON array (e.g. ["https://a.example"])'
+        ) from None
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

@@ -3,6 +3,7 @@
 import logging
 import os
 import sys
+import time
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
@@ -49,14 +50,15 @@ def configure_logging(service_name: str, level: str) -> None:
     """JSON lines on stdout, each with the service name and, inside a span, its trace and span ids."""
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(_TraceIds())
-    handler.setFormatter(
-        JsonFormatter(
-            "{asctime}{levelname}{name}{message}",
-            style="{",
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            static_fields={"service": service_name},
-        )
+    formatter = JsonFormatter(
+        "{asctime}{levelname}{name}{message}",
+        style="{",
+        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        static_fields={"service": service_name},
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
     )
+    formatter.converter = time.gmtime  # UTC, like every other time in microcred
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

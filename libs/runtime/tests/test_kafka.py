@@ -1,0 +1,281 @@
+import asyncio
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import pytest
+from aiokafka import ConsumerRecord
+from aiokafka.admin import NewTopic
+from faststream.kafka import KafkaBroker, TestKafkaBroker
+from faststream.kafka.subscriber.usecase import LogicSubscriber
+from faststream.middlewares import AckPolicy
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from microcred_events import KafkaRecord, decode, encode
+from microcred_runtime import kafka
+
+from .conftest import course_updated
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
+
+
+@dataclass(frozen=True)
+class Sent:
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+class FakeProducer:
+    """aiokafka's `send`: refuses some records outright, and fails the delivery of others."""
+
+    def __init__(self, *, refuse: Sequence[int] = (), fail: Sequence[int] = ()) -> None:
+        self.refuse, self.fail = refuse, fail
+        self.calls = 0
+        self.sent: list[Sent] = []
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes | None = None, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        index, self.calls = self.calls, self.calls + 1
+        if index in self.refuse:
+            raise ValueError(f"record {index} is too large")
+        self.sent.append(Sent(topic, value, key, headers))
+        delivery: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if index in self.fail:
+            delivery.set_exception(ConnectionError(f"record {index} not acknowledged"))
+        else:
+            delivery.set_result(None)
+        return delivery
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Publish spans go to a provider of this test's own, not the process-wide one."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(kafka, "tracer", provider.get_tracer("test"))
+    yield exporter
+    provider.shutdown()
+
+
+def records(count: int, **encode_options: Any) -> list[KafkaRecord]:
+    return [
+        encode(course_updated(), source="urn:microcred:catalog", event_id=f"evt-{i}", **encode_options)
+        for i in range(count)
+    ]
+
+
+def header(headers: Sequence[tuple[str, bytes]], name: str) -> list[bytes]:
+    return [value for key, value in headers if key == name]
+
+
+async def test_publish_sends_in_order_to_prefixed_topics_and_waits_for_every_ack() -> None:
+    producer, batch = FakeProducer(), records(3)
+
+    results = await kafka.publish(producer, batch, prefix="staging.")
+
+    assert results == [None, None, None]
+    assert [sent.topic for sent in producer.sent] == ["staging.catalog.course.v1"] * 3
+    assert [decode(sent.headers, sent.value).id for sent in producer.sent] == ["evt-0", "evt-1", "evt-2"]
+    assert [(sent.key, sent.value) for sent in producer.sent] == [(r.key, r.value) for r in batch]
+
+
+async def test_publish_returns_the_error_of_each_record_that_was_not_acknowledged() -> None:
+    producer = FakeProducer(fail=[2])
+
+    results = await kafka.publish(producer, records(4))
+
+    assert results[0] is None
+    assert results[1] is None
+    assert isinstance(results[2], ConnectionError)
+    assert results[3] is None
+
+
+async def test_publish_stops_at_a_refused_record_so_later_ones_cannot_overtake_it() -> None:
+    producer = FakeProducer(refuse=[1])
+
+    results = await kafka.publish(producer, records(4))
+
+    assert results[0] is None
+    assert isinstance(results[1], ValueError)
+    assert str(results[1]) == "record 1 is too large"
+    assert all(isinstance(error, RuntimeError) and "not sent" in str(error) for error in results[2:])
+    assert len(producer.sent) == 1
+
+
+async def test_publish_continues_the_stored_trace_in_a_producer_span(spans: InMemorySpanExporter) -> None:
+    (record,) = records(1, traceparent=TRACEPARENT, tracestate="vendor=value")
+    producer = FakeProducer()
+
+    await kafka.publish(producer, [record], prefix="staging.")
+
+    (span,) = spans.get_finished_spans()
+    assert isinstance(span, ReadableSpan)
+    assert span.name == "staging.catalog.course.v1 publish"
+    assert span.kind is SpanKind.PRODUCER
+    assert span.parent is not None
+    assert format(span.parent.span_id, "016x") == PARENT_SPAN_ID
+    assert span.attributes is not None
+    assert span.attributes["messaging.destination.name"] == "staging.catalog.course.v1"
+    (sent,) = producer.sent
+    (traceparent,) = header(sent.headers, "traceparent")
+    _, trace_id, span_id, _ = traceparent.decode().split("-")
+    assert trace_id == TRACE_ID
+    assert span_id != PARENT_SPAN_ID
+    assert span_id == format(span.context.span_id, "016x")
+    assert header(sent.headers, "tracestate") == [b"vendor=value"]
+    untouched = [(n, v) for n, v in record.headers if n not in ("traceparent", "tracestate")]
+    assert [(n, v) for n, v in sent.headers if n not in ("traceparent", "tracestate")] == untouched
+
+
+async def test_publish_one_raises_the_records_error() -> None:
+    (record,) = records(1)
+
+    await kafka.publish_one(FakeProducer(), record)
+    with pytest.raises(ConnectionError, match="not acknowledged"):
+        await kafka.publish_one(FakeProducer(fail=[0]), record)
+
+
+class FakeAdmin:
+    instances: ClassVar[list["FakeAdmin"]] = []
+    existing: ClassVar[list[str]] = []
+    errors: ClassVar[dict[str, int] | None] = None
+
+    def __init__(self, *, bootstrap_servers: str) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.created: list[NewTopic] = []
+        self.events: list[str] = []
+        FakeAdmin.instances.append(self)
+
+    async def start(self) -> None:
+        self.events.append("start")
+
+    async def list_topics(self) -> list[str]:
+        return self.existing
+
+    async def create_topics(self, new_topics: list[NewTopic]) -> SimpleNamespace:
+        self.created += new_topics
+        errors = self.errors or {}
+        # Like aiokafka, per-topic errors come back in the response rather than raised.
+        return SimpleNamespace(
+            topic_errors=[(topic.name, errors.get(topic.name, 0), None) for topic in new_topics]
+        )
+
+    async def close(self) -> None:
+        self.events.append("close")
+
+
+@pytest.fixture
+def admin(monkeypatch: pytest.MonkeyPatch) -> type[FakeAdmin]:
+    monkeypatch.setattr(FakeAdmin, "instances", [])
+    monkeypatch.setattr(kafka, "AIOKafkaAdminClient", FakeAdmin)
+    return FakeAdmin
+
+
+async def test_ensure_topics_creates_only_the_missing_ones(
+    admin: type[FakeAdmin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "existing", ["a", "__consumer_offsets"])
+
+    await kafka.ensure_topics("kafka:9092", ["a", "b", "c"], partitions=6, replication=3)
+
+    (client,) = admin.instances
+    assert client.bootstrap_servers == "kafka:9092"
+    assert [(t.name, t.num_partitions, t.replication_factor) for t in client.created] == [
+        ("b", 6, 3),
+        ("c", 6, 3),
+    ]
+    assert client.events == ["start", "close"]
+
+
+async def test_ensure_topics_raises_the_brokers_refusal_but_not_already_exists(
+    admin: type[FakeAdmin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "errors", {"b": 36, "c": 38})  # TopicAlreadyExists, InvalidReplicationFactor
+
+    with pytest.raises(RuntimeError, match="c: InvalidReplicationFactorError"):
+        await kafka.ensure_topics("kafka:9092", ["b", "c"], partitions=1, replication=5)
+
+
+async def test_ensure_topics_with_every_topic_present_creates_nothing(
+    admin: type[FakeAdmin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "existing", ["a", "b"])
+
+    await kafka.ensure_topics("kafka:9092", ["a", "b"], partitions=1, replication=1)
+
+    (client,) = admin.instances
+    assert client.created == []
+    assert client.events == ["start", "close"]
+
+
+class RecordingConsumer:
+    group = "enrollment"
+
+    def __init__(self) -> None:
+        self.records: list[ConsumerRecord[bytes, bytes]] = []
+
+    async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        self.records.append(record)
+
+
+async def test_subscribe_commits_after_the_effect_on_prefixed_topics_and_group() -> None:
+    broker, consumer = KafkaBroker("kafka:9092"), RecordingConsumer()
+
+    kafka.subscribe(broker, consumer, ["catalog.course.v1"], prefix="staging.")  # type: ignore[arg-type]  # a fake consumer
+
+    (subscriber,) = broker.subscribers
+    assert isinstance(subscriber, LogicSubscriber)
+    assert subscriber.topic_names == ["staging.catalog.course.v1"]
+    assert subscriber.group_id == "staging.enrollment"
+    assert subscriber.ack_policy is AckPolicy.NACK_ON_ERROR
+
+
+async def test_a_subscribed_consumer_receives_the_raw_kafka_record() -> None:
+    broker, consumer = KafkaBroker("kafka:9092"), RecordingConsumer()
+    kafka.subscribe(broker, consumer, ["catalog.course.v1"], prefix="staging.")  # type: ignore[arg-type]  # a fake consumer
+    (record,) = records(1)
+
+    async with TestKafkaBroker(broker, connect_only=False) as test_broker:
+        await test_broker.publish(
+            record.value,
+            "staging.catalog.course.v1",
+            key=record.key,
+            headers={name: value.decode() for name, value in record.headers},
+        )
+        await test_broker.publish(record.value, "catalog.course.v1", key=record.key)
+
+    (received,) = consumer.records
+    assert received.value == record.value
+    assert decode(received.headers, received.value).id == "evt-0"
+
+
+class Raw:
+    def __init__(self, headers: list[tuple[str, bytes]]) -> None:
+        self.headers = headers
+
+
+async def test_the_parser_lets_faststream_read_headers_that_are_not_utf8_and_restores_them() -> None:
+    poison = Raw([("ce_id", b"\xff\xfe"), ("ce_type", b"x")])
+    seen: list[list[tuple[str, str]]] = []
+
+    async def strict_parser(record: Any) -> list[tuple[str, str]]:
+        parsed = [(name, value.decode()) for name, value in record.headers]
+        seen.append(parsed)
+        return parsed
+
+    parsed = await kafka._tolerant_parser(poison, strict_parser)
+
+    assert parsed == [("ce_id", "\ufffd\ufffd"), ("ce_type", "x")]
+    assert poison.headers == [("ce_id", b"\xff\xfe"), ("ce_type", b"x")]
+    assert await kafka._tolerant_parser(Raw([("ce_type", b"x")]), strict_parser) == [("ce_type", "x")]
+    assert len(seen) == 2

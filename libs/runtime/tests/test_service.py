@@ -1,0 +1,182 @@
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import APIRouter, FastAPI
+
+from microcred_runtime import Db, Runtime, Service, ServiceSettings, service
+from microcred_runtime.outbox import OutboxRelay, RelaySettings
+from microcred_runtime.problems import PROBLEM_JSON
+
+from .conftest import FakeConnection, FakePool
+
+MIGRATIONS = Path(__file__).parent / "no-migrations"
+
+
+class FakeBroker:
+    def __init__(self, *, answers: bool) -> None:
+        self.answers = answers
+        self.timeouts: list[float | None] = []
+
+    async def ping(self, timeout: float | None) -> bool:
+        self.timeouts.append(timeout)
+        return self.answers
+
+
+def settings(**changes: Any) -> ServiceSettings:
+    return ServiceSettings(
+        database_url="postgresql://catalog:secret@db:5432/catalog",
+        kafka_bootstrap_servers="kafka:9092",
+        auth_issuer="https://id.microcred.example",
+        auth_jwks_url="https://id.microcred.example/jwks.json",
+        **changes,
+    )
+
+
+def catalog(*routers: APIRouter) -> Service[ServiceSettings]:
+    return Service(name="catalog", settings_class=ServiceSettings, migrations=MIGRATIONS, routers=routers)
+
+
+@pytest.fixture(autouse=True)
+def no_global_tracing(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """`configure_tracing` installs a process-wide provider and instruments asyncpg: not in unit tests."""
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(service, "configure_tracing", lambda name, version: calls.append((name, version)))
+    return calls
+
+
+def with_runtime(app: FastAPI, pool: FakePool, broker: FakeBroker) -> FastAPI:
+    """What the lifespan would store, without connecting to PostgreSQL and Kafka."""
+
+    async def publish(records: Any) -> list[BaseException | None]:
+        return []
+
+    app.state.runtime = Runtime(
+        settings=settings(),
+        pool=pool,  # type: ignore[arg-type]  # a fake pool
+        broker=broker,  # type: ignore[arg-type]  # a fake broker that only answers ping
+        relay=OutboxRelay("postgresql://unused", publish, RelaySettings()),
+        consumer=None,
+    )
+    return app
+
+
+@pytest.fixture
+def app() -> FastAPI:
+    return catalog().create_app(settings())
+
+
+async def get(app: FastAPI, path: str, **options: Any) -> httpx.Response:
+    # httpx does not run the lifespan, which would connect to PostgreSQL and Kafka.
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        return await client.get(path, **options)
+
+
+def test_create_app_serves_health_and_the_services_routes(no_global_tracing: list[tuple[str, str]]) -> None:
+    router = APIRouter()
+
+    @router.get("/courses")
+    async def courses() -> list[str]:
+        return []
+
+    app = catalog(router).create_app(settings())
+
+    assert {"/health/live", "/health/ready", "/courses"} <= set(app.openapi()["paths"])
+    assert app.title == "microcred catalog"
+    assert no_global_tracing == [("catalog", "0.1.0")]
+
+
+async def test_liveness_needs_nothing_but_the_process(app: FastAPI) -> None:
+    response = await get(app, "/health/live")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_ready_when_postgresql_and_kafka_answer(app: FastAPI) -> None:
+    pool, broker = FakePool(), FakeBroker(answers=True)
+
+    response = await get(with_runtime(app, pool, broker), "/health/ready")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "checks": {"postgres": "ok", "kafka": "ok"}}
+    assert [query for query, _ in pool.conn.fetched] == ["SELECT 1"]
+    assert broker.timeouts == [2.0]
+
+
+@pytest.mark.parametrize(
+    ("postgres_up", "kafka_up", "detail"),
+    [
+        (False, True, "not ready: postgres unreachable"),
+        (True, False, "not ready: kafka unreachable"),
+        (False, False, "not ready: kafka, postgres unreachable"),
+    ],
+)
+async def test_not_ready_is_a_503_problem_naming_the_failing_check(
+    app: FastAPI, postgres_up: bool, kafka_up: bool, detail: str
+) -> None:
+    pool = FakePool() if postgres_up else FakePool(acquire_error=ConnectionRefusedError("refused"))
+
+    response = await get(with_runtime(app, pool, FakeBroker(answers=kafka_up)), "/health/ready")
+
+    assert response.status_code == 503
+    assert response.headers["content-type"] == PROBLEM_JSON
+    body = response.json()
+    assert body["type"] == "urn:microcred:problem:not-ready"
+    assert body["detail"] == detail
+    assert body["checks"] == {
+        "postgres": "ok" if postgres_up else "failing",
+        "kafka": "ok" if kafka_up else "failing",
+    }
+
+
+async def test_routes_reach_the_pool_through_the_db_dependency() -> None:
+    router = APIRouter()
+
+    @router.get("/answer")
+    async def answer(db: Db) -> dict[str, object]:
+        async with db.acquire() as conn:
+            return {"answer": await conn.fetchval("SELECT 42")}
+
+    app = catalog(router).create_app(settings())
+    pool = FakePool(FakeConnection(fetchval_result=42))
+
+    response = await get(with_runtime(app, pool, FakeBroker(answers=True)), "/answer")
+
+    assert response.json() == {"answer": 42}
+
+
+async def test_cors_origins_from_the_settings_are_allowed() -> None:
+    app = catalog().create_app(settings(cors_origins=["https://learn.example.edu"]))
+    preflight = {"origin": "https://learn.example.edu", "access-control-request-method": "GET"}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        allowed = await client.options("/health/live", headers=preflight)
+        other = await client.options("/health/live", headers={**preflight, "origin": "https://evil.example"})
+
+    assert allowed.headers["access-control-allow-origin"] == "https://learn.example.edu"
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_run_refuses_to_start_without_a_database_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("database_url", raising=False)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka:9092")
+
+    def serve(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the service must not start")
+
+    monkeypatch.setattr(uvicorn, "run", serve)
+
+    with pytest.raises(SystemExit) as exited:
+        catalog().run()
+
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("catalog: invalid configuration")
+    assert "DATABASE_URL" in error
