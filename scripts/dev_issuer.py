@@ -33,6 +33,7 @@ class DevIssuer:
     def __init__(self, key_dir: Path, issuer: str = ISSUER, audience: str = AUDIENCE) -> None:
         self.issuer = issuer
         self.audience = audience
+        self.key_dir = key_dir
         key_file = key_dir / "signing-key.pem"
         if not key_file.exists():
             key_dir.mkdir(parents=True, exist_ok=True)
