@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from microcred_runtime import Service
 
+from . import api
 from .settings import Settings
 from .subscribers import subscriptions
 
@@ -13,6 +14,7 @@ service = Service(
     name="enrollment",
     settings_class=Settings,
     migrations=Path(__file__).parent / "migrations",
+    routers=[api.router],
     subscriptions=subscriptions,
     description="Learners' enrollments and their state; keeps its own read model of the catalog.",
 )
