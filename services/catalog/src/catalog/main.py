@@ -13,8 +13,11 @@ service = Service(
     name="catalog",
     settings_class=Settings,
     migrations=Path(__file__).parent / "migrations",
-    routers=[api.router],
-    description="Courses and pathways that learners browse; publishes catalog events.",
+    routers=[api.courses, api.pathways],
+    description=(
+        "Courses (microcredentials) and pathways that learners browse; staff create, publish and "
+        "retire them. Publishes CoursePublished, CourseUpdated, CourseRetired and PathwayPublished."
+    ),
 )
 
 
