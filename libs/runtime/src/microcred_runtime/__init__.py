@@ -1,15 +1,16 @@
 """The shared service runtime: only what every microcred service needs."""
 
 from . import outbox
-from .auth import Admin, Caller, Principal, Role, Staff
+from .auth import Admin, Caller, Principal, Role, Staff, Viewer
 from .consumers import Outcome, Rejected, Subscriptions
 from .db import Connection
 from .pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
-from .problems import Problem
+from .problems import PROBLEM_JSON, Problem, ProblemDetails, problem_doc
 from .service import Db, Runtime, RuntimeDep, Service
 from .settings import ConfigurationError, ServiceSettings, load_settings
 
 __all__ = [
+    "PROBLEM_JSON",
     "Admin",
     "Caller",
     "ConfigurationError",
@@ -21,6 +22,7 @@ __all__ = [
     "Page",
     "Principal",
     "Problem",
+    "ProblemDetails",
     "Rejected",
     "Role",
     "Runtime",
@@ -29,8 +31,10 @@ __all__ = [
     "ServiceSettings",
     "Staff",
     "Subscriptions",
+    "Viewer",
     "decode_cursor",
     "encode_cursor",
     "load_settings",
     "outbox",
+    "problem_doc",
 ]

@@ -166,6 +166,15 @@ async def _authenticated(
     return await authenticator.principal(credentials.credentials)
 
 
+async def _optional(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal | None:
+    # Public routes need no token, but one that is sent is checked: it may show staff more.
+    if credentials is None:
+        return None
+    return await _authenticated(request, credentials)
+
+
 def require(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency that admits callers holding any of `roles` (403 otherwise)."""
 
@@ -179,6 +188,8 @@ def require(*roles: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
 
 Caller = Annotated[Principal, Depends(_authenticated)]
 """Any authenticated caller."""
+Viewer = Annotated[Principal | None, Depends(_optional)]
+"""A public route's caller: None without a token; a token that is sent must be valid."""
 Staff = Annotated[Principal, Depends(require(Role.STAFF, Role.ADMIN))]
 """Staff or admin."""
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]

@@ -5,9 +5,11 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -15,6 +17,29 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 # RFC 9457's own members; an extension must not overwrite them.
 _MEMBERS = frozenset({"type", "title", "status", "detail", "instance"})
+
+
+class ProblemDetails(BaseModel):
+    """An RFC 9457 problem: every error of a microcred API has this shape (`application/problem+json`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(
+        description="Stable identifier of the kind of problem; branch on this.",
+        examples=["urn:microcred:problem:course-not-found"],
+    )
+    title: str = Field(description="The HTTP status phrase.", examples=["Not Found"])
+    status: int = Field(examples=[404])
+    detail: str = Field(description="What went wrong, for people.", examples=["no such course"])
+    instance: str | None = Field(default=None, description="The path the request was for.")
+
+
+def problem_doc(description: str) -> dict[str, Any]:
+    """An OpenAPI response entry for routes' `responses=`: a problem with this description."""
+    return {
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": ProblemDetails.model_json_schema()}},
+    }
 
 
 class Problem(Exception):
@@ -87,6 +112,16 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _unstorable_text(request: Request, exc: Exception) -> JSONResponse:
+    # PostgreSQL cannot store some text (a NUL character, say): the input is bad, not the server.
+    return problem_response(
+        422,
+        "The request contains text that cannot be stored (e.g. a NUL character).",
+        kind="invalid-text",
+        instance=request.url.path,
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return problem_response(500, "An unexpected error occurred.", instance=request.url.path)
@@ -96,4 +131,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _problem)
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(RequestValidationError, _invalid)
+    for unstorable in (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError):
+        app.add_exception_handler(unstorable, _unstorable_text)
     app.add_exception_handler(Exception, _unexpected)

@@ -28,9 +28,10 @@ from microcred_events import Topic, dead_letter_topic
 from . import kafka
 from .auth import AuthConfig, Authenticator
 from .consumers import EventConsumer, RetryPolicy, Subscriptions
+from .db import Connection
 from .migrations import migrate
 from .outbox import OutboxRelay, RelaySettings
-from .problems import install_problem_handlers, problem_response
+from .problems import install_problem_handlers, problem_doc, problem_response
 from .settings import ConfigurationError, ServiceSettings, load_settings
 from .telemetry import configure_logging, configure_tracing
 
@@ -102,7 +103,10 @@ class Service(Generic[SettingsT]):
             )
         app.include_router(_health_router())
         for router in self.routers:
-            app.include_router(router)
+            # FastAPI documents validation errors with its own schema; ours are problems.
+            app.include_router(
+                router, responses={422: problem_doc("The request is not valid; see `errors`.")}
+            )
         FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*")
         return app
 
@@ -123,6 +127,11 @@ class Service(Generic[SettingsT]):
             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         )
 
+    async def migrate(self, conn: Connection) -> None:
+        """Bring the database up to date: the runtime's tables, then the service's own."""
+        await migrate(conn, "runtime", _RUNTIME_MIGRATIONS)
+        await migrate(conn, self.name, self.migrations)
+
     @contextlib.asynccontextmanager
     async def _running(self, settings: SettingsT) -> AsyncIterator[Runtime[SettingsT]]:
         dsn = str(settings.database_url)
@@ -137,8 +146,7 @@ class Service(Generic[SettingsT]):
             )
             stack.push_async_callback(pool.close)
             async with pool.acquire() as conn:
-                await migrate(conn, "runtime", _RUNTIME_MIGRATIONS)
-                await migrate(conn, self.name, self.migrations)
+                await self.migrate(conn)
             await kafka.ensure_topics(
                 bootstrap,
                 [prefix + topic for topic in (*Topic, dead_letter_topic(self.name))],

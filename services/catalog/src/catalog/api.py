@@ -12,14 +12,24 @@ from datetime import datetime
 from typing import Annotated, Any, Self
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, Body, Depends, Header, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from microcred_events import CourseFormat, CourseSnapshot, PathwaySnapshot, example_data
 from microcred_events.base import INT64_MAX
-from microcred_runtime import Cursor, Db, Limit, Page, Principal, Problem, Staff, decode_cursor, encode_cursor
-from microcred_runtime.auth import Authenticator
+from microcred_runtime import (
+    Cursor,
+    Db,
+    Limit,
+    Page,
+    Principal,
+    Problem,
+    Staff,
+    Viewer,
+    decode_cursor,
+    encode_cursor,
+    problem_doc,
+)
 
 from . import service
 from .domain import (
@@ -47,39 +57,17 @@ _HELD = {
 }
 
 
-class ProblemDetails(BaseModel):
-    """An RFC 9457 problem: every error of this API has this shape (`application/problem+json`)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    type: str = Field(
-        description="Stable identifier of the kind of problem; branch on this.",
-        examples=["urn:microcred:problem:course-not-found"],
-    )
-    title: str = Field(description="The HTTP status phrase.", examples=["Not Found"])
-    status: int = Field(examples=[404])
-    detail: str = Field(description="What went wrong, for people.", examples=[f"no course {_COURSE_ID}"])
-    instance: str | None = Field(default=None, examples=[f"/courses/{_COURSE_ID}"])
-
-
 Responses = dict[int | str, dict[str, Any]]
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/problem+json": {"schema": ProblemDetails.model_json_schema()}},
-    }
-
-
-_UNAUTHORIZED: Responses = {401: _problem("No bearer token, or one that is not valid.")}
-_STAFF_ONLY: Responses = {**_UNAUTHORIZED, 403: _problem("The caller is neither staff nor admin.")}
-_INVALID: Responses = {422: _problem("The request is not valid; `errors` (or `detail`) says why.")}
-_PRECONDITION: Responses = {412: _problem("`If-Match` names a version the item is no longer at.")}
+_UNAUTHORIZED: Responses = {401: problem_doc("No bearer token, or one that is not valid.")}
+_STAFF_ONLY: Responses = {**_UNAUTHORIZED, 403: problem_doc("The caller is neither staff nor admin.")}
+_PRECONDITION: Responses = {412: problem_doc("`If-Match` names a version the item is no longer at.")}
 _ETAG = {"ETag": {"description": "The item's version, for `If-Match`.", "schema": {"type": "string"}}}
 
-courses = APIRouter(prefix="/courses", tags=["courses"], responses=_INVALID)
-pathways = APIRouter(prefix="/pathways", tags=["pathways"], responses=_INVALID)
+courses = APIRouter(prefix="/courses", tags=["courses"])
+pathways = APIRouter(prefix="/pathways", tags=["pathways"])
+_OUR_TAG = re.compile('"([0-9]{1,18})"')
 
 
 class CourseOut(CourseDetails):
@@ -142,23 +130,6 @@ class Retirement(BaseModel):
     )
 
 
-_bearer = HTTPBearer(auto_error=False)
-_OUR_TAG = re.compile('"([0-9]{1,18})"')
-
-
-async def _viewer(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Principal | None:
-    # Public routes need no token, but one that is sent is checked: it may show staff more.
-    if credentials is None:
-        return None
-    authenticator: Authenticator = request.app.state.authenticator
-    return await authenticator.principal(credentials.credentials)
-
-
-Viewer = Annotated[Principal | None, Depends(_viewer)]
-
-
 def if_match_versions(
     if_match: Annotated[
         str | None,
@@ -207,7 +178,7 @@ def _require_staff(viewer: Principal | None, what: str) -> None:
 @courses.get(
     "",
     summary="Browse and search courses",
-    responses={400: _problem("The cursor is not one this API returned."), **_STAFF_ONLY},
+    responses={400: problem_doc("The cursor is not one this API returned."), **_STAFF_ONLY},
 )
 async def list_courses(
     db: Db,
@@ -283,7 +254,7 @@ async def list_courses(
     summary="One course",
     responses={
         200: {"headers": _ETAG},
-        404: _problem("No such course, or (for anyone but staff) not published."),
+        404: problem_doc("No such course, or (for anyone but staff) not published."),
         **_UNAUTHORIZED,
     },
 )
@@ -317,7 +288,7 @@ async def create_course(details: CourseDetails, db: Db, _: Staff, response: Resp
     summary="Replace a course's details",
     responses={
         200: {"headers": _ETAG},
-        404: _problem("No such course."),
+        404: problem_doc("No such course."),
         **_PRECONDITION,
         **_STAFF_ONLY,
     },
@@ -342,8 +313,8 @@ async def update_course(
     summary="Publish a course: learners can enroll from now on",
     responses={
         200: {"headers": _ETAG},
-        404: _problem("No such course."),
-        409: _problem("The course is already published."),
+        404: problem_doc("No such course."),
+        409: problem_doc("The course is already published."),
         **_PRECONDITION,
         **_STAFF_ONLY,
     },
@@ -363,8 +334,8 @@ async def publish_course(
     summary="Retire a course: no new enrollments",
     responses={
         200: {"headers": _ETAG},
-        404: _problem("No such course."),
-        409: _problem("Only a published course can be retired."),
+        404: problem_doc("No such course."),
+        409: problem_doc("Only a published course can be retired."),
         **_PRECONDITION,
         **_STAFF_ONLY,
     },
@@ -389,7 +360,7 @@ async def retire_course(
 @pathways.get(
     "",
     summary="Browse pathways",
-    responses={400: _problem("The cursor is not one this API returned."), **_STAFF_ONLY},
+    responses={400: problem_doc("The cursor is not one this API returned."), **_STAFF_ONLY},
 )
 async def list_pathways(
     db: Db,
@@ -419,7 +390,7 @@ async def list_pathways(
     summary="One pathway",
     responses={
         200: {"headers": _ETAG},
-        404: _problem("No such pathway, or (for anyone but staff) not published."),
+        404: problem_doc("No such pathway, or (for anyone but staff) not published."),
         **_UNAUTHORIZED,
     },
 )
@@ -440,7 +411,7 @@ async def get_pathway(pathway_id: UUID, db: Db, viewer: Viewer, response: Respon
     responses={
         201: {"headers": _ETAG},
         **_STAFF_ONLY,
-        422: _problem("The request is not valid, or names courses the catalog does not have."),
+        422: problem_doc("The request is not valid, or names courses the catalog does not have."),
     },
 )
 async def create_pathway(details: PathwayDetails, db: Db, _: Staff, response: Response) -> PathwayOut:
@@ -457,8 +428,8 @@ async def create_pathway(details: PathwayDetails, db: Db, _: Staff, response: Re
     summary="Publish a pathway",
     responses={
         200: {"headers": _ETAG},
-        404: _problem("No such pathway."),
-        409: _problem("The pathway is already published, or one of its courses is not."),
+        404: problem_doc("No such pathway."),
+        409: problem_doc("The pathway is already published, or one of its courses is not."),
         **_PRECONDITION,
         **_STAFF_ONLY,
     },

@@ -13,8 +13,6 @@ import asyncio
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.resources import files
-from pathlib import Path
 from uuid import UUID
 
 import asyncpg
@@ -29,7 +27,6 @@ from microcred_events import (
     SkillAlignment,
 )
 from microcred_runtime import ConfigurationError, Connection, load_settings
-from microcred_runtime.migrations import migrate
 
 from . import main, repository, service
 from .domain import CourseDetails, PathwayDetails
@@ -37,7 +34,6 @@ from .settings import Settings
 
 # Two seeds at once would both find a course missing, and one would then fail on its key.
 _LOCK_KEY = 0x6D6372_736565  # "mcr" "see"
-_RUNTIME_MIGRATIONS = Path(str(files("microcred_runtime") / "migrations"))
 
 ACADEMY = Issuer(
     issuer_id=UUID("bf5780e1-3f49-4e91-a3f5-6d631f62dbab"),
@@ -334,8 +330,7 @@ async def seed_database(dsn: str) -> Seeded:
     """Bring the database's schema up to date (as the service does on start), then seed it."""
     conn = await asyncpg.connect(dsn)
     try:
-        await migrate(conn, "runtime", _RUNTIME_MIGRATIONS)
-        await migrate(conn, main.service.name, main.service.migrations)
+        await main.service.migrate(conn)
         async with conn.transaction():
             return await seed(conn)
     finally:
