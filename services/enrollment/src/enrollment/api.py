@@ -9,8 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from microcred_events import CancellationReason, CompletedBy, Learner, Money, example_data
-from microcred_runtime import Caller, Cursor, Db, Limit, Page, Problem, Staff
-from microcred_runtime.problems import PROBLEM_JSON
+from microcred_runtime import Caller, Cursor, Db, Limit, Page, Problem, Staff, problem_doc
 
 from . import service
 from .domain import Enrollment, EnrollmentStatus
@@ -23,10 +22,7 @@ _COURSE_ID = "3f1c2a9e-5b7d-4c8e-9a21-6d0f4b8e7c15"
 
 def _problems(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the problem+json answers a route may give."""
-    return {
-        status: {"description": description, "content": {PROBLEM_JSON: {}}}
-        for status, description in described.items()
-    }
+    return {status: problem_doc(description) for status, description in described.items()}
 
 
 class EnrollmentRequest(BaseModel):
