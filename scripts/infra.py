@@ -29,7 +29,7 @@ Environment:
     MICROCRED_KAFKA_PORT             default 9092
     MICROCRED_KAFKA_CONTROLLER_PORT  default 9093
     MICROCRED_KAFKA_VERSION          default see DEFAULT_KAFKA_VERSION
-    MICROCRED_KAFKA_HEAP             default 512m
+    MICROCRED_KAFKA_HEAP             default 1g
     MICROCRED_PG_PORT                default 5432
     MICROCRED_PG_BINDIR              directory with initdb/pg_ctl/postgres (default: auto-detect)
 
@@ -605,7 +605,7 @@ def _start_kafka(ports: KafkaPorts, timeout: float) -> int:
     _format_storage(java)
 
     offset = KAFKA_LOG.stat().st_size if KAFKA_LOG.exists() else 0
-    heap = os.environ.get("MICROCRED_KAFKA_HEAP", "").strip() or "512m"
+    heap = os.environ.get("MICROCRED_KAFKA_HEAP", "").strip() or "1g"
     _say(f"kafka: starting Kafka {version} on {HOST}:{ports.broker} (controller {ports.controller})")
     started = time.monotonic()
     pid = _spawn_detached([*_jvm_base(java, heap), "kafka.Kafka", str(KAFKA_PROPS)], KAFKA_LOG)

@@ -22,6 +22,7 @@ import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
 from fastapi import FastAPI
 
 from microcred_runtime import ServiceSettings
@@ -111,8 +112,19 @@ async def new_database(infrastructure: Infrastructure) -> AsyncIterator[Callable
 
 
 @pytest.fixture
-def topic_prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}."
+async def topic_prefix(infrastructure: Infrastructure) -> AsyncIterator[str]:
+    """A Kafka namespace of the test's own; its topics are deleted afterwards, so a broker that
+    serves many test runs does not pile up thousands of partitions."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}."
+    yield prefix
+    admin = AIOKafkaAdminClient(bootstrap_servers=infrastructure.kafka_bootstrap)
+    await admin.start()
+    try:
+        mine = [topic for topic in await admin.list_topics() if topic.startswith(prefix)]
+        if mine:
+            await admin.delete_topics(mine)
+    finally:
+        await admin.close()
 
 
 @contextlib.asynccontextmanager

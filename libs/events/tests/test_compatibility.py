@@ -3,6 +3,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from microcred_events.compatibility import JsonSchema, breaking_changes
 
 BASE: JsonSchema = {

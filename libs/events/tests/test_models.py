@@ -2,6 +2,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import pytest
+from pydantic import BaseModel, ValidationError
+
 from microcred_events import (
     REGISTRY,
     CompletionReported,
@@ -13,7 +15,6 @@ from microcred_events import (
     PathwaySnapshot,
     example_data,
 )
-from pydantic import BaseModel, ValidationError
 
 EVENT_CLASSES = list(REGISTRY.values())
 M = TypeVar("M", bound=BaseModel)

@@ -1,11 +1,12 @@
 from typing import ClassVar
 from uuid import UUID
 
-import microcred_events
 import pytest
+from pydantic import Field
+
+import microcred_events
 from microcred_events import REGISTRY, Event, Topic, dead_letter_topic
 from microcred_events.registry import TYPE_PATTERN, build_registry
-from pydantic import Field
 
 
 class Fine(Event):

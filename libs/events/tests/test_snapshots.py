@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from microcred_events import REGISTRY
 from microcred_events.compatibility import breaking_changes
 from microcred_events.snapshots import (

@@ -6,12 +6,16 @@ from fastapi import FastAPI
 
 from microcred_runtime import Service
 
+from . import api
 from .settings import Settings
+from .subscribers import subscriptions
 
 service = Service(
     name="billing",
     settings_class=Settings,
     migrations=Path(__file__).parent / "migrations",
+    routers=[api.payments, api.webhooks],
+    subscriptions=subscriptions,
     description="Payments and refunds for enrollments in paid courses.",
 )
 

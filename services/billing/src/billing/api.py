@@ -1,0 +1,231 @@
+"""Billing's HTTP API: parse, call the use case in a transaction, answer."""
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from microcred_events import Money, RefundIssued, example_data
+from microcred_runtime import Caller, Cursor, Db, Limit, Page, Problem, RuntimeDep, Staff
+
+from . import service
+from .domain import NoticeOutcome, Payment, PaymentStatus
+from .provider import PaymentProvider, provider_from
+from .webhooks import SIGNATURE_HEADER, InvalidWebhook
+
+_PAYMENT_ID = "9c3e5a7b-1d2f-4b8a-9e64-0f7c2d1a3b85"
+_MONEY = example_data(Money)
+
+payments = APIRouter(prefix="/payments", tags=["payments"])
+webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+
+def payment_provider(runtime: RuntimeDep) -> PaymentProvider:
+    """The configured provider; a dependency, so tests can put an in-process simulator in its place."""
+    return provider_from(runtime.settings)
+
+
+Provider = Annotated[PaymentProvider, Depends(payment_provider)]
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {}}}
+
+
+class PaymentOut(BaseModel):
+    payment_id: UUID = Field(examples=[_PAYMENT_ID])
+    enrollment_id: UUID = Field(examples=["e2a7c4f1-3b9d-4e85-a6c0-7f1d2b8e9a34"])
+    learner_id: UUID = Field(examples=["1d6f8b3a-4c2e-4a97-b5d1-8e0c3f7a2b59"])
+    amount: Money = Field(description="What is due for the enrollment.", examples=[_MONEY])
+    refunded: Money = Field(
+        description="What has been returned so far.", examples=[{"amount_minor": 0, "currency": "EUR"}]
+    )
+    status: PaymentStatus = Field(
+        description="due -> settled | failed | voided; settled -> refunded once all of it is returned.",
+        examples=["due"],
+    )
+    checkout_url: str | None = Field(
+        description="Where the learner pays, once they have checked out.", examples=[None]
+    )
+    created_at: datetime
+    updated_at: datetime
+    settled_at: datetime | None = Field(examples=[None])
+
+    @classmethod
+    def of(cls, payment: Payment) -> "PaymentOut":
+        return cls(
+            payment_id=payment.payment_id,
+            enrollment_id=payment.enrollment_id,
+            learner_id=payment.learner_id,
+            amount=payment.amount,
+            refunded=payment.refunded,
+            status=payment.status,
+            checkout_url=payment.checkout_url,
+            created_at=payment.created_at,
+            updated_at=payment.updated_at,
+            settled_at=payment.settled_at,
+        )
+
+
+class CheckoutOut(BaseModel):
+    payment_id: UUID = Field(examples=[_PAYMENT_ID])
+    session_id: str = Field(description="The provider's checkout session.", examples=["cs_5f0c2a9e41d7b3a8"])
+    checkout_url: str = Field(
+        description="Send the learner here to pay.",
+        examples=["http://127.0.0.1:8090/sessions/cs_5f0c2a9e41d7b3a8"],
+    )
+
+
+class RefundIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: Money | None = Field(
+        default=None,
+        description="How much to return; all that has not been refunded yet when omitted.",
+        examples=[{"amount_minor": 1500, "currency": "EUR"}],
+    )
+    reason: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=500,
+        description="Why, for the learner and the records.",
+        examples=["Cancelled by the learner before the start."],
+    )
+
+
+class RefundOut(BaseModel):
+    refund_id: UUID
+    amount: Money = Field(examples=[_MONEY])
+    reason: str
+    issued_at: datetime
+    payment: PaymentOut
+
+    @classmethod
+    def of(cls, payment: Payment, refund: RefundIssued) -> "RefundOut":
+        return cls(
+            refund_id=refund.refund_id,
+            amount=refund.amount,
+            reason=refund.reason,
+            issued_at=refund.issued_at,
+            payment=PaymentOut.of(payment),
+        )
+
+
+class WebhookReceipt(BaseModel):
+    outcome: NoticeOutcome = Field(
+        description="settled, failed, or ignored (nothing to change, e.g. a decline after settlement).",
+        examples=["settled"],
+    )
+    duplicate: bool = Field(
+        description="True when this event was delivered before: acknowledged, and nothing changed.",
+        examples=[False],
+    )
+
+
+@payments.get("", summary="Payments, newest first: your own, or everyone's for staff")
+async def list_payments(db: Db, caller: Caller, limit: Limit = 20, cursor: Cursor = None) -> Page[PaymentOut]:
+    async with db.acquire() as conn:
+        found, next_cursor = await service.list_payments(conn, caller, limit=limit, cursor=cursor)
+    return Page[PaymentOut](items=[PaymentOut.of(payment) for payment in found], next_cursor=next_cursor)
+
+
+@payments.get(
+    "/{payment_id}",
+    summary="One payment: your own, or any for staff",
+    responses={404: _problem("No such payment, or not yours.")},
+)
+async def get_payment(payment_id: UUID, db: Db, caller: Caller) -> PaymentOut:
+    async with db.acquire() as conn:
+        return PaymentOut.of(await service.get_payment(conn, caller, payment_id))
+
+
+@payments.post(
+    "/{payment_id}/checkout",
+    summary="Check out a due payment: where to pay it",
+    description="Asking again returns the same checkout session.",
+    responses={
+        404: _problem("No such payment, or not yours."),
+        409: _problem("The payment is not due (settled, failed, voided or refunded)."),
+        502: _problem("The payment provider could not be reached or refused."),
+    },
+)
+async def check_out(payment_id: UUID, db: Db, learner: Caller, provider: Provider) -> CheckoutOut:
+    async with db.acquire() as conn, conn.transaction():
+        session = await service.check_out(conn, provider, learner, payment_id)
+    return CheckoutOut(
+        payment_id=payment_id, session_id=session.session_id, checkout_url=session.checkout_url
+    )
+
+
+@payments.post(
+    "/{payment_id}/refunds",
+    status_code=201,
+    summary="Refund a settled payment, in full or in part (staff)",
+    responses={
+        403: _problem("Only staff refund."),
+        404: _problem("No such payment."),
+        409: _problem("Not settled, already refunded in full, or more than is left to refund."),
+        502: _problem("The payment provider could not be reached or refused."),
+    },
+)
+async def refund_payment(
+    payment_id: UUID, db: Db, staff: Staff, provider: Provider, refund: RefundIn | None = None
+) -> RefundOut:
+    refund = refund or RefundIn()
+    async with db.acquire() as conn, conn.transaction():
+        payment, issued = await service.refund_payment(
+            conn, provider, staff, payment_id, amount=refund.amount, reason=refund.reason
+        )
+    return RefundOut.of(payment, issued)
+
+
+_WEBHOOK_EXAMPLE = {
+    "id": "evt_7d1c9e2a4b6f8035c1e2",
+    "type": "payment.succeeded",
+    "created": 1742465832,
+    "data": {
+        "session_id": "cs_5f0c2a9e41d7b3a8",
+        "reference": _PAYMENT_ID,
+        "amount": 4900,
+        "currency": "EUR",
+        "charge_id": "ch_0b8e3f61a2c94d7e",
+    },
+}
+
+
+@webhooks.post(
+    "/provider",
+    summary="Notifications from the payment provider (signed)",
+    description=(
+        f"Signed with the shared secret: `{SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex HMAC-SHA256 of "
+        '"{t}.{raw body}">`, accepted within 5 minutes either way. A repeated delivery of an event '
+        "gets the first answer again and changes nothing."
+    ),
+    responses={
+        400: _problem("Unsigned, wrongly signed, outside the time tolerance, or not a provider event."),
+        422: _problem("Money collected that does not settle the payment; recorded for staff, not settled."),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"example": _WEBHOOK_EXAMPLE}},
+        }
+    },
+)
+async def receive_provider_webhook(request: Request, db: Db, provider: Provider) -> WebhookReceipt:
+    # The signature covers the exact bytes sent: verify them before anything parses them.
+    body = await request.body()
+    try:
+        notice = provider.parse_webhook(request.headers, body, now=datetime.now(UTC))
+    except InvalidWebhook as exc:
+        raise Problem(400, exc.kind, exc.detail) from None
+    if notice is None:
+        return WebhookReceipt(outcome=NoticeOutcome.IGNORED, duplicate=False)
+    async with db.acquire() as conn, conn.transaction():
+        result = await service.apply_notice(conn, provider.name, notice)
+    if result.outcome is NoticeOutcome.DISCREPANCY:
+        # Committed above: the discrepancy is on record even though the settlement is refused.
+        raise Problem(422, "payment-discrepancy", result.detail, duplicate=result.duplicate)
+    return WebhookReceipt(outcome=result.outcome, duplicate=result.duplicate)

@@ -1,0 +1,198 @@
+"""Billing's tables, as plain SQL."""
+
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from microcred_events import Money, RefundIssued
+from microcred_runtime import Connection
+
+from .domain import DiscrepancyReason, NoticeOutcome, Payment, PaymentStatus
+
+_COLUMNS = (
+    "payment_id, enrollment_id, learner_id, amount_minor, currency, status, refunded_minor,"
+    " checkout_session_id, checkout_url, provider, provider_reference, created_at, updated_at, settled_at"
+)
+
+
+def _payment(row: asyncpg.Record) -> Payment:
+    return Payment(
+        payment_id=row["payment_id"],
+        enrollment_id=row["enrollment_id"],
+        learner_id=row["learner_id"],
+        amount=Money(amount_minor=row["amount_minor"], currency=row["currency"]),
+        status=PaymentStatus(row["status"]),
+        refunded_minor=row["refunded_minor"],
+        checkout_session_id=row["checkout_session_id"],
+        checkout_url=row["checkout_url"],
+        provider=row["provider"],
+        provider_reference=row["provider_reference"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        settled_at=row["settled_at"],
+    )
+
+
+async def insert(conn: Connection, payment: Payment) -> bool:
+    """Store a new payment; False when its enrollment already has one."""
+    inserted = await conn.fetchval(
+        f"INSERT INTO payments ({_COLUMNS})"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        " ON CONFLICT (enrollment_id) DO NOTHING RETURNING true",
+        payment.payment_id,
+        payment.enrollment_id,
+        payment.learner_id,
+        payment.amount.amount_minor,
+        payment.amount.currency,
+        payment.status,
+        payment.refunded_minor,
+        payment.checkout_session_id,
+        payment.checkout_url,
+        payment.provider,
+        payment.provider_reference,
+        payment.created_at,
+        payment.updated_at,
+        payment.settled_at,
+    )
+    return bool(inserted)
+
+
+async def get(conn: Connection, payment_id: UUID, *, for_update: bool = False) -> Payment | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM payments WHERE payment_id = $1{lock}", payment_id)
+    return _payment(row) if row else None
+
+
+async def get_by_enrollment(conn: Connection, enrollment_id: UUID) -> Payment | None:
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM payments WHERE enrollment_id = $1 FOR UPDATE", enrollment_id
+    )
+    return _payment(row) if row else None
+
+
+async def save(conn: Connection, payment: Payment) -> None:
+    """Store the mutable part of a payment; amount, enrollment and learner never change."""
+    await conn.execute(
+        "UPDATE payments SET status = $2, refunded_minor = $3, checkout_session_id = $4, checkout_url = $5,"
+        " provider = $6, provider_reference = $7, updated_at = $8, settled_at = $9 WHERE payment_id = $1",
+        payment.payment_id,
+        payment.status,
+        payment.refunded_minor,
+        payment.checkout_session_id,
+        payment.checkout_url,
+        payment.provider,
+        payment.provider_reference,
+        payment.updated_at,
+        payment.settled_at,
+    )
+
+
+async def page(
+    conn: Connection, *, learner_id: UUID | None, after: tuple[datetime, UUID] | None, limit: int
+) -> list[Payment]:
+    """Newest first; `learner_id` None means everyone's; `after` is the last key of the previous page."""
+    after_created, after_id = after or (None, None)
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM payments"
+        " WHERE ($1::uuid IS NULL OR learner_id = $1)"
+        " AND ($2::timestamptz IS NULL OR (created_at, payment_id) < ($2, $3::uuid))"
+        " ORDER BY created_at DESC, payment_id DESC LIMIT $4",
+        learner_id,
+        after_created,
+        after_id,
+        limit,
+    )
+    return [_payment(row) for row in rows]
+
+
+async def insert_refund(
+    conn: Connection, refund: RefundIssued, *, provider_refund_id: str, issued_by: str
+) -> None:
+    await conn.execute(
+        "INSERT INTO refunds (refund_id, payment_id, amount_minor, currency, reason, provider_refund_id,"
+        " issued_by, issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        refund.refund_id,
+        refund.payment_id,
+        refund.amount.amount_minor,
+        refund.amount.currency,
+        refund.reason,
+        provider_refund_id,
+        issued_by,
+        refund.issued_at,
+    )
+
+
+async def claim_provider_event(conn: Connection, provider: str, event_id: str, kind: str) -> bool:
+    """Claim a provider event for this transaction; False when it was already handled.
+
+    A concurrent claim of the same event waits here until the first transaction ends.
+    """
+    claimed = await conn.fetchval(
+        "INSERT INTO provider_events (provider, event_id, kind, outcome) VALUES ($1, $2, $3, 'pending')"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        provider,
+        event_id,
+        kind,
+    )
+    return bool(claimed)
+
+
+async def provider_event_outcome(conn: Connection, provider: str, event_id: str) -> tuple[NoticeOutcome, str]:
+    row = await conn.fetchrow(
+        "SELECT outcome, detail FROM provider_events WHERE provider = $1 AND event_id = $2",
+        provider,
+        event_id,
+    )
+    assert row is not None, "asked only for events already claimed"
+    return NoticeOutcome(row["outcome"]), row["detail"]
+
+
+async def record_provider_event_outcome(
+    conn: Connection,
+    provider: str,
+    event_id: str,
+    *,
+    payment_id: UUID | None,
+    outcome: NoticeOutcome,
+    detail: str,
+) -> None:
+    await conn.execute(
+        "UPDATE provider_events SET payment_id = $3, outcome = $4, detail = $5"
+        " WHERE provider = $1 AND event_id = $2",
+        provider,
+        event_id,
+        payment_id,
+        outcome,
+        detail,
+    )
+
+
+async def insert_discrepancy(
+    conn: Connection,
+    *,
+    provider: str,
+    provider_event_id: str,
+    payment_id: UUID | None,
+    reason: DiscrepancyReason,
+    detail: str,
+    reference: str,
+    charge_id: str | None,
+    received: Money,
+    recorded_at: datetime,
+) -> None:
+    await conn.execute(
+        "INSERT INTO payment_discrepancies (provider, provider_event_id, payment_id, reason, detail,"
+        " reference, charge_id, received_minor, received_currency, recorded_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        provider,
+        provider_event_id,
+        payment_id,
+        reason,
+        detail,
+        reference,
+        charge_id,
+        received.amount_minor,
+        received.currency,
+        recorded_at,
+    )

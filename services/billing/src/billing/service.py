@@ -1,0 +1,284 @@
+"""Billing use cases: each runs in its entrypoint's transaction and queues the events it causes.
+
+Checkout and refund call the payment provider inside that transaction. The payment row is locked
+first, so concurrent requests about one payment take turns: one checkout session, never a refund
+counted twice. The call is bounded by the adapter's timeout and carries an idempotency key derived
+from the payment's state, so a retry after a rolled-back transaction gets the provider's first
+answer instead of a second session or a second refund.
+"""
+
+import logging
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+from uuid import UUID
+
+from microcred_events import EnrollmentCancelled, EnrollmentCreated, Money, RefundIssued
+from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor, outbox
+
+from . import domain, repository
+from .domain import DiscrepancyReason, NoticeOutcome, Payment, PaymentRuleViolated, SettlementRefused
+from .provider import (
+    ChargeFailed,
+    ChargeSucceeded,
+    CheckoutSession,
+    PaymentProvider,
+    ProviderError,
+    ProviderNotice,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_REFUND_REASON = "Refunded by staff."
+
+
+async def open_payment(conn: Connection, event: EnrollmentCreated) -> None:
+    """Make the enrollment's price due, once, when it requires payment."""
+    payment = domain.payment_for(event, uuid.uuid4(), datetime.now(UTC))
+    if payment is not None:
+        await repository.insert(conn, payment)
+
+
+async def void_payment(conn: Connection, event: EnrollmentCancelled) -> None:
+    """Nothing is owed for a cancelled enrollment that was not paid yet."""
+    payment = await repository.get_by_enrollment(conn, event.enrollment_id)
+    if payment is None:
+        return
+    try:
+        voided = domain.void(payment, datetime.now(UTC))
+    except PaymentRuleViolated:
+        # Settled, failed or voided already: a refund of a settled one is staff's decision.
+        return
+    await repository.save(conn, voided)
+
+
+async def get_payment(conn: Connection, caller: Principal, payment_id: UUID) -> Payment:
+    payment = await repository.get(conn, payment_id)
+    # Another learner's payment is reported missing, not forbidden: its existence is not theirs to know.
+    if payment is None or not (caller.is_staff or payment.learner_id == caller.learner_id):
+        raise _not_found(payment_id)
+    return payment
+
+
+async def list_payments(
+    conn: Connection, caller: Principal, *, limit: int, cursor: str | None
+) -> tuple[list[Payment], str | None]:
+    """A page of payments, newest first: the caller's own, or everyone's for staff."""
+    payments = await repository.page(
+        conn,
+        learner_id=None if caller.is_staff else caller.learner_id,
+        after=_after(cursor),
+        limit=limit + 1,
+    )
+    if len(payments) <= limit:
+        return payments, None
+    last = payments[limit - 1]
+    return payments[:limit], encode_cursor([last.created_at.isoformat(), str(last.payment_id)])
+
+
+async def check_out(
+    conn: Connection, provider: PaymentProvider, learner: Principal, payment_id: UUID
+) -> CheckoutSession:
+    """Where the learner pays their due payment; the same session every time it is asked for."""
+    payment = await repository.get(conn, payment_id, for_update=True)
+    if payment is None or payment.learner_id != learner.learner_id:
+        raise _not_found(payment_id)
+    try:
+        domain.require_due(payment)
+    except PaymentRuleViolated as exc:
+        raise _conflict(exc) from None
+    if payment.checkout_session_id is not None and payment.checkout_url is not None:
+        return CheckoutSession(payment.checkout_session_id, payment.checkout_url)
+    session = await _at_provider(
+        provider.create_checkout(
+            amount=payment.amount,
+            reference=str(payment.payment_id),
+            idempotency_key=f"{payment.payment_id}:checkout",
+        )
+    )
+    await repository.save(
+        conn, domain.attach_checkout(payment, session.session_id, session.checkout_url, datetime.now(UTC))
+    )
+    return session
+
+
+async def refund_payment(
+    conn: Connection,
+    provider: PaymentProvider,
+    staff: Principal,
+    payment_id: UUID,
+    *,
+    amount: Money | None,
+    reason: str | None,
+) -> tuple[Payment, RefundIssued]:
+    """Return money of a settled payment to the learner at the provider: all that is left, or `amount`."""
+    payment = await repository.get(conn, payment_id, for_update=True)
+    if payment is None:
+        raise _not_found(payment_id)
+    try:
+        refunded, event = domain.refund(
+            payment,
+            refund_id=uuid.uuid4(),
+            amount=amount,
+            reason=reason or DEFAULT_REFUND_REASON,
+            issued_at=datetime.now(UTC),
+        )
+    except PaymentRuleViolated as exc:
+        raise _conflict(exc) from None
+    assert payment.provider_reference is not None, "a settled payment always names its charge"
+    if payment.provider != provider.name:
+        raise Problem(
+            409,
+            "refund-at-other-provider",
+            f"the payment was settled through {payment.provider}; refund it there",
+        )
+    provider_refund_id = await _at_provider(
+        provider.refund(
+            charge_id=payment.provider_reference,
+            amount=event.amount,
+            # Unique per refund of this payment (the total refunded before it grows with each one).
+            idempotency_key=f"{payment.payment_id}:refund:{payment.refunded_minor}",
+        )
+    )
+    await repository.save(conn, refunded)
+    await repository.insert_refund(
+        conn, event, provider_refund_id=provider_refund_id, issued_by=staff.subject
+    )
+    await outbox.add(conn, event)
+    return refunded, event
+
+
+@dataclass(frozen=True)
+class NoticeResult:
+    outcome: NoticeOutcome
+    detail: str
+    duplicate: bool
+
+
+async def apply_notice(conn: Connection, provider: str, notice: ProviderNotice) -> NoticeResult:
+    """Act on a provider's webhook once: a second delivery of the same event gets the first outcome."""
+    kind = "succeeded" if isinstance(notice, ChargeSucceeded) else "failed"
+    if not await repository.claim_provider_event(conn, provider, notice.event_id, kind):
+        outcome, detail = await repository.provider_event_outcome(conn, provider, notice.event_id)
+        return NoticeResult(outcome, detail, duplicate=True)
+    payment = await _referenced(conn, notice.reference)
+    if isinstance(notice, ChargeSucceeded):
+        outcome, detail = await _settle(conn, provider, notice, payment)
+    else:
+        outcome, detail = await _fail(conn, provider, notice, payment)
+    await repository.record_provider_event_outcome(
+        conn,
+        provider,
+        notice.event_id,
+        payment_id=payment.payment_id if payment else None,
+        outcome=outcome,
+        detail=detail,
+    )
+    return NoticeResult(outcome, detail, duplicate=False)
+
+
+async def _settle(
+    conn: Connection, provider: str, notice: ChargeSucceeded, payment: Payment | None
+) -> tuple[NoticeOutcome, str]:
+    try:
+        if payment is None:
+            raise SettlementRefused(DiscrepancyReason.UNKNOWN_PAYMENT, f"no payment {notice.reference}")
+        settlement = domain.settle(
+            payment,
+            notice.amount,
+            provider=provider,
+            charge_id=notice.charge_id,
+            settled_at=notice.succeeded_at,
+        )
+    except SettlementRefused as exc:
+        # The money was collected all the same: keep it on record for a person to resolve.
+        log.warning(
+            "payment discrepancy: %s",
+            exc,
+            extra={
+                "reference": notice.reference,
+                "provider_event_id": notice.event_id,
+                "provider_session_id": notice.session_id,
+            },
+        )
+        await repository.insert_discrepancy(
+            conn,
+            provider=provider,
+            provider_event_id=notice.event_id,
+            payment_id=payment.payment_id if payment else None,
+            reason=exc.reason,
+            detail=str(exc),
+            reference=notice.reference,
+            charge_id=notice.charge_id,
+            received=notice.amount,
+            recorded_at=datetime.now(UTC),
+        )
+        return NoticeOutcome.DISCREPANCY, f"{exc.reason}: {exc}"
+    if settlement is None:
+        return NoticeOutcome.IGNORED, f"charge {notice.charge_id} already settled the payment"
+    settled, event = settlement
+    await repository.save(conn, settled)
+    await outbox.add(conn, event)
+    return NoticeOutcome.SETTLED, ""
+
+
+async def _fail(
+    conn: Connection, provider: str, notice: ChargeFailed, payment: Payment | None
+) -> tuple[NoticeOutcome, str]:
+    if payment is None:
+        return NoticeOutcome.IGNORED, f"no payment {notice.reference}"
+    try:
+        failed, event = domain.fail(
+            payment,
+            provider=provider,
+            reason_code=notice.reason_code,
+            reason=notice.reason,
+            failed_at=notice.failed_at,
+        )
+    except PaymentRuleViolated as exc:
+        # A late decline of a payment settled or voided meanwhile changes nothing.
+        return NoticeOutcome.IGNORED, str(exc)
+    await repository.save(conn, failed)
+    await outbox.add(conn, event)
+    return NoticeOutcome.FAILED, ""
+
+
+async def _referenced(conn: Connection, reference: str) -> Payment | None:
+    try:
+        payment_id = UUID(reference)
+    except ValueError:
+        return None
+    return await repository.get(conn, payment_id, for_update=True)
+
+
+def _after(cursor: str | None) -> tuple[datetime, UUID] | None:
+    key = decode_cursor(cursor, 2)
+    if key is None:
+        return None
+    invalid = Problem(400, "invalid-cursor", "the cursor is not one this API returned")
+    try:
+        created_at, payment_id = datetime.fromisoformat(key[0]), UUID(key[1])
+    except (TypeError, ValueError):
+        raise invalid from None
+    if created_at.tzinfo is None:
+        raise invalid
+    return created_at, payment_id
+
+
+def _conflict(exc: PaymentRuleViolated) -> Problem:
+    return Problem(409, exc.code, str(exc))
+
+
+async def _at_provider(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except ProviderError as exc:
+        raise Problem(502, "payment-provider-error", str(exc)) from None
+
+
+def _not_found(payment_id: UUID) -> Problem:
+    return Problem(404, "payment-not-found", f"no payment {payment_id}")
