@@ -154,6 +154,7 @@ def test_a_full_refund_refunds_the_payment() -> None:
     assert refunded.refunded == PRICE
     assert refunded.refundable == eur(0)
     assert (event.refund_id, event.payment_id, event.amount) == (refund_id, payment.payment_id, PRICE)
+    assert event.fully_refunded is True
 
 
 def test_partial_refunds_add_up_to_at_most_what_was_paid() -> None:
@@ -162,6 +163,7 @@ def test_partial_refunds_add_up_to_at_most_what_was_paid() -> None:
     )
     assert (first.status, first.refunded, first.refundable) == (PaymentStatus.SETTLED, eur(1500), eur(3400))
     assert event.amount == eur(1500)
+    assert event.fully_refunded is False
 
     with pytest.raises(PaymentRuleViolated) as too_much:
         domain.refund(first, refund_id=uuid.uuid4(), amount=eur(3401), reason="r", issued_at=LATER)
@@ -170,6 +172,7 @@ def test_partial_refunds_add_up_to_at_most_what_was_paid() -> None:
     rest, event = domain.refund(first, refund_id=uuid.uuid4(), amount=None, reason="r", issued_at=LATER)
     assert (rest.status, rest.refunded) == (PaymentStatus.REFUNDED, PRICE)
     assert event.amount == eur(3400)
+    assert event.fully_refunded is True
 
 
 @pytest.mark.parametrize(

@@ -213,6 +213,13 @@ def test_refund_of_the_activating_payment_cancels() -> None:
     assert (event.reason, event.detail) == (CancellationReason.REFUNDED, "Cancelled before the start.")
 
 
+def test_a_partial_refund_keeps_the_learner_enrolled() -> None:
+    before = active()
+    assert_unchanged(
+        domain.refund(before, PAYMENT, "discount", LATER, in_full=False), before, Ignored.PARTIAL_REFUND
+    )
+
+
 def test_the_same_refund_twice_cancels_once() -> None:
     once = domain.refund(active(), PAYMENT, "r", LATER).enrollment
     assert_unchanged(domain.refund(once, PAYMENT, "r", LATER), once, Ignored.ALREADY_CANCELLED)

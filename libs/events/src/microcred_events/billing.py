@@ -73,8 +73,9 @@ class RefundIssued(Event):
     """Money from a settled payment was returned to the learner, in full or in part.
 
     Consumers may rely on: it follows the payment's `PaymentSettled`; `amount` is at most the
-    settled amount, in the same currency. Enrollment cancels the enrollment with reason
-    `refunded` unless it is already cancelled.
+    settled amount, in the same currency. Enrollment cancels an active enrollment with reason
+    `refunded` when the payment that activated it is refunded in full; a partial refund, or a
+    refund after completion, leaves the enrollment as it is.
     """
 
     TYPE: ClassVar[str] = "org.microcred.billing.refund.issued.v1"
@@ -93,6 +94,14 @@ class RefundIssued(Event):
     )
     issued_at: UtcDateTime = Field(
         description="When the refund was issued.", examples=["2025-03-22T08:05:00Z"]
+    )
+    fully_refunded: bool | None = Field(
+        default=None,
+        description=(
+            "True when, with this refund, everything paid has been returned; false for a partial "
+            "refund. Absent from producers older than this field: read absent as true."
+        ),
+        examples=[True],
     )
 
 

@@ -219,4 +219,5 @@ def refund(
         amount=amount,
         reason=reason,
         issued_at=issued_at,
+        fully_refunded=status is PaymentStatus.REFUNDED,
     )

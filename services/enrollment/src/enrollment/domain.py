@@ -104,6 +104,7 @@ class Ignored(enum.StrEnum):
     ALREADY_COMPLETED = "already_completed"
     AMOUNT_SHORT = "amount_short"
     NOT_ACTIVATING_PAYMENT = "not_activating_payment"
+    PARTIAL_REFUND = "partial_refund"
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,12 @@ def fail_payment(enrollment: Enrollment, reason: str, now: datetime) -> Transiti
     return _cancelled(enrollment, CancellationReason.PAYMENT_FAILED, reason, now)
 
 
-def refund(enrollment: Enrollment, payment_id: UUID, reason: str, now: datetime) -> Transition:
-    """The payment that activated the enrollment was refunded: the enrollment is cancelled.
+def refund(
+    enrollment: Enrollment, payment_id: UUID, reason: str, now: datetime, *, in_full: bool = True
+) -> Transition:
+    """The payment that activated the enrollment was refunded in full: the enrollment is cancelled.
+
+    A partial refund (a discount after the fact, a goodwill gesture) keeps the learner enrolled.
 
     After completion a refund changes nothing here: the learner did the work and the credential
     attests it; a refund then is a commercial gesture (goodwill, a dispute settled), and revoking
@@ -208,6 +213,8 @@ def refund(enrollment: Enrollment, payment_id: UUID, reason: str, now: datetime)
         return _unchanged(enrollment, Ignored.ALREADY_COMPLETED)
     if enrollment.payment_id != payment_id:
         return _unchanged(enrollment, Ignored.NOT_ACTIVATING_PAYMENT)
+    if not in_full:
+        return _unchanged(enrollment, Ignored.PARTIAL_REFUND)
     return _cancelled(enrollment, CancellationReason.REFUNDED, reason, now)
 
 

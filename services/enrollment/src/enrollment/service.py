@@ -201,7 +201,9 @@ async def refund_payment(conn: Connection, event: RefundIssued) -> None:
     await _react(
         conn,
         event.enrollment_id,
-        lambda enrollment: domain.refund(enrollment, event.payment_id, event.reason, _now()),
+        lambda enrollment: domain.refund(
+            enrollment, event.payment_id, event.reason, _now(), in_full=event.fully_refunded is not False
+        ),
         payment_id=event.payment_id,
     )
 
