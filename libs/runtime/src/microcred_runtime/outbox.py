@@ -53,10 +53,14 @@ def event_source(event: Event) -> str:
     return f"urn:microcred:{context}"
 
 
-async def add(conn: Connection, event: Event, *, source: str | None = None) -> uuid.UUID:
+async def add(
+    conn: Connection, event: Event, *, source: str | None = None, topic: str | None = None
+) -> uuid.UUID:
     """Queue `event` for publication in the caller's transaction; returns its CloudEvents id.
 
     The current trace context goes into the row, so the consumer's span joins this trace.
+    `topic` overrides the event's own topic, for the few events addressed to one party (e.g. a
+    partner's own rejection topic).
     """
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
@@ -75,7 +79,7 @@ async def add(conn: Connection, event: Event, *, source: str | None = None) -> u
         )
     headers = {name: value.decode() for name, value in record.headers}
     await conn.execute(
-        _INSERT, event_id, event.TYPE, record.topic, record.key, record.value, json.dumps(headers)
+        _INSERT, event_id, event.TYPE, topic or record.topic, record.key, record.value, json.dumps(headers)
     )
     return event_id
 

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -63,6 +63,9 @@ class Service(Generic[SettingsT]):
     migrations: Path
     routers: Sequence[APIRouter] = ()
     subscriptions: Subscriptions = field(default_factory=Subscriptions)
+    # Work a service runs beside its API and consumers (e.g. delivery workers): each is entered
+    # once everything else runs and exited first on shutdown.
+    background: Sequence[Callable[[Runtime[Any]], contextlib.AbstractAsyncContextManager[object]]] = ()
     version: str = "0.1.0"
     description: str = ""
 
@@ -194,8 +197,11 @@ class Service(Generic[SettingsT]):
             await broker.start()
             stack.push_async_callback(broker.stop)
 
+            runtime = Runtime(settings, pool, broker, relay, consumer)
+            for worker in self.background:
+                await stack.enter_async_context(worker(runtime))
             log.info("service started", extra={"http_port": settings.http_port})
-            yield Runtime(settings, pool, broker, relay, consumer)
+            yield runtime
         log.info("service stopped")
 
 

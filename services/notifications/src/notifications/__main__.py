@@ -1,0 +1,3 @@
+from .main import service
+
+service.run()

@@ -1,0 +1,20 @@
+"""Wiring only: what the notifications service is made of."""
+
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from microcred_runtime import Service
+
+from .settings import Settings
+
+service = Service(
+    name="notifications",
+    settings_class=Settings,
+    migrations=Path(__file__).parent / "migrations",
+    description="Tells people what happened: email, an in-app inbox, and signed webhooks to subscribers.",
+)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    return service.create_app(settings)
