@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from microcred_events import CourseSnapshot, CourseUpdated, Topic, decode, encode, example_data
 from microcred_runtime import Connection, Rejected, Service, ServiceSettings, Subscriptions, outbox
@@ -94,7 +95,7 @@ async def test_failure_policy(
     probe = Probe()
     course_id = uuid.uuid4()  # one key: one partition, so the order below is the processing order
     titles = ["fail-always", "fail-twice", "reject", "outage", "ok"]
-    async with serve(probe_app(probe, migrations, probe_settings)):
+    async with serve(probe_app(probe, migrations, probe_settings)) as client:
         for title in titles:
             await send(producer, topic_prefix, course_update(title, course_id))
         reader = await asyncpg.connect(str(probe_settings.database_url))
@@ -103,6 +104,21 @@ async def test_failure_policy(
             applied = Counter(row["title"] for row in await reader.fetch("SELECT title FROM applied"))
         finally:
             await reader.close()
+        scraped = (await client.get("/metrics")).text
+
+    topic = topic_prefix + Topic.CATALOG_COURSE
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+    }
+    assert samples[("microcred_messages_consumed_total", (("outcome", "applied"), ("topic", topic)))] == 3
+    assert (
+        samples[("microcred_messages_consumed_total", (("outcome", "dead_lettered"), ("topic", topic)))] == 2
+    )
+    dead_lettered = "microcred_messages_dead_lettered_total"
+    assert samples[(dead_lettered, (("reason", "handler_failed"), ("topic", topic)))] == 1
+    assert samples[(dead_lettered, (("reason", "course_unknown"), ("topic", topic)))] == 1
 
     assert applied == Counter({"fail-twice": 1, "outage": 1, "ok": 1})
     assert probe.attempts == Counter({"fail-always": 3, "fail-twice": 3, "reject": 1, "outage": 2, "ok": 1})

@@ -10,6 +10,7 @@ from opentelemetry.trace import Tracer
 
 from microcred_events import EnrollmentCreated, KafkaRecord, decode, example_data
 from microcred_runtime import outbox
+from microcred_runtime.metrics import Metrics
 from microcred_runtime.outbox import OutboxRelay, RelaySettings
 
 from .conftest import FakeConnection, course_updated
@@ -151,6 +152,11 @@ class RelayConnection(FakeConnection):
             self.published.extend(args[0])
         return await super().execute(query, *args)
 
+    async def fetchrow(self, query: str, *args: Any) -> dict[str, Any]:
+        # The relay's backlog probe: how many rows are still unpublished, and the oldest's age.
+        pending = [row for row in self.rows if row["id"] not in self.published]
+        return {"backlog": len(pending), "lag": 1.5 if pending else 0}
+
     async def add_listener(self, channel: str, callback: Callable[..., None]) -> None:
         self.listeners.append(callback)
 
@@ -187,11 +193,14 @@ async def test_the_leader_publishes_committed_rows_and_is_woken_by_notify(
     conn, publish = RelayConnection(await rows_of(2)), Publisher()
     monkeypatch.setattr(asyncpg, "connect", connect_to(conn))
     # A poll interval far beyond the test's patience: only NOTIFY can explain a prompt publication.
-    the_relay = OutboxRelay("postgresql://db", publish, RelaySettings(poll_interval=60))
+    metrics = Metrics()
+    the_relay = OutboxRelay("postgresql://db", publish, RelaySettings(poll_interval=60), metrics)
 
     the_relay.start()
     await eventually(lambda: conn.published == [1, 2])
     assert the_relay.is_leader
+    assert metrics.registry.get_sample_value("microcred_outbox_published_total") == 2
+    assert metrics.registry.get_sample_value("microcred_outbox_backlog") == 0
     conn.rows += await rows_of(1, first_id=3)
     conn.notify()
     await eventually(lambda: conn.published == [1, 2, 3])

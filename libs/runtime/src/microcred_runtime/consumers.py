@@ -28,6 +28,7 @@ from aiokafka import ConsumerRecord
 from microcred_events import Envelope, Event, InvalidEvent, KafkaRecord, dead_letter_topic, decode
 
 from .db import Connection
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,21 @@ class EventConsumer:
         pool: asyncpg.Pool,
         publish_dead_letter: PublishDeadLetter,
         retry: RetryPolicy,
+        metrics: Metrics | None = None,
     ) -> None:
         self.group = group
+        self._metrics = metrics or Metrics()
         self._subscriptions = subscriptions
         self._pool = pool
         self._publish_dead_letter = publish_dead_letter
         self._retry = retry
 
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> Outcome:
+        outcome = await self._process(record)
+        self._metrics.consumed.labels(record.topic, outcome).inc()
+        return outcome
+
+    async def _process(self, record: ConsumerRecord[bytes, bytes]) -> Outcome:
         try:
             envelope = decode(record.headers, record.value or b"")
         except InvalidEvent as exc:
@@ -142,6 +150,7 @@ class EventConsumer:
                 await asyncio.sleep(self._retry.delay(self._retry.max_attempts))
                 raise
             except Exception as exc:
+                self._metrics.handler_failures.labels(record.topic, envelope.type).inc()
                 if attempt >= self._retry.max_attempts:
                     log.exception("handler failed for good", extra=_log_context(record, envelope))
                     await self._dead_letter(
@@ -188,6 +197,7 @@ class EventConsumer:
             extra={"topic": record.topic, "partition": record.partition, "offset": record.offset},
         )
         await self._publish_dead_letter(dead_letter_record(record, self.group, reason, detail, attempts))
+        self._metrics.dead_lettered.labels(record.topic, reason).inc()
 
 
 DEAD_LETTER_HEADER_PREFIX = "dlq_"

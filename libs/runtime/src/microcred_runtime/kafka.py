@@ -6,8 +6,10 @@ idempotent producer. FastStream's Kafka subscriber defaults to `AckPolicy.ACK_FI
 auto-commits before the handler ran (at-most-once): ours commits after it (see `consumers`).
 """
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -22,6 +24,7 @@ from opentelemetry import propagate, trace
 from microcred_events import KafkaRecord
 
 from .consumers import EventConsumer
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("microcred.kafka")
@@ -159,3 +162,36 @@ async def _raw_body(message: Any) -> bytes:
     # Decoding is ours (CloudEvents + pydantic), with reasons; FastStream's JSON guess would raise.
     body: bytes = message.body
     return body
+
+
+_LAG_SAMPLE_SECONDS = 10.0
+
+
+@contextlib.asynccontextmanager
+async def sampling_consumer_lag(broker: KafkaBroker, metrics: Metrics) -> AsyncIterator[None]:
+    """Sample each assigned partition's lag (high watermark minus position) into `metrics`."""
+
+    async def sample() -> None:
+        while True:
+            for subscriber in broker.subscribers:
+                consumer = getattr(subscriber, "consumer", None)
+                if consumer is None:
+                    continue
+                for partition in consumer.assignment():
+                    highwater = consumer.highwater(partition)
+                    if highwater is None:
+                        continue  # nothing fetched from it yet
+                    with contextlib.suppress(Exception):  # a partition revoked meanwhile
+                        position = await consumer.position(partition)
+                        metrics.consumer_lag.labels(partition.topic, partition.partition).set(
+                            max(highwater - position, 0)
+                        )
+            await asyncio.sleep(_LAG_SAMPLE_SECONDS)
+
+    task = asyncio.create_task(sample(), name="consumer-lag")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

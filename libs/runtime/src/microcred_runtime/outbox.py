@@ -26,6 +26,7 @@ from opentelemetry import propagate
 from microcred_events import Event, KafkaRecord, encode
 
 from .db import Connection
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,11 @@ class RelaySettings:
 class OutboxRelay:
     """Publishes committed outbox rows until stopped; `stop()` flushes what is pending first."""
 
-    def __init__(self, dsn: str, publish: PublishBatch, settings: RelaySettings) -> None:
+    def __init__(
+        self, dsn: str, publish: PublishBatch, settings: RelaySettings, metrics: Metrics | None = None
+    ) -> None:
         self._dsn = dsn
+        self._metrics = metrics or Metrics()
         self._publish = publish
         self._settings = settings
         self._wakeup = asyncio.Event()
@@ -158,6 +162,7 @@ class OutboxRelay:
                     return
                 continue
             await self._purge(conn)
+            await self._observe(conn)
             if published < self._settings.batch_size:
                 await self._idle(self._settings.poll_interval)
 
@@ -200,6 +205,7 @@ class OutboxRelay:
             await conn.execute(
                 "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", acknowledged
             )
+            self._metrics.outbox_published.inc(len(acknowledged))
         if failures:
             log.warning(
                 "outbox relay: %d of %d events not acknowledged, will retry: %s",
@@ -210,6 +216,15 @@ class OutboxRelay:
             # Kafka is unhappy; back off instead of spinning on the same rows.
             await self._back_off(self._settings.poll_interval)
         return len(acknowledged)
+
+    async def _observe(self, conn: asyncpg.Connection) -> None:
+        row = await conn.fetchrow(
+            "SELECT count(*) AS backlog, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS lag"
+            " FROM outbox WHERE published_at IS NULL"
+        )
+        assert row is not None  # an aggregate always returns one row
+        self._metrics.outbox_backlog.set(row["backlog"])
+        self._metrics.outbox_lag.set(float(row["lag"]))
 
     async def _purge(self, conn: asyncpg.Connection) -> None:
         now = time.monotonic()

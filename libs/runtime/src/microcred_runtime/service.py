@@ -18,10 +18,13 @@ import asyncpg
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_fastapi_instrumentator import Instrumentator
 
 from microcred_events import Topic, dead_letter_topic
 
@@ -29,6 +32,7 @@ from . import kafka
 from .auth import AuthConfig, Authenticator
 from .consumers import EventConsumer, RetryPolicy, Subscriptions
 from .db import Connection
+from .metrics import Metrics
 from .migrations import migrate
 from .outbox import OutboxRelay, RelaySettings
 from .problems import install_problem_handlers, problem_doc, problem_response
@@ -73,10 +77,11 @@ class Service(Generic[SettingsT]):
         """The ASGI app; its lifespan starts and stops everything the service needs."""
         settings = settings or load_settings(self.settings_class)
         configure_tracing(self.name, self.version)
+        metrics = Metrics()
 
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-            async with self._running(settings) as runtime:
+            async with self._running(settings, metrics) as runtime:
                 app.state.runtime = runtime
                 yield
 
@@ -105,6 +110,10 @@ class Service(Generic[SettingsT]):
                 allow_headers=["*"],
             )
         app.include_router(_health_router())
+        app.include_router(_metrics_router(metrics))
+        Instrumentator(registry=metrics.registry, excluded_handlers=["/health/.*", "/metrics"]).instrument(
+            app
+        )
         for router in self.routers:
             # FastAPI documents validation errors with its own schema; ours are problems.
             app.include_router(
@@ -136,7 +145,7 @@ class Service(Generic[SettingsT]):
         await migrate(conn, self.name, self.migrations)
 
     @contextlib.asynccontextmanager
-    async def _running(self, settings: SettingsT) -> AsyncIterator[Runtime[SettingsT]]:
+    async def _running(self, settings: SettingsT, metrics: Metrics) -> AsyncIterator[Runtime[SettingsT]]:
         dsn = str(settings.database_url)
         bootstrap = settings.kafka_bootstrap_servers
         prefix = settings.kafka_topic_prefix
@@ -168,6 +177,7 @@ class Service(Generic[SettingsT]):
                     poll_interval=settings.outbox_poll_interval_seconds,
                     retention_hours=settings.outbox_retention_hours,
                 ),
+                metrics,
             )
             relay.start()
             stack.push_async_callback(relay.stop)
@@ -176,7 +186,10 @@ class Service(Generic[SettingsT]):
                 bootstrap,
                 client_id=self.name,
                 graceful_timeout=settings.shutdown_grace_seconds,
-                middlewares=[KafkaTelemetryMiddleware()],
+                middlewares=[
+                    KafkaTelemetryMiddleware(),
+                    KafkaPrometheusMiddleware(registry=metrics.registry, app_name=self.name),
+                ],
                 # FastStream's own handler prints coloured text: send its records to ours (JSON),
                 # with the per-message lines at DEBUG.
                 logger=logging.getLogger("faststream"),
@@ -192,10 +205,12 @@ class Service(Generic[SettingsT]):
                     retry=RetryPolicy(
                         settings.consumer_max_attempts, settings.consumer_retry_backoff_seconds
                     ),
+                    metrics=metrics,
                 )
                 kafka.subscribe(broker, consumer, self.subscriptions.topics, prefix=prefix)
             await broker.start()
             stack.push_async_callback(broker.stop)
+            await stack.enter_async_context(kafka.sampling_consumer_lag(broker, metrics))
 
             runtime = Runtime(settings, pool, broker, relay, consumer)
             for worker in self.background:
@@ -203,6 +218,16 @@ class Service(Generic[SettingsT]):
             log.info("service started", extra={"http_port": settings.http_port})
             yield runtime
         log.info("service stopped")
+
+
+def _metrics_router(metrics: Metrics) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def scrape() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
 
 
 def _runtime(request: Request) -> Runtime[Any]:

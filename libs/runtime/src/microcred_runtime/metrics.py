@@ -1,0 +1,48 @@
+"""Prometheus metrics of one service: HTTP, messages consumed/failed/dead-lettered per topic,
+the outbox backlog and relay lag, and consumer lag.
+
+Each app gets its own registry (served at `/metrics`), so several apps in one process (tests)
+never collide, and a scrape sees exactly the service it asked.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.consumed = Counter(
+            "microcred_messages_consumed_total",
+            "Messages taken from Kafka, by topic and what became of them.",
+            ["topic", "outcome"],
+            registry=self.registry,
+        )
+        self.handler_failures = Counter(
+            "microcred_handler_failures_total",
+            "Handler attempts that raised (each retry counts).",
+            ["topic", "event_type"],
+            registry=self.registry,
+        )
+        self.dead_lettered = Counter(
+            "microcred_messages_dead_lettered_total",
+            "Messages sent to the dead-letter topic, by source topic and reason.",
+            ["topic", "reason"],
+            registry=self.registry,
+        )
+        self.outbox_published = Counter(
+            "microcred_outbox_published_total", "Outbox events acknowledged by Kafka.", registry=self.registry
+        )
+        self.outbox_backlog = Gauge(
+            "microcred_outbox_backlog", "Committed events not yet published.", registry=self.registry
+        )
+        self.outbox_lag = Gauge(
+            "microcred_outbox_lag_seconds",
+            "Age of the oldest unpublished event (0 when none).",
+            registry=self.registry,
+        )
+        self.consumer_lag = Gauge(
+            "microcred_consumer_lag",
+            "Messages in a partition after this service's position (sampled).",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
