@@ -6,12 +6,17 @@ from fastapi import FastAPI
 
 from microcred_runtime import Service
 
+from . import api, delivery
 from .settings import Settings
+from .subscribers import subscriptions
 
 service = Service(
     name="notifications",
     settings_class=Settings,
     migrations=Path(__file__).parent / "migrations",
+    routers=[api.inbox, api.webhooks],
+    subscriptions=subscriptions,
+    background=[delivery.workers],
     description="Tells people what happened: email, an in-app inbox, and signed webhooks to subscribers.",
 )
 

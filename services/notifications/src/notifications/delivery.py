@@ -1,0 +1,379 @@
+"""Delivery workers: send the emails and webhooks the consumer recorded, and record every attempt.
+
+One worker per channel, each with its own bounded concurrency, so a slow or dead SMTP server
+holds up only emails, and a slow webhook endpoint only as many webhooks as it has slots; every
+attempt has a timeout. A worker claims due rows (`repository.claim`: FOR UPDATE SKIP LOCKED, so
+replicas share the work) for a lease, sends, and records the outcome: delivered, retried after a
+backoff with full jitter, or parked as `dead` after the last attempt.
+
+Workers wake at once when a transaction that recorded deliveries commits (LISTEN/NOTIFY), when
+a retry falls due, or at the latest every poll interval. On shutdown a worker stops claiming,
+gives attempts in flight `delivery_drain_seconds` to finish, and hands the others back (due at
+once, for any replica). An attempt interrupted after the receiver got it is sent again: delivery
+is at least once, and receivers deduplicate on `webhook-id` (or the email's Message-ID).
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import parseaddr
+from typing import Any
+
+import aiosmtplib
+import asyncpg
+import httpx
+
+from microcred_runtime import Runtime
+
+from . import domain, repository, service
+from .domain import AttemptOutcome, AttemptResult, Channel, DeliveryState, RetryPolicy
+from .repository import Delivery
+from .settings import Settings, SmtpSecurity
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[Delivery], Awaitable[AttemptResult]]
+"""Makes one attempt at a delivery and says how it went; raising counts as a failed attempt."""
+
+# A claim outlives its attempt's timeout by this much, so only a dead replica's claim runs out.
+_LEASE_MARGIN_SECONDS = 60.0
+# Never poll faster than this, even when rows are due but locked by another replica's claim.
+_MIN_WAIT_SECONDS = 0.05
+_ERROR_LIMIT = 1000
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class Worker:
+    """Delivers one channel's due deliveries, `concurrency` at a time, until stopped."""
+
+    def __init__(
+        self,
+        *,
+        channel: Channel,
+        pool: asyncpg.Pool,
+        dsn: str,
+        send: Send,
+        concurrency: int,
+        attempt_timeout: float,
+        retry: RetryPolicy,
+        poll_interval: float,
+        drain_seconds: float,
+    ) -> None:
+        self.channel = channel
+        self.id = uuid.uuid4()
+        self._pool = pool
+        self._dsn = dsn
+        self._send = send
+        self._concurrency = concurrency
+        self._attempt_timeout = attempt_timeout
+        self._lease = attempt_timeout + _LEASE_MARGIN_SECONDS
+        self._retry = retry
+        self._poll_interval = poll_interval
+        self._drain_seconds = drain_seconds
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"{self.channel}-deliveries")
+
+    async def stop(self) -> None:
+        """Stop claiming; let attempts in flight finish for a while, then hand the rest back."""
+        self._stopping.set()
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        if self._in_flight:
+            _, unfinished = await asyncio.wait(self._in_flight, timeout=self._drain_seconds)
+            interrupted = [self._in_flight[task] for task in unfinished]
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+            await self._hand_back(interrupted)
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=5)
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            # Cleared before claiming: a NOTIFY that arrives while we claim keeps the flag set.
+            self._wakeup.clear()
+            await self._listen()
+            wait = self._poll_interval
+            free = self._concurrency - len(self._in_flight)
+            if free > 0:
+                try:
+                    wait = await self._claim_and_start(free)
+                except _DB_ERRORS as exc:
+                    log.warning("%s worker cannot reach PostgreSQL: %s", self.channel, exc)
+                except Exception:
+                    # The worker must outlive any surprise: a dead worker silently strands deliveries.
+                    log.exception("%s worker failed to claim deliveries", self.channel)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+
+    async def _claim_and_start(self, free: int) -> float:
+        """Start attempts on what is due; returns how long to wait before looking again."""
+        async with self._pool.acquire() as conn:
+            claimed = await repository.claim(
+                conn, self.channel, self.id, limit=free, lease_seconds=self._lease
+            )
+            next_due = None if len(claimed) == free else await repository.next_due(conn, self.channel)
+        for delivery in claimed:
+            task = asyncio.create_task(self._attempt(delivery), name=f"deliver-{delivery.delivery_id}")
+            self._in_flight[task] = delivery
+            task.add_done_callback(self._finished)
+        if len(claimed) == free:
+            # Every slot is busy: a finishing attempt wakes the loop.
+            return self._poll_interval
+        if next_due is None:
+            return self._poll_interval
+        until = (next_due - datetime.now(UTC)).total_seconds()
+        return min(self._poll_interval, max(_MIN_WAIT_SECONDS, until))
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._wakeup.set()
+
+    async def _listen(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        listener = None
+        try:
+            listener = await asyncpg.connect(self._dsn, timeout=5)
+            await listener.add_listener(repository.WAKE_CHANNEL, self._notified)
+        except _DB_ERRORS as exc:
+            # Polling still delivers; the next turn of the loop tries to listen again.
+            log.warning("%s worker cannot listen for new deliveries: %s", self.channel, exc)
+            if listener is not None:
+                listener.terminate()
+            listener = None
+        self._listener = listener
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if payload == self.channel:
+            self._wakeup.set()
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        started_at = datetime.now(UTC)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._attempt_timeout):
+                result = await self._send(delivery)
+        except TimeoutError:
+            result = AttemptResult(
+                AttemptOutcome.TIMED_OUT, error=f"no answer within {self._attempt_timeout:g}s"
+            )
+        except Exception as exc:
+            result = AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
+        duration_ms = round((time.monotonic() - started) * 1000)
+        state, retry_in = self._retry.after(delivery.attempts, result)
+        context = {
+            "delivery_id": str(delivery.delivery_id),
+            "channel": self.channel,
+            "attempt": delivery.attempts,
+            "outcome": result.outcome,
+        }
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                moved = await repository.record_attempt(
+                    conn,
+                    delivery,
+                    self.id,
+                    started_at=started_at,
+                    duration_ms=duration_ms,
+                    result=result,
+                    state=state,
+                    retry_in=retry_in,
+                )
+        except _DB_ERRORS as exc:
+            # The claim's lease runs out and the delivery is tried again: at least once, never lost.
+            log.warning("cannot record a delivery attempt: %s", exc, extra=context)
+            return
+        if not moved:
+            log.info(
+                "delivery changed hands during the attempt (cancelled, or its lease ran out)", extra=context
+            )
+        elif state is DeliveryState.DEAD:
+            log.warning("delivery is dead: %s", result.error, extra=context)
+        elif state is DeliveryState.PENDING:
+            log.info("delivery attempt failed, retrying in %.1fs: %s", retry_in, result.error, extra=context)
+
+    async def _hand_back(self, interrupted: list[Delivery]) -> None:
+        try:
+            async with self._pool.acquire() as conn:
+                await repository.hand_back(
+                    conn,
+                    self.id,
+                    [delivery.delivery_id for delivery in interrupted],
+                    "the service shut down mid-attempt",
+                )
+        except _DB_ERRORS as exc:
+            log.warning("cannot hand back interrupted deliveries (their leases will run out): %s", exc)
+
+
+# --- the channels ----------------------------------------------------------------------------
+
+
+def email_sender(pool: asyncpg.Pool, settings: Settings) -> Send:
+    _, sender = parseaddr(settings.smtp_from)
+    message_domain = sender.rpartition("@")[2]
+    password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+
+    async def send(delivery: Delivery) -> AttemptResult:
+        async with pool.acquire() as conn:
+            composed = await service.compose_email(conn, delivery)
+        if composed is None:
+            return AttemptResult(AttemptOutcome.FAILED, error="the learner's address is not known")
+        email, address, name = composed
+        message = EmailMessage()
+        message["From"] = settings.smtp_from
+        message["To"] = Address(display_name=name, addr_spec=address)
+        message["Subject"] = email.subject
+        # The same on every attempt, so a mail system can recognise a resend of the same email.
+        message["Message-ID"] = f"<{delivery.delivery_id}@{message_domain}>"
+        message["Auto-Submitted"] = "auto-generated"
+        message.set_content(email.text)
+        message.add_alternative(email.html, subtype="html")
+        client = aiosmtplib.SMTP(
+            hostname=settings.smtp_host,
+            port=settings.smtp_port,
+            timeout=settings.smtp_timeout_seconds,
+            use_tls=settings.smtp_security is SmtpSecurity.TLS,
+            start_tls=settings.smtp_security is SmtpSecurity.STARTTLS,
+            username=settings.smtp_username,
+            password=password,
+        )
+        try:
+            await client.connect()
+            await client.send_message(message)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [refusal.code for refusal in exc.recipients]
+            # 5xx for the recipient (no such mailbox) will not change; a 4xx (greylisting) may.
+            permanent = all(500 <= code < 600 for code in codes)
+            outcome = AttemptOutcome.REFUSED if permanent else AttemptOutcome.FAILED
+            return AttemptResult(outcome, status_code=codes[0] if codes else None, error=_describe(exc))
+        except aiosmtplib.SMTPTimeoutError as exc:
+            return AttemptResult(AttemptOutcome.TIMED_OUT, error=_describe(exc))
+        except aiosmtplib.SMTPResponseException as exc:
+            # Other refusals (authentication, size, policy) are often the sender's configuration,
+            # which an operator can fix while the retries last.
+            return AttemptResult(AttemptOutcome.FAILED, status_code=exc.code, error=_describe(exc))
+        except aiosmtplib.SMTPException as exc:
+            return AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
+        finally:
+            # Dropped rather than QUIT: aiosmtplib's polite QUIT waits (up to the timeout) for a
+            # server that may not be answering, and would hold up a shutdown's cancellation.
+            client.close()
+        return AttemptResult(AttemptOutcome.DELIVERED, status_code=250)
+
+    return send
+
+
+def webhook_sender(pool: asyncpg.Pool, settings: Settings, client: httpx.AsyncClient) -> Send:
+    async def send(delivery: Delivery) -> AttemptResult:
+        assert delivery.subscription_id is not None
+        async with pool.acquire() as conn:
+            subscription = await repository.subscription(conn, delivery.subscription_id)
+        if subscription is None or subscription.disabled_at is not None:
+            return AttemptResult(AttemptOutcome.REFUSED, error="the subscription is disabled")
+        try:
+            domain.check_webhook_url(subscription.url, settings.webhook_allowed_hosts)
+        except domain.WebhookUrlRefused as exc:
+            return AttemptResult(AttemptOutcome.REFUSED, error=str(exc))
+        body = delivery.payload.encode()
+        msg_id = domain.message_id(delivery.delivery_id)
+        # Signed afresh on every attempt: receivers refuse a timestamp that is too old.
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "microcred-notifications",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": domain.sign(subscription.secret, msg_id, timestamp, body),
+        }
+        try:
+            async with client.stream("POST", subscription.url, content=body, headers=headers) as response:
+                if response.is_success:
+                    return AttemptResult(AttemptOutcome.DELIVERED, status_code=response.status_code)
+                answer = await _read_some(response)
+        except httpx.TimeoutException as exc:
+            return AttemptResult(AttemptOutcome.TIMED_OUT, error=_describe(exc))
+        except httpx.HTTPError as exc:
+            return AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
+        return AttemptResult(
+            AttemptOutcome.FAILED,
+            status_code=response.status_code,
+            error=f"HTTP {response.status_code}: {answer}" if answer else f"HTTP {response.status_code}",
+        )
+
+    return send
+
+
+async def _read_some(response: httpx.Response, limit: int = 500) -> str:
+    """The start of a receiver's answer, for the attempt's record; the rest is not read."""
+    received = b""
+    async for chunk in response.aiter_bytes():
+        received += chunk
+        if len(received) >= limit:
+            break
+    return received[:limit].decode(errors="replace").strip()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or repr(exc)
+    return f"{type(exc).__name__}: {text}"[:_ERROR_LIMIT]
+
+
+@contextlib.asynccontextmanager
+async def workers(runtime: Runtime[Any]) -> AsyncIterator[list[Worker]]:
+    """The email and webhook workers, running for as long as the service does."""
+    settings: Settings = runtime.settings
+    retry = RetryPolicy(
+        max_attempts=settings.delivery_max_attempts,
+        base_seconds=settings.delivery_retry_base_seconds,
+        cap_seconds=settings.delivery_retry_cap_seconds,
+    )
+    common: dict[str, Any] = {
+        "pool": runtime.pool,
+        "dsn": str(settings.database_url),
+        "retry": retry,
+        "poll_interval": settings.delivery_poll_interval_seconds,
+        "drain_seconds": settings.delivery_drain_seconds,
+    }
+    # Redirects are not followed: a receiver could otherwise bounce us to a host that is not allowed.
+    async with httpx.AsyncClient(
+        timeout=settings.webhook_timeout_seconds,
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=settings.webhook_concurrency),
+    ) as client:
+        running = [
+            Worker(
+                channel=Channel.EMAIL,
+                send=email_sender(runtime.pool, settings),
+                concurrency=settings.email_concurrency,
+                attempt_timeout=settings.smtp_timeout_seconds,
+                **common,
+            ),
+            Worker(
+                channel=Channel.WEBHOOK,
+                send=webhook_sender(runtime.pool, settings, client),
+                concurrency=settings.webhook_concurrency,
+                attempt_timeout=settings.webhook_timeout_seconds,
+                **common,
+            ),
+        ]
+        for worker in running:
+            worker.start()
+        try:
+            yield running
+        finally:
+            await asyncio.gather(*(worker.stop() for worker in running))

@@ -1,0 +1,318 @@
+"""Notifications use cases: each runs in the caller's transaction.
+
+The consumer's use case (`notify`) only records: in-app notifications (they are the inbox rows
+themselves) and the emails and webhooks still to send. Sending is the delivery workers' job
+(`delivery`), so nothing slow ever runs inside the consumer's transaction.
+"""
+
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+from microcred_events import (
+    REGISTRY,
+    CourseCompleted,
+    CoursePublished,
+    CourseUpdated,
+    CredentialIssued,
+    CredentialRevoked,
+    EnrollmentCreated,
+    Event,
+)
+from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor
+
+from . import domain, messages, repository
+from .domain import Channel, DeliveryState, Notice, Preferences
+from .repository import Attempt, Delivery, Notification, Subscription
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# --- reacting to events ----------------------------------------------------------------------
+
+
+async def record_course(conn: Connection, event: CoursePublished | CourseUpdated) -> None:
+    await repository.remember_course(conn, event.course.course_id, event.course.version, event.course.title)
+
+
+async def notify(conn: Connection, event: Event) -> None:
+    """Record what `event` causes: the learner's in-app notification and email, each subscriber's
+    webhook. Each is recorded once per event and recipient, however often the event arrives."""
+    await _update_read_models(conn, event)
+    notice = domain.notice_for(event)
+    woken: set[Channel] = set()
+    if notice.for_learner:
+        woken |= await _notify_learner(conn, notice, event)
+    for subscription in await repository.active_subscriptions(conn):
+        if domain.subscribed(subscription.event_types, notice.event_type) and await repository.insert_webhook(
+            conn,
+            event_key=notice.event_key,
+            event_type=notice.event_type,
+            subscription_id=subscription.subscription_id,
+            body=domain.webhook_body(notice, event),
+        ):
+            woken.add(Channel.WEBHOOK)
+    for channel in woken:
+        await repository.wake(conn, channel)
+
+
+async def _update_read_models(conn: Connection, event: Event) -> None:
+    if isinstance(event, EnrollmentCreated | CourseCompleted):
+        await repository.remember_enrollment(
+            conn, event.enrollment_id, event.learner.learner_id, event.course_id
+        )
+        at = event.created_at if isinstance(event, EnrollmentCreated) else event.completed_at
+        await repository.remember_learner(conn, event.learner, at)
+        # Emails of billing or issuance events read before the learner's address was known.
+        if await repository.release_awaiting_address(conn, event.learner.learner_id):
+            await repository.wake(conn, Channel.EMAIL)
+    elif isinstance(event, CredentialIssued):
+        await repository.remember_credential(
+            conn, event.credential_id, event.achievement_name, str(event.credential_url)
+        )
+
+
+async def _notify_learner(conn: Connection, notice: Notice, event: Event) -> set[Channel]:
+    preferences = await repository.preferences(conn, notice.learner_id)
+    channels = domain.learner_channels(notice, preferences, _now())
+    woken: set[Channel] = set()
+    if Channel.IN_APP in channels:
+        message = messages.in_app(notice.kind, await content(conn, event))
+        await repository.insert_notification(
+            conn,
+            learner_id=notice.learner_id,
+            event_key=notice.event_key,
+            kind=notice.kind,
+            title=message.title,
+            body=message.body,
+            link=message.link,
+            occurred_at=notice.occurred_at,
+        )
+    if Channel.EMAIL in channels:
+        # The address may not be known yet: payment and credential events carry only the learner
+        # id, and topics are read independently, so one may arrive before EnrollmentCreated. The
+        # email then waits (`awaiting_address`) and is released when the address arrives.
+        known = await repository.learner(conn, notice.learner_id) is not None
+        if await repository.insert_email(
+            conn,
+            event_key=notice.event_key,
+            event_type=notice.event_type,
+            learner_id=notice.learner_id,
+            payload=event.model_dump_json(),
+            address_known=known,
+        ):
+            if known:
+                woken.add(Channel.EMAIL)
+            else:
+                log.info(
+                    "email waits for the learner's address",
+                    extra={"learner_id": str(notice.learner_id), "event_key": notice.event_key},
+                )
+    return woken
+
+
+async def content(conn: Connection, event: Event) -> messages.Content:
+    """What a message about `event` says, with what the read models know (course title, credential)."""
+    course_id = getattr(event, "course_id", None)
+    enrollment_id = getattr(event, "enrollment_id", None)
+    course = None
+    if course_id is not None or enrollment_id is not None:
+        course = await repository.course_title(conn, course_id=course_id, enrollment_id=enrollment_id)
+    if isinstance(event, CredentialIssued):
+        return messages.Content(event, course=course, link=str(event.credential_url))
+    if isinstance(event, CredentialRevoked):
+        known = await repository.credential(conn, event.credential_id)
+        achievement, link = known or (None, None)
+        return messages.Content(event, achievement=achievement, link=link)
+    return messages.Content(event, course=course)
+
+
+async def compose_email(conn: Connection, delivery: Delivery) -> tuple[messages.Email, str, str] | None:
+    """The email a delivery sends, with the learner's current name and address; None when the
+    address is not known (which the consumer prevents by keeping such emails `awaiting_address`)."""
+    assert delivery.learner_id is not None
+    learner = await repository.learner(conn, delivery.learner_id)
+    if learner is None:
+        return None
+    event = REGISTRY[delivery.event_type].model_validate_json(delivery.payload)
+    email = messages.email(
+        domain.kind_of(delivery.event_type), await content(conn, event), learner.display_name
+    )
+    return email, learner.email, learner.display_name
+
+
+# --- the learner's inbox and preferences -----------------------------------------------------
+
+
+async def list_notifications(
+    conn: Connection, caller: Principal, *, unread_only: bool, limit: int, cursor: str | None
+) -> tuple[list[Notification], str | None]:
+    key = decode_cursor(cursor, 2)
+    items = await repository.notifications_page(
+        conn,
+        caller.learner_id,
+        unread_only=unread_only,
+        after=_sort_key(key) if key else None,
+        limit=limit + 1,
+    )
+    return _paged(items, limit, lambda item: [item.created_at.isoformat(), str(item.notification_id)])
+
+
+async def unread_count(conn: Connection, caller: Principal) -> int:
+    return await repository.unread_count(conn, caller.learner_id)
+
+
+async def mark_read(conn: Connection, caller: Principal, notification_id: UUID) -> Notification:
+    notification = await repository.mark_read(conn, caller.learner_id, notification_id)
+    if notification is None:
+        # Someone else's notification is as unknown as one that does not exist.
+        raise Problem(404, "notification-not-found", f"no notification {notification_id}")
+    return notification
+
+
+async def mark_all_read(conn: Connection, caller: Principal) -> int:
+    return await repository.mark_all_read(conn, caller.learner_id)
+
+
+async def get_preferences(conn: Connection, caller: Principal) -> Preferences:
+    return await repository.preferences(conn, caller.learner_id)
+
+
+async def set_preferences(conn: Connection, caller: Principal, preferences: Preferences) -> Preferences:
+    await repository.save_preferences(conn, caller.learner_id, preferences)
+    return preferences
+
+
+# --- webhook subscriptions and deliveries (staff) --------------------------------------------
+
+
+async def subscribe(
+    conn: Connection,
+    staff: Principal,
+    *,
+    url: str,
+    event_types: list[str],
+    description: str | None,
+    allowed_hosts: list[str],
+) -> Subscription:
+    """Register a subscriber; the returned subscription holds the signing secret, shown this once."""
+    try:
+        domain.check_webhook_url(url, allowed_hosts)
+    except domain.WebhookUrlRefused as exc:
+        raise Problem(422, "webhook-url-refused", str(exc), url=url) from None
+    unknown = sorted(set(event_types) - domain.WEBHOOK_EVENT_TYPES)
+    if unknown:
+        raise Problem(
+            422,
+            "unknown-event-type",
+            f"no webhooks are sent for {', '.join(unknown)}",
+            known=sorted(domain.WEBHOOK_EVENT_TYPES),
+        )
+    subscription = Subscription(
+        subscription_id=uuid.uuid4(),
+        url=url,
+        event_types=sorted(set(event_types)),
+        description=description,
+        secret=domain.new_secret(),
+        created_by=staff.subject,
+        created_at=_now(),
+        disabled_at=None,
+    )
+    await repository.insert_subscription(conn, subscription)
+    return subscription
+
+
+async def list_subscriptions(
+    conn: Connection, *, include_disabled: bool, limit: int, cursor: str | None
+) -> tuple[list[Subscription], str | None]:
+    key = decode_cursor(cursor, 2)
+    items = await repository.subscriptions_page(
+        conn, include_disabled=include_disabled, after=_sort_key(key) if key else None, limit=limit + 1
+    )
+    return _paged(items, limit, lambda item: [item.created_at.isoformat(), str(item.subscription_id)])
+
+
+async def get_subscription(conn: Connection, subscription_id: UUID) -> Subscription:
+    subscription = await repository.subscription(conn, subscription_id)
+    if subscription is None:
+        raise Problem(404, "subscription-not-found", f"no webhook subscription {subscription_id}")
+    return subscription
+
+
+async def disable_subscription(conn: Connection, subscription_id: UUID) -> Subscription:
+    subscription = await repository.disable_subscription(conn, subscription_id)
+    if subscription is None:
+        raise Problem(404, "subscription-not-found", f"no webhook subscription {subscription_id}")
+    return subscription
+
+
+async def list_deliveries(
+    conn: Connection,
+    *,
+    state: DeliveryState | None,
+    subscription_id: UUID | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Delivery], str | None]:
+    key = decode_cursor(cursor, 2)
+    items = await repository.deliveries_page(
+        conn,
+        Channel.WEBHOOK,
+        state=state,
+        subscription_id=subscription_id,
+        after=_sort_key(key) if key else None,
+        limit=limit + 1,
+    )
+    return _paged(items, limit, lambda item: [item.created_at.isoformat(), str(item.delivery_id)])
+
+
+async def get_delivery(conn: Connection, delivery_id: UUID) -> tuple[Delivery, list[Attempt]]:
+    delivery = await repository.delivery(conn, delivery_id, Channel.WEBHOOK)
+    if delivery is None:
+        raise Problem(404, "delivery-not-found", f"no webhook delivery {delivery_id}")
+    return delivery, await repository.attempts(conn, delivery_id)
+
+
+async def replay_delivery(conn: Connection, delivery_id: UUID) -> Delivery:
+    """Send a dead webhook again, with a fresh budget of attempts (same `webhook-id` and body)."""
+    delivery, _ = await get_delivery(conn, delivery_id)
+    assert delivery.subscription_id is not None
+    subscription = await repository.subscription(conn, delivery.subscription_id, for_update=True)
+    if subscription is None or subscription.disabled_at is not None:
+        raise Problem(409, "subscription-disabled", "the subscription of this delivery is disabled")
+    replayed = await repository.replay(conn, delivery_id)
+    if replayed is None:
+        raise Problem(
+            409, "delivery-not-dead", f"only dead deliveries are replayed; this one is {delivery.state}"
+        )
+    await repository.wake(conn, Channel.WEBHOOK)
+    return replayed
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _paged(items: list[T], limit: int, key: Callable[[T], list[Any]]) -> tuple[list[T], str | None]:
+    """A page and the cursor of the next one; the repository was asked for one more than `limit`."""
+    page = items[:limit]
+    return page, encode_cursor(key(page[-1])) if len(items) > limit else None
+
+
+def _sort_key(key: list[Any]) -> tuple[datetime, UUID]:
+    created_at, item_id = key
+    try:
+        if isinstance(created_at, str) and isinstance(item_id, str):
+            after = datetime.fromisoformat(created_at), UUID(item_id)
+            if after[0].tzinfo is not None:
+                return after
+    except ValueError:
+        pass
+    raise Problem(400, "invalid-cursor", "the cursor is not one this API returned")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
