@@ -1,25 +1,29 @@
-"""Events that partner institutions publish, in the same CloudEvents envelope as ours.
+"""Events between partner institutions and enrollment, in the same CloudEvents envelope as ours.
 
 Partners are outside our deployment: what they send is checked like any input. Enrollment
-matches a report to an active enrollment and checks that the partner delivers the course
-(`CourseSnapshot.delivery_partner_id`) before it records a `CourseCompleted`.
+matches a report to an active enrollment and checks that the partner may report the course (it
+delivers it, `CourseSnapshot.delivery_partner_id`, or the partner registry grants it) before it
+records a `CourseCompleted`; a refused report is answered with a `CompletionRejected` on the
+partner's own rejection topic (`partner_rejection_topic`).
 """
 
+from enum import StrEnum
 from typing import ClassVar, Self
 from uuid import UUID
 
 from pydantic import Field, HttpUrl, model_validator
 
-from microcred_events.base import EmailAddress, Event, Score, UtcDateTime
+from microcred_events.base import EmailAddress, Event, NonEmptyStr, Score, UtcDateTime
 from microcred_events.topics import Topic
 
 
 class CompletionReported(Event):
     """A partner institution reports that a learner completed a course it delivers.
 
-    Published by the partner to the partner topic, or by our signed HTTP endpoint on its behalf.
-    The learner is named by `learner_id`, `learner_email` or both; `enrollment_id` when the
-    partner knows it. Consumers may rely on its shape only: a report is a claim, not a completion.
+    Published by the partner to the partner topic, signed (see docs/partners.md); enrollment's
+    signed HTTP endpoint takes the same report and applies it the same way. The learner is named
+    by `learner_id`, `learner_email` or both; `enrollment_id` when the partner knows it.
+    Consumers may rely on its shape only: a report is a claim, not a completion.
     """
 
     TYPE: ClassVar[str] = "org.microcred.partner.completion.reported.v1"
@@ -70,4 +74,65 @@ class CompletionReported(Event):
         return self
 
 
+class RejectionReason(StrEnum):
+    """Why enrollment refused a partner's report; stable to branch on.
+
+    `unknown_partner` never reaches a rejection topic (an unregistered sender has none): it is
+    the reason such a message is dead-lettered, and the HTTP endpoint answers it as a 404.
+    """
+
+    UNKNOWN_PARTNER = "unknown_partner"
+    PARTNER_SUSPENDED = "partner_suspended"
+    BAD_SIGNATURE = "bad_signature"
+    PARTNER_MISMATCH = "partner_mismatch"
+    MALFORMED_REPORT = "malformed_report"
+    COURSE_NOT_ALLOWED = "course_not_allowed"
+    NO_ACTIVE_ENROLLMENT = "no_active_enrollment"
+    LEARNER_MISMATCH = "learner_mismatch"
+    ALREADY_COMPLETED = "already_completed"
+
+
+# Not in the registry (see `EVENTS`): the registry's topic map cannot express per-partner topics.
+class CompletionRejected(Event):
+    """Enrollment refused a partner's completion report; nothing was completed.
+
+    Published by enrollment (`ce_source` `urn:microcred:enrollment`) to the reporting partner's
+    own topic, `partner.<partner_id>.rejections.v1`, so each partner reads only its own refusals.
+    One per refused message: a redelivery of the same message (same `ce_source` and `ce_id`) is
+    not refused twice. A report refused for a reason that can change (`no_active_enrollment`,
+    `course_not_allowed`, `partner_suspended`, `bad_signature`) may be sent again under the same
+    `report_id`.
+    """
+
+    TYPE: ClassVar[str] = "org.microcred.partner.completion.rejected.v1"
+    # The reports' topic, as the registry requires a topic of the contract; a rejection is always
+    # published with `topic=partner_rejection_topic(partner_id)` instead.
+    TOPIC: ClassVar[Topic] = Topic.PARTNER_COMPLETION
+    KEY: ClassVar[str] = "message_id"
+
+    message_id: NonEmptyStr = Field(
+        description="`ce_id` of the refused message (the message key).",
+        examples=["0b6b5c1e-3f5a-4f4e-9a49-8d2f4c6e7a10"],
+    )
+    partner_id: UUID = Field(
+        description="The partner the message came from (its `ce_source`).",
+        examples=["b3d5f7a9-2c4e-4e61-9a83-5f1b7d3c9e20"],
+    )
+    report_id: UUID | None = Field(
+        default=None,
+        description="The refused report's `report_id`; null when the body did not carry a readable one.",
+        examples=["6f4a2c8e-9b1d-4a53-8c7e-2d0b5f9a1c36"],
+    )
+    reason: RejectionReason = Field(description="Why, for branching on.", examples=["no_active_enrollment"])
+    detail: str = Field(
+        description="What to fix, for people.",
+        examples=[
+            "the learner's enrollment in course 3f1c2a9e-5b7d-4c8e-9a21-6d0f4b8e7c15 is waiting for payment"
+        ],
+    )
+    rejected_at: UtcDateTime = Field(description="When it was refused.", examples=["2025-05-02T16:45:02Z"])
+
+
 EVENTS: tuple[type[Event], ...] = (CompletionReported,)
+"""The registered partner events. `CompletionRejected` is not one: the registry requires a topic of
+the topic map, and its topic is the partner's own (`topics.partner_rejection_topic`)."""

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from enum import StrEnum
 from types import MappingProxyType
+from uuid import UUID
 
 
 class Topic(StrEnum):
@@ -55,3 +56,13 @@ def dead_letter_topic(consumer_group: str) -> str:
     if not _KAFKA_TOPIC_NAME.fullmatch(consumer_group) or len(topic) > _KAFKA_TOPIC_MAX_LENGTH:
         raise ValueError(f"consumer group {consumer_group!r} does not make a legal Kafka topic name")
     return topic
+
+
+def partner_rejection_topic(partner_id: UUID) -> str:
+    """A partner's own rejection topic: `partner.<partner_id>.rejections.v1`.
+
+    One per partner rather than one shared topic, so that Kafka ACLs can let each partner read its
+    own refusals (which name its learners) and nobody else's. Enrollment creates it when the
+    partner is registered.
+    """
+    return f"partner.{partner_id}.rejections.v1"

@@ -1,20 +1,49 @@
 """Enrollment's HTTP API: parse, call the use case in a transaction, answer."""
 
+import base64
+import json
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Self, TypeVar
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Header, Response
+import asyncpg
+from fastapi import APIRouter, Body, Header, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
-from microcred_events import CancellationReason, CompletedBy, Learner, Money, example_data
-from microcred_runtime import Caller, Cursor, Db, Limit, Page, Problem, Staff, problem_doc
+from microcred_events import CancellationReason, CompletedBy, CompletionReported, Learner, Money, example_data
+from microcred_events.partner import RejectionReason
+from microcred_events.topics import partner_rejection_topic
+from microcred_runtime import (
+    Admin,
+    Caller,
+    Connection,
+    Cursor,
+    Db,
+    Limit,
+    Page,
+    Problem,
+    RuntimeDep,
+    Staff,
+    problem_doc,
+)
 
-from . import service
-from .domain import Enrollment, EnrollmentStatus
+from . import service, signatures, subscribers
+from .domain import Credential, CredentialKind, Enrollment, EnrollmentStatus, Partner, PartnerStatus
 
 router = APIRouter(prefix="/enrollments", tags=["enrollments"])
+partners = APIRouter(prefix="/partners", tags=["partners"])
+
+T = TypeVar("T")
 
 _ENROLLMENT_ID = "e2a7c4f1-3b9d-4e85-a6c0-7f1d2b8e9a34"
 _COURSE_ID = "3f1c2a9e-5b7d-4c8e-9a21-6d0f4b8e7c15"
@@ -262,3 +291,498 @@ async def complete_enrollment(
     if not completed_now:
         response.status_code = 200
     return CompletionOut.of(enrollment)
+
+
+# --- the partner registry (staff and admins) -------------------------------------------------
+
+_PARTNER_ID = "b3d5f7a9-2c4e-4e61-9a83-5f1b7d3c9e20"
+_CREDENTIAL_ID = "4c8e2a6f-1b3d-4f57-9a0c-7e5d3b1f9a22"
+# A registry entry is read on every report; these bounds keep it (and its answers) small.
+_MAX_COURSES = 1000
+_MAX_CREDENTIALS = 10
+
+DisplayName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class CredentialRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: CredentialKind = Field(
+        description=(
+            "`hmac_sha256`: we generate a secret and answer it once. `ed25519`: send your public key."
+        ),
+        examples=["hmac_sha256"],
+    )
+    public_key: str | None = Field(
+        default=None,
+        max_length=1000,
+        description=(
+            "For `ed25519` only: the public key, as PEM (`PUBLIC KEY`) or the base64 of its 32 bytes."
+        ),
+        examples=[None],
+    )
+
+    @model_validator(mode="after")
+    def _key_matches_kind(self) -> Self:
+        if (self.kind is CredentialKind.ED25519) != (self.public_key is not None):
+            raise ValueError("send public_key exactly when kind is ed25519")
+        if self.public_key is not None:
+            signatures.public_key_bytes(self.public_key)  # ValueError says why it is no Ed25519 key
+        return self
+
+    def new(self) -> service.NewCredential:
+        key = signatures.public_key_bytes(self.public_key) if self.public_key else None
+        return service.NewCredential(self.kind, key)
+
+
+class PartnerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    display_name: DisplayName = Field(examples=["Northwind University"])
+    course_ids: list[UUID] = Field(
+        default_factory=list,
+        max_length=_MAX_COURSES,
+        description=(
+            "Courses the partner may report completions of, besides those the catalog names it the "
+            "delivery partner of."
+        ),
+        examples=[[_COURSE_ID]],
+    )
+    credentials: list[CredentialRequest] = Field(
+        default_factory=lambda: [CredentialRequest(kind=CredentialKind.HMAC_SHA256)],
+        max_length=_MAX_CREDENTIALS,
+        description="How the partner signs; by default one HMAC secret.",
+    )
+
+
+class PartnerUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    display_name: DisplayName | None = Field(default=None, examples=["Northwind University"])
+    course_ids: list[UUID] | None = Field(
+        default=None,
+        max_length=_MAX_COURSES,
+        description=(
+            "Replaces the courses the registry grants (the catalog's delivery partner stays allowed)."
+        ),
+        examples=[[_COURSE_ID]],
+    )
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> Self:
+        if self.display_name is None and self.course_ids is None:
+            raise ValueError("send display_name, course_ids or both")
+        return self
+
+
+class SuspensionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(
+        default=None, max_length=500, description="Why, for people.", examples=["Contract under review."]
+    )
+
+
+class CredentialOut(BaseModel):
+    credential_id: UUID = Field(examples=[_CREDENTIAL_ID])
+    kind: CredentialKind = Field(examples=["hmac_sha256"])
+    active: bool = Field(description="Signatures made with it are accepted.", examples=[True])
+    created_at: datetime
+    revoked_at: datetime | None = None
+    public_key: str | None = Field(
+        default=None, description="For `ed25519`: the base64 of the 32-byte public key.", examples=[None]
+    )
+
+    @classmethod
+    def of(cls, credential: Credential) -> Self:
+        key = credential.public_key
+        return cls(
+            credential_id=credential.credential_id,
+            kind=credential.kind,
+            active=credential.active,
+            created_at=credential.created_at,
+            revoked_at=credential.revoked_at,
+            public_key=base64.b64encode(key).decode() if key else None,
+        )
+
+
+class IssuedCredentialOut(CredentialOut):
+    secret: str | None = Field(
+        description="For `hmac_sha256`: the secret. Shown in this answer only; store it now.",
+        examples=["q5d1O0VJ0-4a1hYb0yYk3Yw9mYx0Z7o2m0Tq0kLh5zQ"],
+    )
+
+    @classmethod
+    def of(cls, credential: Credential) -> Self:
+        return cls(**CredentialOut.of(credential).model_dump(), secret=credential.secret)
+
+
+class PartnerOut(BaseModel):
+    partner_id: UUID = Field(examples=[_PARTNER_ID])
+    display_name: str = Field(examples=["Northwind University"])
+    status: PartnerStatus = Field(
+        description="A suspended partner's reports are refused (`partner_suspended`).", examples=["active"]
+    )
+    course_ids: list[UUID] = Field(
+        description="Courses the registry lets it report, besides those the catalog says it delivers.",
+        examples=[[_COURSE_ID]],
+    )
+    credentials: list[CredentialOut] = Field(
+        description="Every credential, revoked ones too; never a secret."
+    )
+    kafka_source: str = Field(
+        description="The `ce_source` its Kafka messages must carry.",
+        examples=[f"urn:microcred:partner:{_PARTNER_ID}"],
+    )
+    rejection_topic: str = Field(
+        description="The Kafka topic where its refused reports are told back.",
+        examples=[f"partner.{_PARTNER_ID}.rejections.v1"],
+    )
+    created_at: datetime
+    updated_at: datetime
+    suspended_at: datetime | None = None
+    suspension_reason: str | None = None
+
+    @classmethod
+    def of(cls, partner: Partner, topic_prefix: str) -> Self:
+        return cls(
+            partner_id=partner.partner_id,
+            display_name=partner.display_name,
+            status=partner.status,
+            course_ids=sorted(partner.course_ids),
+            credentials=[CredentialOut.of(credential) for credential in partner.credentials],
+            kafka_source=partner.source,
+            rejection_topic=topic_prefix + partner_rejection_topic(partner.partner_id),
+            created_at=partner.created_at,
+            updated_at=partner.updated_at,
+            suspended_at=partner.suspended_at,
+            suspension_reason=partner.suspension_reason,
+        )
+
+
+class IssuedSecret(BaseModel):
+    credential_id: UUID = Field(examples=[_CREDENTIAL_ID])
+    secret: str = Field(
+        description="The HMAC secret. Shown in this answer only; store it now.",
+        examples=["q5d1O0VJ0-4a1hYb0yYk3Yw9mYx0Z7o2m0Tq0kLh5zQ"],
+    )
+
+
+class PartnerCreatedOut(PartnerOut):
+    secrets: list[IssuedSecret] = Field(description="The new HMAC secrets; never shown again.")
+
+
+def _topic_prefix(runtime: RuntimeDep) -> str:
+    prefix: str = runtime.settings.kafka_topic_prefix
+    return prefix
+
+
+@partners.post(
+    "",
+    status_code=201,
+    summary="Register a partner (admin)",
+    description=(
+        "Registers an active partner institution with the courses it may report and its credentials, "
+        "and creates its Kafka rejection topic. HMAC secrets are generated here and answered in "
+        "`secrets` this once: store them now, they are never shown again."
+    ),
+    responses=_problems(
+        {403: "The caller is not an admin.", 503: "Kafka did not create the rejection topic; try again."}
+    ),
+)
+async def register_partner(
+    request: PartnerRequest, admin: Admin, db: Db, runtime: RuntimeDep
+) -> PartnerCreatedOut:
+    async with db.acquire() as conn, conn.transaction():
+        partner = await service.register_partner(
+            conn,
+            display_name=request.display_name,
+            course_ids=request.course_ids,
+            credentials=[credential.new() for credential in request.credentials],
+        )
+        # Before the commit: a partner exists only with a topic to tell its refusals on.
+        try:
+            await subscribers.ensure_partner_topics(runtime.settings, [partner.partner_id])
+        except (OSError, RuntimeError) as exc:  # aiokafka's errors are RuntimeErrors
+            raise Problem(503, "kafka-unavailable", f"the rejection topic was not created: {exc}") from None
+    secrets = [
+        IssuedSecret(credential_id=credential.credential_id, secret=credential.secret)
+        for credential in partner.credentials
+        if credential.secret is not None
+    ]
+    out = PartnerOut.of(partner, _topic_prefix(runtime))
+    return PartnerCreatedOut(**out.model_dump(), secrets=secrets)
+
+
+@partners.get(
+    "",
+    summary="Partners (staff)",
+    description="Registered partners, newest first, a page at a time.",
+    responses=_problems({400: "The cursor is not one this API returned.", 403: "The caller is not staff."}),
+)
+async def list_partners(
+    staff: Staff,
+    db: Db,
+    runtime: RuntimeDep,
+    status: PartnerStatus | None = None,
+    limit: Limit = 20,
+    cursor: Cursor = None,
+) -> Page[PartnerOut]:
+    async with db.acquire() as conn:
+        found, next_cursor = await service.list_partners(conn, status=status, limit=limit, cursor=cursor)
+    prefix = _topic_prefix(runtime)
+    return Page(items=[PartnerOut.of(partner, prefix) for partner in found], next_cursor=next_cursor)
+
+
+@partners.get(
+    "/{partner_id}",
+    summary="One partner (staff)",
+    description="The partner, its courses and its credentials (never a secret).",
+    responses=_problems({403: "The caller is not staff.", 404: "No such partner."}),
+)
+async def get_partner(partner_id: UUID, staff: Staff, db: Db, runtime: RuntimeDep) -> PartnerOut:
+    async with db.acquire() as conn:
+        return PartnerOut.of(await service.get_partner(conn, partner_id), _topic_prefix(runtime))
+
+
+@partners.patch(
+    "/{partner_id}",
+    summary="Rename a partner or change its courses (admin)",
+    description="`course_ids` replaces the courses the registry grants; reports already accepted stay.",
+    responses=_problems({403: "The caller is not an admin.", 404: "No such partner."}),
+)
+async def update_partner(
+    partner_id: UUID, request: PartnerUpdate, admin: Admin, db: Db, runtime: RuntimeDep
+) -> PartnerOut:
+    async with db.acquire() as conn, conn.transaction():
+        partner = await service.update_partner(
+            conn, partner_id, display_name=request.display_name, course_ids=request.course_ids
+        )
+    return PartnerOut.of(partner, _topic_prefix(runtime))
+
+
+@partners.post(
+    "/{partner_id}/suspension",
+    summary="Suspend a partner (admin)",
+    description="Its reports are refused with `partner_suspended` until it is reactivated. Idempotent.",
+    responses=_problems({403: "The caller is not an admin.", 404: "No such partner."}),
+)
+async def suspend_partner(
+    partner_id: UUID,
+    admin: Admin,
+    db: Db,
+    runtime: RuntimeDep,
+    request: Annotated[SuspensionRequest | None, Body()] = None,
+) -> PartnerOut:
+    async with db.acquire() as conn, conn.transaction():
+        partner = await service.suspend_partner(conn, partner_id, request.reason if request else None)
+    return PartnerOut.of(partner, _topic_prefix(runtime))
+
+
+@partners.post(
+    "/{partner_id}/reactivation",
+    summary="Reactivate a partner (admin)",
+    description="Its reports are taken again. Idempotent.",
+    responses=_problems({403: "The caller is not an admin.", 404: "No such partner."}),
+)
+async def reactivate_partner(partner_id: UUID, admin: Admin, db: Db, runtime: RuntimeDep) -> PartnerOut:
+    async with db.acquire() as conn, conn.transaction():
+        partner = await service.reactivate_partner(conn, partner_id)
+    return PartnerOut.of(partner, _topic_prefix(runtime))
+
+
+@partners.post(
+    "/{partner_id}/credentials",
+    status_code=201,
+    summary="Add a credential (admin)",
+    description=(
+        "Adds a credential beside the active ones: to rotate, add one, let the partner sign with it, "
+        "then revoke the old one. An HMAC secret is answered in `secret` this once."
+    ),
+    responses=_problems({403: "The caller is not an admin.", 404: "No such partner."}),
+)
+async def add_credential(
+    partner_id: UUID, request: CredentialRequest, admin: Admin, db: Db
+) -> IssuedCredentialOut:
+    async with db.acquire() as conn, conn.transaction():
+        credential = await service.add_credential(conn, partner_id, request.new())
+    return IssuedCredentialOut.of(credential)
+
+
+@partners.delete(
+    "/{partner_id}/credentials/{credential_id}",
+    summary="Revoke a credential (admin)",
+    description="Signatures made with it are refused from now on. Revoking it again changes nothing.",
+    responses=_problems({403: "The caller is not an admin.", 404: "No such partner or credential."}),
+)
+async def revoke_credential(partner_id: UUID, credential_id: UUID, admin: Admin, db: Db) -> CredentialOut:
+    async with db.acquire() as conn, conn.transaction():
+        return CredentialOut.of(await service.revoke_credential(conn, partner_id, credential_id))
+
+
+# --- partners' completion reports ------------------------------------------------------------
+
+MAX_BATCH = 1000
+# 1,000 reports of a generous 2 KiB each.
+MAX_BODY_BYTES = 2 * 1024 * 1024
+# A batch locks the enrollments it completes; two overlapping batches may deadlock, and one is
+# then simply run again (the reports the other accepted answer `duplicate`).
+_CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.UniqueViolationError)
+_ATTEMPTS = 3
+
+
+class ReportResultOut(BaseModel):
+    index: int = Field(description="The report's position in the request, from 0.", examples=[0])
+    report_id: UUID | None = Field(
+        description="The report's id; null when the item carried no readable one.",
+        examples=["6f4a2c8e-9b1d-4a53-8c7e-2d0b5f9a1c36"],
+    )
+    status: service.ReportStatus = Field(
+        description="`accepted`: the enrollment is completed now. `duplicate`: this report was accepted "
+        "before, nothing changed. `refused`: see `reason`.",
+        examples=["accepted"],
+    )
+    reason: RejectionReason | None = Field(
+        default=None, description="Why it was refused, for branching on.", examples=[None]
+    )
+    detail: str | None = Field(default=None, description="What to fix, for people.", examples=[None])
+    enrollment_id: UUID | None = Field(
+        default=None,
+        description="The completed enrollment (accepted or duplicate).",
+        examples=[_ENROLLMENT_ID],
+    )
+
+    @classmethod
+    def of(cls, index: int, outcome: service.ReportOutcome) -> Self:
+        refusal = outcome.refusal
+        return cls(
+            index=index,
+            report_id=outcome.report_id,
+            status=outcome.status,
+            reason=refusal.reason if refusal else None,
+            detail=refusal.detail if refusal else None,
+            enrollment_id=outcome.enrollment_id,
+        )
+
+
+class CompletionResults(BaseModel):
+    results: list[ReportResultOut] = Field(description="One per report, in the order sent.")
+
+
+_REPORT_SCHEMA = CompletionReported.model_json_schema()
+
+
+@partners.post(
+    "/{partner_id}/completions",
+    tags=["partner completions"],
+    summary="Report completions (partner, signed)",
+    description=(
+        "A partner reports one completion (a `CompletionReported` object) or a cohort (an array of "
+        f"up to {MAX_BATCH}), signed Standard-Webhooks style: `webhook-signature` holds `v1,<base64 "
+        "HMAC-SHA256>` (or `v1a,<base64 Ed25519>`) of `<webhook-id>.<webhook-timestamp>.<raw body>`; "
+        "the timestamp (Unix seconds) must be within 5 minutes of ours, and a webhook-id is taken "
+        "once. No bearer token: the signature is the authentication. Each report is answered in "
+        "`results`, in order: `accepted`, `duplicate` (accepted before) or `refused` with a `reason`. "
+        "A report is processed exactly as one from the partner topic. See docs/partners.md."
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            _REPORT_SCHEMA,
+                            {"type": "array", "items": _REPORT_SCHEMA, "minItems": 1, "maxItems": MAX_BATCH},
+                        ]
+                    }
+                }
+            },
+        }
+    },
+    responses=_problems(
+        {
+            400: "The body is not JSON (`malformed-body`).",
+            401: "A signature header is missing or wrong (`bad-signature`), or the timestamp is more "
+            "than 5 minutes off (`stale-timestamp`).",
+            403: "The partner is suspended (`partner-suspended`).",
+            404: "No such partner (`unknown-partner`).",
+            409: "This webhook-id was taken already (`replayed-request`).",
+            413: f"More than {MAX_BATCH} reports (`batch-too-large`) or {MAX_BODY_BYTES} bytes "
+            "(`body-too-large`).",
+            422: "The batch is empty (`no-reports`).",
+        }
+    ),
+)
+async def report_completions(
+    partner_id: UUID,
+    request: Request,
+    db: Db,
+    webhook_id: Annotated[str | None, Header(max_length=255)] = None,
+    webhook_timestamp: Annotated[str | None, Header(max_length=32)] = None,
+    webhook_signature: Annotated[str | None, Header(max_length=signatures.MAX_HEADER_LENGTH)] = None,
+) -> CompletionResults:
+    body = await _read_body(request, MAX_BODY_BYTES)
+    signed = service.SignedRequest(webhook_id, webhook_timestamp, webhook_signature, body)
+
+    async def take(conn: Connection) -> list[service.ReportOutcome]:
+        partner = await service.authenticate_request(conn, partner_id, signed)
+        return await service.report_completions(conn, partner, _reports(body))
+
+    outcomes = await _in_transaction(db, take)
+    return CompletionResults(
+        results=[ReportResultOut.of(index, outcome) for index, outcome in enumerate(outcomes)]
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body (the signature covers its bytes), refused past `limit` without reading it all."""
+    declared = request.headers.get("content-length", "")
+    too_large = Problem(413, "body-too-large", f"the body is larger than {limit} bytes")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _reports(body: bytes) -> list[service.Report]:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise Problem(400, "malformed-body", "the body is not JSON") from None
+    items = document if isinstance(document, list) else [document]
+    if not items:
+        raise Problem(422, "no-reports", "the batch holds no report")
+    if len(items) > MAX_BATCH:
+        raise Problem(
+            413, "batch-too-large", f"at most {MAX_BATCH} reports per request; this one has {len(items)}"
+        )
+    return [_report(item) for item in items]
+
+
+def _report(item: object) -> service.Report:
+    try:
+        # Unknown fields are ignored, as on the partner topic: a newer minor version still reads.
+        return CompletionReported.model_validate(item, extra="ignore")
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        shown = "; ".join(
+            f"{'.'.join(map(str, error['loc'])) or 'report'}: {error['msg']}" for error in errors[:3]
+        )
+        return service.MalformedReport(f"not a CompletionReported: {shown}", service.loose_report_id(item))
+
+
+async def _in_transaction(db: asyncpg.Pool, work: Callable[[Connection], Awaitable[T]]) -> T:
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            async with db.acquire() as conn, conn.transaction():
+                return await work(conn)
+        except _CONFLICTS:
+            if attempt >= _ATTEMPTS:
+                raise

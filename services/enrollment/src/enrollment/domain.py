@@ -10,16 +10,20 @@ Completed and cancelled are terminal. Every transition checks the state it start
 - Events from other contexts arrive at least once and, across topics, in any order: a transition
   that no longer applies returns the enrollment unchanged with the reason (`Ignored`), so a late
   or repeated event changes nothing and never fails the consumer.
+- A partner's completion report that the rules refuse returns a `Refusal` with a reason the
+  partner can act on; it is told back to the partner, not raised.
 """
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from microcred_events import (
     CancellationReason,
     CompletedBy,
+    CompletionReported,
     CourseCompleted,
     EnrollmentActivated,
     EnrollmentCancelled,
@@ -28,6 +32,7 @@ from microcred_events import (
     Learner,
     Money,
 )
+from microcred_events.partner import RejectionReason
 
 
 class EnrollmentStatus(enum.StrEnum):
@@ -51,6 +56,8 @@ class Course:
     status: CourseStatus
     # None for a tombstone: a retirement seen before (or without) the course's publication.
     price: Money | None
+    # The partner institution the catalog says delivers the course; it may report completions.
+    delivery_partner_id: UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,12 @@ class Completion:
     completed_by: CompletedBy
     score: float | None
     evidence_url: str | None
-    # The staff subject who attested it: who to ask when a credential is disputed.
+    # Who attested it (a staff subject, or the partner's URN): who to ask when a credential is
+    # disputed.
     recorded_by: str
+    # Set for a partner's completion: the partner and, when it came from one, its report.
+    partner_id: UUID | None = None
+    partner_report_id: UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -282,16 +293,22 @@ def complete(
         evidence_url=evidence_url,
         recorded_by=recorded_by,
     )
+    return _completed(enrollment, completion, now)
+
+
+def _completed(enrollment: Enrollment, completion: Completion, now: datetime) -> Transition:
     completed = replace(enrollment, status=EnrollmentStatus.COMPLETED, completion=completion, updated_at=now)
     event = CourseCompleted(
         enrollment_id=enrollment.enrollment_id,
         learner=enrollment.learner,
         course_id=enrollment.course_id,
         course_version=enrollment.course_version,
-        completed_at=now,
-        score=score,
-        evidence_url=evidence_url,
-        completed_by=CompletedBy.STAFF,
+        completed_at=completion.completed_at,
+        score=completion.score,
+        evidence_url=completion.evidence_url,
+        completed_by=completion.completed_by,
+        partner_id=completion.partner_id,
+        partner_report_id=completion.partner_report_id,
     )
     return Transition(completed, (event,))
 
@@ -303,3 +320,204 @@ def _settled_state(status: EnrollmentStatus) -> Ignored:
         EnrollmentStatus.COMPLETED: Ignored.ALREADY_COMPLETED,
         EnrollmentStatus.CANCELLED: Ignored.ALREADY_CANCELLED,
     }[status]
+
+
+# --- partners --------------------------------------------------------------------------------
+
+
+class PartnerStatus(enum.StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+
+
+class CredentialKind(enum.StrEnum):
+    """How a partner signs: a shared HMAC-SHA256 secret, or an Ed25519 key pair (we hold the public key)."""
+
+    HMAC_SHA256 = "hmac_sha256"
+    ED25519 = "ed25519"
+
+
+@dataclass(frozen=True)
+class Credential:
+    credential_id: UUID
+    kind: CredentialKind
+    created_at: datetime
+    # The HMAC secret as issued, or the raw 32-byte Ed25519 public key; the other one is None.
+    secret: str | None = None
+    public_key: bytes | None = None
+    revoked_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+PARTNER_SOURCE_PREFIX = "urn:microcred:partner:"
+
+
+@dataclass(frozen=True)
+class Partner:
+    """A partner institution that teaches courses and reports their completions."""
+
+    partner_id: UUID
+    display_name: str
+    status: PartnerStatus
+    # Courses granted in the registry; those the catalog says it delivers are allowed besides.
+    course_ids: frozenset[UUID]
+    credentials: tuple[Credential, ...]
+    created_at: datetime
+    updated_at: datetime
+    suspended_at: datetime | None = None
+    suspension_reason: str | None = None
+
+    @property
+    def source(self) -> str:
+        return partner_source(self.partner_id)
+
+    def may_report(self, course: Course) -> bool:
+        return course.course_id in self.course_ids or course.delivery_partner_id == self.partner_id
+
+
+def partner_source(partner_id: UUID) -> str:
+    """The CloudEvents source a partner's messages carry: `urn:microcred:partner:<partner_id>`."""
+    return f"{PARTNER_SOURCE_PREFIX}{partner_id}"
+
+
+def partner_of_source(source: str) -> UUID | None:
+    """The partner a CloudEvents source names, or None when it names no partner."""
+    if not source.startswith(PARTNER_SOURCE_PREFIX):
+        return None
+    try:
+        return UUID(source.removeprefix(PARTNER_SOURCE_PREFIX))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a partner's report completes nothing; told back to the partner."""
+
+    reason: RejectionReason
+    detail: str
+
+
+# Partners' clocks are not ours: a completion a few minutes "in the future" is skew, not fiction.
+CLOCK_SKEW = timedelta(minutes=5)
+_LIVE = (EnrollmentStatus.PENDING_PAYMENT, EnrollmentStatus.ACTIVE)
+
+
+def check_report(
+    partner: Partner, report: CompletionReported, course: Course | None, now: datetime
+) -> Refusal | None:
+    """What refuses a report before any enrollment is looked at: None when it may go on.
+
+    The partner must speak for itself (a signed message names its sender, the report must name the
+    same partner), and may report only courses it delivers or was granted.
+    """
+    if report.partner_id != partner.partner_id:
+        return Refusal(
+            RejectionReason.PARTNER_MISMATCH,
+            f"the report names partner {report.partner_id}, but partner {partner.partner_id} sent it",
+        )
+    if report.completed_at > now + CLOCK_SKEW:
+        return Refusal(RejectionReason.MALFORMED_REPORT, "completed_at is in the future")
+    if course is None or not partner.may_report(course):
+        return Refusal(
+            RejectionReason.COURSE_NOT_ALLOWED,
+            f"partner {partner.partner_id} may not report completions of course {report.course_id}",
+        )
+    return None
+
+
+def complete_for_partner(
+    partner: Partner, report: CompletionReported, candidates: Sequence[Enrollment], now: datetime
+) -> Transition | Refusal:
+    """A partner reports that a learner completed the course: the learner's active enrollment
+    completes, attested by the partner, with the report's time, score and evidence.
+
+    `candidates` are the enrollments the report may mean: the one it names by id, or the learner's
+    (by id, else by email) in the course. The same report again is a no-op (`Ignored.DUPLICATE`).
+    """
+    chosen = _reported_enrollment(report, candidates)
+    if isinstance(chosen, Refusal):
+        return chosen
+    if chosen.status is EnrollmentStatus.COMPLETED:
+        assert chosen.completion is not None
+        if _by_report(chosen, partner.partner_id, report.report_id):
+            return _unchanged(chosen, Ignored.DUPLICATE)
+        return Refusal(
+            RejectionReason.ALREADY_COMPLETED,
+            f"enrollment {chosen.enrollment_id} was already completed"
+            f" ({chosen.completion.completed_by.value}, {chosen.completion.completed_at.isoformat()})",
+        )
+    if chosen.status is EnrollmentStatus.PENDING_PAYMENT:
+        return Refusal(
+            RejectionReason.NO_ACTIVE_ENROLLMENT,
+            f"enrollment {chosen.enrollment_id} is not active yet: it is waiting for payment",
+        )
+    if chosen.status is EnrollmentStatus.CANCELLED:
+        return Refusal(
+            RejectionReason.NO_ACTIVE_ENROLLMENT, f"enrollment {chosen.enrollment_id} was cancelled"
+        )
+    completion = Completion(
+        completed_at=report.completed_at,
+        completed_by=CompletedBy.PARTNER,
+        score=report.score,
+        evidence_url=str(report.evidence_url) if report.evidence_url else None,
+        recorded_by=partner.source,
+        partner_id=partner.partner_id,
+        partner_report_id=report.report_id,
+    )
+    return _completed(chosen, completion, now)
+
+
+def _reported_enrollment(
+    report: CompletionReported, candidates: Sequence[Enrollment]
+) -> Enrollment | Refusal:
+    in_course = [enrollment for enrollment in candidates if enrollment.course_id == report.course_id]
+    if not in_course:
+        return Refusal(
+            RejectionReason.NO_ACTIVE_ENROLLMENT,
+            f"the learner has no enrollment in course {report.course_id}",
+        )
+    named = [enrollment for enrollment in in_course if _names(report, enrollment)]
+    if not named:
+        return Refusal(
+            RejectionReason.LEARNER_MISMATCH,
+            "the report's enrollment_id, learner_id and learner_email do not name one learner",
+        )
+    if len({enrollment.learner.learner_id for enrollment in named if enrollment.status in _LIVE}) > 1:
+        # Two accounts enrolled with one email address: guessing would complete the wrong one.
+        return Refusal(
+            RejectionReason.LEARNER_MISMATCH,
+            "several learners are enrolled with this email; name the learner by learner_id or enrollment_id",
+        )
+    # The live enrollment if there is one (at most one per learner and course), else the one this
+    # report completed, else the latest completed one, else the latest.
+    return max(
+        named,
+        key=lambda enrollment: (
+            enrollment.status in _LIVE,
+            _by_report(enrollment, report.partner_id, report.report_id),
+            enrollment.status is EnrollmentStatus.COMPLETED,
+            enrollment.created_at,
+        ),
+    )
+
+
+def _names(report: CompletionReported, enrollment: Enrollment) -> bool:
+    """Whether every way the report names the learner agrees with the enrollment."""
+    return (
+        report.enrollment_id in (None, enrollment.enrollment_id)
+        and report.learner_id in (None, enrollment.learner.learner_id)
+        and (report.learner_email is None or report.learner_email.lower() == enrollment.learner.email.lower())
+    )
+
+
+def _by_report(enrollment: Enrollment, partner_id: UUID, report_id: UUID) -> bool:
+    completion = enrollment.completion
+    return (
+        completion is not None
+        and completion.partner_id == partner_id
+        and completion.partner_report_id == report_id
+    )

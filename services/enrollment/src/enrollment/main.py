@@ -8,15 +8,19 @@ from microcred_runtime import Service
 
 from . import api
 from .settings import Settings
-from .subscribers import subscriptions
+from .subscribers import consuming_partner_reports, subscriptions
 
 service = Service(
     name="enrollment",
     settings_class=Settings,
     migrations=Path(__file__).parent / "migrations",
-    routers=[api.router],
+    routers=[api.router, api.partners],
     subscriptions=subscriptions,
-    description="Learners' enrollments and their state; keeps its own read model of the catalog.",
+    background=[consuming_partner_reports],
+    description=(
+        "Learners' enrollments and their state; keeps its own read model of the catalog; the registry "
+        "of partner institutions and the completions they report."
+    ),
 )
 
 

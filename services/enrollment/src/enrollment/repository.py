@@ -2,16 +2,33 @@
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from microcred_events import CancellationReason, CompletedBy, CourseSnapshot, Learner, Money
+from microcred_events import (
+    CancellationReason,
+    CompletedBy,
+    CompletionReported,
+    CourseSnapshot,
+    Learner,
+    Money,
+)
 from microcred_runtime import Connection
 
-from .domain import Completion, Course, CourseStatus, Enrollment, EnrollmentStatus
+from .domain import (
+    Completion,
+    Course,
+    CourseStatus,
+    Credential,
+    CredentialKind,
+    Enrollment,
+    EnrollmentStatus,
+    Partner,
+    PartnerStatus,
+)
 
 # --- the course read model -------------------------------------------------------------------
 
@@ -68,8 +85,9 @@ async def get_course(conn: Connection, course_id: UUID) -> Course | None:
     """The course, share-locked: a retirement waits for the enrollment being made to commit, and
     then sees (and cancels) it if it is still pending."""
     row = await conn.fetchrow(
-        "SELECT course_id, version, status, price_minor, currency FROM courses WHERE course_id = $1"
-        " FOR SHARE",
+        "SELECT course_id, version, status, price_minor, currency,"
+        " (snapshot ->> 'delivery_partner_id')::uuid AS delivery_partner_id"
+        " FROM courses WHERE course_id = $1 FOR SHARE",
         course_id,
     )
     if row is None:
@@ -79,7 +97,9 @@ async def get_course(conn: Connection, course_id: UUID) -> Course | None:
         if row["price_minor"] is not None
         else None
     )
-    return Course(row["course_id"], row["version"], CourseStatus(row["status"]), price)
+    return Course(
+        row["course_id"], row["version"], CourseStatus(row["status"]), price, row["delivery_partner_id"]
+    )
 
 
 # --- enrollments -----------------------------------------------------------------------------
@@ -106,6 +126,8 @@ _COLUMN_NAMES = (
     "score",
     "evidence_url",
     "completion_recorded_by",
+    "partner_id",
+    "partner_report_id",
 )
 _COLUMNS = ", ".join(_COLUMN_NAMES)
 
@@ -119,6 +141,8 @@ def _enrollment(row: asyncpg.Record) -> Enrollment:
             score=row["score"],
             evidence_url=row["evidence_url"],
             recorded_by=row["completion_recorded_by"],
+            partner_id=row["partner_id"],
+            partner_report_id=row["partner_report_id"],
         )
     reason = row["cancellation_reason"]
     return Enrollment(
@@ -168,6 +192,8 @@ def _values(enrollment: Enrollment) -> tuple[Any, ...]:
         completion.score if completion else None,
         completion.evidence_url if completion else None,
         completion.recorded_by if completion else None,
+        completion.partner_id if completion else None,
+        completion.partner_report_id if completion else None,
     )
 
 
@@ -216,7 +242,8 @@ async def save_enrollment(conn: Connection, enrollment: Enrollment) -> None:
         UPDATE enrollments SET
             status = $2, updated_at = $3, activated_at = $4, payment_id = $5, cancelled_at = $6,
             cancellation_reason = $7, cancellation_detail = $8, completed_at = $9, completed_by = $10,
-            score = $11, evidence_url = $12, completion_recorded_by = $13
+            score = $11, evidence_url = $12, completion_recorded_by = $13, partner_id = $14,
+            partner_report_id = $15
         WHERE enrollment_id = $1
         """,
         enrollment.enrollment_id,
@@ -232,6 +259,8 @@ async def save_enrollment(conn: Connection, enrollment: Enrollment) -> None:
         completion.score if completion else None,
         completion.evidence_url if completion else None,
         completion.recorded_by if completion else None,
+        completion.partner_id if completion else None,
+        completion.partner_report_id if completion else None,
     )
 
 
@@ -269,6 +298,33 @@ async def pending_for_course(conn: Connection, course_id: UUID) -> list[Enrollme
         course_id,
     )
     return [_enrollment(row) for row in rows]
+
+
+async def enrollments_for_report(conn: Connection, report: CompletionReported) -> list[Enrollment]:
+    """The enrollments a partner's report may mean, locked: the one it names by id, else the
+    learner's in the course, found by learner id, else by email."""
+    arguments: tuple[object, ...]
+    if report.enrollment_id is not None:
+        condition, arguments = "enrollment_id = $1", (report.enrollment_id,)
+    elif report.learner_id is not None:
+        condition, arguments = "learner_id = $1 AND course_id = $2", (report.learner_id, report.course_id)
+    else:
+        condition = "lower(learner_email) = lower($1) AND course_id = $2"
+        arguments = (report.learner_email, report.course_id)
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM enrollments WHERE {condition} ORDER BY enrollment_id FOR UPDATE", *arguments
+    )
+    return [_enrollment(row) for row in rows]
+
+
+async def enrollment_for_report(conn: Connection, partner_id: UUID, report_id: UUID) -> UUID | None:
+    """The enrollment a partner's report completed, if it was accepted before."""
+    enrollment_id: UUID | None = await conn.fetchval(
+        "SELECT enrollment_id FROM enrollments WHERE partner_id = $1 AND partner_report_id = $2",
+        partner_id,
+        report_id,
+    )
+    return enrollment_id
 
 
 # --- idempotency keys ------------------------------------------------------------------------
@@ -347,3 +403,170 @@ async def record_unapplied_payment(
         reason,
         settled_at,
     )
+
+
+# --- the partner registry --------------------------------------------------------------------
+
+
+async def insert_partner(conn: Connection, partner: Partner) -> None:
+    await conn.execute(
+        "INSERT INTO partners (partner_id, display_name, status, created_at, updated_at)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        partner.partner_id,
+        partner.display_name,
+        partner.status,
+        partner.created_at,
+        partner.updated_at,
+    )
+    await set_partner_courses(conn, partner.partner_id, partner.course_ids)
+    for credential in partner.credentials:
+        await insert_credential(conn, partner.partner_id, credential)
+
+
+async def save_partner(conn: Connection, partner: Partner) -> None:
+    """Write back the partner's name, status and courses; credentials change on their own."""
+    await conn.execute(
+        "UPDATE partners SET display_name = $2, status = $3, updated_at = $4, suspended_at = $5,"
+        " suspension_reason = $6 WHERE partner_id = $1",
+        partner.partner_id,
+        partner.display_name,
+        partner.status,
+        partner.updated_at,
+        partner.suspended_at,
+        partner.suspension_reason,
+    )
+    await set_partner_courses(conn, partner.partner_id, partner.course_ids)
+
+
+async def set_partner_courses(conn: Connection, partner_id: UUID, course_ids: frozenset[UUID]) -> None:
+    await conn.execute(
+        "DELETE FROM partner_courses WHERE partner_id = $1 AND NOT course_id = ANY($2::uuid[])",
+        partner_id,
+        list(course_ids),
+    )
+    await conn.execute(
+        "INSERT INTO partner_courses (partner_id, course_id) SELECT $1, unnest($2::uuid[])"
+        " ON CONFLICT DO NOTHING",
+        partner_id,
+        list(course_ids),
+    )
+
+
+async def insert_credential(conn: Connection, partner_id: UUID, credential: Credential) -> None:
+    await conn.execute(
+        "INSERT INTO partner_credentials"
+        " (credential_id, partner_id, kind, secret, public_key, created_at, revoked_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        credential.credential_id,
+        partner_id,
+        credential.kind,
+        credential.secret,
+        credential.public_key,
+        credential.created_at,
+        credential.revoked_at,
+    )
+
+
+async def revoke_credential(conn: Connection, partner_id: UUID, credential_id: UUID, at: datetime) -> None:
+    await conn.execute(
+        "UPDATE partner_credentials SET revoked_at = $3 WHERE partner_id = $1 AND credential_id = $2",
+        partner_id,
+        credential_id,
+        at,
+    )
+
+
+async def get_partner(conn: Connection, partner_id: UUID, *, for_update: bool = False) -> Partner | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(f"SELECT * FROM partners WHERE partner_id = $1{lock}", partner_id)
+    if row is None:
+        return None
+    (partner,) = await _with_details(conn, [row])
+    return partner
+
+
+async def list_partners(
+    conn: Connection,
+    *,
+    status: PartnerStatus | None,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> list[Partner]:
+    """Partners, newest first, starting after the sort key `after`."""
+    rows = await conn.fetch(
+        """
+        SELECT * FROM partners
+        WHERE ($1::text IS NULL OR status = $1)
+          AND ($2::timestamptz IS NULL OR (created_at, partner_id) < ($2, $3::uuid))
+        ORDER BY created_at DESC, partner_id DESC
+        LIMIT $4
+        """,
+        status,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return await _with_details(conn, rows)
+
+
+async def partner_ids(conn: Connection) -> list[UUID]:
+    return [row["partner_id"] for row in await conn.fetch("SELECT partner_id FROM partners")]
+
+
+async def _with_details(conn: Connection, rows: list[asyncpg.Record]) -> list[Partner]:
+    """Partners from their rows, with their courses and credentials (two queries for all)."""
+    ids = [row["partner_id"] for row in rows]
+    courses: dict[UUID, set[UUID]] = {partner_id: set() for partner_id in ids}
+    for course in await conn.fetch(
+        "SELECT partner_id, course_id FROM partner_courses WHERE partner_id = ANY($1::uuid[])", ids
+    ):
+        courses[course["partner_id"]].add(course["course_id"])
+    credentials: dict[UUID, list[Credential]] = {partner_id: [] for partner_id in ids}
+    for credential in await conn.fetch(
+        "SELECT * FROM partner_credentials WHERE partner_id = ANY($1::uuid[])"
+        " ORDER BY created_at, credential_id",
+        ids,
+    ):
+        credentials[credential["partner_id"]].append(
+            Credential(
+                credential_id=credential["credential_id"],
+                kind=CredentialKind(credential["kind"]),
+                created_at=credential["created_at"],
+                secret=credential["secret"],
+                public_key=credential["public_key"],
+                revoked_at=credential["revoked_at"],
+            )
+        )
+    return [
+        Partner(
+            partner_id=row["partner_id"],
+            display_name=row["display_name"],
+            status=PartnerStatus(row["status"]),
+            course_ids=frozenset(courses[row["partner_id"]]),
+            credentials=tuple(credentials[row["partner_id"]]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            suspended_at=row["suspended_at"],
+            suspension_reason=row["suspension_reason"],
+        )
+        for row in rows
+    ]
+
+
+async def record_webhook_id(conn: Connection, partner_id: UUID, webhook_id: str, keep: timedelta) -> bool:
+    """Record a signed request's id; False when it was taken before (a replay).
+
+    Ids older than `keep` are forgotten first: requests that old are refused by their timestamp.
+    """
+    await conn.execute(
+        "DELETE FROM partner_webhook_ids WHERE partner_id = $1 AND received_at < now() - $2::interval",
+        partner_id,
+        keep,
+    )
+    recorded = await conn.fetchval(
+        "INSERT INTO partner_webhook_ids (partner_id, webhook_id) VALUES ($1, $2)"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        partner_id,
+        webhook_id,
+    )
+    return bool(recorded)

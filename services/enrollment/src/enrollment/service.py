@@ -1,17 +1,21 @@
 """Enrollment use cases: each runs in the caller's transaction and queues the events it causes."""
 
+import enum
 import hashlib
 import json
 import logging
+import re
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from pydantic import ValidationError
 
 from microcred_events import (
+    CompletionReported,
     CoursePublished,
     CourseRetired,
     CourseUpdated,
@@ -20,10 +24,23 @@ from microcred_events import (
     PaymentSettled,
     RefundIssued,
 )
-from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor, outbox
+from microcred_events.partner import CompletionRejected, RejectionReason
+from microcred_events.topics import partner_rejection_topic
+from microcred_runtime import Connection, Principal, Problem, Rejected, decode_cursor, encode_cursor, outbox
 
-from . import domain, repository
-from .domain import CourseStatus, Enrollment, EnrollmentStatus, Ignored, Transition
+from . import domain, repository, signatures
+from .domain import (
+    CourseStatus,
+    Credential,
+    CredentialKind,
+    Enrollment,
+    EnrollmentStatus,
+    Ignored,
+    Partner,
+    PartnerStatus,
+    Refusal,
+    Transition,
+)
 from .repository import StoredResponse
 
 log = logging.getLogger(__name__)
@@ -206,6 +223,334 @@ async def refund_payment(conn: Connection, event: RefundIssued) -> None:
         ),
         payment_id=event.payment_id,
     )
+
+
+# --- the partner registry --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewCredential:
+    """A credential to add: an HMAC secret we generate, or the partner's Ed25519 public key."""
+
+    kind: CredentialKind
+    public_key: bytes | None = None
+
+
+async def register_partner(
+    conn: Connection, *, display_name: str, course_ids: Iterable[UUID], credentials: Sequence[NewCredential]
+) -> Partner:
+    """A new, active partner. Its HMAC secrets are in the partner returned, and nowhere else later."""
+    now = _now()
+    partner = Partner(
+        partner_id=uuid.uuid4(),
+        display_name=display_name,
+        status=PartnerStatus.ACTIVE,
+        course_ids=frozenset(course_ids),
+        credentials=tuple(_issue(credential, now) for credential in credentials),
+        created_at=now,
+        updated_at=now,
+    )
+    await repository.insert_partner(conn, partner)
+    return partner
+
+
+async def get_partner(conn: Connection, partner_id: UUID, *, for_update: bool = False) -> Partner:
+    partner = await repository.get_partner(conn, partner_id, for_update=for_update)
+    if partner is None:
+        raise Problem(404, "partner-not-found", f"no partner {partner_id}")
+    return partner
+
+
+async def list_partners(
+    conn: Connection, *, status: PartnerStatus | None, limit: int, cursor: str | None
+) -> tuple[list[Partner], str | None]:
+    """Partners, newest first; returns a page and the cursor of the next one."""
+    key = decode_cursor(cursor, 2)
+    after = _sort_key(key) if key else None
+    partners = await repository.list_partners(conn, status=status, after=after, limit=limit + 1)
+    page = partners[:limit]
+    if len(partners) <= limit:
+        return page, None
+    last = page[-1]
+    return page, encode_cursor([last.created_at.isoformat(), str(last.partner_id)])
+
+
+async def update_partner(
+    conn: Connection, partner_id: UUID, *, display_name: str | None, course_ids: Iterable[UUID] | None
+) -> Partner:
+    """Rename the partner and/or replace the courses the registry lets it report."""
+    partner = await get_partner(conn, partner_id, for_update=True)
+    updated = replace(
+        partner,
+        display_name=partner.display_name if display_name is None else display_name,
+        course_ids=partner.course_ids if course_ids is None else frozenset(course_ids),
+        updated_at=_now(),
+    )
+    await repository.save_partner(conn, updated)
+    return updated
+
+
+async def suspend_partner(conn: Connection, partner_id: UUID, reason: str | None) -> Partner:
+    """Refuse the partner's reports from now on (`partner_suspended`); suspending again changes nothing."""
+    partner = await get_partner(conn, partner_id, for_update=True)
+    if partner.status is PartnerStatus.SUSPENDED:
+        return partner
+    now = _now()
+    suspended = replace(
+        partner, status=PartnerStatus.SUSPENDED, suspended_at=now, suspension_reason=reason, updated_at=now
+    )
+    await repository.save_partner(conn, suspended)
+    return suspended
+
+
+async def reactivate_partner(conn: Connection, partner_id: UUID) -> Partner:
+    partner = await get_partner(conn, partner_id, for_update=True)
+    if partner.status is PartnerStatus.ACTIVE:
+        return partner
+    active = replace(
+        partner, status=PartnerStatus.ACTIVE, suspended_at=None, suspension_reason=None, updated_at=_now()
+    )
+    await repository.save_partner(conn, active)
+    return active
+
+
+async def add_credential(conn: Connection, partner_id: UUID, new: NewCredential) -> Credential:
+    """Add a credential beside the active ones (to rotate: add, switch, then revoke the old one)."""
+    await get_partner(conn, partner_id, for_update=True)
+    credential = _issue(new, _now())
+    await repository.insert_credential(conn, partner_id, credential)
+    return credential
+
+
+async def revoke_credential(conn: Connection, partner_id: UUID, credential_id: UUID) -> Credential:
+    """Stop accepting signatures made with the credential; revoking it again changes nothing."""
+    partner = await get_partner(conn, partner_id, for_update=True)
+    credential = next((c for c in partner.credentials if c.credential_id == credential_id), None)
+    if credential is None:
+        raise Problem(404, "credential-not-found", f"partner {partner_id} has no credential {credential_id}")
+    if not credential.active:
+        return credential
+    now = _now()
+    await repository.revoke_credential(conn, partner_id, credential_id, now)
+    return replace(credential, revoked_at=now)
+
+
+def _issue(new: NewCredential, now: datetime) -> Credential:
+    if new.kind is CredentialKind.HMAC_SHA256:
+        return Credential(uuid.uuid4(), new.kind, now, secret=signatures.new_secret())
+    return Credential(uuid.uuid4(), new.kind, now, public_key=new.public_key)
+
+
+# --- partners' completion reports ------------------------------------------------------------
+
+
+class ReportStatus(enum.StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class MalformedReport:
+    """What a partner sent as a report that is not a valid `CompletionReported`, and why."""
+
+    detail: str
+    # Read from the body when it carries one, so the partner can tell which report was refused.
+    report_id: UUID | None = None
+
+
+Report = CompletionReported | MalformedReport
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """What became of one report: accepted, the duplicate of an accepted one, or refused and why."""
+
+    status: ReportStatus
+    report_id: UUID | None
+    enrollment_id: UUID | None = None
+    refusal: Refusal | None = None
+
+
+async def report_completion(
+    conn: Connection, partner: Partner, report: Report, now: datetime
+) -> ReportOutcome:
+    """The one path of every partner report, whichever way it came in, once the sender is known to
+    be `partner`: the enrollment completes (and `CourseCompleted` is queued) exactly once per
+    report; the same report again is a duplicate; anything else is refused with a reason.
+    """
+    if isinstance(report, MalformedReport):
+        return _refused(report, Refusal(RejectionReason.MALFORMED_REPORT, report.detail))
+    # Looked up first: an accepted report sent again is still a duplicate after its course grant
+    # or its enrollment moved on. (A report naming another partner is refused below instead.)
+    if report.partner_id == partner.partner_id:
+        accepted = await repository.enrollment_for_report(conn, partner.partner_id, report.report_id)
+        if accepted is not None:
+            return ReportOutcome(ReportStatus.DUPLICATE, report.report_id, accepted)
+    course = await repository.get_course(conn, report.course_id)
+    refusal = domain.check_report(partner, report, course, now)
+    if refusal is not None:
+        return _refused(report, refusal)
+    candidates = await repository.enrollments_for_report(conn, report)
+    transition = domain.complete_for_partner(partner, report, candidates, now)
+    if isinstance(transition, Refusal):
+        return _refused(report, transition)
+    await _apply(conn, transition)
+    status = ReportStatus.ACCEPTED if transition.changed else ReportStatus.DUPLICATE
+    return ReportOutcome(status, report.report_id, transition.enrollment.enrollment_id)
+
+
+def _refused(report: Report, refusal: Refusal) -> ReportOutcome:
+    return ReportOutcome(ReportStatus.REFUSED, report.report_id, refusal=refusal)
+
+
+def _authenticate(partner: Partner, content: bytes, signature: str | None) -> Refusal | None:
+    """Why the partner may not report now, if it may not: a bad signature, or a suspension
+    (told only to a sender that proved to be the partner)."""
+    try:
+        signatures.verify(signature, content, partner.credentials)
+    except signatures.BadSignature as exc:
+        return Refusal(RejectionReason.BAD_SIGNATURE, str(exc))
+    if partner.status is PartnerStatus.SUSPENDED:
+        return Refusal(RejectionReason.PARTNER_SUSPENDED, f"partner {partner.partner_id} is suspended")
+    return None
+
+
+def loose_report_id(document: object) -> UUID | None:
+    """The `report_id` of something that is not a valid report, if it has a readable one."""
+    if isinstance(document, bytes):
+        try:
+            document = json.loads(document)
+        except (ValueError, RecursionError):
+            return None
+    if not isinstance(document, dict) or not isinstance(document.get("report_id"), str):
+        return None
+    try:
+        return UUID(document["report_id"])
+    except ValueError:
+        return None
+
+
+# --- ... by Kafka ---
+
+
+REJECTION_SOURCE = "urn:microcred:enrollment"
+
+
+@dataclass(frozen=True)
+class PartnerMessage:
+    """A message from the partner topic: who it says it is from, what is signed, and the report."""
+
+    partner_id: UUID
+    message_id: str
+    signed_content: bytes
+    signature: str | None
+    report: Report
+
+
+async def take_partner_message(conn: Connection, message: PartnerMessage) -> ReportOutcome:
+    """Apply a report from the partner topic; a refusal is queued for the partner's rejection
+    topic in this same transaction, so it is told exactly once.
+
+    Raises `Rejected` (the message is dead-lettered) when `ce_source` names a partner that is not
+    registered: there is no rejection topic to answer on.
+    """
+    partner = await repository.get_partner(conn, message.partner_id)
+    if partner is None:
+        raise Rejected(
+            RejectionReason.UNKNOWN_PARTNER,
+            f"ce_source names partner {message.partner_id}, which is not registered",
+        )
+    now = _now()
+    refusal = _authenticate(partner, message.signed_content, message.signature)
+    if refusal is not None:
+        outcome = _refused(message.report, refusal)
+    else:
+        outcome = await report_completion(conn, partner, message.report, now)
+    if outcome.refusal is not None:
+        log.info(
+            "partner report refused: %s",
+            outcome.refusal.reason,
+            extra={"partner_id": str(partner.partner_id), "message_id": message.message_id},
+        )
+        rejected = CompletionRejected(
+            message_id=message.message_id,
+            partner_id=partner.partner_id,
+            report_id=outcome.report_id,
+            reason=outcome.refusal.reason,
+            detail=outcome.refusal.detail,
+            rejected_at=now,
+        )
+        await outbox.add(
+            conn, rejected, source=REJECTION_SOURCE, topic=partner_rejection_topic(partner.partner_id)
+        )
+    return outcome
+
+
+# --- ... and by HTTP ---
+
+
+WEBHOOK_TOLERANCE = timedelta(minutes=5)
+_UNIX_SECONDS = re.compile(r"[0-9]{1,12}")
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """A partner's HTTP request, signed Standard-Webhooks style: its three headers and raw body."""
+
+    webhook_id: str | None
+    timestamp: str | None
+    signature: str | None
+    body: bytes
+
+
+async def authenticate_request(conn: Connection, partner_id: UUID, request: SignedRequest) -> Partner:
+    """The partner a signed request comes from, or a problem saying why the request is refused.
+
+    The request's id is recorded here, in the caller's transaction: the same id again is a replay.
+    """
+    partner = await repository.get_partner(conn, partner_id)
+    if partner is None:
+        raise Problem(404, "unknown-partner", f"no partner {partner_id}")
+    if not request.webhook_id or not request.timestamp or not request.signature:
+        raise Problem(
+            401, "bad-signature", "send the webhook-id, webhook-timestamp and webhook-signature headers"
+        )
+    if not _UNIX_SECONDS.fullmatch(request.timestamp):
+        raise Problem(401, "bad-signature", "webhook-timestamp is not a time in Unix seconds")
+    # Compared as numbers: a timestamp centuries away must be refused, not overflow a datetime.
+    if abs(_now().timestamp() - int(request.timestamp)) > WEBHOOK_TOLERANCE.total_seconds():
+        raise Problem(
+            401,
+            "stale-timestamp",
+            f"webhook-timestamp is more than {WEBHOOK_TOLERANCE.seconds // 60} minutes from our clock",
+        )
+    content = signatures.signed_content(request.webhook_id, request.timestamp, request.body)
+    refusal = _authenticate(partner, content, request.signature)
+    if refusal is not None and refusal.reason is RejectionReason.BAD_SIGNATURE:
+        raise Problem(401, "bad-signature", refusal.detail)
+    if refusal is not None:
+        raise Problem(403, "partner-suspended", refusal.detail)
+    # Kept twice the tolerance: a request accepted with a timestamp up to 5 minutes ahead stays
+    # recorded until its timestamp is too old to pass the check above.
+    if not await repository.record_webhook_id(
+        conn, partner_id, request.webhook_id, keep=2 * WEBHOOK_TOLERANCE
+    ):
+        raise Problem(
+            409,
+            "replayed-request",
+            f"the request {request.webhook_id} was taken already; to ask again, send under a new"
+            " webhook-id (accepted reports then answer `duplicate`)",
+        )
+    return partner
+
+
+async def report_completions(
+    conn: Connection, partner: Partner, reports: Sequence[Report]
+) -> list[ReportOutcome]:
+    """Apply each report of a signed request, in order; one outcome per report."""
+    now = _now()
+    return [await report_completion(conn, partner, report, now) for report in reports]
 
 
 # --- helpers ---------------------------------------------------------------------------------
