@@ -29,6 +29,9 @@ SECRETS = ROOT / ".local" / "dev-secrets"
 # Fixed local ports so frontends and the README can rely on them.
 PORTS = {"catalog": 8001, "enrollment": 8002, "billing": 8003, "issuance": 8004, "notifications": 8005}
 SIMULATOR_PORT = 8090
+# The local SMTP sink notifications sends to; its page lists the caught emails.
+MAIL_SINK_SMTP_PORT = 1025
+MAIL_SINK_HTTP_PORT = 8025
 READY_TIMEOUT = 90.0
 
 
@@ -88,6 +91,23 @@ def main() -> int:
             if service.name == "billing":
                 service.env["PAYMENT_PROVIDER_URL"] = f"http://127.0.0.1:{SIMULATOR_PORT}"
                 service.env["PAYMENT_WEBHOOK_SECRET"] = webhook_secret
+    for service in services:
+        if service.name == "issuance":
+            service.env["ISSUER_KEYS_DIR"] = str(_issuer_keys())
+            service.env["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{PORTS['issuance']}"
+    if importlib.util.find_spec("notifications.smtp_sink") is not None:
+        auxiliaries.append(
+            Process(
+                "mail-sink",
+                [sys.executable, "-m", "notifications.smtp_sink"],
+                f"http://127.0.0.1:{MAIL_SINK_HTTP_PORT}/health/live",
+                {"SINK_SMTP_PORT": str(MAIL_SINK_SMTP_PORT), "SINK_HTTP_PORT": str(MAIL_SINK_HTTP_PORT)},
+            )
+        )
+        for service in services:
+            if service.name == "notifications":
+                service.env["SMTP_HOST"] = "127.0.0.1"
+                service.env["SMTP_PORT"] = str(MAIL_SINK_SMTP_PORT)
     processes = auxiliaries + services
     stop = _install_signal_handlers()
     try:
@@ -122,6 +142,16 @@ def _secret(name: str) -> str:
     return path.read_text().strip()
 
 
+def _issuer_keys() -> Path:
+    """Issuance's signing keys for local runs: one Ed25519 key, made on first run under `.local/`."""
+    from issuance import keys
+
+    directory = SECRETS / "issuer-keys"
+    if not any(directory.glob("*.pem")):
+        keys.generate_key(directory)
+    return directory
+
+
 def _start(process: Process) -> None:
     log_file = process.log.open("ab")
     process.popen = subprocess.Popen(  # noqa: S603  (our own interpreter and modules)
@@ -148,6 +178,8 @@ def _print_summary(processes: list[Process], endpoints: infra.Endpoints) -> None
     print(f'  {"dev token issuer":<18} {dev_issuer.ISSUER}/token   (POST {{"sub", "roles", "email"}})')
     if any(process.name == "payment-simulator" for process in processes):
         print(f"  {'payment simulator':<18} http://127.0.0.1:{SIMULATOR_PORT}/docs")
+    if any(process.name == "mail-sink" for process in processes):
+        print(f"  {'mail sink':<18} http://127.0.0.1:{MAIL_SINK_HTTP_PORT}/   (every email sent, caught)")
     print(f"  {'kafka':<18} {endpoints.kafka_bootstrap}")
     print(f"  {'postgres':<18} {endpoints.postgres_url}")
     print("Ctrl-C stops the services; `make infra-down` stops Kafka and PostgreSQL.")

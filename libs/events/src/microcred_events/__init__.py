@@ -31,7 +31,13 @@ from microcred_events.enrollment import (
     EnrollmentCreated,
     Learner,
 )
-from microcred_events.issuance import CredentialIssued, CredentialKind, CredentialRevoked, StatusPurpose
+from microcred_events.issuance import (
+    CredentialIssued,
+    CredentialKind,
+    CredentialReinstated,
+    CredentialRevoked,
+    StatusPurpose,
+)
 from microcred_events.partner import CompletionReported
 from microcred_events.registry import REGISTRY
 from microcred_events.topics import Topic, dead_letter_topic
@@ -51,6 +57,7 @@ __all__ = [
     "CourseUpdated",
     "CredentialIssued",
     "CredentialKind",
+    "CredentialReinstated",
     "CredentialRevoked",
     "Duration",
     "DurationUnit",

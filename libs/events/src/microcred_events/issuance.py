@@ -120,4 +120,22 @@ class CredentialRevoked(Event):
     )
 
 
-EVENTS: tuple[type[Event], ...] = (CredentialIssued, CredentialRevoked)
+class CredentialReinstated(Event):
+    """A suspension was lifted: the credential is in good standing again.
+
+    Consumers may rely on: it follows a `CredentialRevoked` with status_purpose `suspension` for
+    the same credential; revocations are permanent and are never reinstated.
+    """
+
+    TYPE: ClassVar[str] = "org.microcred.issuance.credential.reinstated.v1"
+    TOPIC: ClassVar[Topic] = Topic.ISSUANCE_CREDENTIAL
+    KEY: ClassVar[str] = "credential_id"
+
+    credential_id: UUID = Field(description=_CREDENTIAL_DESCRIPTION, examples=[_CREDENTIAL_ID])
+    learner_id: UUID = Field(description="The holder.", examples=[_LEARNER_ID])
+    reinstated_at: UtcDateTime = Field(
+        description="When the suspension was lifted.", examples=["2025-06-12T09:00:00Z"]
+    )
+
+
+EVENTS: tuple[type[Event], ...] = (CredentialIssued, CredentialRevoked, CredentialReinstated)

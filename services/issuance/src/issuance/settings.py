@@ -1,7 +1,68 @@
-from pydantic import Field
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, HttpUrl, field_validator
 
 from microcred_runtime import ServiceSettings
+
+from .keys import KeyRingError, load_keyring
 
 
 class Settings(ServiceSettings):
     http_port: int = Field(default=8004, ge=1, le=65535)
+    issuer_keys_dir: Annotated[
+        Path,
+        Field(
+            description=(
+                "Folder of the platform's Ed25519 signing keys (`<key_id>.pem`, plus an optional "
+                "`active` file naming the signing key), e.g. a mounted Kubernetes Secret."
+            )
+        ),
+    ]
+    public_base_url: HttpUrl = Field(
+        default=HttpUrl("http://127.0.0.1:8004"),
+        description=(
+            "Where this service is reachable publicly: credential ids, status lists and the did:web "
+            "identifiers of issuers are made from it, so it must not change once credentials exist."
+        ),
+    )
+    verify_trusted_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Hosts (`name` or `name:port`) whose DID documents and status lists POST /verify may fetch, "
+            "over HTTPS; nothing else is ever fetched."
+        ),
+    )
+    verify_fetch_timeout_seconds: float = Field(
+        default=3.0, gt=0, le=30, description="Time a fetch from a trusted host may take, in all."
+    )
+    verify_fetch_max_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="Largest document fetched from a trusted host."
+    )
+    verify_max_body_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="Largest credential POST /verify accepts."
+    )
+
+    @field_validator("issuer_keys_dir")
+    @classmethod
+    def _loads(cls, directory: Path) -> Path:
+        # Refused at start-up rather than at the first credential: a service that cannot sign
+        # would take completions off the topic and dead-letter every one of them.
+        try:
+            load_keyring(directory)
+        except KeyRingError as exc:
+            raise ValueError(f"cannot load the issuer keys from {directory}: {exc}") from None
+        return directory
+
+    @field_validator("verify_trusted_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not host or any(character in host for character in "/@?#\\ ") or host != host.strip():
+                raise ValueError(f"{host!r} is not a host name (with an optional :port)")
+        return [host.lower() for host in hosts]
+
+    @property
+    def base_url(self) -> str:
+        """The public base URL without a trailing slash, as URLs are built from it."""
+        return str(self.public_base_url).rstrip("/")

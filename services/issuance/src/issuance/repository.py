@@ -1,0 +1,383 @@
+"""Issuance's tables, as plain SQL."""
+
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from microcred_events import (
+    CourseCompleted,
+    CourseSnapshot,
+    CredentialKind,
+    Issuer,
+    Learner,
+    PathwaySnapshot,
+)
+from microcred_runtime import Connection
+
+from .domain import Credential
+
+# --- the catalog read model ------------------------------------------------------------------
+
+
+async def record_course_version(conn: Connection, course: CourseSnapshot) -> bool:
+    """Keep this version of the course; False when it was already held (a redelivery)."""
+    stored = await conn.fetchval(
+        "INSERT INTO course_versions (course_id, version, snapshot) VALUES ($1, $2, $3)"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        course.course_id,
+        course.version,
+        course.model_dump_json(),
+    )
+    return bool(stored)
+
+
+async def course_version(conn: Connection, course_id: UUID, version: int) -> CourseSnapshot | None:
+    snapshot = await conn.fetchval(
+        "SELECT snapshot FROM course_versions WHERE course_id = $1 AND version = $2", course_id, version
+    )
+    return CourseSnapshot.model_validate_json(snapshot) if snapshot else None
+
+
+async def record_issuer(conn: Connection, issuer: Issuer) -> None:
+    """The institution's latest name and home page (every snapshot carries them)."""
+    await conn.execute(
+        "INSERT INTO issuers (issuer_id, name, url) VALUES ($1, $2, $3)"
+        " ON CONFLICT (issuer_id) DO UPDATE SET name = EXCLUDED.name, url = EXCLUDED.url, updated_at = now()",
+        issuer.issuer_id,
+        issuer.name,
+        str(issuer.url),
+    )
+
+
+async def issuer_known(conn: Connection, issuer_id: UUID) -> bool:
+    return bool(await conn.fetchval("SELECT true FROM issuers WHERE issuer_id = $1", issuer_id))
+
+
+async def record_pathway(conn: Connection, pathway: PathwaySnapshot) -> bool:
+    """Store the pathway unless a same-or-newer version is held; True when stored."""
+    stored = await conn.fetchval(
+        """
+        INSERT INTO pathways (pathway_id, version, course_ids, snapshot) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (pathway_id) DO UPDATE SET
+            version = EXCLUDED.version, course_ids = EXCLUDED.course_ids,
+            snapshot = EXCLUDED.snapshot, updated_at = now()
+        WHERE pathways.version < EXCLUDED.version
+        RETURNING true
+        """,
+        pathway.pathway_id,
+        pathway.version,
+        list(pathway.course_ids),
+        pathway.model_dump_json(),
+    )
+    return bool(stored)
+
+
+async def pathways_with_course(conn: Connection, course_id: UUID) -> list[PathwaySnapshot]:
+    rows = await conn.fetch(
+        "SELECT snapshot FROM pathways WHERE course_ids @> ARRAY[$1::uuid] ORDER BY pathway_id", course_id
+    )
+    return [PathwaySnapshot.model_validate_json(row["snapshot"]) for row in rows]
+
+
+# --- completions waiting for their course version --------------------------------------------
+
+
+async def park_completion(conn: Connection, completion: CourseCompleted) -> None:
+    await conn.execute(
+        "INSERT INTO awaiting_course_version (enrollment_id, course_id, course_version, completion)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (enrollment_id) DO NOTHING",
+        completion.enrollment_id,
+        completion.course_id,
+        completion.course_version,
+        completion.model_dump_json(),
+    )
+
+
+async def take_parked_completions(conn: Connection, course_id: UUID, version: int) -> list[CourseCompleted]:
+    """Remove and return the completions that waited for this course version."""
+    rows = await conn.fetch(
+        "DELETE FROM awaiting_course_version WHERE course_id = $1 AND course_version = $2"
+        " RETURNING completion",
+        course_id,
+        version,
+    )
+    return [CourseCompleted.model_validate_json(row["completion"]) for row in rows]
+
+
+# --- credentials -----------------------------------------------------------------------------
+
+_COLUMN_NAMES = (
+    "credential_id",
+    "kind",
+    "learner_id",
+    "learner_email",
+    "learner_display_name",
+    "enrollment_id",
+    "course_id",
+    "course_version",
+    "pathway_id",
+    "pathway_version",
+    "issuer_id",
+    "achievement_id",
+    "achievement_name",
+    "document",
+    "document_sha256",
+    "issued_at",
+    "valid_until",
+    "revocation_list_id",
+    "revocation_index",
+    "revoked_at",
+    "revocation_reason",
+    "suspended_at",
+    "suspension_reason",
+)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+_PLACEHOLDERS = ", ".join(f"${number}" for number in range(1, len(_COLUMN_NAMES) + 1))
+
+
+def _credential(row: asyncpg.Record) -> Credential:
+    return Credential(
+        credential_id=row["credential_id"],
+        kind=CredentialKind(row["kind"]),
+        learner=Learner(
+            learner_id=row["learner_id"],
+            email=row["learner_email"],
+            display_name=row["learner_display_name"],
+        ),
+        enrollment_id=row["enrollment_id"],
+        course_id=row["course_id"],
+        course_version=row["course_version"],
+        pathway_id=row["pathway_id"],
+        pathway_version=row["pathway_version"],
+        issuer_id=row["issuer_id"],
+        achievement_id=row["achievement_id"],
+        achievement_name=row["achievement_name"],
+        document=row["document"],
+        document_sha256=row["document_sha256"],
+        issued_at=row["issued_at"],
+        valid_until=row["valid_until"],
+        revocation_list_id=row["revocation_list_id"],
+        revocation_index=row["revocation_index"],
+        revoked_at=row["revoked_at"],
+        revocation_reason=row["revocation_reason"],
+        suspended_at=row["suspended_at"],
+        suspension_reason=row["suspension_reason"],
+    )
+
+
+async def insert_credential(conn: Connection, credential: Credential) -> None:
+    """Record a new credential. A second course credential for an enrollment, or a second live
+    pathway credential, violates a unique constraint: the caller's transaction fails and is retried,
+    and the retry finds the credential that won."""
+    await conn.execute(
+        f"INSERT INTO credentials ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
+        credential.credential_id,
+        credential.kind,
+        credential.learner.learner_id,
+        credential.learner.email,
+        credential.learner.display_name,
+        credential.enrollment_id,
+        credential.course_id,
+        credential.course_version,
+        credential.pathway_id,
+        credential.pathway_version,
+        credential.issuer_id,
+        credential.achievement_id,
+        credential.achievement_name,
+        credential.document,
+        credential.document_sha256,
+        credential.issued_at,
+        credential.valid_until,
+        credential.revocation_list_id,
+        credential.revocation_index,
+        credential.revoked_at,
+        credential.revocation_reason,
+        credential.suspended_at,
+        credential.suspension_reason,
+    )
+
+
+async def get_credential(
+    conn: Connection, credential_id: UUID, *, for_update: bool = False
+) -> Credential | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM credentials WHERE credential_id = $1{lock}", credential_id
+    )
+    return _credential(row) if row else None
+
+
+async def credential_for_enrollment(conn: Connection, enrollment_id: UUID) -> UUID | None:
+    credential_id: UUID | None = await conn.fetchval(
+        "SELECT credential_id FROM credentials WHERE enrollment_id = $1", enrollment_id
+    )
+    return credential_id
+
+
+async def save_status(conn: Connection, credential: Credential) -> None:
+    """Write a credential's status back; nothing else of a credential ever changes."""
+    await conn.execute(
+        "UPDATE credentials SET revoked_at = $2, revocation_reason = $3, suspended_at = $4,"
+        " suspension_reason = $5 WHERE credential_id = $1",
+        credential.credential_id,
+        credential.revoked_at,
+        credential.revocation_reason,
+        credential.suspended_at,
+        credential.suspension_reason,
+    )
+
+
+async def list_credentials(
+    conn: Connection, learner_id: UUID | None, *, after: tuple[datetime, UUID] | None, limit: int
+) -> list[Credential]:
+    """Credentials newest first, of one learner or of everyone, starting after the sort key `after`."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM credentials
+        WHERE ($1::uuid IS NULL OR learner_id = $1)
+          AND ($2::timestamptz IS NULL OR (issued_at, credential_id) < ($2, $3::uuid))
+        ORDER BY issued_at DESC, credential_id DESC
+        LIMIT $4
+        """,
+        learner_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return [_credential(row) for row in rows]
+
+
+async def current_course_ids(conn: Connection, learner_id: UUID, now: datetime) -> set[UUID]:
+    """The courses the learner holds a current credential for: not revoked, suspended or expired."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT course_id FROM credentials"
+        " WHERE learner_id = $1 AND kind = 'course' AND revoked_at IS NULL AND suspended_at IS NULL"
+        " AND (valid_until IS NULL OR valid_until > $2)",
+        learner_id,
+        now,
+    )
+    return {row["course_id"] for row in rows}
+
+
+async def learners_holding_all(conn: Connection, course_ids: list[UUID], now: datetime) -> list[UUID]:
+    """Learners with a current credential for every one of these courses."""
+    rows = await conn.fetch(
+        """
+        SELECT learner_id FROM credentials
+        WHERE kind = 'course' AND course_id = ANY($1::uuid[])
+          AND revoked_at IS NULL AND suspended_at IS NULL AND (valid_until IS NULL OR valid_until > $2)
+        GROUP BY learner_id
+        HAVING count(DISTINCT course_id) = cardinality($1::uuid[])
+        ORDER BY learner_id
+        """,
+        course_ids,
+        now,
+    )
+    return [row["learner_id"] for row in rows]
+
+
+async def holds_pathway(conn: Connection, learner_id: UUID, pathway_id: UUID) -> bool:
+    """Whether the learner holds a pathway credential that is not revoked."""
+    return bool(
+        await conn.fetchval(
+            "SELECT true FROM credentials WHERE learner_id = $1 AND pathway_id = $2"
+            " AND kind = 'pathway' AND revoked_at IS NULL",
+            learner_id,
+            pathway_id,
+        )
+    )
+
+
+async def latest_learner(conn: Connection, learner_id: UUID) -> Learner | None:
+    """The learner as their latest course credential names them."""
+    row = await conn.fetchrow(
+        "SELECT learner_email, learner_display_name FROM credentials"
+        " WHERE learner_id = $1 AND kind = 'course' ORDER BY issued_at DESC, credential_id DESC LIMIT 1",
+        learner_id,
+    )
+    if row is None:
+        return None
+    return Learner(
+        learner_id=learner_id, email=row["learner_email"], display_name=row["learner_display_name"]
+    )
+
+
+async def is_suspended(conn: Connection, credential_id: UUID) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT suspended_at IS NOT NULL FROM credentials WHERE credential_id = $1", credential_id
+        )
+    )
+
+
+# --- status lists ----------------------------------------------------------------------------
+
+
+async def open_status_list(conn: Connection, purpose: str) -> tuple[UUID, int] | None:
+    """The list of this purpose that new credentials take indexes from, and its size."""
+    row = await conn.fetchrow(
+        "SELECT list_id, size FROM status_lists WHERE purpose = $1 AND NOT is_full", purpose
+    )
+    return (row["list_id"], row["size"]) if row else None
+
+
+async def create_status_list(
+    conn: Connection, list_id: UUID, purpose: str, bits: bytes, document: str, now: datetime
+) -> bool:
+    """Open a new list; False when another transaction opened one first (use that one)."""
+    created = await conn.fetchval(
+        "INSERT INTO status_lists (list_id, purpose, size, bits, document, created_at, updated_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $6)"
+        " ON CONFLICT (purpose) WHERE NOT is_full DO NOTHING RETURNING true",
+        list_id,
+        purpose,
+        len(bits) * 8,
+        bits,
+        document,
+        now,
+    )
+    return bool(created)
+
+
+async def claim_status_index(conn: Connection, list_id: UUID, index: int) -> bool:
+    """Take an index of the list; False when it is taken (or being taken by a concurrent transaction)."""
+    claimed = await conn.fetchval(
+        "INSERT INTO status_indexes (list_id, list_index) VALUES ($1, $2)"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        list_id,
+        index,
+    )
+    return bool(claimed)
+
+
+async def close_status_list(conn: Connection, list_id: UUID) -> None:
+    await conn.execute("UPDATE status_lists SET is_full = true WHERE list_id = $1", list_id)
+
+
+async def status_list_bits(
+    conn: Connection, list_id: UUID, *, for_update: bool = False
+) -> tuple[str, bytes] | None:
+    """A list's purpose and bits."""
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(f"SELECT purpose, bits FROM status_lists WHERE list_id = $1{lock}", list_id)
+    return (row["purpose"], bytes(row["bits"])) if row else None
+
+
+async def save_status_list(
+    conn: Connection, list_id: UUID, bits: bytes, document: str, now: datetime
+) -> None:
+    await conn.execute(
+        "UPDATE status_lists SET bits = $2, document = $3, updated_at = $4 WHERE list_id = $1",
+        list_id,
+        bits,
+        document,
+        now,
+    )
+
+
+async def status_list_document(conn: Connection, list_id: UUID) -> str | None:
+    document: str | None = await conn.fetchval(
+        "SELECT document FROM status_lists WHERE list_id = $1", list_id
+    )
+    return document

@@ -1,0 +1,29 @@
+"""The events issuance reacts to, and the use case each one drives.
+
+Handlers are made per app, bound to its `Platform` (base URL and keys): the runtime hands a
+handler only the connection and the event, and minting needs the keys.
+"""
+
+from microcred_events import CourseCompleted, CoursePublished, CourseUpdated, PathwayPublished
+from microcred_runtime import Connection, Subscriptions
+
+from . import service
+from .service import Platform
+
+
+def subscriptions(platform: Platform) -> Subscriptions:
+    subscribed = Subscriptions()
+
+    @subscribed.on(CoursePublished, CourseUpdated)
+    async def on_course_published(conn: Connection, event: CoursePublished | CourseUpdated) -> None:
+        await service.record_course(conn, platform, event)
+
+    @subscribed.on(PathwayPublished)
+    async def on_pathway_published(conn: Connection, event: PathwayPublished) -> None:
+        await service.record_pathway(conn, platform, event)
+
+    @subscribed.on(CourseCompleted)
+    async def on_course_completed(conn: Connection, event: CourseCompleted) -> None:
+        await service.issue_course_credential(conn, platform, event)
+
+    return subscribed
