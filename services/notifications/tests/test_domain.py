@@ -12,6 +12,7 @@ import pytest
 from microcred_events import (
     CourseCompleted,
     CredentialIssued,
+    CredentialReinstated,
     CredentialRevoked,
     EnrollmentActivated,
     EnrollmentCancelled,
@@ -82,8 +83,19 @@ def test_each_event_names_its_kind_learner_and_occurrence(
     assert notice.for_learner is for_learner
 
 
+def test_a_reinstatement_is_news_of_its_own_each_time() -> None:
+    first = notice_for(example(CredentialReinstated))
+    later = notice_for(example(CredentialReinstated, reinstated_at=datetime(2026, 1, 2, tzinfo=UTC)))
+    assert first.kind is Kind.CREDENTIAL_REINSTATED
+    assert first.for_learner
+    assert first.event_key != later.event_key
+
+
 def test_every_notified_event_is_covered_here() -> None:
-    covered: set[type[Event]] = {event_type for event_type, *_ in EXPECTED} | {CredentialRevoked}
+    covered: set[type[Event]] = {event_type for event_type, *_ in EXPECTED} | {
+        CredentialRevoked,
+        CredentialReinstated,
+    }
     assert covered == set(NOTIFIED_EVENTS)
     assert {event_type.TYPE for event_type in covered} == WEBHOOK_EVENT_TYPES
 

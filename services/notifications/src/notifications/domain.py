@@ -27,6 +27,7 @@ from uuid import UUID
 from microcred_events import (
     CourseCompleted,
     CredentialIssued,
+    CredentialReinstated,
     CredentialRevoked,
     EnrollmentActivated,
     EnrollmentCancelled,
@@ -51,6 +52,7 @@ class Kind(enum.StrEnum):
     COURSE_COMPLETED = "course.completed"
     CREDENTIAL_ISSUED = "credential.issued"
     CREDENTIAL_REVOKED = "credential.revoked"
+    CREDENTIAL_REINSTATED = "credential.reinstated"
 
 
 class Channel(enum.StrEnum):
@@ -69,6 +71,7 @@ NOTIFIED_EVENTS: tuple[type[Event], ...] = (
     CourseCompleted,
     CredentialIssued,
     CredentialRevoked,
+    CredentialReinstated,
 )
 """Every event a notification or a webhook is made of; their types are what subscribers filter on."""
 
@@ -128,6 +131,9 @@ def notice_for(event: Event) -> Notice:
             # A credential can be suspended and later revoked: each status change is its own news.
             occurrence, learner_id, at = event.credential_id, event.learner_id, event.revoked_at
             return _notice(event, f"{occurrence}:{event.status_purpose}:{at.isoformat()}", learner_id, at)
+        case CredentialReinstated():
+            occurrence, learner_id, at = event.credential_id, event.learner_id, event.reinstated_at
+            return _notice(event, f"{occurrence}:{at.isoformat()}", learner_id, at)
         case _:
             raise TypeError(f"notifications does not handle {type(event).__name__}")
     return _notice(event, str(occurrence), learner_id, at)

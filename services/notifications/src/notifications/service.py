@@ -18,6 +18,7 @@ from microcred_events import (
     CoursePublished,
     CourseUpdated,
     CredentialIssued,
+    CredentialReinstated,
     CredentialRevoked,
     EnrollmentCreated,
     Event,
@@ -124,7 +125,7 @@ async def content(conn: Connection, event: Event) -> messages.Content:
         course = await repository.course_title(conn, course_id=course_id, enrollment_id=enrollment_id)
     if isinstance(event, CredentialIssued):
         return messages.Content(event, course=course, link=str(event.credential_url))
-    if isinstance(event, CredentialRevoked):
+    if isinstance(event, CredentialRevoked | CredentialReinstated):
         known = await repository.credential(conn, event.credential_id)
         achievement, link = known or (None, None)
         return messages.Content(event, achievement=achievement, link=link)
