@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := $(UV) run --frozen python
 
-.PHONY: help bootstrap sync up down status test test-unit test-integration lint format asyncapi schemas infra-up infra-down infra-status
+.PHONY: help bootstrap sync up demo down status test test-unit test-integration lint format asyncapi schemas infra-up infra-down infra-status
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ sync: bootstrap ## Create the Python environment from the lockfile
 
 up: sync ## Run the whole system: Kafka, PostgreSQL and every service (Ctrl-C stops the services)
 	@$(PY) scripts/run_system.py
+
+demo: sync ## Walk one learner through the whole journey against the running system (`make up` first)
+	@$(PY) scripts/demo.py
 
 infra-up: ## Start the project's own Kafka and PostgreSQL (downloads Kafka on first use)
 	@python3 scripts/infra.py up
