@@ -40,13 +40,13 @@ def show(message: str) -> None:
     print(f"    {message}", flush=True)
 
 
-async def eventually(what: str, check: Callable[[], Awaitable[T | None]], timeout: float = 60) -> T:
-    deadline = time.monotonic() + timeout
+async def eventually(what: str, check: Callable[[], Awaitable[T | None]], within: float = 60) -> T:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if (found := await check()) is not None:
             return found
         await asyncio.sleep(0.5)
-    raise SystemExit(f"gave up waiting for {what} after {timeout:.0f}s: is `make up` running?")
+    raise SystemExit(f"gave up waiting for {what} after {within:.0f}s: is `make up` running?")
 
 
 async def token(http: httpx.AsyncClient, subject: str, role: str, **claims: str) -> dict[str, str]:

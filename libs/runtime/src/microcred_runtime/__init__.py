@@ -1,6 +1,6 @@
 """The shared service runtime: only what every microcred service needs."""
 
-from . import outbox
+from . import journeys, outbox
 from .auth import Admin, Caller, Principal, Role, Staff, Viewer
 from .consumers import Outcome, Rejected, Subscriptions
 from .db import Connection
@@ -34,6 +34,7 @@ __all__ = [
     "Viewer",
     "decode_cursor",
     "encode_cursor",
+    "journeys",
     "load_settings",
     "outbox",
     "problem_doc",

@@ -16,7 +16,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from microcred_events import EnrollmentCancelled, EnrollmentCreated, Money, RefundIssued
-from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor, outbox
+from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor, journeys, outbox
 
 from . import domain, repository
 from .domain import DiscrepancyReason, NoticeOutcome, Payment, PaymentRuleViolated, SettlementRefused
@@ -41,6 +41,8 @@ async def open_payment(conn: Connection, event: EnrollmentCreated) -> None:
     payment = domain.payment_for(event, uuid.uuid4(), datetime.now(UTC))
     if payment is not None:
         await repository.insert(conn, payment)
+        # The provider's webhook arrives on a request of its own: it continues this trace.
+        await journeys.remember(conn, payment.payment_id)
 
 
 async def void_payment(conn: Connection, event: EnrollmentCancelled) -> None:
@@ -166,10 +168,11 @@ async def apply_notice(conn: Connection, provider: str, notice: ProviderNotice) 
         outcome, detail = await repository.provider_event_outcome(conn, provider, notice.event_id)
         return NoticeResult(outcome, detail, duplicate=True)
     payment = await _referenced(conn, notice.reference)
-    if isinstance(notice, ChargeSucceeded):
-        outcome, detail = await _settle(conn, provider, notice, payment)
-    else:
-        outcome, detail = await _fail(conn, provider, notice, payment)
+    async with journeys.resume(conn, payment.payment_id if payment else None, "provider notice"):
+        if isinstance(notice, ChargeSucceeded):
+            outcome, detail = await _settle(conn, provider, notice, payment)
+        else:
+            outcome, detail = await _fail(conn, provider, notice, payment)
     await repository.record_provider_event_outcome(
         conn,
         provider,

@@ -26,7 +26,16 @@ from microcred_events import (
 )
 from microcred_events.partner import CompletionRejected, RejectionReason
 from microcred_events.topics import partner_rejection_topic
-from microcred_runtime import Connection, Principal, Problem, Rejected, decode_cursor, encode_cursor, outbox
+from microcred_runtime import (
+    Connection,
+    Principal,
+    Problem,
+    Rejected,
+    decode_cursor,
+    encode_cursor,
+    journeys,
+    outbox,
+)
 
 from . import domain, repository, signatures
 from .domain import (
@@ -114,6 +123,8 @@ async def enroll(
         )
     for event in transition.events:
         await outbox.add(conn, event)
+    # Later steps on requests of their own (payment, completion) continue this request's trace.
+    await journeys.remember(conn, transition.enrollment.enrollment_id)
     response = StoredResponse(201, render(transition.enrollment))
     await repository.store_response(conn, caller.subject, idempotency_key, response)
     return response
@@ -170,7 +181,8 @@ async def complete_enrollment(
         )
     except domain.EnrollmentRuleViolated as exc:
         raise Problem(409, "enrollment-state", str(exc), enrollment_status=enrollment.status.value) from None
-    await _apply(conn, transition)
+    async with journeys.resume(conn, enrollment_id, "enrollment completion"):
+        await _apply(conn, transition)
     return transition.enrollment, transition.changed
 
 
@@ -395,7 +407,8 @@ async def report_completion(
     transition = domain.complete_for_partner(partner, report, candidates, now)
     if isinstance(transition, Refusal):
         return _refused(report, transition)
-    await _apply(conn, transition)
+    async with journeys.resume(conn, transition.enrollment.enrollment_id, "partner completion"):
+        await _apply(conn, transition)
     status = ReportStatus.ACCEPTED if transition.changed else ReportStatus.DUPLICATE
     return ReportOutcome(status, report.report_id, transition.enrollment.enrollment_id)
 

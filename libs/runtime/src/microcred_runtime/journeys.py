@@ -1,0 +1,54 @@
+"""One trace per learner journey, across requests that do not carry it.
+
+Kafka hops keep the trace on their own (the outbox stores the context with each event). But some
+steps of a journey arrive on a request of their own: the payment provider's webhook, staff
+recording a completion. `remember` stores the trace an aggregate (an enrollment, a payment) was
+created in; `resume` continues it for such a later step: the step's span becomes a child of the
+journey's trace, linked to the request's own span so that neither is lost.
+"""
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from opentelemetry import propagate, trace
+
+from .db import Connection
+
+tracer = trace.get_tracer("microcred.journeys")
+
+
+async def remember(conn: Connection, aggregate_id: object) -> None:
+    """Record the current trace as the journey of `aggregate_id`, unless one is recorded already."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if "traceparent" not in carrier:
+        return
+    await conn.execute(
+        "INSERT INTO journeys (aggregate_id, traceparent, tracestate) VALUES ($1, $2, $3)"
+        " ON CONFLICT (aggregate_id) DO NOTHING",
+        str(aggregate_id),
+        carrier["traceparent"],
+        carrier.get("tracestate"),
+    )
+
+
+@contextlib.asynccontextmanager
+async def resume(conn: Connection, aggregate_id: object | None, step: str) -> AsyncIterator[None]:
+    """Run the block in the journey's trace of `aggregate_id` (in the current one if none is known)."""
+    row = None
+    if aggregate_id is not None:
+        row = await conn.fetchrow(
+            "SELECT traceparent, tracestate FROM journeys WHERE aggregate_id = $1", str(aggregate_id)
+        )
+    if row is None:
+        yield
+        return
+    carrier = {
+        "traceparent": row["traceparent"],
+        **({"tracestate": row["tracestate"]} if row["tracestate"] else {}),
+    }
+    journey = propagate.extract(carrier)
+    here = trace.get_current_span().get_span_context()
+    links = [trace.Link(here)] if here.is_valid else []
+    with tracer.start_as_current_span(step, context=journey, links=links):
+        yield
