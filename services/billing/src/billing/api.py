@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from microcred_events import Money, RefundIssued, example_data
-from microcred_runtime import Caller, Cursor, Db, Limit, Page, Problem, RuntimeDep, Staff
+from microcred_runtime import Caller, Cursor, Db, Limit, Page, Problem, RuntimeDep, Staff, problem_doc
 
 from . import service
 from .domain import NoticeOutcome, Payment, PaymentStatus
@@ -18,7 +18,11 @@ from .webhooks import SIGNATURE_HEADER, InvalidWebhook
 _PAYMENT_ID = "9c3e5a7b-1d2f-4b8a-9e64-0f7c2d1a3b85"
 _MONEY = example_data(Money)
 
-payments = APIRouter(prefix="/payments", tags=["payments"])
+payments = APIRouter(
+    prefix="/payments",
+    tags=["payments"],
+    responses={401: problem_doc("No bearer token, or one that is not valid.")},
+)
 webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 
@@ -124,7 +128,11 @@ class WebhookReceipt(BaseModel):
     )
 
 
-@payments.get("", summary="Payments, newest first: your own, or everyone's for staff")
+@payments.get(
+    "",
+    summary="Payments, newest first: your own, or everyone's for staff",
+    responses={400: _problem("The cursor is not one this API returned.")},
+)
 async def list_payments(db: Db, caller: Caller, limit: Limit = 20, cursor: Cursor = None) -> Page[PaymentOut]:
     async with db.acquire() as conn:
         found, next_cursor = await service.list_payments(conn, caller, limit=limit, cursor=cursor)
@@ -181,6 +189,8 @@ async def refund_payment(
     return RefundOut.of(payment, issued)
 
 
+# A provider event is a few KiB; a generous bound on what is read before the signature is checked.
+MAX_WEBHOOK_BYTES = 256 * 1024
 _WEBHOOK_EXAMPLE = {
     "id": "evt_7d1c9e2a4b6f8035c1e2",
     "type": "payment.succeeded",
@@ -205,6 +215,7 @@ _WEBHOOK_EXAMPLE = {
     ),
     responses={
         400: _problem("Unsigned, wrongly signed, outside the time tolerance, or not a provider event."),
+        413: _problem(f"The body is larger than {MAX_WEBHOOK_BYTES} bytes."),
         422: _problem("Money collected that does not settle the payment; recorded for staff, not settled."),
     },
     openapi_extra={
@@ -215,8 +226,18 @@ _WEBHOOK_EXAMPLE = {
     },
 )
 async def receive_provider_webhook(request: Request, db: Db, provider: Provider) -> WebhookReceipt:
-    # The signature covers the exact bytes sent: verify them before anything parses them.
-    body = await request.body()
+    # The signature covers the exact bytes sent: verify them before anything parses them, and
+    # hold no more of them than a provider event needs before anyone is authenticated.
+    too_large = Problem(413, "body-too-large", f"the body is larger than {MAX_WEBHOOK_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_WEBHOOK_BYTES:
+        raise too_large
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > MAX_WEBHOOK_BYTES:
+            raise too_large
+    body = bytes(received)
     try:
         notice = provider.parse_webhook(request.headers, body, now=datetime.now(UTC))
     except InvalidWebhook as exc:

@@ -40,8 +40,10 @@ from microcred_runtime import (
 from . import service, signatures, subscribers
 from .domain import Credential, CredentialKind, Enrollment, EnrollmentStatus, Partner, PartnerStatus
 
-router = APIRouter(prefix="/enrollments", tags=["enrollments"])
-partners = APIRouter(prefix="/partners", tags=["partners"])
+# Every route but the partners' signed completions takes a bearer token (that one documents its own 401).
+_BEARER: dict[int | str, dict[str, Any]] = {401: problem_doc("No bearer token, or one that is not valid.")}
+router = APIRouter(prefix="/enrollments", tags=["enrollments"], responses=_BEARER)
+partners = APIRouter(prefix="/partners", tags=["partners"], responses=_BEARER)
 
 T = TypeVar("T")
 

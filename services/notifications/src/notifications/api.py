@@ -17,8 +17,9 @@ from . import domain, service
 from .domain import ChannelPreference, DeliveryState, Kind, Preferences
 from .repository import Attempt, Delivery, Notification, Subscription
 
-inbox = APIRouter(prefix="/me", tags=["inbox"])
-webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"])
+_BEARER: dict[int | str, dict[str, Any]] = {401: problem_doc("No bearer token, or one that is not valid.")}
+inbox = APIRouter(prefix="/me", tags=["inbox"], responses=_BEARER)
+webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"], responses=_BEARER)
 
 _CREDENTIAL_URL = "https://credentials.microcred.example/credentials/7e2b9d4c-5a1f-4c36-b8e0-6d3a2f9c1e47"
 _EVENT_TYPE = "org.microcred.issuance.credential.issued.v1"
