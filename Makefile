@@ -52,3 +52,11 @@ schemas: sync ## Refresh the committed JSON-schema snapshots of the events
 
 asyncapi: sync ## Regenerate the AsyncAPI document from the event models
 	@$(PY) -m microcred_events.asyncapi
+
+.PHONY: bench
+bench: sync infra-up ## Benchmark the system (throughput, latency, ceiling, catalog API); figures in benchmarks/results/bench.txt
+	@$(PY) benchmarks/pipeline.py $(BENCH_ARGS)
+
+.PHONY: faults
+faults: sync infra-up ## Fault injection, full form: 100,000 partner completions while every part is killed
+	@$(PY) scripts/faults.py --completions 100000
