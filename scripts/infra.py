@@ -983,6 +983,8 @@ def _provision_sql(owner: str | None) -> str:
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{owner}') THEN CREATE ROLE {owner}; END IF;
 END $$;
 ALTER ROLE {owner} WITH LOGIN CREATEDB PASSWORD '{PG_PASSWORD}';
+-- Tests drop their throwaway databases WITH (FORCE), which must end any session still in them.
+GRANT pg_signal_backend TO {owner};
 """
     return f"""{role}SELECT {create} FROM unnest(ARRAY[{names}]) AS d
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = d)

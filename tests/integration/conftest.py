@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,11 @@ async def new_database(infrastructure: Infrastructure) -> AsyncIterator[Callable
         yield create
     finally:
         for name in created:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            except asyncpg.PostgresError as exc:
+                # A leftover throwaway database harms no test; failing this one for it would.
+                warnings.warn(f"could not drop test database {name}: {exc}", stacklevel=1)
         await admin.close()
 
 

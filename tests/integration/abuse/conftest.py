@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import socket
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -171,7 +172,11 @@ async def _databases(infrastructure: Infrastructure, names: tuple[str, ...]) -> 
         admin = await asyncpg.connect(infrastructure.postgres_url)
         try:
             for database in created.values():
-                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                try:
+                    await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                except asyncpg.PostgresError as exc:
+                    # A leftover throwaway database harms no test; failing the module for it would.
+                    warnings.warn(f"could not drop test database {database}: {exc}", stacklevel=1)
         finally:
             await admin.close()
 
