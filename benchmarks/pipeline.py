@@ -6,7 +6,8 @@ A benchmark, not a test: it asserts nothing, prints each figure next to the issu
 PASS or MISS, and writes them to benchmarks/results/bench.txt. What follows the notes marker in
 that file (the hand-written analysis) is kept when the figures are rewritten.
 
-What runs, all on this machine: the project's Kafka and PostgreSQL (`scripts/infra.py`), and
+What runs, all on this machine: Kafka and PostgreSQL (`scripts/infra.py`: the project's own, or
+those KAFKA_BOOTSTRAP_SERVERS and POSTGRES_URL name, e.g. a pair no other job restarts), and
 catalog, enrollment, issuance and notifications as real processes (`python -m <service>`, as
 `make up` runs them) on free ports, with databases and a topic prefix of the run's own (removed
 afterwards), plus the SMTP sink notifications mails to. The measured path is the whole journey's
@@ -18,16 +19,21 @@ Set-up, not measured: the course reaches every read model as a CoursePublished e
 and the learners' active (paid) enrollments are bulk-inserted into enrollment's tables with SQL.
 
 Phases, in order:
-1. warm-up: a few reports through the pipeline (connections, JSON-LD templates, caches);
+1. warm-up: `--warmup` reports through the pipeline (connections, JSON-LD templates, caches);
 2. throughput: `--completions` reports published at once; credentials recorded per second over
-   the steady part (the 10th to the 90th percentile of the recording times), with the CPU seconds
-   of Kafka, PostgreSQL and each service over the phase (and a py-spy profile with `--profile`);
+   the steady part (the 10th to the 90th percentile of the recording times), and the CPU seconds
+   of Kafka, PostgreSQL (this run's backends and its shared processes), each service and this
+   process over the phase, read from /proc; then, when py-spy is installed, a shorter burst with
+   py-spy attached to each service (`--profile` seconds; not measured, sampling costs CPU);
 3. ceiling: the same signing and rows (inbox, status index, credential, outbox) done by a minimal
    aiokafka + asyncpg loop in this process, a batch per poll, one transaction per batch;
 4. catalog: `GET /courses` of the seeded launch catalog, by wrk when installed (else an asyncio
-   httpx load generator), `--catalog-seconds` long;
+   httpx load generator), `--catalog-seconds` long, then again shorter under py-spy;
 5. latency at a load the pipeline sustains (`--low-fraction` of the throughput measured);
 6. latency at `--rate` reports/s offered for `--duration` s: publish time to credential recorded.
+
+The machine is shared and noisy: besides the wall-clock figures, the report projects what the
+CPU each part spent would allow on a quiet machine, and says when other work took a large share.
 
 "Recorded" is when the credential's transaction committed: every commit that queues an event
 fires the outbox's NOTIFY, which this process LISTENs to on issuance's database and answers by
@@ -865,13 +871,13 @@ def _wrk_ms(text: str, label: str) -> float:
 def wrk_load(url: str, connections: int, seconds: int) -> HttpLoad:
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # noqa: S603
-    requests = re.search(r"([0-9]+) requests in ([0-9.]+)(m?s)", output)
+    requests = re.search(r"([0-9]+) requests in ([0-9.]+)(ms|s|m)", output)
     errors = re.search(r"Non-2xx or 3xx responses: ([0-9]+)", output)
     socket_errors = re.search(
         r"Socket errors: connect ([0-9]+), read ([0-9]+), write ([0-9]+), timeout ([0-9]+)", output
     )
     assert requests is not None, output
-    elapsed = float(requests[2]) / (1000 if requests[3] == "ms" else 1)
+    elapsed = float(requests[2]) * {"ms": 0.001, "s": 1.0, "m": 60.0}[requests[3]]
     failed = int(errors[1]) if errors else 0
     failed += sum(int(value) for value in socket_errors.groups()) if socket_errors else 0
     return HttpLoad(
@@ -1027,9 +1033,8 @@ class Figures:
         print(text, flush=True)
         self.lines.append(text)
 
-    def target(self, name: str, value: str, target: str, passed: bool | None) -> None:
-        verdict = "n/a " if passed is None else ("PASS" if passed else "MISS")
-        self.add(f"  {verdict}  {name:<44} {value:>22}   target {target}")
+    def target(self, name: str, value: str, target: str, passed: bool) -> None:
+        self.add(f"  {'PASS' if passed else 'MISS'}  {name:<44} {value:>22}   target {target}")
 
 
 def latency_line(label: str, latencies: Sequence[float]) -> str:
