@@ -362,16 +362,36 @@ async def throwaway(
     finally:
         if not keep:
             for name in names:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{environment.database(name)}" WITH (FORCE)')
-            client = AIOKafkaAdminClient(bootstrap_servers=endpoints.kafka_bootstrap)
-            await client.start()
+                await _drop_database(admin, environment.database(name))
             try:
-                mine = [topic for topic in await client.list_topics() if topic.startswith(environment.prefix)]
-                if mine:
-                    await client.delete_topics(mine)
-            finally:
-                await client.close()
+                await _delete_topics(endpoints.kafka_bootstrap, environment.prefix)
+            except Exception as exc:  # a leftover must not cost the run its figures
+                print(f"could not delete the topics {environment.prefix}*: {exc}", file=sys.stderr)
         await admin.close()
+
+
+async def _drop_database(admin: asyncpg.Connection, name: str) -> None:
+    # FORCE cannot end an autovacuum worker (another role) still in the database: wait it out.
+    for attempt in range(10):
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except asyncpg.PostgresError as exc:
+            if attempt == 9:
+                print(f"could not drop the database {name}: {exc}", file=sys.stderr)
+                return
+            await asyncio.sleep(1)
+
+
+async def _delete_topics(bootstrap: str, prefix: str) -> None:
+    client = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await client.start()
+    try:
+        mine = [topic for topic in await client.list_topics() if topic.startswith(prefix)]
+        if mine:
+            await client.delete_topics(mine)
+    finally:
+        await client.close()
 
 
 # --- set-up: course, partner, enrollments ----------------------------------------------------
@@ -705,8 +725,10 @@ async def ceiling(
     course: CourseSnapshot,
     partner_id: uuid.UUID,
     count: int,
-) -> Ceiling:
-    """Consume `count` CourseCompleted, sign each credential, and write its rows, batch by batch."""
+    meter: CpuMeter,
+) -> tuple[Ceiling, CpuSplit]:
+    """Consume `count` CourseCompleted, sign each credential, and write its rows, batch by batch;
+    and the CPU spent from the loop's start to its last commit (publishing them first is not)."""
     topic = environment.prefix + "bench.ceiling"
     await kafka.ensure_topics(environment.bootstrap, [topic], partitions=3, replication=1)
     producer = AIOKafkaProducer(bootstrap_servers=environment.bootstrap, acks="all", linger_ms=5)
@@ -743,6 +765,7 @@ async def ceiling(
     )
     await consumer.start()
     done, first, index = 0, 0.0, 0
+    before = meter.sample()
     try:
         while done < count:
             batches = await consumer.getmany(timeout_ms=200, max_records=500)
@@ -837,7 +860,8 @@ async def ceiling(
                 await conn.executemany(_CEILING_OUTBOX, outbox)
             await consumer.commit()
             done += len(records)
-        return Ceiling(done, time.monotonic() - first)
+        # Sampled before the connection closes: a backend that has ended is not counted.
+        return Ceiling(done, time.monotonic() - first), CpuSplit.between(before, meter.sample())
     finally:
         await consumer.stop()
         await conn.close()
@@ -1286,16 +1310,15 @@ async def measure(
 
             # 3. the raw ceiling
             platform = Platform("http://127.0.0.1:8004", keys.load_keyring(keys_dir))
-            before = meter.sample()
-            raw = await ceiling(
+            raw, ceiling_cpu = await ceiling(
                 environment,
                 environment.database_url("ceiling"),
                 platform,
                 course,
                 partner.partner_id,
                 arguments.ceiling,
+                meter,
             )
-            ceiling_cpu = CpuSplit.between(before, meter.sample())
 
             # 4. the catalog list API
             url = f"http://127.0.0.1:{services['catalog'].env['HTTP_PORT']}/courses"

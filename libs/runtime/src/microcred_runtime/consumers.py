@@ -45,6 +45,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.OperatorInterventionError,
     asyncpg.InsufficientResourcesError,
     asyncpg.CannotConnectNowError,
+    # A pooled connection that died mid-operation (e.g. PostgreSQL restarting) is handed back so.
+    asyncpg.InternalClientError,
 )
 _DETAIL_LIMIT = 2000
 

@@ -46,7 +46,8 @@ _LEASE_MARGIN_SECONDS = 60.0
 # Never poll faster than this, even when rows are due but locked by another replica's claim.
 _MIN_WAIT_SECONDS = 0.05
 _ERROR_LIMIT = 1000
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# InternalClientError: a pooled connection that died mid-operation (PostgreSQL restarting).
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 class Worker:
