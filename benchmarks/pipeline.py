@@ -1127,7 +1127,7 @@ def write_results(figures: Figures) -> None:
 
 
 def service_processes(
-    environment: Environment, scratch: Path, logs: Path, keys_dir: Path, smtp_port: int
+    environment: Environment, scratch: Path, logs: Path, keys_dir: Path, smtp_port: int, trace_ratio: float
 ) -> dict[str, Process]:
     jwks = scratch / "jwks.json"
     jwks.write_text(json.dumps({"keys": []}))
@@ -1141,6 +1141,9 @@ def service_processes(
             "HTTP_PORT": str(port),
             "AUTH_ISSUER": "https://benchmark.invalid",
             "AUTH_JWKS_FILE": str(jwks),
+            # Production's sampling (deploy/k8s/overlays/prod): unsampled spans still carry trace ids.
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": str(trace_ratio),
         }
         if name == "issuance":
             env |= {"ISSUER_KEYS_DIR": str(keys_dir), "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"}
@@ -1200,7 +1203,9 @@ async def run(arguments: argparse.Namespace) -> Measured:
                 logs / "mail-sink.log",
                 f"http://127.0.0.1:{sink_http}/health/live",
             )
-            services = service_processes(environment, scratch, logs, keys_dir, smtp_port)
+            services = service_processes(
+                environment, scratch, logs, keys_dir, smtp_port, arguments.trace_ratio
+            )
             everything = [sink, *services.values()]
             for process in everything:
                 process.log.write_bytes(b"")
@@ -1391,6 +1396,7 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
         f" services and this load generator; load average before the run {arguments.load_before:.1f}"
     )
     figures.add(f"command: {arguments.command}")
+    figures.add(f"traces: a fraction {arguments.trace_ratio:g} of journeys sampled (--trace-ratio)")
     figures.add()
 
     m = measured
@@ -1571,6 +1577,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="longest wait for the throughput phase (300 s)"
+    )
+    parser.add_argument(
+        "--trace-ratio",
+        type=float,
+        default=0.1,
+        help="fraction of journeys traced, as OTEL_TRACES_SAMPLER_ARG in production (0.1); 1 = all",
     )
     parser.add_argument("--keep", action="store_true", help="keep the run's databases and topics")
     arguments = parser.parse_args()

@@ -888,6 +888,9 @@ def _prepare(config: Config, endpoints: infra.Endpoints, database_urls: dict[str
         "LOG_LEVEL": "INFO",
         "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
         "SHUTDOWN_GRACE_SECONDS": "5",
+        # Production's sampling (deploy/k8s/overlays/prod); unsampled spans still carry trace ids.
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
     }
     own: dict[str, dict[str, str]] = {
         "enrollment": {},

@@ -19,7 +19,7 @@ from microcred_runtime import ServiceSettings
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("catalog", "enrollment", "billing", "issuance", "notifications")
 # Read by the OpenTelemetry SDK (libs/runtime telemetry.py), not by a Settings class.
-SDK_VARIABLES = frozenset({"OTEL_EXPORTER_OTLP_ENDPOINT"})
+SDK_VARIABLES = frozenset({"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"})
 # Read by the image's command and healthcheck (Dockerfile), not by the service.
 IMAGE_VARIABLES = frozenset({"SERVICE"})
 

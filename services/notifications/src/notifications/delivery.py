@@ -224,10 +224,69 @@ class Worker:
 # --- the channels ----------------------------------------------------------------------------
 
 
-def email_sender(pool: asyncpg.Pool, settings: Settings) -> Send:
+class SmtpConnections:
+    """Open SMTP sessions kept for the next email, as a mail client does.
+
+    A new session costs a TCP connect, the greeting, EHLO (and STARTTLS and AUTH where set) before
+    the first MAIL FROM: several round trips per email and the server's CPU besides. A session is
+    reused only after a send went through on it; one that failed in any way is dropped, since its
+    state is unknown. One left idle longer than `idle_seconds` is dropped too rather than probed:
+    servers hang up on idle clients (RFC 5321 asks them to wait 5 minutes; some wait less).
+    """
+
+    def __init__(self, settings: Settings, *, idle_seconds: float = 30.0, uses: int = 100) -> None:
+        self._settings = settings
+        self._password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+        self._idle_seconds = idle_seconds
+        self._uses = uses  # then a new session: spreads the load over a pool of servers behind a name
+        self._idle: list[tuple[aiosmtplib.SMTP, float, int]] = []  # client, idle since, emails sent
+
+    async def send(self, message: EmailMessage) -> None:
+        client, sent = await self._take()
+        try:
+            await client.send_message(message)
+        except BaseException:
+            client.close()
+            raise
+        if sent + 1 < self._uses:
+            self._idle.append((client, time.monotonic(), sent + 1))
+        else:
+            client.close()
+
+    async def _take(self) -> tuple[aiosmtplib.SMTP, int]:
+        while self._idle:
+            client, since, sent = self._idle.pop()
+            if client.is_connected and time.monotonic() - since < self._idle_seconds:
+                return client, sent
+            client.close()
+        settings = self._settings
+        client = aiosmtplib.SMTP(
+            hostname=settings.smtp_host,
+            port=settings.smtp_port,
+            timeout=settings.smtp_timeout_seconds,
+            use_tls=settings.smtp_security is SmtpSecurity.TLS,
+            start_tls=settings.smtp_security is SmtpSecurity.STARTTLS,
+            username=settings.smtp_username,
+            password=self._password,
+        )
+        try:
+            await client.connect()
+        except BaseException:
+            client.close()
+            raise
+        return client, 0
+
+    def close(self) -> None:
+        # Dropped rather than QUIT: aiosmtplib's polite QUIT waits (up to the timeout) for a
+        # server that may not be answering, and would hold up a shutdown.
+        for client, _, _ in self._idle:
+            client.close()
+        self._idle.clear()
+
+
+def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnections) -> Send:
     _, sender = parseaddr(settings.smtp_from)
     message_domain = sender.rpartition("@")[2]
-    password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
 
     async def send(delivery: Delivery) -> AttemptResult:
         async with pool.acquire() as conn:
@@ -244,18 +303,8 @@ def email_sender(pool: asyncpg.Pool, settings: Settings) -> Send:
         message["Auto-Submitted"] = "auto-generated"
         message.set_content(email.text)
         message.add_alternative(email.html, subtype="html")
-        client = aiosmtplib.SMTP(
-            hostname=settings.smtp_host,
-            port=settings.smtp_port,
-            timeout=settings.smtp_timeout_seconds,
-            use_tls=settings.smtp_security is SmtpSecurity.TLS,
-            start_tls=settings.smtp_security is SmtpSecurity.STARTTLS,
-            username=settings.smtp_username,
-            password=password,
-        )
         try:
-            await client.connect()
-            await client.send_message(message)
+            await connections.send(message)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [refusal.code for refusal in exc.recipients]
             # 5xx for the recipient (no such mailbox) will not change; a 4xx (greylisting) may.
@@ -270,10 +319,6 @@ def email_sender(pool: asyncpg.Pool, settings: Settings) -> Send:
             return AttemptResult(AttemptOutcome.FAILED, status_code=exc.code, error=_describe(exc))
         except aiosmtplib.SMTPException as exc:
             return AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
-        finally:
-            # Dropped rather than QUIT: aiosmtplib's polite QUIT waits (up to the timeout) for a
-            # server that may not be answering, and would hold up a shutdown's cancellation.
-            client.close()
         return AttemptResult(AttemptOutcome.DELIVERED, status_code=250)
 
     return send
@@ -350,6 +395,7 @@ async def workers(runtime: Runtime[Any]) -> AsyncIterator[list[Worker]]:
         "poll_interval": settings.delivery_poll_interval_seconds,
         "drain_seconds": settings.delivery_drain_seconds,
     }
+    connections = SmtpConnections(settings)
     # Redirects are not followed: a receiver could otherwise bounce us to a host that is not allowed.
     async with httpx.AsyncClient(
         timeout=settings.webhook_timeout_seconds,
@@ -359,7 +405,7 @@ async def workers(runtime: Runtime[Any]) -> AsyncIterator[list[Worker]]:
         running = [
             Worker(
                 channel=Channel.EMAIL,
-                send=email_sender(runtime.pool, settings),
+                send=email_sender(runtime.pool, settings, connections),
                 concurrency=settings.email_concurrency,
                 attempt_timeout=settings.smtp_timeout_seconds,
                 **common,
@@ -378,3 +424,4 @@ async def workers(runtime: Runtime[Any]) -> AsyncIterator[list[Worker]]:
             yield running
         finally:
             await asyncio.gather(*(worker.stop() for worker in running))
+            connections.close()
