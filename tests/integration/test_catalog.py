@@ -234,6 +234,46 @@ async def test_the_public_sees_only_published_courses_and_staff_see_all(
     assert_problem(bad_token, 401, "unauthorized")
 
 
+async def test_the_published_list_is_kept_a_moment_and_staff_changes_show_at_once(
+    api: httpx.AsyncClient, staff: dict[str, str], db: asyncpg.Connection
+) -> None:
+    first = await published_course(api, staff, title="A first")
+    listed = await api.get("/courses")
+    assert [course["title"] for course in listed.json()["items"]] == ["A first"]
+    assert listed.headers["cache-control"] == "public, max-age=2"
+
+    # Another replica's change (here: straight in the database) shows once the page expires...
+    await db.execute(
+        "UPDATE courses SET status = 'retired' WHERE course_id = $1", uuid.UUID(first["course_id"])
+    )
+    assert [course["title"] for course in (await api.get("/courses")).json()["items"]] == ["A first"]
+    await db.execute(
+        "UPDATE courses SET status = 'published' WHERE course_id = $1", uuid.UUID(first["course_id"])
+    )
+
+    # ...while this process's own writes show at once: publish, update and retire.
+    second = await published_course(api, staff, title="B second")
+    assert [course["title"] for course in (await api.get("/courses")).json()["items"]] == [
+        "A first",
+        "B second",
+    ]
+    renamed = {**{name: second[name] for name in DETAILS}, "title": "C second, renamed"}
+    assert (await api.put(f"/courses/{second['course_id']}", json=renamed, headers=staff)).status_code == 200
+    assert [course["title"] for course in (await api.get("/courses")).json()["items"]] == [
+        "A first",
+        "C second, renamed",
+    ]
+    assert (await api.post(f"/courses/{first['course_id']}/retire", headers=staff)).status_code == 200
+    assert [course["title"] for course in (await api.get("/courses")).json()["items"]] == [
+        "C second, renamed"
+    ]
+
+    # Staff listings of what the public does not see are never kept.
+    drafts = await api.get("/courses", params={"status": "retired"}, headers=staff)
+    assert [course["title"] for course in drafts.json()["items"]] == ["A first"]
+    assert "cache-control" not in drafts.headers
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [

@@ -44,6 +44,7 @@ from .domain import (
     PathwayDetails,
     PathwayStatus,
 )
+from .listing import Pages
 from .repository import SortKey
 from .service import IfMatch
 
@@ -64,6 +65,12 @@ _UNAUTHORIZED: Responses = {401: problem_doc("No bearer token, or one that is no
 _STAFF_ONLY: Responses = {**_UNAUTHORIZED, 403: problem_doc("The caller is neither staff nor admin.")}
 _PRECONDITION: Responses = {412: problem_doc("`If-Match` names a version the item is no longer at.")}
 _ETAG = {"ETag": {"description": "The item's version, for `If-Match`.", "schema": {"type": "string"}}}
+_CACHE_CONTROL = {
+    "Cache-Control": {
+        "description": "On the published catalog: how long it may be kept (a staff write shows at once).",
+        "schema": {"type": "string"},
+    }
+}
 
 courses = APIRouter(prefix="/courses", tags=["courses"])
 pathways = APIRouter(prefix="/pathways", tags=["pathways"])
@@ -178,11 +185,17 @@ def _require_staff(viewer: Principal | None, what: str) -> None:
 @courses.get(
     "",
     summary="Browse and search courses",
-    responses={400: problem_doc("The cursor is not one this API returned."), **_STAFF_ONLY},
+    response_model=Page[CourseOut],
+    responses={
+        200: {"headers": _CACHE_CONTROL},
+        400: problem_doc("The cursor is not one this API returned."),
+        **_STAFF_ONLY,
+    },
 )
 async def list_courses(
     db: Db,
     viewer: Viewer,
+    pages: Pages,
     status: Annotated[
         list[CourseStatus] | None,
         Query(description="Only courses in these statuses; anything but `published` needs staff."),
@@ -219,7 +232,7 @@ async def list_courses(
     ] = None,
     limit: Limit = 20,
     cursor: Cursor = None,
-) -> Page[CourseOut]:
+) -> Response:
     """Published courses, by title, with filters that combine (all must match).
 
     Staff may ask for drafts and retired courses with `status`. Pages follow one another with
@@ -241,12 +254,23 @@ async def list_courses(
     if where.shows_unpublished:
         _require_staff(viewer, "listing unpublished courses")
     after = _after(cursor)
-    async with db.acquire() as conn:
-        found, more = await service.list_courses(conn, where, after=after, limit=limit)
-    return Page(
-        items=[CourseOut.of(course) for course in found],
-        next_cursor=encode_cursor([found[-1].details.title, found[-1].course_id]) if more else None,
-    )
+    # The published catalog reads the same for everyone: kept a moment (see `listing`).
+    shared = not where.shows_unpublished and pages.enabled
+    key = (where, after, limit)
+    body = pages.get(key) if shared else None
+    if body is None:
+        generation = pages.generation
+        async with db.acquire() as conn:
+            found, more = await service.list_courses(conn, where, after=after, limit=limit)
+        page = Page[CourseOut](
+            items=[CourseOut.of(course) for course in found],
+            next_cursor=encode_cursor([found[-1].details.title, found[-1].course_id]) if more else None,
+        )
+        body = page.model_dump_json().encode()
+        if shared:
+            pages.put(key, body, generation)
+    headers = {"Cache-Control": f"public, max-age={int(pages.seconds)}"} if shared else None
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @courses.get(
@@ -294,7 +318,13 @@ async def create_course(details: CourseDetails, db: Db, _: Staff, response: Resp
     },
 )
 async def update_course(
-    course_id: UUID, details: CourseDetails, db: Db, _: Staff, if_match: Precondition, response: Response
+    course_id: UUID,
+    details: CourseDetails,
+    db: Db,
+    _: Staff,
+    if_match: Precondition,
+    response: Response,
+    pages: Pages,
 ) -> CourseOut:
     """Replace every detail of a course (send the whole course, as `GET` returns it).
 
@@ -304,6 +334,7 @@ async def update_course(
     """
     async with db.acquire() as conn, conn.transaction():
         course = await service.update_course(conn, course_id, details, if_match=if_match)
+    pages.clear()
     _tag(response, course.version)
     return CourseOut.of(course)
 
@@ -320,11 +351,12 @@ async def update_course(
     },
 )
 async def publish_course(
-    course_id: UUID, db: Db, _: Staff, if_match: Precondition, response: Response
+    course_id: UUID, db: Db, _: Staff, if_match: Precondition, response: Response, pages: Pages
 ) -> CourseOut:
     """Publish a draft, or bring back a retired course; announced with `CoursePublished`."""
     async with db.acquire() as conn, conn.transaction():
         course = await service.publish_course(conn, course_id, if_match=if_match)
+    pages.clear()
     _tag(response, course.version)
     return CourseOut.of(course)
 
@@ -346,6 +378,7 @@ async def retire_course(
     _: Staff,
     if_match: Precondition,
     response: Response,
+    pages: Pages,
     retirement: Annotated[Retirement | None, Body()] = None,
 ) -> CourseOut:
     """Stop enrollments; announced with `CourseRetired`. Credentials already issued stay valid,
@@ -353,6 +386,7 @@ async def retire_course(
     reason = retirement.reason if retirement else None
     async with db.acquire() as conn, conn.transaction():
         course = await service.retire_course(conn, course_id, reason, if_match=if_match)
+    pages.clear()
     _tag(response, course.version)
     return CourseOut.of(course)
 

@@ -1,0 +1,74 @@
+"""The public course list, kept for a moment in each process.
+
+Browsing the published catalog is most of the catalog's traffic, and what it shows changes only
+when staff publish, update or retire a course. Each process keeps the pages it rendered (the
+JSON, ready to send) for `COURSE_LIST_CACHE_SECONDS`: its own writes empty it at once, another
+replica's are seen within that time, the staleness `Cache-Control: max-age` announces anyway.
+Staff listings of drafts and retired courses are never kept.
+"""
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from microcred_runtime import RuntimeDep
+
+
+class PageCache:
+    """Rendered pages by query, each kept `seconds`; at most `entries` of them (oldest out first)."""
+
+    def __init__(
+        self, seconds: float, *, entries: int = 1024, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.seconds = seconds
+        self._entries = entries
+        self._clock = clock
+        self._pages: OrderedDict[Hashable, tuple[float, bytes]] = OrderedDict()
+        self._generation = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.seconds > 0
+
+    @property
+    def generation(self) -> int:
+        """Read before querying, handed to `put`: a page read across a write is not kept."""
+        return self._generation
+
+    def get(self, key: Hashable) -> bytes | None:
+        entry = self._pages.get(key)
+        if entry is None:
+            return None
+        expires, body = entry
+        if self._clock() >= expires:
+            del self._pages[key]
+            return None
+        return body
+
+    def put(self, key: Hashable, body: bytes, generation: int) -> None:
+        if not self.enabled or generation != self._generation:
+            return
+        self._pages[key] = (self._clock() + self.seconds, body)
+        self._pages.move_to_end(key)
+        # Bounded: every distinct search text is a key, and anyone can send those.
+        while len(self._pages) > self._entries:
+            self._pages.popitem(last=False)
+
+    def clear(self) -> None:
+        self._pages.clear()
+        self._generation += 1
+
+
+def _page_cache(request: Request, runtime: RuntimeDep) -> PageCache:
+    # One per application (tests run several in one process), made on first use.
+    state = request.app.state
+    if not hasattr(state, "course_pages"):
+        state.course_pages = PageCache(runtime.settings.course_list_cache_seconds)
+    cache: PageCache = state.course_pages
+    return cache
+
+
+Pages = Annotated[PageCache, Depends(_page_cache)]
