@@ -1540,6 +1540,10 @@ def _parse(argv: Sequence[str] | None) -> Config:
     )
 
 
+def _interrupt(_signal: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["mail-sink"]:
@@ -1551,6 +1555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # run says what it does itself, and the services' own logs are in the work dir.
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    # A stopped run (SIGTERM, as from `timeout` or a CI runner) stops the processes it started, as
+    # Ctrl-C does: asyncio.run cancels the run, whose clean-up ends them.
+    signal.signal(signal.SIGTERM, _interrupt)
     result = asyncio.run(run(config))
     text = result.render()
     print(text, end="")
