@@ -1,7 +1,10 @@
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from aiokafka import ConsumerRecord
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from microcred_events import (
     CoursePublished,
@@ -139,6 +142,48 @@ def test_dead_letter_record_keeps_the_message_and_says_why_it_failed() -> None:
     failed_at = datetime.fromisoformat(headers["dlq_failed_at"].decode())
     assert failed_at.utcoffset() == timedelta(0)
     assert abs(datetime.now(UTC) - failed_at) < timedelta(minutes=1)
+
+
+# What aiokafka's producer takes at most (its max_request_size, which kafka.reliable_producer keeps).
+PRODUCER_MAX_REQUEST_SIZE = 1024 * 1024
+
+
+def with_value_of(size: int) -> ConsumerRecord[bytes, bytes]:
+    original = valid_record()
+    return consumer_record(KafkaRecord(original.topic, original.key, b"x" * size, original.headers))
+
+
+def estimated_size(record: KafkaRecord) -> int:
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, record.value, record.headers)
+    return size
+
+
+def test_a_dead_letter_keeps_a_value_that_fits_with_its_headers() -> None:
+    received = with_value_of(1_000_000)
+
+    dead = dead_letter_record(received, GROUP, "schema_violation", "x" * 5000, attempts=0)
+
+    assert dead.value == received.value
+    assert not any(name.startswith("dlq_value") for name, _ in dead.headers)
+    assert estimated_size(dead) <= PRODUCER_MAX_REQUEST_SIZE
+
+
+def test_a_message_too_large_to_dead_letter_with_its_headers_is_dead_lettered_without_its_value() -> None:
+    # As large as the broker takes: with the dlq_* headers, it would be more than the producer takes.
+    received = with_value_of(PRODUCER_MAX_REQUEST_SIZE - 500)
+
+    dead = dead_letter_record(received, GROUP, "schema_violation", "x" * 5000, attempts=0)
+
+    assert (dead.topic, dead.key, dead.value) == ("enrollment.dlq", received.key, b"")
+    headers = dict(dead.headers)
+    assert headers["dlq_reason"] == b"schema_violation"
+    assert (headers["dlq_topic"], headers["dlq_offset"]) == (b"catalog.course.v1", b"42")
+    assert headers["dlq_value_dropped"] == str(len(received.value)).encode()
+    assert headers["dlq_value_sha256"] == hashlib.sha256(received.value).hexdigest().encode()
+    assert dead.headers[: len(received.headers)] == received.headers
+    assert estimated_size(dead) <= PRODUCER_MAX_REQUEST_SIZE
+    with_value = KafkaRecord(dead.topic, dead.key, received.value, dead.headers)
+    assert estimated_size(with_value) > PRODUCER_MAX_REQUEST_SIZE
 
 
 async def test_an_event_is_applied_in_one_transaction_with_its_inbox_row() -> None:

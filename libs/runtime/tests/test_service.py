@@ -4,9 +4,10 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel
 
-from microcred_runtime import Db, Runtime, Service, ServiceSettings, service
+from microcred_runtime import Db, Runtime, Service, ServiceSettings, max_body_bytes, problem_doc, service
 from microcred_runtime.outbox import OutboxRelay, RelaySettings
 from microcred_runtime.problems import PROBLEM_JSON
 
@@ -180,3 +181,80 @@ def test_run_refuses_to_start_without_a_database_url(
     error = capsys.readouterr().err
     assert error.startswith("catalog: invalid configuration")
     assert "DATABASE_URL" in error
+
+
+def body_routes() -> APIRouter:
+    router = APIRouter()
+
+    class Course(BaseModel):
+        title: str
+
+    @router.post("/courses")
+    async def create(course: Course) -> Course:
+        return course
+
+    @router.post(
+        "/webhooks",
+        openapi_extra={"requestBody": {"content": {"application/json": {}}}},
+        responses={413: problem_doc("The body is larger than 262144 bytes.")},
+    )
+    @max_body_bytes(256 * 1024)
+    async def webhook(request: Request) -> int:
+        return len(await request.body())
+
+    @router.post("/batches", responses={413: problem_doc("Too many reports, or too many bytes.")})
+    @max_body_bytes(2 * 1024 * 1024)
+    async def batch(reports: list[Course]) -> int:
+        return len(reports)
+
+    @router.get("/courses")
+    async def courses() -> list[Course]:
+        return []
+
+    return router
+
+
+async def test_request_bodies_are_limited_by_http_max_body_bytes_or_the_routes_own_limit() -> None:
+    app = catalog(body_routes()).create_app(settings(http_max_body_bytes=2048))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        fits = await client.post("/courses", json={"title": "x" * 2000})
+        too_large = await client.post("/courses", json={"title": "x" * 2048})
+        own_limit = await client.post("/webhooks", content=b" " * 100_000)
+
+    assert fits.status_code == 200
+    assert (too_large.status_code, too_large.headers["content-type"]) == (413, PROBLEM_JSON)
+    assert too_large.json()["type"] == "urn:microcred:problem:body-too-large"
+    assert too_large.json()["limit"] == 2048
+    assert (own_limit.status_code, own_limit.json()) == (200, 100_000)
+
+
+def test_every_operation_that_takes_a_body_documents_the_400_and_413_problems_unless_it_does_itself() -> None:
+    paths = catalog(body_routes()).create_app(settings()).openapi()["paths"]
+    responses = {
+        (method, path): operation["responses"]
+        for path, operations in paths.items()
+        for method, operation in operations.items()
+    }
+
+    for operation in (("post", "/courses"), ("post", "/webhooks"), ("post", "/batches")):
+        assert {"400", "413"} <= set(responses[operation]), operation
+        for status in ("400", "413"):
+            assert set(responses[operation][status]["content"]) == {PROBLEM_JSON}, operation
+    assert "larger than 1048576 bytes" in responses["post", "/courses"]["413"]["description"]
+    assert responses["post", "/webhooks"]["413"]["description"] == "The body is larger than 262144 bytes."
+    assert responses["post", "/batches"]["413"]["description"] == "Too many reports, or too many bytes."
+    assert not {"400", "413"} & set(responses["get", "/courses"])
+
+
+async def test_a_body_that_is_not_utf8_is_a_documented_400_problem() -> None:
+    app = catalog(body_routes()).create_app(settings())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post(
+            "/courses", content=b'{"title": "\xff\xfe"}', headers={"content-type": "application/json"}
+        )
+
+    assert (response.status_code, response.headers["content-type"]) == (400, PROBLEM_JSON)
+    assert response.json()["detail"] == "There was an error parsing the body"
+    assert "400" in app.openapi()["paths"]["/courses"]["post"]["responses"]

@@ -2,6 +2,7 @@
 
 from . import journeys, outbox
 from .auth import Admin, Caller, Principal, Role, Staff, Viewer
+from .body_limit import max_body_bytes
 from .consumers import Outcome, Rejected, Subscriptions
 from .db import Connection
 from .pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
@@ -36,6 +37,7 @@ __all__ = [
     "encode_cursor",
     "journeys",
     "load_settings",
+    "max_body_bytes",
     "outbox",
     "problem_doc",
 ]

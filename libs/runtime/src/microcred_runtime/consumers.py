@@ -16,6 +16,7 @@ What a service relies on:
 
 import asyncio
 import enum
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -203,15 +204,26 @@ class EventConsumer:
 
 
 DEAD_LETTER_HEADER_PREFIX = "dlq_"
+# What one dead letter may weigh, key, value and headers: the producer's max_request_size
+# (aiokafka's default, kept by kafka.reliable_producer) and the broker's message.max.bytes are
+# both about 1 MiB; 16 KiB of it stay free for the record's framing and the trace headers that
+# publishing adds. A message the broker took at its limit does not fit with the dlq_* headers.
+DEAD_LETTER_MAX_BYTES = 1024 * 1024 - 16 * 1024
 
 
 def dead_letter_record(
     record: ConsumerRecord[bytes, bytes], group: str, reason: str, detail: str, attempts: int
 ) -> KafkaRecord:
-    """The original message, unchanged, plus headers saying where it came from and why it failed."""
+    """The original message, unchanged, plus headers saying where it came from and why it failed.
+
+    One too large to publish with those headers is dead-lettered without its value, and
+    `dlq_value_dropped` (its size in bytes) and `dlq_value_sha256` say so: the reason and where
+    to find the original survive, and the partition moves on.
+    """
     original: Sequence[tuple[str, bytes]] = [
         (name, value) for name, value in record.headers if not name.startswith(DEAD_LETTER_HEADER_PREFIX)
     ]
+    key, value = record.key or b"", record.value or b""
     failure = {
         "reason": reason,
         "detail": detail[:_DETAIL_LIMIT],
@@ -222,15 +234,21 @@ def dead_letter_record(
         "attempts": str(attempts),
         "failed_at": datetime.now(UTC).isoformat(),
     }
-    return KafkaRecord(
-        topic=dead_letter_topic(group),
-        key=record.key or b"",
-        value=record.value or b"",
-        headers=[
-            *original,
-            *((DEAD_LETTER_HEADER_PREFIX + name, value.encode()) for name, value in failure.items()),
-        ],
-    )
+    headers = [
+        *original,
+        *((DEAD_LETTER_HEADER_PREFIX + name, text.encode()) for name, text in failure.items()),
+    ]
+    if _size(key, value, headers) > DEAD_LETTER_MAX_BYTES:
+        headers += [
+            (DEAD_LETTER_HEADER_PREFIX + "value_dropped", str(len(value)).encode()),
+            (DEAD_LETTER_HEADER_PREFIX + "value_sha256", hashlib.sha256(value).hexdigest().encode()),
+        ]
+        value = b""
+    return KafkaRecord(topic=dead_letter_topic(group), key=key, value=value, headers=headers)
+
+
+def _size(key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> int:
+    return len(key) + len(value) + sum(len(name.encode()) + len(content) for name, content in headers)
 
 
 def _log_context(record: ConsumerRecord[bytes, bytes], envelope: Envelope) -> dict[str, object]:

@@ -1,5 +1,5 @@
 """One call wires a service: settings, FastAPI + FastStream with one lifecycle, database, outbox,
-inbox consumers, health, telemetry and problem+json errors.
+inbox consumers, health, telemetry, a request body limit and problem+json errors.
 
 Every service describes itself with a `Service` and calls `run()`; tests call `create_app()`.
 """
@@ -30,6 +30,7 @@ from microcred_events import Topic, dead_letter_topic
 
 from . import kafka
 from .auth import AuthConfig, Authenticator
+from .body_limit import BodySizeLimit
 from .consumers import EventConsumer, RetryPolicy, Subscriptions
 from .db import Connection
 from .metrics import Metrics
@@ -119,6 +120,9 @@ class Service(Generic[SettingsT]):
             app.include_router(
                 router, responses={422: problem_doc("The request is not valid; see `errors`.")}
             )
+        app.add_middleware(BodySizeLimit, settings=settings)
+        # FastAPI's documented way to extend its OpenAPI document.
+        app.openapi = _with_body_problems(app.openapi, settings.http_max_body_bytes)  # type: ignore[method-assign]
         FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*")
         return app
 
@@ -218,6 +222,25 @@ class Service(Generic[SettingsT]):
             log.info("service started", extra={"http_port": settings.http_port})
             yield runtime
         log.info("service stopped")
+
+
+def _with_body_problems(openapi: Callable[[], dict[str, Any]], limit: int) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document, plus the 400 and 413 that any operation taking a body may answer
+    where it does not document its own."""
+    # FastAPI's own answer to a body it cannot decode (not UTF-8), before the route runs.
+    unreadable = problem_doc("The body cannot be read (it is not UTF-8 JSON).")
+    too_large = problem_doc(f"The body is larger than {limit} bytes (`body-too-large`).")
+
+    def document() -> dict[str, Any]:
+        schema = openapi()
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                if "requestBody" in operation:
+                    operation["responses"].setdefault("400", unreadable)
+                    operation["responses"].setdefault("413", too_large)
+        return schema
+
+    return document
 
 
 def _metrics_router(metrics: Metrics) -> APIRouter:

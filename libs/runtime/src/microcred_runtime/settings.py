@@ -28,6 +28,11 @@ class ServiceSettings(BaseSettings):
     http_port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP API listens on.")
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed by CORS.")
+    http_max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body (413 beyond); a route that needs more or less sets its own.",
+    )
 
     auth_issuer: Annotated[str, Field(min_length=1, description="The `iss` every bearer token must carry.")]
     auth_audience: str = Field(default="microcred", min_length=1, description="The `aud` tokens must carry.")

@@ -8,7 +8,18 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from microcred_events import Money, RefundIssued, example_data
-from microcred_runtime import Caller, Cursor, Db, Limit, Page, Problem, RuntimeDep, Staff, problem_doc
+from microcred_runtime import (
+    Caller,
+    Cursor,
+    Db,
+    Limit,
+    Page,
+    Problem,
+    RuntimeDep,
+    Staff,
+    max_body_bytes,
+    problem_doc,
+)
 
 from . import service
 from .domain import NoticeOutcome, Payment, PaymentStatus
@@ -225,19 +236,10 @@ _WEBHOOK_EXAMPLE = {
         }
     },
 )
+@max_body_bytes(MAX_WEBHOOK_BYTES)
 async def receive_provider_webhook(request: Request, db: Db, provider: Provider) -> WebhookReceipt:
-    # The signature covers the exact bytes sent: verify them before anything parses them, and
-    # hold no more of them than a provider event needs before anyone is authenticated.
-    too_large = Problem(413, "body-too-large", f"the body is larger than {MAX_WEBHOOK_BYTES} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_WEBHOOK_BYTES:
-        raise too_large
-    received = bytearray()
-    async for chunk in request.stream():
-        received += chunk
-        if len(received) > MAX_WEBHOOK_BYTES:
-            raise too_large
-    body = bytes(received)
+    # The signature covers the exact bytes sent: verify them before anything parses them.
+    body = await request.body()
     try:
         notice = provider.parse_webhook(request.headers, body, now=datetime.now(UTC))
     except InvalidWebhook as exc:

@@ -34,6 +34,7 @@ from microcred_runtime import (
     Problem,
     RuntimeDep,
     Staff,
+    max_body_bytes,
     problem_doc,
 )
 
@@ -716,6 +717,7 @@ _REPORT_SCHEMA = CompletionReported.model_json_schema()
         }
     ),
 )
+@max_body_bytes(MAX_BODY_BYTES)
 async def report_completions(
     partner_id: UUID,
     request: Request,
@@ -724,7 +726,7 @@ async def report_completions(
     webhook_timestamp: Annotated[str | None, Header(max_length=32)] = None,
     webhook_signature: Annotated[str | None, Header(max_length=signatures.MAX_HEADER_LENGTH)] = None,
 ) -> CompletionResults:
-    body = await _read_body(request, MAX_BODY_BYTES)
+    body = await request.body()  # raw: the signature covers these bytes
     signed = service.SignedRequest(webhook_id, webhook_timestamp, webhook_signature, body)
 
     async def take(conn: Connection) -> list[service.ReportOutcome]:
@@ -735,20 +737,6 @@ async def report_completions(
     return CompletionResults(
         results=[ReportResultOut.of(index, outcome) for index, outcome in enumerate(outcomes)]
     )
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The raw body (the signature covers its bytes), refused past `limit` without reading it all."""
-    declared = request.headers.get("content-length", "")
-    too_large = Problem(413, "body-too-large", f"the body is larger than {limit} bytes")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
 
 
 def _reports(body: bytes) -> list[service.Report]:

@@ -15,12 +15,24 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from microcred_events import CredentialKind
-from microcred_runtime import Caller, Cursor, Db, Limit, Page, Problem, RuntimeDep, Staff, problem_doc
+from microcred_runtime import (
+    Caller,
+    Cursor,
+    Db,
+    Limit,
+    Page,
+    Problem,
+    RuntimeDep,
+    Staff,
+    max_body_bytes,
+    problem_doc,
+)
 
 from . import pages, service
 from .domain import REASON_MAX_LENGTH, Credential, DisplayStatus
 from .keys import did_document, jwks
 from .service import Platform
+from .settings import Settings
 from .verification import Check, DatabaseRecords, Fetch, Outcome, Trust, Verdict, Verifier
 
 _CREDENTIAL_ID = "7e2b9d4c-5a1f-4c36-b8e0-6d3a2f9c1e47"
@@ -399,6 +411,10 @@ class VerificationOut(BaseModel):
     checked_at: datetime
 
 
+def _verify_max_body_bytes(settings: Settings) -> int:
+    return settings.verify_max_body_bytes
+
+
 _VERIFY_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -432,10 +448,11 @@ _VERIFY_BODY: dict[str, Any] = {
     openapi_extra=_VERIFY_BODY,
     responses=_problems({413: "The body is larger than VERIFY_MAX_BODY_BYTES.", 422: "Not a credential."}),
 )
+@max_body_bytes(_verify_max_body_bytes)
 async def verify(
     request: Request, runtime: RuntimeDep, platform: PlatformDep, trust: TrustDep, fetch: FetchDep
 ) -> VerificationOut:
-    body = await _limited_body(request, runtime.settings.verify_max_body_bytes)
+    body = await request.body()
     presented = _presented(body, request.headers.get("content-type", ""))
     now = _now()
     report = await Verifier(platform, trust, DatabaseRecords(runtime.pool), fetch, now).verify(presented)
@@ -450,19 +467,6 @@ async def verify(
         issuer=issuer_id if isinstance(issuer_id, str) else None,
         checked_at=now,
     )
-
-
-async def _limited_body(request: Request, limit: int) -> bytes:
-    too_large = Problem(413, "body-too-large", f"the body is larger than {limit} bytes", limit=limit)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
 
 
 _JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
