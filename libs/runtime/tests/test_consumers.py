@@ -1,4 +1,7 @@
+import contextlib
 import hashlib
+import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -311,3 +314,198 @@ async def test_a_redelivered_event_is_a_duplicate_and_not_applied_again() -> Non
     assert outcome is Outcome.DUPLICATE
     assert handler.events == []
     assert dead_letters.records == []
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+class InboxConnection(FakeConnection):
+    """A fake connection with an inbox that a rolled-back transaction leaves as it was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inbox: set[tuple[str, str]] = set()
+        self._pending: set[tuple[str, str]] = set()
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        await super().fetch(query, *args)
+        _, sources, ids, *_ = args
+        return [
+            {"source": source, "event_id": event_id}
+            for source, event_id in zip(sources, ids, strict=True)
+            if self._insert((source, event_id))
+        ]
+
+    async def fetchval(self, query: str, *args: Any) -> object:
+        await super().fetchval(query, *args)
+        _, source, event_id, *_ = args
+        return True if self._insert((source, event_id)) else None
+
+    def _insert(self, key: tuple[str, str]) -> bool:
+        if key in self.inbox or key in self._pending:
+            return False
+        self._pending.add(key)
+        return True
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        self._pending = set()
+        try:
+            async with super().transaction():
+                yield
+        finally:
+            if self.transactions[-1] == "committed":
+                self.inbox |= self._pending
+            self._pending = set()
+
+
+class FailingOn(Handler):
+    """Fails its first `failures` calls for the event of `course_id` with `error`."""
+
+    def __init__(self, course_id: uuid.UUID, failures: int, error: Exception | None = None) -> None:
+        super().__init__(failures, error)
+        self.course_id = course_id
+        self.failed = 0
+
+    async def __call__(self, conn: Connection, event: Any) -> None:
+        self.events.append(event)
+        if event.course.course_id == self.course_id and self.failed < self.failures:
+            self.failed += 1
+            raise self.error
+
+
+def batch(count: int, *, first_offset: int = 0) -> list[ConsumerRecord[bytes, bytes]]:
+    records = []
+    for number in range(count):
+        event = course_updated()
+        event = event.model_copy(
+            update={"course": event.course.model_copy(update={"course_id": uuid.UUID(int=number + 1)})}
+        )
+        record = encode(event, source=SOURCE, event_id=f"evt-{number}")
+        records.append(consumer_record(record, offset=first_offset + number))
+    return records
+
+
+def course_ids(handler: Handler) -> list[int]:
+    return [event.course.course_id.int for event in handler.events if isinstance(event, CourseUpdated)]
+
+
+async def test_a_batch_is_applied_in_one_transaction_with_one_inbox_statement() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    conn = InboxConnection()
+    pool = FakePool(conn)
+
+    settled = await consumer(handler, pool, dead_letters).process_batch(batch(3))
+
+    assert settled == 3
+    assert course_ids(handler) == [1, 2, 3]
+    assert pool.conn.transactions == ["committed"]
+    ((query, args),) = pool.conn.fetched
+    assert "unnest" in query
+    assert args[0] == GROUP
+    assert list(args[2]) == ["evt-0", "evt-1", "evt-2"]
+    assert list(args[6]) == [0, 1, 2]  # the offsets
+
+
+async def test_an_event_twice_in_a_batch_or_again_later_is_applied_once() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    conn = InboxConnection()
+    pool = FakePool(conn)
+    records = batch(2)
+    eventful = consumer(handler, pool, dead_letters)
+
+    assert await eventful.process_batch([records[0], records[1], records[0]]) == 3
+    assert await eventful.process_batch(records) == 2
+
+    assert course_ids(handler) == [1, 2]
+
+
+async def test_a_failing_handler_is_retried_alone_and_the_others_still_apply() -> None:
+    handler, dead_letters = FailingOn(uuid.UUID(int=2), failures=1), DeadLetters()
+    conn = InboxConnection()
+    pool = FakePool(conn)
+
+    settled = await consumer(handler, pool, dead_letters).process_batch(batch(4))
+
+    assert settled == 4
+    # The batch ran 1 and failed on 2; then 1 again, 2 alone (its second attempt), then 3 and 4.
+    assert course_ids(handler) == [1, 2, 1, 2, 3, 4]
+    assert pool.conn.transactions == ["rolled back", "committed", "committed", "committed"]
+    assert conn.inbox == {(SOURCE, f"evt-{number}") for number in range(4)}
+    assert dead_letters.records == []
+
+
+async def test_a_handler_that_keeps_failing_in_a_batch_is_dead_lettered_after_max_attempts() -> None:
+    handler, dead_letters = FailingOn(uuid.UUID(int=2), failures=99), DeadLetters()
+    conn = InboxConnection()
+    pool = FakePool(conn)
+
+    settled = await consumer(handler, pool, dead_letters).process_batch(batch(3))
+
+    assert settled == 3
+    assert handler.failed == 3  # the batch's run counts as its first attempt
+    headers = dead_letters.only_headers()
+    assert (headers["dlq_reason"], headers["dlq_attempts"], headers["dlq_offset"]) == (
+        b"handler_failed",
+        b"3",
+        b"1",
+    )
+    assert conn.inbox == {(SOURCE, "evt-0"), (SOURCE, "evt-2")}
+
+
+async def test_a_rejected_event_in_a_batch_is_dead_lettered_after_its_one_attempt() -> None:
+    rejected = Rejected("unknown_course", "not in the catalog")
+    handler, dead_letters = FailingOn(uuid.UUID(int=1), failures=99, error=rejected), DeadLetters()
+    conn = InboxConnection()
+    pool = FakePool(conn)
+
+    assert await consumer(handler, pool, dead_letters).process_batch(batch(2)) == 2
+
+    assert handler.failed == 1
+    assert dead_letters.only_headers()["dlq_attempts"] == b"1"
+    assert conn.inbox == {(SOURCE, "evt-1")}
+
+
+async def test_a_message_that_is_not_an_event_is_dead_lettered_in_its_place() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    conn = InboxConnection()
+    pool = FakePool(conn)
+    records = batch(3)
+    poison = consumer_record(
+        KafkaRecord(records[1].topic, b"k", b"{not json", list(records[1].headers)), offset=1
+    )
+
+    settled = await consumer(handler, pool, dead_letters).process_batch([records[0], poison, records[2]])
+
+    assert settled == 3
+    assert course_ids(handler) == [1, 3]
+    assert dead_letters.only_headers()["dlq_reason"] == b"malformed_body"
+    assert pool.conn.transactions == ["committed", "committed"]
+
+
+async def test_an_outage_settles_what_came_before_it_and_leaves_the_rest_for_redelivery() -> None:
+    outage = ConnectionRefusedError("connection refused")
+    handler, dead_letters = FailingOn(uuid.UUID(int=3), failures=99, error=outage), DeadLetters()
+    conn = InboxConnection()
+    pool = FakePool(conn)
+    records = batch(4)
+    poison = consumer_record(KafkaRecord(records[1].topic, b"k", b"[", list(records[1].headers)), offset=1)
+
+    settled = await consumer(handler, pool, dead_letters).process_batch(
+        [records[0], poison, records[2], records[3]]
+    )
+
+    # The first event and the dead letter are settled; the run of the third and fourth is not.
+    assert settled == 2
+    assert conn.inbox == {(SOURCE, "evt-0")}
+    assert len(dead_letters.records) == 1
+
+
+async def test_one_by_one_stops_at_an_outage() -> None:
+    outage = ConnectionRefusedError("connection refused")
+    handler, dead_letters = FailingOn(uuid.UUID(int=2), failures=99, error=outage), DeadLetters()
+    conn = InboxConnection()
+    pool = FakePool(conn)
+
+    assert await consumer(handler, pool, dead_letters).process_each(batch(3)) == 1
+    assert course_ids(handler) == [1, 2]

@@ -8,7 +8,7 @@ import pytest
 from aiokafka import ConsumerRecord
 from aiokafka.admin import NewTopic
 from faststream.kafka import KafkaBroker, TestKafkaBroker
-from faststream.kafka.subscriber.usecase import LogicSubscriber
+from faststream.kafka.subscriber.usecase import BatchSubscriber, LogicSubscriber
 from faststream.middlewares import AckPolicy
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -224,8 +224,9 @@ class RecordingConsumer:
     def __init__(self) -> None:
         self.records: list[ConsumerRecord[bytes, bytes]] = []
 
-    async def process(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        self.records.append(record)
+    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+        self.records += records
+        return len(records)
 
 
 async def test_subscribe_commits_after_the_effect_on_prefixed_topics_and_group() -> None:
@@ -238,6 +239,8 @@ async def test_subscribe_commits_after_the_effect_on_prefixed_topics_and_group()
     assert subscriber.topic_names == ["staging.catalog.course.v1"]
     assert subscriber.group_id == "staging.enrollment"
     assert subscriber.ack_policy is AckPolicy.NACK_ON_ERROR
+    assert isinstance(subscriber, BatchSubscriber)
+    assert subscriber.max_records == 100
 
 
 async def test_a_subscribed_consumer_receives_the_raw_kafka_record() -> None:
@@ -273,9 +276,16 @@ async def test_the_parser_lets_faststream_read_headers_that_are_not_utf8_and_res
         seen.append(parsed)
         return parsed
 
-    parsed = await kafka._tolerant_parser(poison, strict_parser)
+    async def strict_batch_parser(batch: tuple[Raw, ...]) -> list[list[tuple[str, str]]]:
+        return [await strict_parser(record) for record in batch]
 
-    assert parsed == [("ce_id", "\ufffd\ufffd"), ("ce_type", "x")]
+    good = Raw([("ce_type", b"y")])
+    parsed = await kafka._tolerant_parser((good, poison), strict_batch_parser)
+
+    assert parsed == [[("ce_type", "y")], [("ce_id", "\ufffd\ufffd"), ("ce_type", "x")]]
     assert poison.headers == [("ce_id", b"\xff\xfe"), ("ce_type", b"x")]
-    assert await kafka._tolerant_parser(Raw([("ce_type", b"x")]), strict_parser) == [("ce_type", "x")]
-    assert len(seen) == 2
+    assert good.headers == [("ce_type", b"y")]
+    assert await kafka._tolerant_parser((Raw([("ce_type", b"x")]),), strict_batch_parser) == [
+        [("ce_type", "x")]
+    ]
+    assert len(seen) == 4

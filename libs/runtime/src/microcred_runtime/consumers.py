@@ -10,21 +10,27 @@ What a service relies on:
   handler that raises is retried `max_attempts` times with exponential backoff and then
   dead-lettered; `Rejected` skips the retries. Either way the partition moves on.
 - An outage (PostgreSQL unreachable, Kafka refusing the dead letter) is not the message's fault:
-  the error propagates, FastStream seeks back, and the same message is tried again later instead
-  of being dead-lettered.
+  after a pause the consumer rewinds to the first record not yet settled, and it is tried again
+  instead of being dead-lettered.
+- Records come in batches (what a poll returns): consecutive events share one transaction, one
+  inbox INSERT and one offset commit (`process_batch`); what a failing handler changes is the
+  batch's shape, never the guarantees above. Each event's handler runs in a CONSUMER span of the
+  trace its record carries, so a journey keeps one trace.
 """
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import ConsumerRecord
+from opentelemetry import propagate, trace
 
 from microcred_events import Envelope, Event, InvalidEvent, KafkaRecord, dead_letter_topic, decode
 
@@ -32,6 +38,7 @@ from .db import Connection
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("microcred.consumers")
 
 Handler = Callable[[Connection, Any], Awaitable[None]]
 """`async def on_<event>(conn, event)`: applies one event inside the consumer's transaction."""
@@ -126,9 +133,63 @@ class EventConsumer:
         self._retry = retry
 
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> Outcome:
-        outcome = await self._process(record)
-        self._metrics.consumed.labels(record.topic, outcome).inc()
+        """Applies one record; an outage is raised (after a pause) for the caller to redeliver it."""
+        try:
+            outcome = await self._process(record)
+        except TRANSIENT_ERRORS:
+            await asyncio.sleep(self._retry.delay(self._retry.max_attempts))
+            raise
+        self._count(record, outcome)
         return outcome
+
+    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+        """Applies a poll's records in order; returns how many, from the first, are settled.
+
+        Consecutive events are applied in one transaction with one inbox INSERT for them all: per
+        event, the BEGIN, COMMIT (and its WAL flush) and inbox round trips of `process` are paid
+        once per batch. A handler that raises rolls the transaction back; the events before it are
+        applied again without it, it is retried on its own (the failed run was its first attempt),
+        and the rest go on together. Invalid messages are dead-lettered in their place in the order.
+
+        Fewer than all are settled only after an outage (after a pause): the caller redelivers the
+        rest, from the first unsettled record of each partition.
+        """
+        progress = _Progress()
+        run: list[_Pending] = []
+        try:
+            for index, record in enumerate(records):
+                try:
+                    envelope = decode(record.headers, record.value or b"")
+                except InvalidEvent as exc:
+                    await self._apply_run(run, progress)
+                    run = []
+                    await self._dead_letter(record, exc.reason, exc.detail, attempts=0)
+                    self._count(record, Outcome.DEAD_LETTERED)
+                    progress.settled = index + 1
+                    continue
+                run.append(_Pending(index, record, envelope, self._subscriptions.handler_for(envelope.type)))
+            await self._apply_run(run, progress)
+        except TRANSIENT_ERRORS as exc:
+            log.warning(
+                "cannot apply events, %d of %d redelivered after a pause: %s",
+                len(records) - progress.settled,
+                len(records),
+                exc,
+            )
+            await asyncio.sleep(self._retry.delay(self._retry.max_attempts))
+        return progress.settled
+
+    async def process_each(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+        """`process_batch` for consumers that take their records one by one (`process`)."""
+        for index, record in enumerate(records):
+            try:
+                await self.process(record)
+            except TRANSIENT_ERRORS:
+                return index
+        return len(records)
+
+    def _count(self, record: ConsumerRecord[bytes, bytes], outcome: Outcome) -> None:
+        self._metrics.consumed.labels(record.topic, outcome).inc()
 
     async def _process(self, record: ConsumerRecord[bytes, bytes]) -> Outcome:
         try:
@@ -140,55 +201,117 @@ class EventConsumer:
         if handler is None:
             # Topics carry every event type of their aggregate; this service needs only some.
             return Outcome.IGNORED
-        attempt = 0
+        return await self._settle(record, envelope, handler)
+
+    async def _settle(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        envelope: Envelope,
+        handler: Handler,
+        *,
+        failed: Exception | None = None,
+    ) -> Outcome:
+        """Applies one event, retrying a handler that fails; `failed`: how a first attempt went."""
+        attempt = 1
         while True:
-            attempt += 1
-            try:
-                return await self._apply(record, envelope, handler)
-            except Rejected as exc:
-                await self._dead_letter(record, exc.reason, exc.detail, attempts=attempt)
+            if failed is None:
+                try:
+                    return await self._apply(record, envelope, handler)
+                except TRANSIENT_ERRORS:
+                    # Redelivered after a pause rather than dead-lettered: see the module docstring.
+                    raise
+                except Exception as exc:
+                    failed = exc
+            if isinstance(failed, Rejected):
+                await self._dead_letter(record, failed.reason, failed.detail, attempts=attempt)
                 return Outcome.DEAD_LETTERED
-            except TRANSIENT_ERRORS:
-                # Redelivered after a pause rather than dead-lettered: see the module docstring.
-                await asyncio.sleep(self._retry.delay(self._retry.max_attempts))
-                raise
-            except Exception as exc:
-                self._metrics.handler_failures.labels(record.topic, envelope.type).inc()
-                if attempt >= self._retry.max_attempts:
-                    log.exception("handler failed for good", extra=_log_context(record, envelope))
-                    await self._dead_letter(
-                        record, "handler_failed", f"{type(exc).__name__}: {exc}", attempts=attempt
-                    )
-                    return Outcome.DEAD_LETTERED
-                log.warning(
-                    "handler failed (attempt %d of %d): %s",
-                    attempt,
-                    self._retry.max_attempts,
-                    exc,
-                    extra=_log_context(record, envelope),
+            self._metrics.handler_failures.labels(record.topic, envelope.type).inc()
+            if attempt >= self._retry.max_attempts:
+                log.error("handler failed for good", exc_info=failed, extra=_log_context(record, envelope))
+                await self._dead_letter(
+                    record, "handler_failed", f"{type(failed).__name__}: {failed}", attempts=attempt
                 )
-                await asyncio.sleep(self._retry.delay(attempt))
+                return Outcome.DEAD_LETTERED
+            log.warning(
+                "handler failed (attempt %d of %d): %s",
+                attempt,
+                self._retry.max_attempts,
+                failed,
+                extra=_log_context(record, envelope),
+            )
+            await asyncio.sleep(self._retry.delay(attempt))
+            attempt += 1
+            failed = None
 
     async def _apply(
         self, record: ConsumerRecord[bytes, bytes], envelope: Envelope, handler: Handler
     ) -> Outcome:
-        async with self._pool.acquire() as conn, conn.transaction():
-            first_time = await conn.fetchval(
-                'INSERT INTO inbox (consumer, source, event_id, event_type, topic, partition, "offset")'
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                " ON CONFLICT DO NOTHING RETURNING true",
-                self.group,
-                envelope.source,
-                envelope.id,
-                envelope.type,
-                record.topic,
-                record.partition,
-                record.offset,
-            )
-            if not first_time:
-                return Outcome.DUPLICATE
-            await handler(conn, envelope.event)
+        with consuming(record, self.group):
+            async with self._pool.acquire() as conn, conn.transaction():
+                if not await first_delivery(
+                    conn, self.group, record, envelope.source, envelope.id, envelope.type
+                ):
+                    return Outcome.DUPLICATE
+                await handler(conn, envelope.event)
         return Outcome.APPLIED
+
+    async def _apply_run(self, run: list["_Pending"], progress: "_Progress") -> None:
+        while run:
+            failure = await self._apply_together(run)
+            if failure is None:
+                progress.settled = run[-1].index + 1
+                return
+            position, error = failure
+            if position is None:
+                # Not a handler's failure but the batch's own statement: each on its own instead.
+                log.warning("applying %d events together failed, one by one instead: %s", len(run), error)
+                for item in run:
+                    outcome = Outcome.IGNORED
+                    if item.handler is not None:
+                        outcome = await self._settle(item.record, item.envelope, item.handler)
+                    self._count(item.record, outcome)
+                    progress.settled = item.index + 1
+                return
+            if position:
+                # Rolled back with the failure, though they did not fail: again, without it.
+                await self._apply_run(run[:position], progress)
+            failed = run[position]
+            assert failed.handler is not None  # only a handler raises
+            outcome = await self._settle(failed.record, failed.envelope, failed.handler, failed=error)
+            self._count(failed.record, outcome)
+            progress.settled = failed.index + 1
+            run = run[position + 1 :]
+
+    async def _apply_together(self, run: list["_Pending"]) -> tuple[int | None, Exception] | None:
+        """Applies the run in one transaction: None, or where a handler raised (None: no handler)
+        and what."""
+        outcomes: list[Outcome] = []
+        running: int | None = None
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    fresh = await _claim(conn, self.group, [item for item in run if item.handler])
+                    for item in run:
+                        key = (item.envelope.source, item.envelope.id)
+                        if item.handler is None:
+                            # Topics carry every event type of their aggregate; this service needs only some.
+                            outcomes.append(Outcome.IGNORED)
+                        elif key not in fresh:
+                            outcomes.append(Outcome.DUPLICATE)
+                        else:
+                            fresh.discard(key)  # the same event again later in the run is a duplicate
+                            running = len(outcomes)
+                            with consuming(item.record, self.group):
+                                await item.handler(conn, item.envelope.event)
+                            running = None
+                            outcomes.append(Outcome.APPLIED)
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as exc:
+                return running, exc
+        for item, outcome in zip(run, outcomes, strict=True):
+            self._count(item.record, outcome)
+        return None
 
     async def _dead_letter(
         self, record: ConsumerRecord[bytes, bytes], reason: str, detail: str, *, attempts: int
@@ -259,3 +382,82 @@ def _log_context(record: ConsumerRecord[bytes, bytes], envelope: Envelope) -> di
         "event_id": envelope.id,
         "event_type": envelope.type,
     }
+
+
+@dataclass
+class _Progress:
+    settled: int = 0  # how many records of the batch, from the first, are settled
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A record of a batch, decoded, waiting to be applied with its neighbours."""
+
+    index: int  # in the batch
+    record: ConsumerRecord[bytes, bytes]
+    envelope: Envelope
+    handler: Handler | None  # None: an event this service does not react to
+
+
+async def first_delivery(
+    conn: Connection,
+    group: str,
+    record: ConsumerRecord[bytes, bytes],
+    source: str,
+    event_id: str,
+    event_type: str,
+) -> bool:
+    """Records the event in the inbox; False when it is there already (a redelivery)."""
+    inserted = await conn.fetchval(
+        'INSERT INTO inbox (consumer, source, event_id, event_type, topic, partition, "offset")'
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        group,
+        source,
+        event_id,
+        event_type,
+        record.topic,
+        record.partition,
+        record.offset,
+    )
+    return bool(inserted)
+
+
+async def _claim(conn: Connection, group: str, items: Sequence[_Pending]) -> set[tuple[str, str]]:
+    """Inbox rows for the events, in one statement; returns (source, id) of those seen first now."""
+    if not items:
+        return set()
+    rows = await conn.fetch(
+        'INSERT INTO inbox (consumer, source, event_id, event_type, topic, partition, "offset")'
+        " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::bigint[])"
+        " ON CONFLICT DO NOTHING RETURNING source, event_id",
+        group,
+        [item.envelope.source for item in items],
+        [item.envelope.id for item in items],
+        [item.envelope.type for item in items],
+        [item.record.topic for item in items],
+        [item.record.partition for item in items],
+        [item.record.offset for item in items],
+    )
+    return {(row["source"], row["event_id"]) for row in rows}
+
+
+@contextlib.contextmanager
+def consuming(record: ConsumerRecord[bytes, bytes], group: str) -> Iterator[None]:
+    """A CONSUMER span in the trace the record carries, for the handler's SQL and the events it
+    queues (the outbox stores the context): a journey keeps one trace across every hop."""
+    carrier = {name: value.decode("latin-1") for name, value in record.headers}
+    with _tracer.start_as_current_span(
+        f"{record.topic} process",
+        context=propagate.extract(carrier),
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": record.topic,
+            "messaging.destination.partition.id": str(record.partition),
+            "messaging.kafka.offset": record.offset,
+            "messaging.consumer.group.name": group,
+        },
+    ):
+        yield

@@ -20,7 +20,6 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from faststream.kafka import KafkaBroker
-from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -190,10 +189,9 @@ class Service(Generic[SettingsT]):
                 bootstrap,
                 client_id=self.name,
                 graceful_timeout=settings.shutdown_grace_seconds,
-                middlewares=[
-                    KafkaTelemetryMiddleware(),
-                    KafkaPrometheusMiddleware(registry=metrics.registry, app_name=self.name),
-                ],
+                # No FastStream telemetry: it gives a batch one span in a trace of its own, and each
+                # event must continue its journey's trace (the consumer makes a span per event).
+                middlewares=[KafkaPrometheusMiddleware(registry=metrics.registry, app_name=self.name)],
                 # FastStream's own handler prints coloured text: send its records to ours (JSON),
                 # with the per-message lines at DEBUG.
                 logger=logging.getLogger("faststream"),
@@ -211,7 +209,13 @@ class Service(Generic[SettingsT]):
                     ),
                     metrics=metrics,
                 )
-                kafka.subscribe(broker, consumer, self.subscriptions.topics, prefix=prefix)
+                kafka.subscribe(
+                    broker,
+                    consumer,
+                    self.subscriptions.topics,
+                    prefix=prefix,
+                    batch_size=settings.consumer_batch_size,
+                )
             await broker.start()
             stack.push_async_callback(broker.stop)
             await stack.enter_async_context(kafka.sampling_consumer_lag(broker, metrics))

@@ -63,6 +63,15 @@ class ServiceSettings(BaseSettings):
     consumer_retry_backoff_seconds: float = Field(
         default=0.2, gt=0, description="First retry delay; it doubles on every further attempt."
     )
+    consumer_batch_size: int = Field(
+        default=100,
+        ge=1,
+        le=1000,
+        description=(
+            "Most events applied in one transaction and one offset commit: what a poll returns, up "
+            "to this. 1 applies each on its own."
+        ),
+    )
     outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
     outbox_poll_interval_seconds: float = Field(
         default=1.0, gt=0, description="Safety net poll; commits wake the relay at once via NOTIFY."

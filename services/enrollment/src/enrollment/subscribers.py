@@ -17,7 +17,6 @@ from uuid import UUID
 import asyncpg
 from aiokafka import ConsumerRecord
 from faststream.kafka import KafkaBroker
-from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 
 from microcred_events import (
     CompletionReported,
@@ -41,6 +40,8 @@ from microcred_runtime.consumers import (
     Outcome,
     PublishDeadLetter,
     RetryPolicy,
+    consuming,
+    first_delivery,
 )
 
 from . import repository, service
@@ -171,6 +172,10 @@ class PartnerReportConsumer(EventConsumer):
             retry=retry,
         )
 
+    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+        # One by one: each report is judged on its own signature, in its own transaction.
+        return await self.process_each(records)
+
     async def process(self, record: ConsumerRecord[bytes, bytes]) -> Outcome:
         message = read_partner_message(record.headers, record.value or b"")
         if isinstance(message, Undeliverable):
@@ -200,23 +205,15 @@ class PartnerReportConsumer(EventConsumer):
                 await asyncio.sleep(self._retry.delay(attempt))
 
     async def _take(self, record: ConsumerRecord[bytes, bytes], message: service.PartnerMessage) -> Outcome:
-        async with self._pool.acquire() as conn, conn.transaction():
-            first_time = await conn.fetchval(
-                'INSERT INTO inbox (consumer, source, event_id, event_type, topic, partition, "offset")'
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                " ON CONFLICT DO NOTHING RETURNING true",
-                self.group,
-                partner_source(message.partner_id),
-                message.message_id,
-                CompletionReported.TYPE,
-                record.topic,
-                record.partition,
-                record.offset,
-            )
-            if not first_time:
-                return Outcome.DUPLICATE
-            await service.take_partner_message(conn, message)
-        return Outcome.APPLIED
+        with consuming(record, self.group):
+            async with self._pool.acquire() as conn, conn.transaction():
+                source = partner_source(message.partner_id)
+                if not await first_delivery(
+                    conn, self.group, record, source, message.message_id, CompletionReported.TYPE
+                ):
+                    return Outcome.DUPLICATE
+                await service.take_partner_message(conn, message)
+            return Outcome.APPLIED
 
 
 async def ensure_partner_topics(settings: ServiceSettings, partner_ids: Sequence[UUID]) -> None:
@@ -255,7 +252,6 @@ async def consuming_partner_reports(runtime: Runtime[Any]) -> AsyncIterator[None
             settings.kafka_bootstrap_servers,
             client_id=PARTNER_REPORTS_GROUP,
             graceful_timeout=settings.shutdown_grace_seconds,
-            middlewares=[KafkaTelemetryMiddleware()],
             logger=logging.getLogger("faststream"),
             log_level=logging.DEBUG,
         )
@@ -264,7 +260,13 @@ async def consuming_partner_reports(runtime: Runtime[Any]) -> AsyncIterator[None
             publish_dead_letter=lambda record: kafka.publish_one(producer, record, prefix=prefix),
             retry=RetryPolicy(settings.consumer_max_attempts, settings.consumer_retry_backoff_seconds),
         )
-        kafka.subscribe(broker, consumer, [Topic.PARTNER_COMPLETION], prefix=prefix)
+        kafka.subscribe(
+            broker,
+            consumer,
+            [Topic.PARTNER_COMPLETION],
+            prefix=prefix,
+            batch_size=settings.consumer_batch_size,
+        )
         await broker.start()
         stack.push_async_callback(broker.stop)
         yield
