@@ -189,6 +189,29 @@ def test_a_message_too_large_to_dead_letter_with_its_headers_is_dead_lettered_wi
     assert estimated_size(with_value) > PRODUCER_MAX_REQUEST_SIZE
 
 
+def test_headers_then_a_key_too_large_to_dead_letter_are_dropped_too() -> None:
+    original = valid_record()
+    huge_header = consumer_record(
+        KafkaRecord(original.topic, original.key, b"{}", [*original.headers, ("x-big", b"h" * 1_040_000)])
+    )
+    huge_key = consumer_record(KafkaRecord(original.topic, b"k" * 1_040_000, b"{}", original.headers))
+
+    without_headers = dead_letter_record(huge_header, GROUP, "schema_violation", "bad", attempts=0)
+    without_key = dead_letter_record(huge_key, GROUP, "schema_violation", "bad", attempts=0)
+
+    headers = dict(without_headers.headers)
+    assert not {"x-big", "ce_id"} & headers.keys()
+    assert (headers["dlq_reason"], headers["dlq_value_dropped"]) == (b"schema_violation", b"2")
+    assert int(headers["dlq_headers_dropped"]) > 1_040_000
+    assert without_headers.key == original.key
+    headers = dict(without_key.headers)
+    assert without_key.key == b""
+    assert headers["dlq_key_dropped"] == b"1040000"
+    assert headers["dlq_key_sha256"] == hashlib.sha256(b"k" * 1_040_000).hexdigest().encode()
+    for dead in (without_headers, without_key):
+        assert estimated_size(dead) <= PRODUCER_MAX_REQUEST_SIZE
+
+
 async def test_an_event_is_applied_in_one_transaction_with_its_inbox_row() -> None:
     handler, pool, dead_letters = Handler(), FakePool(), DeadLetters()
 

@@ -339,35 +339,45 @@ def dead_letter_record(
 ) -> KafkaRecord:
     """The original message, unchanged, plus headers saying where it came from and why it failed.
 
-    One too large to publish with those headers is dead-lettered without its value, and
-    `dlq_value_dropped` (its size in bytes) and `dlq_value_sha256` say so: the reason and where
-    to find the original survive, and the partition moves on.
+    One too large to publish with those headers loses what does not fit, in this order: its
+    value, its own headers, its key; `dlq_<part>_dropped` (the part's size in bytes) and
+    `dlq_<part>_sha256` say so. The reason and where to find the original always survive, and
+    the partition moves on.
     """
-    original: Sequence[tuple[str, bytes]] = [
+    original: list[tuple[str, bytes]] = [
         (name, value) for name, value in record.headers if not name.startswith(DEAD_LETTER_HEADER_PREFIX)
     ]
     key, value = record.key or b"", record.value or b""
-    failure = {
-        "reason": reason,
-        "detail": detail[:_DETAIL_LIMIT],
-        "topic": record.topic,
-        "partition": str(record.partition),
-        "offset": str(record.offset),
-        "consumer_group": group,
-        "attempts": str(attempts),
-        "failed_at": datetime.now(UTC).isoformat(),
-    }
-    headers = [
-        *original,
-        *((DEAD_LETTER_HEADER_PREFIX + name, text.encode()) for name, text in failure.items()),
+    failure = [
+        (DEAD_LETTER_HEADER_PREFIX + name, text.encode())
+        for name, text in {
+            "reason": reason,
+            "detail": detail[:_DETAIL_LIMIT],
+            "topic": record.topic,
+            "partition": str(record.partition),
+            "offset": str(record.offset),
+            "consumer_group": group,
+            "attempts": str(attempts),
+            "failed_at": datetime.now(UTC).isoformat(),
+        }.items()
     ]
-    if _size(key, value, headers) > DEAD_LETTER_MAX_BYTES:
-        headers += [
-            (DEAD_LETTER_HEADER_PREFIX + "value_dropped", str(len(value)).encode()),
-            (DEAD_LETTER_HEADER_PREFIX + "value_sha256", hashlib.sha256(value).hexdigest().encode()),
+
+    def dropped(part: str, content: bytes) -> list[tuple[str, bytes]]:
+        return [
+            (f"{DEAD_LETTER_HEADER_PREFIX}{part}_dropped", str(len(content)).encode()),
+            (f"{DEAD_LETTER_HEADER_PREFIX}{part}_sha256", hashlib.sha256(content).hexdigest().encode()),
         ]
+
+    if _size(key, value, [*original, *failure]) > DEAD_LETTER_MAX_BYTES:
+        failure += dropped("value", value)
         value = b""
-    return KafkaRecord(topic=dead_letter_topic(group), key=key, value=value, headers=headers)
+    if _size(key, value, [*original, *failure]) > DEAD_LETTER_MAX_BYTES:
+        failure += dropped("headers", b"".join(name.encode() + content for name, content in original))
+        original = []
+    if _size(key, value, failure) > DEAD_LETTER_MAX_BYTES:
+        failure += dropped("key", key)
+        key = b""
+    return KafkaRecord(topic=dead_letter_topic(group), key=key, value=value, headers=[*original, *failure])
 
 
 def _size(key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> int:
