@@ -197,7 +197,11 @@ class Notifications:
 
 
 def settings_for(make_settings: Callable[..., Any], database: str, smtp_port: int) -> Settings:
-    """Retries a few milliseconds apart, so the retry, dead and replay paths run in a second."""
+    """Retries a few milliseconds apart, so the retry, dead and replay paths run in a second.
+
+    The poll interval is long on purpose: deliveries go out because the database wakes the
+    workers as they fall due (NOTIFY from a trigger), not because a worker happened to poll.
+    """
     settings: Settings = make_settings(
         Settings,
         database,
@@ -207,7 +211,7 @@ def settings_for(make_settings: Callable[..., Any], database: str, smtp_port: in
         delivery_max_attempts=MAX_ATTEMPTS,
         delivery_retry_base_seconds=0.02,
         delivery_retry_cap_seconds=0.1,
-        delivery_poll_interval_seconds=0.5,
+        delivery_poll_interval_seconds=30,
         delivery_drain_seconds=1,
     )
     return settings

@@ -13,6 +13,7 @@ from microcred_runtime import Connection
 
 from .domain import AttemptResult, ChannelPreference, DeliveryState, Kind, Preferences
 
+# Where the database tells the workers that deliveries fell due (migration 004: a trigger).
 WAKE_CHANNEL = "notifications_delivery"
 """The NOTIFY channel that wakes the delivery workers; the payload is the delivery channel."""
 
@@ -410,11 +411,6 @@ async def release_awaiting_address(conn: Connection, learner_id: UUID) -> int:
         learner_id,
     )
     return len(released)
-
-
-async def wake(conn: Connection, channel: str) -> None:
-    """Wake the workers of `channel` when the transaction commits (NOTIFY is sent at commit)."""
-    await conn.execute("SELECT pg_notify($1, $2)", WAKE_CHANNEL, channel)
 
 
 async def claim(

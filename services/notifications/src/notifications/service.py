@@ -42,23 +42,21 @@ async def record_course(conn: Connection, event: CoursePublished | CourseUpdated
 
 async def notify(conn: Connection, event: Event) -> None:
     """Record what `event` causes: the learner's in-app notification and email, each subscriber's
-    webhook. Each is recorded once per event and recipient, however often the event arrives."""
+    webhook. Each is recorded once per event and recipient, however often the event arrives.
+    (The delivery workers are woken by the database as deliveries fall due: migration 004.)"""
     await _update_read_models(conn, event)
     notice = domain.notice_for(event)
-    woken: set[Channel] = set()
     if notice.for_learner:
-        woken |= await _notify_learner(conn, notice, event)
+        await _notify_learner(conn, notice, event)
     for subscription in await repository.active_subscriptions(conn):
-        if domain.subscribed(subscription.event_types, notice.event_type) and await repository.insert_webhook(
-            conn,
-            event_key=notice.event_key,
-            event_type=notice.event_type,
-            subscription_id=subscription.subscription_id,
-            body=domain.webhook_body(notice, event),
-        ):
-            woken.add(Channel.WEBHOOK)
-    for channel in woken:
-        await repository.wake(conn, channel)
+        if domain.subscribed(subscription.event_types, notice.event_type):
+            await repository.insert_webhook(
+                conn,
+                event_key=notice.event_key,
+                event_type=notice.event_type,
+                subscription_id=subscription.subscription_id,
+                body=domain.webhook_body(notice, event),
+            )
 
 
 async def _update_read_models(conn: Connection, event: Event) -> None:
@@ -69,18 +67,16 @@ async def _update_read_models(conn: Connection, event: Event) -> None:
         at = event.created_at if isinstance(event, EnrollmentCreated) else event.completed_at
         await repository.remember_learner(conn, event.learner, at)
         # Emails of billing or issuance events read before the learner's address was known.
-        if await repository.release_awaiting_address(conn, event.learner.learner_id):
-            await repository.wake(conn, Channel.EMAIL)
+        await repository.release_awaiting_address(conn, event.learner.learner_id)
     elif isinstance(event, CredentialIssued):
         await repository.remember_credential(
             conn, event.credential_id, event.achievement_name, str(event.credential_url)
         )
 
 
-async def _notify_learner(conn: Connection, notice: Notice, event: Event) -> set[Channel]:
+async def _notify_learner(conn: Connection, notice: Notice, event: Event) -> None:
     preferences = await repository.preferences(conn, notice.learner_id)
     channels = domain.learner_channels(notice, preferences, _now())
-    woken: set[Channel] = set()
     if Channel.IN_APP in channels:
         message = messages.in_app(notice.kind, await content(conn, event))
         await repository.insert_notification(
@@ -98,22 +94,21 @@ async def _notify_learner(conn: Connection, notice: Notice, event: Event) -> set
         # id, and topics are read independently, so one may arrive before EnrollmentCreated. The
         # email then waits (`awaiting_address`) and is released when the address arrives.
         known = await repository.learner(conn, notice.learner_id) is not None
-        if await repository.insert_email(
-            conn,
-            event_key=notice.event_key,
-            event_type=notice.event_type,
-            learner_id=notice.learner_id,
-            payload=event.model_dump_json(),
-            address_known=known,
+        if (
+            await repository.insert_email(
+                conn,
+                event_key=notice.event_key,
+                event_type=notice.event_type,
+                learner_id=notice.learner_id,
+                payload=event.model_dump_json(),
+                address_known=known,
+            )
+            and not known
         ):
-            if known:
-                woken.add(Channel.EMAIL)
-            else:
-                log.info(
-                    "email waits for the learner's address",
-                    extra={"learner_id": str(notice.learner_id), "event_key": notice.event_key},
-                )
-    return woken
+            log.info(
+                "email waits for the learner's address",
+                extra={"learner_id": str(notice.learner_id), "event_key": notice.event_key},
+            )
 
 
 async def content(conn: Connection, event: Event) -> messages.Content:
@@ -290,7 +285,6 @@ async def replay_delivery(conn: Connection, delivery_id: UUID) -> Delivery:
         raise Problem(
             409, "delivery-not-dead", f"only dead deliveries are replayed; this one is {delivery.state}"
         )
-    await repository.wake(conn, Channel.WEBHOOK)
     return replayed
 
 
