@@ -184,7 +184,7 @@ class Worker:
             "outcome": result.outcome,
         }
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._pool.acquire() as conn:
                 moved = await repository.record_attempt(
                     conn,
                     delivery,

@@ -457,29 +457,31 @@ async def record_attempt(
     retry_in: float | None,
 ) -> bool:
     """Record an attempt and move the delivery on; False if the claim was lost meanwhile (the
-    lease ran out, or the subscription was disabled), which leaves the delivery as it is."""
-    await conn.execute(
-        "INSERT INTO delivery_attempts (delivery_id, attempt, started_at, duration_ms, outcome,"
-        " status_code, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        delivery.delivery_id,
-        delivery.attempts,
-        started_at,
-        duration_ms,
-        result.outcome,
-        result.status_code,
-        result.error,
-    )
+    lease ran out, or the subscription was disabled), which leaves the delivery as it is.
+
+    One statement, so atomic without a transaction of its own: the attempt is recorded either way.
+    """
     moved = await conn.fetchval(
-        "UPDATE deliveries SET state = $3, claimed_by = NULL, updated_at = now(),"
-        " next_attempt_at = now() + make_interval(secs => $4::float8),"
-        " last_error = CASE WHEN $3 = 'delivered' THEN last_error ELSE $5 END,"
-        " delivered_at = CASE WHEN $3 = 'delivered' THEN now() END"
-        " WHERE delivery_id = $1 AND claimed_by = $2 AND state = 'sending' RETURNING true",
+        "WITH attempt AS ("
+        "  INSERT INTO delivery_attempts (delivery_id, attempt, started_at, duration_ms, outcome,"
+        "  status_code, error) VALUES ($1, $6, $7, $8, $9, $10, $5)"
+        "), moved AS ("
+        "  UPDATE deliveries SET state = $3, claimed_by = NULL, updated_at = now(),"
+        "  next_attempt_at = now() + make_interval(secs => $4::float8),"
+        "  last_error = CASE WHEN $3 = 'delivered' THEN last_error ELSE $5 END,"
+        "  delivered_at = CASE WHEN $3 = 'delivered' THEN now() END"
+        "  WHERE delivery_id = $1 AND claimed_by = $2 AND state = 'sending' RETURNING 1"
+        ") SELECT count(*) > 0 FROM moved",
         delivery.delivery_id,
         worker,
         state,
         retry_in,
         result.error,
+        delivery.attempts,
+        started_at,
+        duration_ms,
+        result.outcome,
+        result.status_code,
     )
     return bool(moved)
 
