@@ -477,12 +477,9 @@ async def revoke_credential(conn: Connection, partner_id: UUID, credential_id: U
 
 
 async def get_partner(conn: Connection, partner_id: UUID, *, for_update: bool = False) -> Partner | None:
-    lock = " FOR UPDATE" if for_update else ""
-    row = await conn.fetchrow(f"SELECT * FROM partners WHERE partner_id = $1{lock}", partner_id)
-    if row is None:
-        return None
-    (partner,) = await _with_details(conn, [row])
-    return partner
+    lock = " FOR UPDATE OF p" if for_update else ""
+    row = await conn.fetchrow(f"{_PARTNERS} WHERE p.partner_id = $1{lock}", partner_id)
+    return _partner(row) if row else None
 
 
 async def list_partners(
@@ -494,11 +491,11 @@ async def list_partners(
 ) -> list[Partner]:
     """Partners, newest first, starting after the sort key `after`."""
     rows = await conn.fetch(
-        """
-        SELECT * FROM partners
-        WHERE ($1::text IS NULL OR status = $1)
-          AND ($2::timestamptz IS NULL OR (created_at, partner_id) < ($2, $3::uuid))
-        ORDER BY created_at DESC, partner_id DESC
+        f"""
+        {_PARTNERS}
+        WHERE ($1::text IS NULL OR p.status = $1)
+          AND ($2::timestamptz IS NULL OR (p.created_at, p.partner_id) < ($2, $3::uuid))
+        ORDER BY p.created_at DESC, p.partner_id DESC
         LIMIT $4
         """,
         status,
@@ -506,51 +503,47 @@ async def list_partners(
         after[1] if after else None,
         limit,
     )
-    return await _with_details(conn, rows)
+    return [_partner(row) for row in rows]
 
 
 async def partner_ids(conn: Connection) -> list[UUID]:
     return [row["partner_id"] for row in await conn.fetch("SELECT partner_id FROM partners")]
 
 
-async def _with_details(conn: Connection, rows: list[asyncpg.Record]) -> list[Partner]:
-    """Partners from their rows, with their courses and credentials (two queries for all)."""
-    ids = [row["partner_id"] for row in rows]
-    courses: dict[UUID, set[UUID]] = {partner_id: set() for partner_id in ids}
-    for course in await conn.fetch(
-        "SELECT partner_id, course_id FROM partner_courses WHERE partner_id = ANY($1::uuid[])", ids
-    ):
-        courses[course["partner_id"]].add(course["course_id"])
-    credentials: dict[UUID, list[Credential]] = {partner_id: [] for partner_id in ids}
-    for credential in await conn.fetch(
-        "SELECT * FROM partner_credentials WHERE partner_id = ANY($1::uuid[])"
-        " ORDER BY created_at, credential_id",
-        ids,
-    ):
-        credentials[credential["partner_id"]].append(
+# A partner with its courses and credentials, in one round trip (a report is judged on all three).
+_PARTNERS = """
+    SELECT p.*,
+        ARRAY(SELECT c.course_id FROM partner_courses c WHERE c.partner_id = p.partner_id) AS course_ids,
+        ARRAY(
+            SELECT (k.credential_id, k.kind, k.created_at, k.secret, k.public_key, k.revoked_at)
+            FROM partner_credentials k WHERE k.partner_id = p.partner_id
+            ORDER BY k.created_at, k.credential_id
+        ) AS credentials
+    FROM partners p"""
+
+
+def _partner(row: asyncpg.Record) -> Partner:
+    return Partner(
+        partner_id=row["partner_id"],
+        display_name=row["display_name"],
+        status=PartnerStatus(row["status"]),
+        course_ids=frozenset(row["course_ids"]),
+        credentials=tuple(
             Credential(
-                credential_id=credential["credential_id"],
-                kind=CredentialKind(credential["kind"]),
-                created_at=credential["created_at"],
-                secret=credential["secret"],
-                public_key=credential["public_key"],
-                revoked_at=credential["revoked_at"],
+                credential_id=credential_id,
+                kind=CredentialKind(kind),
+                created_at=created_at,
+                secret=secret,
+                public_key=public_key,
+                revoked_at=revoked_at,
             )
-        )
-    return [
-        Partner(
-            partner_id=row["partner_id"],
-            display_name=row["display_name"],
-            status=PartnerStatus(row["status"]),
-            course_ids=frozenset(courses[row["partner_id"]]),
-            credentials=tuple(credentials[row["partner_id"]]),
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            suspended_at=row["suspended_at"],
-            suspension_reason=row["suspension_reason"],
-        )
-        for row in rows
-    ]
+            for credential_id, kind, created_at, secret, public_key, revoked_at in row["credentials"]
+        ),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        suspended_at=row["suspended_at"],
+        suspension_reason=row["suspension_reason"],
+    )
 
 
 async def record_webhook_id(conn: Connection, partner_id: UUID, webhook_id: str, keep: timedelta) -> bool:
