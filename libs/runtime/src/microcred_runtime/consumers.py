@@ -211,12 +211,31 @@ class EventConsumer:
         *,
         failed: Exception | None = None,
     ) -> Outcome:
-        """Applies one event, retrying a handler that fails; `failed`: how a first attempt went."""
+        return await self.settle(
+            record,
+            envelope.type,
+            lambda: self._apply(record, envelope, handler),
+            context=_log_context(record, envelope),
+            failed=failed,
+        )
+
+    async def settle(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        event_type: str,
+        apply: Callable[[], Awaitable[Outcome]],
+        *,
+        context: dict[str, object],
+        failed: Exception | None = None,
+    ) -> Outcome:
+        """Runs `apply` (one transaction) until it succeeds, retrying a failure with backoff up to
+        the policy's attempts; then, or at once for `Rejected`, dead-letters the record. An outage
+        is raised. `failed`: how a first attempt, made already, went."""
         attempt = 1
         while True:
             if failed is None:
                 try:
-                    return await self._apply(record, envelope, handler)
+                    return await apply()
                 except TRANSIENT_ERRORS:
                     # Redelivered after a pause rather than dead-lettered: see the module docstring.
                     raise
@@ -225,9 +244,9 @@ class EventConsumer:
             if isinstance(failed, Rejected):
                 await self._dead_letter(record, failed.reason, failed.detail, attempts=attempt)
                 return Outcome.DEAD_LETTERED
-            self._metrics.handler_failures.labels(record.topic, envelope.type).inc()
+            self._metrics.handler_failures.labels(record.topic, event_type).inc()
             if attempt >= self._retry.max_attempts:
-                log.error("handler failed for good", exc_info=failed, extra=_log_context(record, envelope))
+                log.error("handler failed for good", exc_info=failed, extra=context)
                 await self._dead_letter(
                     record, "handler_failed", f"{type(failed).__name__}: {failed}", attempts=attempt
                 )
@@ -237,7 +256,7 @@ class EventConsumer:
                 attempt,
                 self._retry.max_attempts,
                 failed,
-                extra=_log_context(record, envelope),
+                extra=context,
             )
             await asyncio.sleep(self._retry.delay(attempt))
             attempt += 1

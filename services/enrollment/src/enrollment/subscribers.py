@@ -33,7 +33,7 @@ from microcred_events import (
 )
 from microcred_events.partner import RejectionReason
 from microcred_events.topics import partner_rejection_topic
-from microcred_runtime import Connection, Rejected, Runtime, ServiceSettings, Subscriptions, kafka
+from microcred_runtime import Connection, Runtime, ServiceSettings, Subscriptions, kafka
 from microcred_runtime.consumers import (
     TRANSIENT_ERRORS,
     EventConsumer,
@@ -156,8 +156,9 @@ class PartnerReportConsumer(EventConsumer):
     envelope and raw body that judging a partner's message needs.
 
     The runtime's consumer hands a handler only the decoded event, and dead-letters a body that
-    does not validate; this subclass replaces `process`, and drops out once the runtime can hand
-    a subscription the raw record.
+    does not validate; this subclass replaces `process` (judging each report on its own, with the
+    runtime's `settle` for retries and dead letters), and drops out once the runtime can hand a
+    subscription the raw record.
     """
 
     def __init__(
@@ -181,28 +182,15 @@ class PartnerReportConsumer(EventConsumer):
         if isinstance(message, Undeliverable):
             await self._dead_letter(record, message.reason, message.detail, attempts=0)
             return Outcome.DEAD_LETTERED
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self._take(record, message)
-            except Rejected as exc:
-                await self._dead_letter(record, exc.reason, exc.detail, attempts=attempt)
-                return Outcome.DEAD_LETTERED
-            except TRANSIENT_ERRORS:
-                # As in the runtime: an outage is not the message's fault; it is redelivered.
-                await asyncio.sleep(self._retry.delay(self._retry.max_attempts))
-                raise
-            except Exception as exc:
-                context = {"topic": record.topic, "offset": record.offset, "message_id": message.message_id}
-                if attempt >= self._retry.max_attempts:
-                    log.exception("partner report failed for good", extra=context)
-                    await self._dead_letter(
-                        record, "handler_failed", f"{type(exc).__name__}: {exc}", attempts=attempt
-                    )
-                    return Outcome.DEAD_LETTERED
-                log.warning("partner report failed (attempt %d): %s", attempt, exc, extra=context)
-                await asyncio.sleep(self._retry.delay(attempt))
+        context = {"topic": record.topic, "offset": record.offset, "message_id": message.message_id}
+        try:
+            return await self.settle(
+                record, CompletionReported.TYPE, lambda: self._take(record, message), context=context
+            )
+        except TRANSIENT_ERRORS:
+            # As in the runtime: an outage is not the message's fault; it is redelivered.
+            await asyncio.sleep(self._retry.delay(self._retry.max_attempts))
+            raise
 
     async def _take(self, record: ConsumerRecord[bytes, bytes], message: service.PartnerMessage) -> Outcome:
         with consuming(record, self.group):
