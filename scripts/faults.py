@@ -530,10 +530,16 @@ class Database:
             return None
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        """For the final checks: PostgreSQL is up by then, and an error must not pass silently."""
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=10)
-        return await self._conn.fetch(query, *args, timeout=120)
+        """For the final checks: PostgreSQL is up by then, and an error must not pass silently.
+
+        On a connection of its own: the monitor's may be mid-query (a second operation on it
+        fails, and the monitor's recovery from that closes it under this one).
+        """
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            return await conn.fetch(query, *args, timeout=600)
+        finally:
+            await conn.close(timeout=5)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -1350,6 +1356,11 @@ async def _run(
         result.diagnosis = await _diagnose(env, databases, str(exc))
     result.timings["flow"] = time.monotonic() - flowing
     result.sent = publisher.acknowledged
+    # The final accounting reads what the monitor reads: stop it first (with 100,000 completions
+    # the checks take long enough for a monitor tick to land in the middle of them).
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await _verify(env, result, databases, enrolled, partner_id)
 
 
