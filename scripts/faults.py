@@ -1195,7 +1195,10 @@ class Run:
         completions = self.config.completions
 
         def moved(counts: Counts) -> bool:
-            return bool(getattr(counts, stage.counter) > before or stage.finished(counts, completions))
+            # Or nothing left to move: a pipeline fast enough to finish all that was published
+            # before the fault would otherwise wait here for work the plan releases only later.
+            caught_up = stage.finished(counts, min(completions, counts.sent))
+            return bool(getattr(counts, stage.counter) > before or caught_up)
 
         after = await self.monitor.until(
             f"{stage.counter} to move after the {target} fault", moved, self.config.stall_timeout
