@@ -136,7 +136,7 @@ class Endpoints:
 # --------------------------------------------------------------------------------------------------
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     # Progress goes to stderr so that stdout stays clean for `env` (eval) and machine use.
     print(message, file=sys.stderr, flush=True)
 
@@ -148,7 +148,7 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def _env_port(name: str, default: int) -> int:
+def env_port(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -165,7 +165,7 @@ def _tail(path: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _fail_with_log(message: str, log: Path) -> InfraError:
+def fail_with_log(message: str, log: Path) -> InfraError:
     return InfraError(f"{message}\n--- last {TAIL_LINES} lines of {log} ---\n{_tail(log)}\n---")
 
 
@@ -204,7 +204,7 @@ def _run(
     return result
 
 
-def _port_in_use(port: int) -> bool:
+def port_in_use(port: int) -> bool:
     """True when something listens on HOST:port (or the port cannot be bound for another reason)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # SO_REUSEADDR as the JVM and PostgreSQL use it: TIME_WAIT leftovers do not count as "taken".
@@ -216,7 +216,7 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Alive and not a zombie (an orphaned, killed child may linger unreaped in containers)."""
     try:
         os.kill(pid, 0)
@@ -231,7 +231,7 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def _cmdline(pid: int) -> list[str]:
+def cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -239,22 +239,27 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def _rotate(log: Path) -> None:
+def rotate_log(log: Path) -> None:
     # Foreground logs are appended across restarts; keep one generation so they stay small.
     if log.exists() and not log.is_symlink() and log.stat().st_size > LOG_ROTATE_BYTES:
         log.replace(log.with_name(log.name + ".1"))
 
 
 @contextlib.contextmanager
-def _lock() -> Iterator[None]:
-    """Serialise up/down across processes (e.g. several pytest-xdist workers calling ensure_up)."""
-    LOCAL_DIR.mkdir(parents=True, exist_ok=True)
-    with LOCK_FILE.open("a") as handle:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes, held for the block (the file is created when missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lock() -> contextlib.AbstractContextManager[None]:
+    """Serialise up/down across processes (e.g. several pytest-xdist workers calling ensure_up)."""
+    return file_lock(LOCK_FILE)
 
 
 def _with_database(url: str, database: str) -> str:
@@ -352,8 +357,8 @@ def _resolve_jars(version: str) -> None:
     KAFKA_DIR.mkdir(parents=True, exist_ok=True)
     (KAFKA_DIR / "pom.xml").write_text(pom)
     shutil.rmtree(KAFKA_LIBS, ignore_errors=True)  # never mix jars of two versions
-    _say(f"kafka: resolving Kafka {version} jars with Maven (first run downloads ~65 MB)")
-    _say(f"kafka: full Maven output in {_rel(MAVEN_LOG)}")
+    say(f"kafka: resolving Kafka {version} jars with Maven (first run downloads ~65 MB)")
+    say(f"kafka: full Maven output in {_rel(MAVEN_LOG)}")
     started = time.monotonic()
     cmd = [
         mvn, "-B", "-f", str(KAFKA_DIR / "pom.xml"),
@@ -361,11 +366,11 @@ def _resolve_jars(version: str) -> None:
     ]  # fmt: skip
     jars = _stream_maven(cmd)
     if not any(KAFKA_LIBS.glob(f"kafka_2.13-{version}.jar")):
-        raise _fail_with_log(f"Maven did not produce kafka_2.13-{version}.jar", MAVEN_LOG)
+        raise fail_with_log(f"Maven did not produce kafka_2.13-{version}.jar", MAVEN_LOG)
     LIBS_MARKER.write_text(fingerprint + "\n")
     count = len(list(KAFKA_LIBS.glob("*.jar")))
     elapsed = time.monotonic() - started
-    _say(f"kafka: {count} jars in {_rel(KAFKA_LIBS)} ({jars} downloaded) in {elapsed:.1f}s")
+    say(f"kafka: {count} jars in {_rel(KAFKA_LIBS)} ({jars} downloaded) in {elapsed:.1f}s")
 
 
 def _stream_maven(cmd: list[str]) -> int:
@@ -383,10 +388,10 @@ def _stream_maven(cmd: list[str]) -> int:
             match = _DOWNLOADED.search(line)
             if match and match.group(1).endswith(".jar"):
                 jars += 1
-                _say(f"  mvn [{jars:3d}] {match.group(1).rsplit('/', 1)[-1]} ({match.group(2)})")
+                say(f"  mvn [{jars:3d}] {match.group(1).rsplit('/', 1)[-1]} ({match.group(2)})")
         code = process.wait()
     if code != 0:
-        raise _fail_with_log(
+        raise fail_with_log(
             f"Maven failed (exit {code}); check network access to Maven Central or ~/.m2/settings.xml",
             MAVEN_LOG,
         )
@@ -425,8 +430,8 @@ class KafkaPorts:
     @classmethod
     def from_env(cls) -> KafkaPorts:
         return cls(
-            broker=_env_port("MICROCRED_KAFKA_PORT", 9092),
-            controller=_env_port("MICROCRED_KAFKA_CONTROLLER_PORT", 9093),
+            broker=env_port("MICROCRED_KAFKA_PORT", 9092),
+            controller=env_port("MICROCRED_KAFKA_CONTROLLER_PORT", 9093),
         )
 
 
@@ -477,7 +482,7 @@ log.retention.check.interval.ms=300000
 """
 
 
-_LOG4J2_PROPERTIES = """# Generated by scripts/infra.py: broker logs go to stdout (.local/kafka/kafka.log).
+KAFKA_LOG4J2_PROPERTIES = """# Generated by scripts/infra.py: Kafka logs to stdout, appended to its log file.
 status = warn
 name = microcred-kafka
 # Kafka logs its own orderly shutdown from a JVM shutdown hook; log4j2 must not stop first.
@@ -499,45 +504,78 @@ logger.config.level = WARN
 """
 
 
-def _cluster_id() -> str:
-    """A Kafka cluster id (base64url of 16 random bytes), persisted so re-formatting is stable."""
-    if KAFKA_CLUSTER_ID.exists():
-        return KAFKA_CLUSTER_ID.read_text().strip()
+def new_cluster_id() -> str:
+    """A fresh Kafka cluster id (base64url of 16 random bytes)."""
     while True:
         cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
         if not cluster_id.startswith("-"):  # Kafka's own generator avoids ids that look like flags
-            break
+            return cluster_id
+
+
+def _cluster_id() -> str:
+    """This checkout's single-node cluster id, persisted so re-formatting is stable."""
+    if KAFKA_CLUSTER_ID.exists():
+        return KAFKA_CLUSTER_ID.read_text().strip()
+    cluster_id = new_cluster_id()
     KAFKA_CLUSTER_ID.write_text(cluster_id + "\n")
     return cluster_id
 
 
-def _jvm_base(java: str, heap: str) -> list[str]:
+def prepare_kafka() -> tuple[str, str]:
+    """(java executable, Kafka version): the jars resolved into .local/kafka/libs, Java checked.
+
+    Every Kafka this project runs (the single broker, the fault runs' cluster) shares these jars;
+    callers hold the infra lock, since a version change replaces the folder.
+    """
+    java, java_major = _find_java()
+    version = _kafka_version()
+    _resolve_jars(version)
+    _check_class_version(version, java_major)
+    return java, version
+
+
+def kafka_jvm(
+    java: str,
+    heap: str,
+    *,
+    log4j: Path = KAFKA_LOG4J,
+    logs_dir: Path = KAFKA_DIR,
+    options: Sequence[str] = (),
+) -> list[str]:
+    """The JVM command line of a Kafka process on the shared jars, up to (not including) its main class."""
     return [
         java, f"-Xms{heap}", f"-Xmx{heap}",
         "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
         "-XX:+ExplicitGCInvokesConcurrent", "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={KAFKA_LOG4J}", f"-Dkafka.logs.dir={KAFKA_DIR}",
+        *options,
+        f"-Dlog4j2.configurationFile={log4j}", f"-Dkafka.logs.dir={logs_dir}",
         "-cp", f"{KAFKA_LIBS}/*",
     ]  # fmt: skip
 
 
-def _format_storage(java: str) -> None:
-    if (KAFKA_DATA / "meta.properties").exists():
-        return
-    KAFKA_DATA.mkdir(parents=True, exist_ok=True)
-    cmd = [*_jvm_base(java, "256m"), "kafka.tools.StorageTool", "format",
-           "-t", _cluster_id(), "-c", str(KAFKA_PROPS)]  # fmt: skip
+def format_kafka_storage(
+    java: str, *, properties: Path, data: Path, cluster_id: str, log: Path, log4j: Path = KAFKA_LOG4J
+) -> bool:
+    """Format a KRaft node's log dir (`kafka-storage format`) unless it already is; True when it was.
+
+    The tool's output is appended to the node's log.
+    """
+    if (data / "meta.properties").exists():
+        return False
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [*kafka_jvm(java, "256m", log4j=log4j, logs_dir=log.parent),
+           "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties)]  # fmt: skip
     result = _run(cmd, check=False, timeout=120)
-    with KAFKA_LOG.open("a") as log:
-        log.write(result.stdout + result.stderr)
+    with log.open("a") as handle:
+        handle.write(result.stdout + result.stderr)
     if result.returncode != 0:
-        raise _fail_with_log("formatting the KRaft storage failed", KAFKA_LOG)
-    _say(f"kafka: formatted KRaft storage in {_rel(KAFKA_DATA)} (cluster id {_cluster_id()})")
+        raise fail_with_log(f"formatting the KRaft storage in {data} failed", log)
+    return True
 
 
 def _is_our_kafka(pid: int) -> bool:
-    args = _cmdline(pid)
-    return "kafka.Kafka" in args and str(KAFKA_PROPS) in args and _pid_alive(pid)
+    args = cmdline(pid)
+    return "kafka.Kafka" in args and str(KAFKA_PROPS) in args and pid_alive(pid)
 
 
 def _kafka_pid() -> int | None:
@@ -567,7 +605,7 @@ def _running_kafka_ports() -> KafkaPorts | None:
     return KafkaPorts(int(broker.group(1)), int(controller.group(1)))
 
 
-def _spawn_detached(cmd: list[str], log: Path) -> int:
+def spawn_detached(cmd: list[str], log: Path) -> int:
     """Start cmd in its own session, detached from us, output appended to log; return its pid.
 
     A throwaway `sh` backgrounds the JVM and exits at once, so the broker is re-parented to init:
@@ -589,49 +627,51 @@ def _spawn_detached(cmd: list[str], log: Path) -> int:
 
 def _start_kafka(ports: KafkaPorts, timeout: float) -> int:
     for port in (ports.broker, ports.controller):
-        if _port_in_use(port):
+        if port_in_use(port):
             raise InfraError(
                 f"port {HOST}:{port} is already in use by something that is not this checkout's Kafka "
                 f"(see `ss -ltnp 'sport = :{port}'`); stop it or set MICROCRED_KAFKA_PORT / "
                 "MICROCRED_KAFKA_CONTROLLER_PORT, or point KAFKA_BOOTSTRAP_SERVERS at an existing broker"
             )
-    java, java_major = _find_java()
-    version = _kafka_version()
-    _resolve_jars(version)
-    _check_class_version(version, java_major)
+    java, version = prepare_kafka()
     KAFKA_PROPS.write_text(_server_properties(ports))
-    KAFKA_LOG4J.write_text(_LOG4J2_PROPERTIES)
-    _rotate(KAFKA_LOG)
-    _format_storage(java)
+    KAFKA_LOG4J.write_text(KAFKA_LOG4J2_PROPERTIES)
+    rotate_log(KAFKA_LOG)
+    cluster_id = _cluster_id()
+    formatted = format_kafka_storage(
+        java, properties=KAFKA_PROPS, data=KAFKA_DATA, cluster_id=cluster_id, log=KAFKA_LOG
+    )
+    if formatted:
+        say(f"kafka: formatted KRaft storage in {_rel(KAFKA_DATA)} (cluster id {cluster_id})")
 
     offset = KAFKA_LOG.stat().st_size if KAFKA_LOG.exists() else 0
     heap = os.environ.get("MICROCRED_KAFKA_HEAP", "").strip() or "1g"
-    _say(f"kafka: starting Kafka {version} on {HOST}:{ports.broker} (controller {ports.controller})")
+    say(f"kafka: starting Kafka {version} on {HOST}:{ports.broker} (controller {ports.controller})")
     started = time.monotonic()
-    pid = _spawn_detached([*_jvm_base(java, heap), "kafka.Kafka", str(KAFKA_PROPS)], KAFKA_LOG)
+    pid = spawn_detached([*kafka_jvm(java, heap), "kafka.Kafka", str(KAFKA_PROPS)], KAFKA_LOG)
     KAFKA_PID.write_text(f"{pid}\n")
     _wait_kafka_ready(pid, ports.broker, offset, timeout)
-    _say(f"kafka: ready in {time.monotonic() - started:.1f}s (pid {pid}, log {_rel(KAFKA_LOG)})")
+    say(f"kafka: ready in {time.monotonic() - started:.1f}s (pid {pid}, log {_rel(KAFKA_LOG)})")
     return pid
 
 
 def _wait_kafka_ready(pid: int, port: int, log_offset: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             KAFKA_PID.unlink(missing_ok=True)
-            raise _fail_with_log("Kafka exited during startup", KAFKA_LOG)
-        if _log_has(KAFKA_LOG, KAFKA_STARTED_LINE, log_offset) and _kafka_metadata_ok(HOST, port):
+            raise fail_with_log("Kafka exited during startup", KAFKA_LOG)
+        if log_has(KAFKA_LOG, KAFKA_STARTED_LINE, log_offset) and _kafka_metadata_ok(HOST, port):
             return
         time.sleep(0.25)
-    raise _fail_with_log(
+    raise fail_with_log(
         f"Kafka (pid {pid}) not ready after {timeout:.0f}s; it is still running, "
         "check the log or `infra.py down kafka`",
         KAFKA_LOG,
     )
 
 
-def _log_has(log: Path, needle: str, offset: int) -> bool:
+def log_has(log: Path, needle: str, offset: int) -> bool:
     try:
         with log.open("rb") as handle:
             handle.seek(offset)
@@ -645,21 +685,62 @@ def _kafka_metadata_ok(host: str, port: int, timeout: float = 2.0) -> bool:
 
     v4 is non-flexible (simple encoding) and still supported by Kafka 4.x (KIP-896 removed v0-v3).
     """
-    client_id = b"microcred-infra"
-    correlation_id = 0x6D637264
-    request = struct.pack(">hhih", 3, 4, correlation_id, len(client_id)) + client_id
-    request += struct.pack(">ib", -1, 0)  # all topics, no auto-creation
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(struct.pack(">i", len(request)) + request)
-            size = struct.unpack(">i", _recv_exact(sock, 4))[0]
-            body = _recv_exact(sock, size)
+        body = kafka_request(host, port, 3, 4, struct.pack(">ib", -1, 0), timeout=timeout)  # all topics
+        _throttle, brokers = struct.unpack_from(">ii", body)
     except (OSError, struct.error):
         return False
-    if len(body) < 12:
-        return False
-    received_id, _throttle, brokers = struct.unpack(">iii", body[:12])
-    return bool(received_id == correlation_id and brokers >= 1)
+    return bool(brokers >= 1)
+
+
+def kafka_request(
+    host: str,
+    port: int,
+    api_key: int,
+    api_version: int,
+    body: bytes,
+    *,
+    flexible: bool = False,
+    timeout: float = 2.0,
+) -> bytes:
+    """One Kafka protocol round trip on a fresh connection: the response body, after its header.
+
+    ``flexible``: that API version uses request header v2 and response header v1 (tagged fields).
+    Raises OSError (or struct.error on a garbled answer) when the broker does not answer properly.
+    """
+    client_id = b"microcred-infra"
+    correlation_id = secrets.randbits(31)
+    request = struct.pack(">hhih", api_key, api_version, correlation_id, len(client_id)) + client_id
+    request += (b"\0" if flexible else b"") + body  # no tagged fields
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(struct.pack(">i", len(request)) + request)
+        size = struct.unpack(">i", _recv_exact(sock, 4))[0]
+        response = _recv_exact(sock, size)
+    (received_id,) = struct.unpack_from(">i", response)
+    if received_id != correlation_id:
+        raise OSError(f"Kafka answered correlation id {received_id}, expected {correlation_id}")
+    offset = 4
+    if flexible:
+        fields, offset = read_uvarint(response, offset)
+        for _ in range(fields):
+            _tag, offset = read_uvarint(response, offset)
+            size, offset = read_uvarint(response, offset)
+            offset += size
+    return response[offset:]
+
+
+def read_uvarint(data: bytes, offset: int) -> tuple[int, int]:
+    """An unsigned varint of the Kafka protocol at data[offset:]: (value, offset after it)."""
+    value = shift = 0
+    while True:
+        if offset >= len(data):
+            raise struct.error("truncated varint")
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, offset
+        shift += 7
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -675,35 +756,35 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 def _stop_kafka() -> None:
     pid = _kafka_pid()
     if pid is None:
-        _say("kafka: not running")
+        say("kafka: not running")
         KAFKA_PID.unlink(missing_ok=True)
         return
-    _say(f"kafka: stopping (pid {pid})")
+    say(f"kafka: stopping (pid {pid})")
     started = time.monotonic()
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)  # the broker shuts down cleanly on SIGTERM (controlled shutdown)
-    if not _wait_gone(pid, KAFKA_STOP_TIMEOUT):
-        _say(f"kafka: still running after {KAFKA_STOP_TIMEOUT:.0f}s, sending SIGKILL")
+    if not wait_gone(pid, KAFKA_STOP_TIMEOUT):
+        say(f"kafka: still running after {KAFKA_STOP_TIMEOUT:.0f}s, sending SIGKILL")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid, 10)
+        wait_gone(pid, 10)
     KAFKA_PID.unlink(missing_ok=True)
-    _say(f"kafka: stopped in {time.monotonic() - started:.1f}s")
+    say(f"kafka: stopped in {time.monotonic() - started:.1f}s")
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return True
         time.sleep(0.2)
-    return not _pid_alive(pid)
+    return not pid_alive(pid)
 
 
 def _kafka_up(timeout: float) -> str:
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
     if external:
-        _say(f"kafka: using KAFKA_BOOTSTRAP_SERVERS={external} (nothing started)")
+        say(f"kafka: using KAFKA_BOOTSTRAP_SERVERS={external} (nothing started)")
         return external
     ports = KafkaPorts.from_env()
     KAFKA_DIR.mkdir(parents=True, exist_ok=True)
@@ -716,9 +797,9 @@ def _kafka_up(timeout: float) -> str:
                 f"{ports.broker}/{ports.controller} were requested; run `infra.py down kafka` first"
             )
         if _kafka_metadata_ok(HOST, ports.broker):
-            _say(f"kafka: already running (pid {pid}) on {HOST}:{ports.broker}")
+            say(f"kafka: already running (pid {pid}) on {HOST}:{ports.broker}")
         else:
-            _say(f"kafka: running (pid {pid}) but not ready yet, waiting")
+            say(f"kafka: running (pid {pid}) but not ready yet, waiting")
             _wait_kafka_ready(pid, ports.broker, 0, timeout)
     else:
         _start_kafka(ports, timeout)
@@ -829,7 +910,7 @@ def _create_system_user(name: str) -> None:
     useradd = shutil.which("useradd") or "/usr/sbin/useradd"
     if not Path(useradd).exists():
         raise InfraError(f"no `{name}` user and no useradd to create one: create an unprivileged `{name}`")
-    _say(f"postgres: creating system user {name!r} (PostgreSQL refuses to run as root)")
+    say(f"postgres: creating system user {name!r} (PostgreSQL refuses to run as root)")
     _run([useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
           "--shell", "/usr/sbin/nologin", name])  # fmt: skip
 
@@ -869,12 +950,12 @@ def _pg_layout(user: PgUser | None) -> PgLayout:
     (PG_LOCAL / "README").write_text(
         f"The {user.name} user cannot reach {PG_LOCAL}, so PostgreSQL lives in {fallback.home}.\n"
     )
-    _say(f"postgres: {user.name} cannot reach {PG_LOCAL}; using {fallback.home} (symlinked)")
+    say(f"postgres: {user.name} cannot reach {PG_LOCAL}; using {fallback.home} (symlinked)")
     return fallback
 
 
 def _pg_port() -> int:
-    return _env_port("MICROCRED_PG_PORT", 5432)
+    return env_port("MICROCRED_PG_PORT", 5432)
 
 
 def _pg_conf(layout: PgLayout, port: int) -> str:
@@ -894,7 +975,7 @@ timezone = 'UTC'
 def _initdb(bindir: Path, layout: PgLayout, user: PgUser | None) -> None:
     if (layout.data / "PG_VERSION").exists():
         return
-    _say(f"postgres: initdb {layout.data}")
+    say(f"postgres: initdb {layout.data}")
     started = time.monotonic()
     layout.home.mkdir(parents=True, exist_ok=True)
     _chown(layout.home, user)
@@ -907,7 +988,7 @@ def _initdb(bindir: Path, layout: PgLayout, user: PgUser | None) -> None:
     )  # fmt: skip
     with (layout.data / "postgresql.conf").open("a") as conf:
         conf.write("\ninclude_if_exists = 'microcred.conf'\n")
-    _say(f"postgres: initdb done in {time.monotonic() - started:.1f}s")
+    say(f"postgres: initdb done in {time.monotonic() - started:.1f}s")
 
 
 def _write_pg_conf(layout: PgLayout, user: PgUser | None, port: int) -> None:
@@ -939,7 +1020,7 @@ def _postmaster(layout: PgLayout) -> tuple[int, int] | None:
         pid, port = int(lines[0]), int(lines[3])
     except (OSError, ValueError, IndexError):
         return None
-    return (pid, port) if _pid_alive(pid) else None
+    return (pid, port) if pid_alive(pid) else None
 
 
 def _pg_ready(bindir: Path | None, host: str, port: int) -> bool:
@@ -953,22 +1034,22 @@ def _pg_ready(bindir: Path | None, host: str, port: int) -> bool:
 
 
 def _start_postgres(bindir: Path, layout: PgLayout, user: PgUser | None, port: int, timeout: float) -> None:
-    if _port_in_use(port):
+    if port_in_use(port):
         raise InfraError(
             f"port {HOST}:{port} is already in use by something that is not this checkout's PostgreSQL "
             f"(a system PostgreSQL? see `ss -ltnp 'sport = :{port}'`); stop it, or set MICROCRED_PG_PORT, "
             "or set POSTGRES_URL to use that server"
         )
-    _rotate(layout.log)
-    _say(f"postgres: starting on {HOST}:{port}")
+    rotate_log(layout.log)
+    say(f"postgres: starting on {HOST}:{port}")
     started = time.monotonic()
     cmd = [str(bindir / "pg_ctl"), "-D", str(layout.data), "-l", str(layout.log),
            "-w", "-t", str(int(timeout)), "start"]  # fmt: skip
     result = _run(cmd, user=user, cwd=layout.home, check=False, timeout=timeout + 30)
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()
-        raise _fail_with_log(f"PostgreSQL failed to start: {output}", layout.log)
-    _say(f"postgres: ready in {time.monotonic() - started:.1f}s (log {_rel(layout.log)})")
+        raise fail_with_log(f"PostgreSQL failed to start: {output}", layout.log)
+    say(f"postgres: ready in {time.monotonic() - started:.1f}s (log {_rel(layout.log)})")
 
 
 def _provision_sql(owner: str | None) -> str:
@@ -1003,7 +1084,7 @@ def _local_postgres_url(port: int) -> str:
 def _postgres_up(timeout: float) -> str:
     external = os.environ.get("POSTGRES_URL", "").strip()
     if external:
-        _say("postgres: using POSTGRES_URL (nothing started); ensuring the service databases exist")
+        say("postgres: using POSTGRES_URL (nothing started); ensuring the service databases exist")
         _create_databases([_psql(), "-d", external], owner=None)
         return external
     port = _pg_port()
@@ -1020,7 +1101,7 @@ def _postgres_up(timeout: float) -> str:
                 f"PostgreSQL is running on port {running_port} but {port} was requested; "
                 "run `infra.py down postgres` first"
             )
-        _say(f"postgres: already running (pid {pid}) on {HOST}:{port}")
+        say(f"postgres: already running (pid {pid}) on {HOST}:{port}")
     else:
         _write_pg_conf(layout, user, port)
         _start_postgres(bindir, layout, user, port, timeout)
@@ -1037,21 +1118,21 @@ def _existing_pg_data() -> Path | None:
 
 def _stop_postgres() -> None:
     if os.environ.get("POSTGRES_URL", "").strip():
-        _say("postgres: POSTGRES_URL is set, nothing of ours to stop")
+        say("postgres: POSTGRES_URL is set, nothing of ours to stop")
         return
     data = _existing_pg_data()  # no side effects here: `down` must not provision anything
     layout = PgLayout(data.parent) if data else None
     running = _postmaster(layout) if layout else None
     if layout is None or running is None:
-        _say("postgres: not running")
+        say("postgres: not running")
         return
     bindir = _pg_bindir()
     user = _pg_user(layout.data)
-    _say(f"postgres: stopping (pid {running[0]})")
+    say(f"postgres: stopping (pid {running[0]})")
     started = time.monotonic()
     _run([str(bindir / "pg_ctl"), "-D", str(layout.data), "-m", "fast", "-w", "-t", "60", "stop"],
          user=user, cwd=layout.home)  # fmt: skip
-    _say(f"postgres: stopped in {time.monotonic() - started:.1f}s")
+    say(f"postgres: stopped in {time.monotonic() - started:.1f}s")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1081,7 +1162,7 @@ def ensure_down(*, kafka: bool = True, postgres: bool = True) -> None:
     with _lock():
         if kafka:
             if os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
-                _say("kafka: KAFKA_BOOTSTRAP_SERVERS is set, nothing of ours to stop")
+                say("kafka: KAFKA_BOOTSTRAP_SERVERS is set, nothing of ours to stop")
             else:
                 _stop_kafka()
         if postgres:
@@ -1177,7 +1258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.monotonic()
             kafka, postgres = args.component != "postgres", args.component != "kafka"
             ensure_up(kafka=kafka, postgres=postgres, timeout=args.timeout)
-            _say(f"up: done in {time.monotonic() - started:.1f}s")
+            say(f"up: done in {time.monotonic() - started:.1f}s")
         elif args.command == "down":
             ensure_down(kafka=args.component != "postgres", postgres=args.component != "kafka")
         elif args.command == "status":
