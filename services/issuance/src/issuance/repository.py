@@ -1,5 +1,7 @@
 """Issuance's tables, as plain SQL."""
 
+import hashlib
+from collections.abc import Iterable
 from datetime import datetime
 from uuid import UUID
 
@@ -16,6 +18,33 @@ from microcred_events import (
 from microcred_runtime import Connection
 
 from .domain import Credential
+
+# --- serialization: transaction-level advisory locks -----------------------------------------
+#
+# Released at commit or rollback. The key is the first 64 bits of a SHA-256 of a namespaced
+# name ("issuance.course:<uuid>"): the same in every replica and process (unlike Python's hash),
+# and a collision (about 2**-64 per pair, with the runtime's two fixed keys too) would only make
+# two unrelated transactions take turns, never a wrong result. What each lock serializes and in
+# which order they are taken is said in service.py.
+
+
+def lock_key(namespace: str, identifier: UUID) -> int:
+    digest = hashlib.sha256(f"issuance.{namespace}:{identifier}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def lock_courses(conn: Connection, course_ids: Iterable[UUID], *, exclusive: bool) -> None:
+    """Lock courses, in ascending key order (the same order in every transaction)."""
+    function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    for key in sorted({lock_key("course", course_id) for course_id in course_ids}):
+        await conn.execute(f"SELECT {function}($1)", key)
+
+
+async def lock_learners(conn: Connection, learner_ids: Iterable[UUID]) -> None:
+    """Lock learners, in ascending key order."""
+    for key in sorted({lock_key("learner", learner_id) for learner_id in learner_ids}):
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
+
 
 # --- the catalog read model ------------------------------------------------------------------
 

@@ -6,6 +6,26 @@ settles a race between two consumers (the loser's transaction fails, is retried,
 credential). A pathway credential is minted when a course credential completes a pathway, or when
 a pathway arrives that a learner's credentials already complete; a partial unique index keeps it
 to one live credential per learner and pathway.
+
+Several replicas apply events at once, under READ COMMITTED: decisions that read rows other
+events write take transaction-level advisory locks (held until the consumer's batch commits), so
+whichever of two racing transactions reads second reads after the first has committed:
+
+- the course lock, SHARED by whoever mints from a course (a completion, a parked completion, a
+  reinstatement that stacks), EXCLUSIVE by whoever changes what minting reads about the course: a
+  new course version (which takes the completions parked for it) and a pathway (on each of its
+  courses). A completion that found no version, or a credential stacked without a pathway being
+  published at that moment, is thereby seen by the other side; completions of one course still
+  mint side by side.
+- the learner lock, EXCLUSIVE, by whoever decides on the learner's pathway credentials
+  (stacking): of two of the learner's last course credentials minted at once, the second sees
+  the first.
+
+Order, in every use case: course locks (ascending key), then learner locks (ascending key). A
+consumer applies a batch of events in one transaction, so two batches can still take locks of
+different events in opposite orders; PostgreSQL then detects the deadlock and fails one batch,
+which the runtime applies again (the failed event alone, retried), with nothing half-done: the
+locks only make a transaction wait, never decide anything by themselves.
 """
 
 import hashlib
@@ -99,7 +119,13 @@ async def record_course(conn: Connection, platform: Platform, event: CoursePubli
     await repository.record_issuer(conn, course.issuer)
     if not await repository.record_course_version(conn, course):
         return
-    for completion in await repository.take_parked_completions(conn, course.course_id, course.version):
+    # Waits for completions that found no version and are parking (they hold the course lock
+    # shared), so the take below sees their rows; any that come later see this version.
+    await repository.lock_courses(conn, [course.course_id], exclusive=True)
+    parked = await repository.take_parked_completions(conn, course.course_id, course.version)
+    # All their learners at once, in the lock order, rather than one by one as each stacks.
+    await repository.lock_learners(conn, {completion.learner.learner_id for completion in parked})
+    for completion in parked:
         log.info("minting a parked completion", extra={"enrollment_id": str(completion.enrollment_id)})
         await _issue_course_credential(conn, platform, completion, course)
 
@@ -110,6 +136,9 @@ async def record_pathway(conn: Connection, platform: Platform, event: PathwayPub
     await repository.record_issuer(conn, pathway.issuer)
     if not await repository.record_pathway(conn, pathway):
         return
+    # Waits for credentials of its courses being minted (course lock shared), so the read below
+    # sees them; those minted later find this pathway when they stack.
+    await repository.lock_courses(conn, pathway.course_ids, exclusive=True)
     now = _now()
     for learner_id in await repository.learners_holding_all(conn, list(pathway.course_ids), now):
         learner = await repository.latest_learner(conn, learner_id)
@@ -131,6 +160,7 @@ async def issue_course_credential(conn: Connection, platform: Platform, completi
     if existing is not None:
         log.info("completion already has its credential", extra={**context, "credential_id": str(existing)})
         return
+    await repository.lock_courses(conn, [completion.course_id], exclusive=False)
     course = await repository.course_version(conn, completion.course_id, completion.course_version)
     if course is None:
         log.warning(
@@ -197,10 +227,13 @@ async def _issue_pathway_credential(
 async def _stack(
     conn: Connection, platform: Platform, learner: Learner, course_id: UUID, now: datetime
 ) -> None:
-    """Mint the pathway credentials the learner's current course credentials now complete."""
+    """Mint the pathway credentials the learner's current course credentials now complete.
+
+    The caller holds the course's lock, so no pathway of the course is being recorded meanwhile."""
     pathways = await repository.pathways_with_course(conn, course_id)
     if not pathways:
         return
+    await repository.lock_learners(conn, [learner.learner_id])
     held = await repository.current_course_ids(conn, learner.learner_id, now)
     for pathway in domain.completed_pathways(held, pathways):
         if not await repository.holds_pathway(conn, learner.learner_id, pathway.pathway_id):
@@ -315,6 +348,7 @@ async def reinstate_credential(conn: Connection, platform: Platform, credential_
     await repository.save_status(conn, reinstated)
     await outbox.add(conn, event)
     if reinstated.course_id is not None and reinstated.counts_towards_pathways(now):
+        await repository.lock_courses(conn, [reinstated.course_id], exclusive=False)
         await _stack(conn, platform, reinstated.learner, reinstated.course_id, now)
     return reinstated
 

@@ -1,0 +1,203 @@
+"""Two replicas applying racing events at once, as two concurrent transactions on a real PostgreSQL.
+
+Each test holds the first transaction open after its work, starts the second, and commits the
+first only once the second waits for a lock (or has finished: it would, without the locks, and
+then neither transaction sees the other's rows). Whatever the interleaving, the credential is minted.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from issuance import repository, service
+from issuance.service import Platform
+from microcred_events import CoursePublished, PathwayPublished
+
+from .conftest import a_completion, a_course, a_learner, a_pathway
+
+pytestmark = pytest.mark.integration
+
+Work = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+async def race(database: str, first: Work, second: Work) -> None:
+    """`first` in a transaction that commits only once `second`'s (started after it) waits for a
+    lock or is done; then `second` commits."""
+    one, two, observer = [await asyncpg.connect(database) for _ in range(3)]
+    first_done, second_done = asyncio.Event(), asyncio.Event()
+
+    async def run_first() -> None:
+        async with one.transaction():
+            await first(one)
+            first_done.set()
+            await waits_for_lock_or(second_done, observer, two.get_server_pid())
+
+    async def run_second() -> None:
+        await first_done.wait()
+        try:
+            async with two.transaction():
+                await second(two)
+        finally:
+            second_done.set()
+
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(run_first(), run_second())
+    finally:
+        for conn in (one, two, observer):
+            await conn.close()
+
+
+async def waits_for_lock_or(done: asyncio.Event, observer: asyncpg.Connection, pid: int) -> None:
+    while not done.is_set():
+        waiting = await observer.fetchval(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def count(database: str, query: str, *args: object) -> int:
+    conn = await asyncpg.connect(database)
+    try:
+        counted: int = await conn.fetchval(query, *args)
+        return counted
+    finally:
+        await conn.close()
+
+
+async def setup(database: str, work: Work) -> None:
+    conn = await asyncpg.connect(database)
+    try:
+        async with conn.transaction():
+            await work(conn)
+    finally:
+        await conn.close()
+
+
+def published(course: object) -> CoursePublished:
+    return CoursePublished.model_validate({"course": course, "published_at": datetime.now(UTC)})
+
+
+async def test_two_last_course_credentials_minted_at_once_mint_the_pathway_credential_once(
+    database: str, platform: Platform
+) -> None:
+    first, second = a_course(), a_course()
+    pathway = a_pathway(first, second)
+    learner = a_learner()
+
+    async def catalog(conn: asyncpg.Connection) -> None:
+        for course in (first, second):
+            await service.record_course(conn, platform, published(course))
+        await service.record_pathway(
+            conn, platform, PathwayPublished(pathway=pathway, published_at=datetime.now(UTC))
+        )
+        # Someone else's credential opens the status list: the first credential would otherwise
+        # open it, and the second would wait for that row, not for the lock this test is about.
+        await service.issue_course_credential(conn, platform, a_completion(first, a_learner()))
+
+    await setup(database, catalog)
+
+    async def complete_first(conn: asyncpg.Connection) -> None:
+        await service.issue_course_credential(conn, platform, a_completion(first, learner))
+
+    async def complete_second(conn: asyncpg.Connection) -> None:
+        await service.issue_course_credential(conn, platform, a_completion(second, learner))
+
+    await race(database, complete_first, complete_second)
+
+    assert (
+        await count(
+            database,
+            "SELECT count(*) FROM credentials WHERE kind = 'course' AND learner_id = $1",
+            learner.learner_id,
+        )
+        == 2
+    )
+    assert (
+        await count(
+            database,
+            "SELECT count(*) FROM credentials WHERE kind = 'pathway' AND pathway_id = $1 AND learner_id = $2",
+            pathway.pathway_id,
+            learner.learner_id,
+        )
+        == 1
+    )
+
+
+@pytest.mark.parametrize("pathway_first", [True, False], ids=["pathway-first", "credential-first"])
+async def test_a_pathway_published_while_its_last_course_credential_is_minted_is_awarded(
+    database: str, platform: Platform, pathway_first: bool
+) -> None:
+    first, second = a_course(), a_course()
+    pathway = a_pathway(first, second)
+    learner = a_learner()
+
+    async def catalog_and_first_course(conn: asyncpg.Connection) -> None:
+        for course in (first, second):
+            await service.record_course(conn, platform, published(course))
+        await service.issue_course_credential(conn, platform, a_completion(first, learner))
+
+    await setup(database, catalog_and_first_course)
+
+    async def publish_pathway(conn: asyncpg.Connection) -> None:
+        await service.record_pathway(
+            conn, platform, PathwayPublished(pathway=pathway, published_at=datetime.now(UTC))
+        )
+
+    async def complete_last(conn: asyncpg.Connection) -> None:
+        await service.issue_course_credential(conn, platform, a_completion(second, learner))
+
+    if pathway_first:
+        await race(database, publish_pathway, complete_last)
+    else:
+        await race(database, complete_last, publish_pathway)
+
+    assert (
+        await count(
+            database,
+            "SELECT count(*) FROM credentials WHERE kind = 'pathway' AND pathway_id = $1",
+            pathway.pathway_id,
+        )
+        == 1
+    )
+
+
+@pytest.mark.parametrize("park_first", [True, False], ids=["park-first", "version-first"])
+async def test_a_completion_parked_while_its_course_version_arrives_is_minted(
+    database: str, platform: Platform, park_first: bool
+) -> None:
+    course = a_course(version=4)
+    completion = a_completion(course, a_learner())
+
+    async def complete(conn: asyncpg.Connection) -> None:
+        await service.issue_course_credential(conn, platform, completion)
+
+    async def publish_version(conn: asyncpg.Connection) -> None:
+        await service.record_course(conn, platform, published(course))
+
+    if park_first:
+        await race(database, complete, publish_version)
+    else:
+        await race(database, publish_version, complete)
+
+    assert (
+        await count(
+            database, "SELECT count(*) FROM credentials WHERE enrollment_id = $1", completion.enrollment_id
+        )
+        == 1
+    )
+    assert await count(database, "SELECT count(*) FROM awaiting_course_version") == 0
+
+
+def test_lock_keys_never_change() -> None:
+    """Replicas of two releases side by side (a rolling upgrade) must lock the same keys."""
+    some_id = UUID("6f1c2a3e-0000-4000-8000-000000000001")
+
+    assert repository.lock_key("course", some_id) == 6958635988656641989
+    assert repository.lock_key("learner", some_id) == -4563349452381178562
