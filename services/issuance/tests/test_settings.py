@@ -87,3 +87,43 @@ def test_a_trusted_host_is_a_host_not_a_url(monkeypatch: pytest.MonkeyPatch, tmp
 
     with pytest.raises(ConfigurationError, match=r"VERIFY_TRUSTED_HOSTS: .* is not a host name"):
         load_settings(Settings)
+
+
+def test_the_sweep_runs_every_30_s_over_the_last_15_min_by_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    keys.generate_key(tmp_path, "key-1")
+    monkeypatch.setenv("ISSUER_KEYS_DIR", str(tmp_path))
+
+    settings = load_settings(Settings)
+
+    assert (settings.issuance_sweep_interval_seconds, settings.issuance_sweep_lookback_seconds) == (30, 900)
+
+
+@pytest.mark.parametrize(
+    ("interval", "lookback", "complaint"),
+    [
+        ("0.5", "900", "ISSUANCE_SWEEP_INTERVAL_SECONDS: Input should be greater than or equal to 1"),
+        ("nan", "900", "ISSUANCE_SWEEP_INTERVAL_SECONDS"),
+        ("30", "nan", "ISSUANCE_SWEEP_LOOKBACK_SECONDS"),
+        ("600", "900", "at least twice ISSUANCE_SWEEP_INTERVAL_SECONDS"),
+    ],
+    ids=[
+        "too-often",
+        "interval-not-a-number",
+        "lookback-not-a-number",
+        "lookback-shorter-than-two-intervals",
+    ],
+)
+def test_the_sweep_settings_are_checked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval: str, lookback: str, complaint: str
+) -> None:
+    keys.generate_key(tmp_path, "key-1")
+    monkeypatch.setenv("ISSUER_KEYS_DIR", str(tmp_path))
+    monkeypatch.setenv("ISSUANCE_SWEEP_INTERVAL_SECONDS", interval)
+    monkeypatch.setenv("ISSUANCE_SWEEP_LOOKBACK_SECONDS", lookback)
+
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings(Settings)
+
+    assert complaint in str(refused.value)

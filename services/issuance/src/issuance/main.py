@@ -7,7 +7,7 @@ from fastapi import FastAPI
 
 from microcred_runtime import Service, load_settings
 
-from . import api, subscribers
+from . import api, subscribers, sweeper
 from .keys import load_keyring
 from .service import Platform
 from .settings import Settings
@@ -28,7 +28,9 @@ class IssuanceService(Service[Settings]):
             settings.verify_fetch_timeout_seconds,
             settings.verify_fetch_max_bytes,
         )
-        bound = dataclasses.replace(self, subscriptions=subscribers.subscriptions(platform))
+        bound = dataclasses.replace(
+            self, subscriptions=subscribers.subscriptions(platform), background=[sweeper.sweeping(platform)]
+        )
         app = Service.create_app(bound, settings)
         app.state.platform = platform
         app.state.trust = trust

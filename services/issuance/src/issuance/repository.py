@@ -2,7 +2,7 @@
 
 import hashlib
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 import asyncpg
@@ -102,6 +102,11 @@ async def record_pathway(conn: Connection, pathway: PathwaySnapshot) -> bool:
     return bool(stored)
 
 
+async def pathway(conn: Connection, pathway_id: UUID) -> PathwaySnapshot | None:
+    snapshot = await conn.fetchval("SELECT snapshot FROM pathways WHERE pathway_id = $1", pathway_id)
+    return PathwaySnapshot.model_validate_json(snapshot) if snapshot else None
+
+
 async def pathways_with_course(conn: Connection, course_id: UUID) -> list[PathwaySnapshot]:
     rows = await conn.fetch(
         "SELECT snapshot FROM pathways WHERE course_ids @> ARRAY[$1::uuid] ORDER BY pathway_id", course_id
@@ -132,6 +137,37 @@ async def take_parked_completions(conn: Connection, course_id: UUID, version: in
         version,
     )
     return [CourseCompleted.model_validate_json(row["completion"]) for row in rows]
+
+
+async def parked_with_known_version(conn: Connection, limit: int) -> list[tuple[UUID, UUID]]:
+    """Parked completions whose course version is held: (enrollment id, course id), oldest first.
+
+    Recording a version takes what waited for it in the same transaction, so any row found here
+    was left behind."""
+    rows = await conn.fetch(
+        """
+        SELECT a.enrollment_id, a.course_id FROM awaiting_course_version a
+        JOIN course_versions v ON v.course_id = a.course_id AND v.version = a.course_version
+        ORDER BY a.parked_at, a.enrollment_id
+        LIMIT $1
+        """,
+        limit,
+    )
+    return [(row["enrollment_id"], row["course_id"]) for row in rows]
+
+
+async def take_parked_completion(conn: Connection, enrollment_id: UUID) -> CourseCompleted | None:
+    """Remove and return one parked completion if its course version is held (else leave it)."""
+    completion = await conn.fetchval(
+        """
+        DELETE FROM awaiting_course_version a WHERE enrollment_id = $1
+          AND EXISTS (SELECT FROM course_versions v
+                      WHERE v.course_id = a.course_id AND v.version = a.course_version)
+        RETURNING completion
+        """,
+        enrollment_id,
+    )
+    return CourseCompleted.model_validate_json(completion) if completion else None
 
 
 # --- credentials -----------------------------------------------------------------------------
@@ -314,6 +350,75 @@ async def holds_pathway(conn: Connection, learner_id: UUID, pathway_id: UUID) ->
             " AND kind = 'pathway' AND revoked_at IS NULL",
             learner_id,
             pathway_id,
+        )
+    )
+
+
+# A learner is missing a pathway credential when they hold a current credential for every course
+# of the pathway and no pathway credential stands: none is live, and none was revoked after the
+# latest of those course credentials was issued (staff's revocation stands until a course
+# credential earned since earns it again, as stacking would). `r` names the candidates
+# (learner_id, pathway_id, course_ids); $1 is the time that decides whether a credential is current.
+_MISSING_PATHWAY = """
+    CROSS JOIN LATERAL (
+        SELECT array_agg(DISTINCT h.course_id) AS course_ids, max(h.issued_at) AS latest
+        FROM credentials h
+        WHERE h.learner_id = r.learner_id AND h.kind = 'course' AND h.course_id = ANY (r.course_ids)
+          AND h.revoked_at IS NULL AND h.suspended_at IS NULL
+          AND (h.valid_until IS NULL OR h.valid_until > $1)
+    ) held
+    WHERE held.course_ids @> r.course_ids
+      AND NOT EXISTS (
+        SELECT FROM credentials pc
+        WHERE pc.learner_id = r.learner_id AND pc.pathway_id = r.pathway_id AND pc.kind = 'pathway'
+          AND (pc.revoked_at IS NULL OR pc.revoked_at >= held.latest)
+      )
+"""
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+async def missing_pathway_credentials(
+    conn: Connection, now: datetime, *, issued_since: datetime | None, limit: int
+) -> list[tuple[UUID, UUID]]:
+    """(learner id, pathway id) of learners missing a pathway credential, among those holding a
+    course credential of the pathway issued since `issued_since` (None: every learner).
+
+    Minting a course credential or recording a pathway mints the pathway credentials it completes
+    in the same transaction, so whatever is found here was left behind."""
+    rows = await conn.fetch(
+        f"""
+        WITH r AS (
+            SELECT DISTINCT c.learner_id, p.pathway_id, p.course_ids
+            FROM credentials c JOIN pathways p ON c.course_id = ANY (p.course_ids)
+            WHERE c.kind = 'course' AND c.issued_at >= $2
+        )
+        SELECT r.learner_id, r.pathway_id FROM r
+        {_MISSING_PATHWAY}
+        ORDER BY r.learner_id, r.pathway_id
+        LIMIT $3
+        """,
+        now,
+        issued_since or _EARLIEST,
+        limit,
+    )
+    return [(row["learner_id"], row["pathway_id"]) for row in rows]
+
+
+async def misses_pathway_credential(
+    conn: Connection, learner_id: UUID, pathway: PathwaySnapshot, now: datetime
+) -> bool:
+    """Whether the learner is missing this pathway's credential (see `missing_pathway_credentials`)."""
+    return bool(
+        await conn.fetchval(
+            f"""
+            SELECT true FROM (SELECT $2::uuid AS learner_id, $3::uuid AS pathway_id,
+                                     $4::uuid[] AS course_ids) r
+            {_MISSING_PATHWAY}
+            """,
+            now,
+            learner_id,
+            pathway.pathway_id,
+            list(pathway.course_ids),
         )
     )
 

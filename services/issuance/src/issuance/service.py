@@ -17,15 +17,16 @@ whichever of two racing transactions reads second reads after the first has comm
   courses). A completion that found no version, or a credential stacked without a pathway being
   published at that moment, is thereby seen by the other side; completions of one course still
   mint side by side.
-- the learner lock, EXCLUSIVE, by whoever decides on the learner's pathway credentials
-  (stacking): of two of the learner's last course credentials minted at once, the second sees
+- the learner lock, EXCLUSIVE, by whoever decides on the learner's pathway credentials (stacking,
+  the sweeper): of two of the learner's last course credentials minted at once, the second sees
   the first.
 
 Order, in every use case: course locks (ascending key), then learner locks (ascending key). A
 consumer applies a batch of events in one transaction, so two batches can still take locks of
 different events in opposite orders; PostgreSQL then detects the deadlock and fails one batch,
 which the runtime applies again (the failed event alone, retried), with nothing half-done: the
-locks only make a transaction wait, never decide anything by themselves.
+locks only make a transaction wait, never decide anything by themselves. The sweeper
+(`sweeper.py`) finishes whatever is still found left behind.
 """
 
 import hashlib
@@ -297,6 +298,45 @@ def _signed_status_list(platform: Platform, list_id: UUID, bits: bytes, now: dat
         platform.status_list_url(list_id), STATUS_PURPOSE, bits, platform.did, domain.whole_seconds(now)
     )
     return platform.sign(unsigned, platform.did, now)
+
+
+# --- finishing what a race left behind (the sweeper) -----------------------------------------
+
+
+async def finish_parked_completion(
+    conn: Connection, platform: Platform, enrollment_id: UUID, course_id: UUID
+) -> bool:
+    """Mint a parked completion whose course version is held; False when another transaction
+    took it first."""
+    await repository.lock_courses(conn, [course_id], exclusive=False)
+    completion = await repository.take_parked_completion(conn, enrollment_id)
+    if completion is None:
+        return False
+    if await repository.credential_for_enrollment(conn, enrollment_id) is None:
+        course = await repository.course_version(conn, completion.course_id, completion.course_version)
+        assert course is not None, "a parked completion is taken only when its course version is held"
+        await _issue_course_credential(conn, platform, completion, course)
+    return True
+
+
+async def finish_pathway(conn: Connection, platform: Platform, learner_id: UUID, pathway_id: UUID) -> bool:
+    """Mint the pathway credential a learner is missing; False when it is not missing (any more)."""
+    found = await repository.pathway(conn, pathway_id)
+    if found is None:
+        return False
+    await repository.lock_courses(conn, found.course_ids, exclusive=False)
+    await repository.lock_learners(conn, [learner_id])
+    pathway = await repository.pathway(conn, pathway_id)
+    if pathway is None or set(pathway.course_ids) != set(found.course_ids):
+        # A new version changed its courses before the locks were held: the next pass looks again.
+        return False
+    now = _now()
+    if not await repository.misses_pathway_credential(conn, learner_id, pathway, now):
+        return False
+    learner = await repository.latest_learner(conn, learner_id)
+    assert learner is not None, "a learner missing a pathway credential holds course credentials"
+    await _issue_pathway_credential(conn, platform, pathway, learner, now)
+    return True
 
 
 # --- status ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import Field, HttpUrl, field_validator
+from pydantic import Field, HttpUrl, field_validator, model_validator
 
 from microcred_runtime import ServiceSettings
 
@@ -42,6 +42,27 @@ class Settings(ServiceSettings):
     verify_max_body_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Largest credential POST /verify accepts."
     )
+    issuance_sweep_interval_seconds: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        allow_inf_nan=False,
+        description=(
+            "How often the sweeper looks for what a race between replicas left behind (a parked "
+            "completion whose course version is held, a missing pathway credential) and finishes it."
+        ),
+    )
+    issuance_sweep_lookback_seconds: float = Field(
+        default=900.0,
+        ge=2,
+        le=7 * 24 * 3600,
+        allow_inf_nan=False,
+        description=(
+            "How far back each sweep (but a process's first, which looks at everything) looks at "
+            "course credentials issued, for learners missing a pathway credential; at least twice "
+            "the interval."
+        ),
+    )
 
     @field_validator("issuer_keys_dir")
     @classmethod
@@ -61,6 +82,15 @@ class Settings(ServiceSettings):
             if not host or any(character in host for character in "/@?#\\ ") or host != host.strip():
                 raise ValueError(f"{host!r} is not a host name (with an optional :port)")
         return [host.lower() for host in hosts]
+
+    @model_validator(mode="after")
+    def _sweep_overlaps(self) -> Self:
+        # A pass that runs late must still look back over what the one before it may have missed.
+        if self.issuance_sweep_lookback_seconds < 2 * self.issuance_sweep_interval_seconds:
+            raise ValueError(
+                "ISSUANCE_SWEEP_LOOKBACK_SECONDS must be at least twice ISSUANCE_SWEEP_INTERVAL_SECONDS"
+            )
+        return self
 
     @property
     def base_url(self) -> str:

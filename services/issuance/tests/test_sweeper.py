@@ -1,0 +1,192 @@
+"""The sweeper finds and finishes what a race left behind, once, however many replicas sweep.
+
+What a race would leave behind is made directly: the pathway stored without the use case that
+awards it, a completion parked and its course version stored without the use case that takes it.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client import REGISTRY
+
+from issuance import repository, service
+from issuance.service import Platform
+from issuance.sweeper import Sweeper
+from microcred_events import CourseCompleted, CoursePublished, Learner, PathwayPublished, PathwaySnapshot
+
+from .conftest import a_completion, a_course, a_learner, a_pathway
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass(frozen=True)
+class LeftBehind:
+    learner: Learner
+    pathway: PathwaySnapshot
+    parked: CourseCompleted
+
+
+@pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    async with asyncpg.create_pool(database, min_size=1, max_size=4) as opened:
+        yield opened
+
+
+async def leave_behind(pool: asyncpg.Pool, platform: Platform) -> LeftBehind:
+    """A learner with both course credentials of a pathway but not its credential, and a parked
+    completion whose course version is held."""
+    first, second, third = a_course(), a_course(), a_course(version=2)
+    learner = a_learner()
+    pathway = a_pathway(first, second)
+    parked = a_completion(third, a_learner())
+    async with pool.acquire() as conn, conn.transaction():
+        for course in (first, second):
+            await service.record_course(conn, platform, published(course))
+            await service.issue_course_credential(conn, platform, a_completion(course, learner))
+        await repository.record_pathway(conn, pathway)
+        await repository.park_completion(conn, parked)
+        await repository.record_course_version(conn, third)
+    return LeftBehind(learner, pathway, parked)
+
+
+def published(course: object) -> CoursePublished:
+    return CoursePublished.model_validate({"course": course, "published_at": datetime.now(UTC)})
+
+
+def found(kind: str) -> float:
+    return REGISTRY.get_sample_value("issuance_sweeper_found_total", {"kind": kind}) or 0.0
+
+
+async def pathway_credentials(pool: asyncpg.Pool, left: LeftBehind) -> int:
+    counted: int = await pool.fetchval(
+        "SELECT count(*) FROM credentials WHERE kind = 'pathway' AND learner_id = $1 AND pathway_id = $2",
+        left.learner.learner_id,
+        left.pathway.pathway_id,
+    )
+    return counted
+
+
+async def parked_credentials(pool: asyncpg.Pool, left: LeftBehind) -> int:
+    counted: int = await pool.fetchval(
+        "SELECT count(*) FROM credentials WHERE enrollment_id = $1", left.parked.enrollment_id
+    )
+    return counted
+
+
+async def test_the_sweeper_finishes_a_left_behind_pathway_and_parked_completion(
+    pool: asyncpg.Pool, platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    left = await leave_behind(pool, platform)
+    before = found("pathway"), found("parked")
+    sweeper = Sweeper(pool, platform, lookback_seconds=900)
+
+    with caplog.at_level(logging.WARNING, logger="issuance.sweeper"):
+        finished = await sweeper.sweep()
+
+    assert finished == {"parked": 1, "pathway": 1}
+    assert await pathway_credentials(pool, left) == 1
+    assert await parked_credentials(pool, left) == 1
+    assert await pool.fetchval("SELECT count(*) FROM awaiting_course_version") == 0
+    assert (found("pathway"), found("parked")) == (before[0] + 1, before[1] + 1)
+    assert sorted(record.getMessage() for record in caplog.records if record.levelno == logging.WARNING) == [
+        "a parked completion was left behind by a race: minted it now",
+        "a pathway credential was left behind by a race: minted it now",
+    ]
+    assert await sweeper.sweep(everything=True) == {"parked": 0, "pathway": 0}
+
+
+async def test_two_sweepers_at_once_mint_exactly_one_credential_of_each(
+    database: str, pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    left = await leave_behind(pool, platform)
+    before = found("pathway"), found("parked")
+    # Both replicas find the same work before either finishes any of it.
+    both_found(monkeypatch, "parked_with_known_version")
+    both_found(monkeypatch, "missing_pathway_credentials")
+
+    async with asyncpg.create_pool(database, min_size=1, max_size=4) as other_pool:
+        one = Sweeper(pool, platform, lookback_seconds=900)
+        two = Sweeper(other_pool, platform, lookback_seconds=900)
+        finished = await asyncio.wait_for(asyncio.gather(one.sweep(), two.sweep()), 30)
+
+    assert sum(each["pathway"] for each in finished) == 1
+    assert sum(each["parked"] for each in finished) == 1
+    assert await pathway_credentials(pool, left) == 1
+    assert await parked_credentials(pool, left) == 1
+    assert (found("pathway"), found("parked")) == (before[0] + 1, before[1] + 1)
+
+
+def both_found(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    find: Callable[..., Awaitable[Any]] = getattr(repository, name)
+    barrier = asyncio.Barrier(2)
+
+    async def find_then_wait(*args: Any, **kwargs: Any) -> Any:
+        result = await find(*args, **kwargs)
+        assert result, "the work left behind is found"
+        await barrier.wait()
+        return result
+
+    monkeypatch.setattr(repository, name, find_then_wait)
+
+
+async def test_a_revoked_pathway_credential_is_not_minted_again(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    first, second = a_course(), a_course()
+    learner = a_learner()
+    pathway = a_pathway(first, second)
+    async with pool.acquire() as conn, conn.transaction():
+        for course in (first, second):
+            await service.record_course(conn, platform, published(course))
+        await service.record_pathway(
+            conn, platform, PathwayPublished(pathway=pathway, published_at=datetime.now(UTC))
+        )
+        for course in (first, second):
+            await service.issue_course_credential(conn, platform, a_completion(course, learner))
+    stacked = await pool.fetchval(
+        "SELECT credential_id FROM credentials WHERE kind = 'pathway' AND learner_id = $1", learner.learner_id
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await service.revoke_credential(conn, platform, stacked, "awarded by mistake")
+
+    assert await Sweeper(pool, platform, lookback_seconds=900).sweep(everything=True) == {
+        "parked": 0,
+        "pathway": 0,
+    }
+
+
+async def test_later_passes_look_only_at_recent_course_credentials(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    left = await leave_behind(pool, platform)
+    await pool.execute(
+        "UPDATE credentials SET issued_at = issued_at - interval '2 hours', valid_until = NULL"
+        " WHERE learner_id = $1",
+        left.learner.learner_id,
+    )
+    sweeper = Sweeper(pool, platform, lookback_seconds=3600)
+
+    assert (await sweeper.sweep())["pathway"] == 0
+    assert (await sweeper.sweep(everything=True))["pathway"] == 1
+    assert await pathway_credentials(pool, left) == 1
+
+
+async def test_the_sweeper_sweeps_in_the_background_until_stopped(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    left = await leave_behind(pool, platform)
+
+    async with Sweeper(pool, platform, lookback_seconds=900).running(interval_seconds=0.05):
+        for _ in range(200):
+            if await pathway_credentials(pool, left) and await parked_credentials(pool, left):
+                break
+            await asyncio.sleep(0.05)
+
+    assert await pathway_credentials(pool, left) == 1
+    assert await parked_credentials(pool, left) == 1
