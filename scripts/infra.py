@@ -21,6 +21,7 @@ Importable (test fixtures)::
     from infra import ensure_up
     endpoints = ensure_up()            # -> Endpoints(kafka_bootstrap=..., postgres_url=...)
     endpoints.database_url("catalog")
+    crash_postgres()                   # fault injection: SIGKILL the server and all its processes
 
 Environment:
     KAFKA_BOOTSTRAP_SERVERS          use this Kafka; provision/start nothing for Kafka
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["SERVICES", "Endpoints", "InfraError", "endpoints", "ensure_down", "ensure_up"]
+__all__ = ["SERVICES", "Endpoints", "InfraError", "crash_postgres", "endpoints", "ensure_down", "ensure_up"]
 
 # --------------------------------------------------------------------------------------------------
 # Constants and paths
@@ -141,7 +142,7 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _rel(path: Path) -> str:
+def rel(path: Path) -> str:
     try:
         return str(path.relative_to(REPO_ROOT))
     except ValueError:
@@ -217,7 +218,9 @@ def port_in_use(port: int) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """Alive and not a zombie (an orphaned, killed child may linger unreaped in containers)."""
+    """Alive, or still exiting; a zombie is dead (an orphaned, killed child may linger unreaped in
+    containers). A killed JVM's main thread turns zombie while its other threads still exit, and
+    its files (listening sockets) close only with the last one: until then it counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -225,10 +228,11 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
     except OSError:
         return True  # no procfs: trust kill(0)
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    state, threads = fields[0], int(fields[17])
+    return state != "Z" or threads > 1
 
 
 def cmdline(pid: int) -> list[str]:
@@ -358,7 +362,7 @@ def _resolve_jars(version: str) -> None:
     (KAFKA_DIR / "pom.xml").write_text(pom)
     shutil.rmtree(KAFKA_LIBS, ignore_errors=True)  # never mix jars of two versions
     say(f"kafka: resolving Kafka {version} jars with Maven (first run downloads ~65 MB)")
-    say(f"kafka: full Maven output in {_rel(MAVEN_LOG)}")
+    say(f"kafka: full Maven output in {rel(MAVEN_LOG)}")
     started = time.monotonic()
     cmd = [
         mvn, "-B", "-f", str(KAFKA_DIR / "pom.xml"),
@@ -370,7 +374,7 @@ def _resolve_jars(version: str) -> None:
     LIBS_MARKER.write_text(fingerprint + "\n")
     count = len(list(KAFKA_LIBS.glob("*.jar")))
     elapsed = time.monotonic() - started
-    say(f"kafka: {count} jars in {_rel(KAFKA_LIBS)} ({jars} downloaded) in {elapsed:.1f}s")
+    say(f"kafka: {count} jars in {rel(KAFKA_LIBS)} ({jars} downloaded) in {elapsed:.1f}s")
 
 
 def _stream_maven(cmd: list[str]) -> int:
@@ -642,7 +646,7 @@ def _start_kafka(ports: KafkaPorts, timeout: float) -> int:
         java, properties=KAFKA_PROPS, data=KAFKA_DATA, cluster_id=cluster_id, log=KAFKA_LOG
     )
     if formatted:
-        say(f"kafka: formatted KRaft storage in {_rel(KAFKA_DATA)} (cluster id {cluster_id})")
+        say(f"kafka: formatted KRaft storage in {rel(KAFKA_DATA)} (cluster id {cluster_id})")
 
     offset = KAFKA_LOG.stat().st_size if KAFKA_LOG.exists() else 0
     heap = os.environ.get("MICROCRED_KAFKA_HEAP", "").strip() or "1g"
@@ -651,7 +655,7 @@ def _start_kafka(ports: KafkaPorts, timeout: float) -> int:
     pid = spawn_detached([*kafka_jvm(java, heap), "kafka.Kafka", str(KAFKA_PROPS)], KAFKA_LOG)
     KAFKA_PID.write_text(f"{pid}\n")
     _wait_kafka_ready(pid, ports.broker, offset, timeout)
-    say(f"kafka: ready in {time.monotonic() - started:.1f}s (pid {pid}, log {_rel(KAFKA_LOG)})")
+    say(f"kafka: ready in {time.monotonic() - started:.1f}s (pid {pid}, log {rel(KAFKA_LOG)})")
     return pid
 
 
@@ -1020,7 +1024,34 @@ def _postmaster(layout: PgLayout) -> tuple[int, int] | None:
         pid, port = int(lines[0]), int(lines[3])
     except (OSError, ValueError, IndexError):
         return None
-    return (pid, port) if pid_alive(pid) else None
+    return (pid, port) if pid_alive(pid) and _is_postgres(pid) else None
+
+
+def _is_postgres(pid: int) -> bool:
+    args = cmdline(pid)
+    return not args or Path(args[0]).name in ("postgres", "postmaster")  # no procfs: trust the pid
+
+
+def _remove_stale_lock_files(layout: PgLayout) -> None:
+    """Called when no server of ours runs. PostgreSQL replaces a lock file (postmaster.pid, the
+    socket's .lock) whose pid does not exist, but refuses to start on one that names an existing
+    process of its user: a SIGKILLed postmaster not reaped yet (a zombie: a container's init may
+    reap late) or a process that got its pid since. Such lock files are stale: they go."""
+    pid_file = layout.data / "postmaster.pid"
+    stale = _lock_file_pid(pid_file)
+    if stale is None or not Path(f"/proc/{stale}").exists():
+        return
+    for lock in [pid_file, *layout.socket_dir.glob(".s.PGSQL.*.lock")]:
+        if _lock_file_pid(lock) == stale:
+            say(f"postgres: removing the stale {lock.name} (pid {stale} is an unreaped or another process)")
+            lock.unlink(missing_ok=True)
+
+
+def _lock_file_pid(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _pg_ready(bindir: Path | None, host: str, port: int) -> bool:
@@ -1049,7 +1080,7 @@ def _start_postgres(bindir: Path, layout: PgLayout, user: PgUser | None, port: i
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()
         raise fail_with_log(f"PostgreSQL failed to start: {output}", layout.log)
-    say(f"postgres: ready in {time.monotonic() - started:.1f}s (log {_rel(layout.log)})")
+    say(f"postgres: ready in {time.monotonic() - started:.1f}s (log {rel(layout.log)})")
 
 
 def _provision_sql(owner: str | None) -> str:
@@ -1103,6 +1134,7 @@ def _postgres_up(timeout: float) -> str:
             )
         say(f"postgres: already running (pid {pid}) on {HOST}:{port}")
     else:
+        _remove_stale_lock_files(layout)
         _write_pg_conf(layout, user, port)
         _start_postgres(bindir, layout, user, port, timeout)
     admin = [_psql(bindir), "-h", str(layout.socket_dir), "-p", str(port), "-U", PG_SUPERUSER,
@@ -1135,6 +1167,52 @@ def _stop_postgres() -> None:
     say(f"postgres: stopped in {time.monotonic() - started:.1f}s")
 
 
+def _crash_postgres() -> int:
+    if os.environ.get("POSTGRES_URL", "").strip():
+        raise InfraError("POSTGRES_URL is set: that PostgreSQL is not this checkout's to crash")
+    data = _existing_pg_data()
+    layout = PgLayout(data.parent) if data else None
+    running = _postmaster(layout) if layout else None
+    if layout is None or running is None:
+        raise InfraError("this checkout's PostgreSQL is not running: there is nothing to crash")
+    postmaster = running[0]
+    # Frozen first, so that it forks no new backend between the scan for its children and the kill.
+    os.kill(postmaster, signal.SIGSTOP)
+    children = _descendants(postmaster)
+    for pid in (postmaster, *children):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    survivors = [pid for pid in (postmaster, *children) if not wait_gone(pid, 30)]
+    if survivors:
+        raise InfraError(f"PostgreSQL processes survived SIGKILL for 30s: {survivors}")
+    listed = ", ".join(map(str, children)) or "none"
+    say(f"postgres: crashed: SIGKILLed postmaster {postmaster} and the {len(children)} under it ({listed})")
+    _remove_stale_lock_files(layout)  # when the killed postmaster lingers as a zombie
+    return 1 + len(children)
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process under root (children, their children...), from /proc."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            parent = int(stat.rsplit(")", 1)[-1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    pending = [root]
+    while pending:
+        for child in sorted(children.get(pending.pop(), [])):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
@@ -1155,6 +1233,18 @@ def ensure_up(*, kafka: bool = True, postgres: bool = True, timeout: float = 180
         if postgres:
             _postgres_up(timeout)
     return endpoints()
+
+
+def crash_postgres() -> int:
+    """Crash this checkout's PostgreSQL as a power cut would: SIGKILL the postmaster and every
+    process under it (backends, checkpointer, WAL writer...) at once, and wait until they are gone.
+
+    The next `ensure_up(kafka=False)` starts it again, and it runs crash recovery from the WAL.
+    Returns how many processes were killed. Refuses (InfraError) a server given by POSTGRES_URL,
+    which is not this checkout's to kill, and a server that is not running.
+    """
+    with _lock():
+        return _crash_postgres()
 
 
 def ensure_down(*, kafka: bool = True, postgres: bool = True) -> None:
@@ -1189,7 +1279,7 @@ def _kafka_status() -> bool:
     version = jars[0].stem.removeprefix("kafka_2.13-") if jars else "not downloaded"
     print(
         f"kafka     {state:<9} pid {pid or '-'}  {HOST}:{ports.broker} (controller {ports.controller})  "
-        f"version {version}  data {_rel(KAFKA_DATA)}  log {_rel(KAFKA_LOG)}"
+        f"version {version}  data {rel(KAFKA_DATA)}  log {rel(KAFKA_LOG)}"
     )
     return ready
 
@@ -1211,7 +1301,7 @@ def _postgres_status() -> bool:
     owner = pwd.getpwuid(data.stat().st_uid).pw_name if data.exists() else "-"
     print(
         f"postgres  {state:<9} pid {running[0] if running else '-'}  {HOST}:{port}  "
-        f"data {_rel(data)} (owner {owner})  log {_rel(layout.log)}"
+        f"data {rel(data)} (owner {owner})  log {rel(layout.log)}"
     )
     return ready
 
