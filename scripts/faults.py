@@ -359,11 +359,15 @@ class Faults:
         self.monitor = monitor
         self.load = load
         self.first_report: Callable[[], float | None] = lambda: None
+        self.publishing: asyncio.Task[None] | None = None
 
     def supervise(self) -> None:
         """Like an orchestrator: a process that died on its own is restarted, and reported; a
-        learner who gave up ends the run."""
+        learner who gave up, or a publisher that stopped, ends the run."""
         self.load.check()
+        if self.publishing is not None and self.publishing.done():
+            self.publishing.result()
+            raise FaultRunError("the publisher stopped")
         for process in self.deployment.processes:
             code = process.exited
             if code is not None and not process.held_down:
@@ -668,10 +672,8 @@ async def _flow(deployment: Deployment, result: Result, databases: dict[str, Dat
     )
     faults = Faults(deployment, result, monitor, load)
     faults.first_report = lambda: publisher.started_at
-    tasks = [
-        asyncio.create_task(monitor.run(faults.supervise), name="monitor"),
-        asyncio.create_task(publisher.run(), name="publisher"),
-    ]
+    faults.publishing = asyncio.create_task(publisher.run(), name="publisher")
+    tasks = [asyncio.create_task(monitor.run(faults.supervise), name="monitor"), faults.publishing]
     reports = load.reports
     due = reports + config.pathway_learners
     rng = random.Random(config.seed)  # noqa: S311  (seeded on purpose: a fault plan one can replay)

@@ -19,7 +19,15 @@ import asyncpg
 
 from .sinks import MailJournal, WebhookJournal
 
-DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# What a database that is down or restarting raises (InternalClientError: a connection dying as
+# PostgreSQL is killed under it).
+DB_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 class Stalled(RuntimeError):
@@ -186,21 +194,22 @@ class Monitor:
         self._sampling = asyncio.Lock()
 
     async def run(self, supervise: Callable[[], None]) -> None:
-        """Sample until cancelled; `supervise` runs before each sample, and what it raises ends
-        the run: whoever waits in `until` gets it."""
-        while True:
-            try:
+        """Sample until cancelled; `supervise` runs before each sample. Whatever either raises ends
+        the monitor, and whoever waits in `until` gets it (a dead monitor must not leave them
+        waiting for a sample that never comes)."""
+        try:
+            while True:
                 supervise()
-            except Exception as exc:
-                self.fatal = exc
-                self._tick.set()
-                raise
-            await self.sample()
-            now = time.monotonic()
-            if now - self._last_print >= 15:
-                self._last_print = now
-                self._say(f"  {self.counts.line()}")
-            await asyncio.sleep(self._interval)
+                await self.sample()
+                now = time.monotonic()
+                if now - self._last_print >= 15:
+                    self._last_print = now
+                    self._say(f"  {self.counts.line()}")
+                await asyncio.sleep(self._interval)
+        except Exception as exc:
+            self.fatal = exc
+            self._tick.set()
+            raise
 
     async def sample(self) -> Counts:
         async with self._sampling:
@@ -287,7 +296,8 @@ class Monitor:
                 raise Stalled(
                     f"nothing moved for {stall_timeout:.0f}s waiting for {what}: {self.counts.line()}"
                 )
-            await self._tick.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tick.wait(), timeout=max(1.0, 4 * self._interval))
         return self.counts
 
     def longest_stall(self, stage: Stage, start: float, end: float) -> float:

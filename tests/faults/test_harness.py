@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import faults
 from harness import processes
 from harness.balancer import Balancer, Replicas
-from harness.monitor import Counts, Progress, Stage, longest_stall
+from harness.monitor import Counts, Monitor, Progress, Stage, longest_stall
 from harness.processes import NotReady, Process
+from harness.sinks import MailJournal, WebhookJournal
 from harness.workload import Enrolled, Learner, PathwayLearner, interleave
 
 # A stand-in service: answers its readiness URL 503 with a reason until READY_AFTER seconds have
@@ -248,3 +249,26 @@ async def test_wait_ready_waits_for_all_in_parallel(tmp_path: Path, cleanup: lis
     started = time.monotonic()
     await asyncio.wait_for(processes.wait_ready(made, within=20), 30)
     assert time.monotonic() - started < 10
+
+
+class _Unreadable:
+    """A database whose driver fails in a way the monitor does not expect."""
+
+    async def fetchrow(self, query: str) -> None:
+        raise RuntimeError("the driver broke")
+
+
+async def test_a_monitor_that_dies_fails_whoever_waits_on_it(tmp_path: Path) -> None:
+    monitor = Monitor(
+        dict.fromkeys(("catalog", "enrollment", "billing", "issuance", "notifications"), _Unreadable()),  # type: ignore[arg-type]
+        MailJournal(tmp_path / "mail.jsonl"),
+        WebhookJournal(tmp_path / "webhooks.jsonl"),
+        Progress,
+        interval=0.05,
+        say=print,
+    )
+    running = asyncio.create_task(monitor.run(lambda: None))
+    with pytest.raises(RuntimeError, match="the driver broke"):
+        await asyncio.wait_for(monitor.until("forever", lambda counts: False, stall_timeout=600), 10)
+    with pytest.raises(RuntimeError):
+        await running
