@@ -58,5 +58,5 @@ bench: sync infra-up ## Benchmark the system (throughput, latency, ceiling, cata
 	@$(PY) benchmarks/pipeline.py $(BENCH_ARGS)
 
 .PHONY: faults
-faults: sync infra-up ## Fault injection, full form: 100,000 partner completions while every part is killed
-	@$(PY) scripts/faults.py --completions 100000
+faults: sync ## Fault injection, full form: 100,000 completions through 2 replicas a service, 3 brokers and PostgreSQL, each killed in turn
+	@$(PY) scripts/faults.py --completions 100000 $(FAULTS_ARGS)

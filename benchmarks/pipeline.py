@@ -56,14 +56,10 @@ import platform as host
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -101,6 +97,8 @@ from microcred_runtime.outbox import CHANNEL
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import infra  # noqa: E402  (the project's Kafka and PostgreSQL, from scripts/)
+from harness import processes as harness_processes  # noqa: E402  (the tools' shared process handling)
+from harness.processes import NotReady, Process, free_port  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench.txt"
 NOTES_MARKER = "## Notes (hand-written, kept when the figures are rewritten)"
@@ -127,69 +125,16 @@ KAFKA = "kafka (whole broker)"
 # --- processes -------------------------------------------------------------------------------
 
 
-@dataclass
-class Process:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log: Path
-    ready_url: str
-    popen: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def start(process: Process) -> None:
-    with process.log.open("ab") as log:
-        process.popen = subprocess.Popen(  # noqa: S603  (our own interpreter and modules)
-            process.argv, env={**os.environ, **process.env}, stdout=log, stderr=subprocess.STDOUT
-        )
+def pid(process: Process) -> int:
+    assert process.pid is not None, f"{process.name} was never started"
+    return process.pid
 
 
 def wait_ready(processes: Sequence[Process]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    waiting = list(processes)
-    while waiting:
-        for process in list(waiting):
-            assert process.popen is not None
-            if process.popen.poll() is not None:
-                raise SystemExit(f"{process.name} exited at start; see {process.log}")
-            if _ready(process.ready_url):
-                waiting.remove(process)
-        if waiting and time.monotonic() > deadline:
-            raise SystemExit(f"not ready after {READY_TIMEOUT:.0f}s: {', '.join(p.name for p in waiting)}")
-        time.sleep(0.3)
-
-
-def _ready(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310  (loopback URLs we built)
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def stop(processes: Sequence[Process]) -> None:
-    running = [p for p in processes if p.popen is not None and p.popen.poll() is None]
-    for process in running:
-        assert process.popen is not None
-        process.popen.send_signal(signal.SIGTERM)
-    for process in running:
-        assert process.popen is not None
-        try:
-            process.popen.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.popen.kill()
+        harness_processes.wait_ready_blocking(processes, READY_TIMEOUT, interval=0.3)
+    except NotReady as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # --- CPU and memory from /proc ---------------------------------------------------------------
@@ -1138,7 +1083,6 @@ def service_processes(
             "DATABASE_URL": environment.database_url(name),
             "KAFKA_BOOTSTRAP_SERVERS": environment.bootstrap,
             "KAFKA_TOPIC_PREFIX": environment.prefix,
-            "HTTP_PORT": str(port),
             "AUTH_ISSUER": "https://benchmark.invalid",
             "AUTH_JWKS_FILE": str(jwks),
             # Production's sampling (deploy/k8s/overlays/prod): unsampled spans still carry trace ids.
@@ -1149,13 +1093,7 @@ def service_processes(
             env |= {"ISSUER_KEYS_DIR": str(keys_dir), "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"}
         if name == "notifications":
             env |= {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port)}
-        processes[name] = Process(
-            name,
-            [sys.executable, "-m", name],
-            env,
-            logs / f"{name}.log",
-            f"http://127.0.0.1:{port}/health/ready",
-        )
+        processes[name] = harness_processes.service(name, port=port, env=env, logs=logs)
     return processes
 
 
@@ -1200,8 +1138,8 @@ async def run(arguments: argparse.Namespace) -> Measured:
                 "mail-sink",
                 [sys.executable, "-m", "notifications.smtp_sink"],
                 {"SINK_SMTP_PORT": str(smtp_port), "SINK_HTTP_PORT": str(sink_http)},
-                logs / "mail-sink.log",
                 f"http://127.0.0.1:{sink_http}/health/live",
+                logs / "mail-sink.log",
             )
             services = service_processes(
                 environment, scratch, logs, keys_dir, smtp_port, arguments.trace_ratio
@@ -1209,12 +1147,12 @@ async def run(arguments: argparse.Namespace) -> Measured:
             everything = [sink, *services.values()]
             for process in everything:
                 process.log.write_bytes(b"")
-                start(process)
+                process.start()
             try:
                 wait_ready(everything)
                 return await measure(arguments, environment, services, keys_dir, logs)
             finally:
-                stop(everything)
+                harness_processes.stop_all(everything)
 
 
 async def set_up(
@@ -1266,7 +1204,7 @@ async def measure(
         ]
 
     reporter = Reporter(environment, partner, course)
-    meter = CpuMeter({name: process.pid for name, process in services.items()}, environment)
+    meter = CpuMeter({name: pid(process) for name, process in services.items()}, environment)
     notifications_dsn = environment.database_url("notifications")
     await reporter.producer.start()
     try:
@@ -1305,7 +1243,7 @@ async def measure(
             rate_bound = min(sustained if math.isfinite(sustained) else 50, PROFILE_RATE_BOUND)
             profiled = take(int(rate_bound * profile_seconds))
             if profiled:
-                pids = {name: services[name].pid for name in PROFILED}
+                pids = {name: pid(services[name]) for name in PROFILED}
                 with profiling(pids, profile_seconds, logs) as profiles:
                     await reporter.burst(profiled)
                     ids = [learner.enrollment_id for learner in profiled]
@@ -1328,7 +1266,7 @@ async def measure(
             # 4. the catalog list API
             url = f"http://127.0.0.1:{services['catalog'].env['HTTP_PORT']}/courses"
             await python_load(url, 4, 1)  # warm-up
-            catalog_pid = services["catalog"].pid
+            catalog_pid = pid(services["catalog"])
             catalog_cpu = cpu_seconds(catalog_pid)
             catalog = await http_load(url, arguments.catalog_connections, arguments.catalog_seconds)
             catalog_cpu = cpu_seconds(catalog_pid) - catalog_cpu
@@ -1354,7 +1292,7 @@ async def measure(
             paced = take(paced_count)
             offered = await reporter.paced(paced, arguments.rate)
             await recorded.until([learner.enrollment_id for learner in paced], within=arguments.drain)
-            rss = {name: peak_rss_mb(process.pid) for name, process in services.items()}
+            rss = {name: peak_rss_mb(pid(process)) for name, process in services.items()}
             if meter.servers() != (meter.kafka, meter.postmaster):
                 raise SystemExit(
                     "Kafka or PostgreSQL restarted during the run (another job on this machine?):"

@@ -14,14 +14,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dev_issuer
 import infra
+from harness import processes
+from harness.processes import NotReady, Process
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".local" / "logs"
@@ -35,40 +34,26 @@ MAIL_SINK_HTTP_PORT = 8025
 READY_TIMEOUT = 90.0
 
 
-@dataclass
-class Process:
-    name: str
-    argv: list[str]
-    ready_url: str
-    env: dict[str, str] = field(default_factory=dict)
-    popen: "subprocess.Popen[bytes] | None" = None
-
-    @property
-    def log(self) -> Path:
-        return LOGS / f"{self.name}.log"
-
-
 def main() -> int:
     endpoints = infra.ensure_up()
     LOGS.mkdir(parents=True, exist_ok=True)
     webhook_secret = _secret("payment-webhook-secret")
     auth = {"AUTH_ISSUER": dev_issuer.ISSUER, "AUTH_JWKS_URL": f"{dev_issuer.ISSUER}/jwks.json"}
-    issuer = Process(
+    issuer = _auxiliary(
         "dev-issuer",
         [sys.executable, str(ROOT / "scripts" / "dev_issuer.py")],
         f"{dev_issuer.ISSUER}/jwks.json",
     )
     services = [
-        Process(
+        processes.service(
             name,
-            [sys.executable, "-m", name],
-            f"http://127.0.0.1:{port}/health/ready",
-            {
+            port=port,
+            env={
                 "DATABASE_URL": endpoints.database_url(name),
                 "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap,
-                "HTTP_PORT": str(port),
                 **auth,
             },
+            logs=LOGS,
         )
         for name, port in PORTS.items()
         if importlib.util.find_spec(name) is not None
@@ -76,7 +61,7 @@ def main() -> int:
     auxiliaries = [issuer]
     if importlib.util.find_spec("billing.simulator") is not None:
         auxiliaries.append(
-            Process(
+            _auxiliary(
                 "payment-simulator",
                 [sys.executable, "-m", "billing.simulator"],
                 f"http://127.0.0.1:{SIMULATOR_PORT}/docs",
@@ -97,7 +82,7 @@ def main() -> int:
             service.env["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{PORTS['issuance']}"
     if importlib.util.find_spec("notifications.smtp_sink") is not None:
         auxiliaries.append(
-            Process(
+            _auxiliary(
                 "mail-sink",
                 [sys.executable, "-m", "notifications.smtp_sink"],
                 f"http://127.0.0.1:{MAIL_SINK_HTTP_PORT}/health/live",
@@ -108,29 +93,35 @@ def main() -> int:
             if service.name == "notifications":
                 service.env["SMTP_HOST"] = "127.0.0.1"
                 service.env["SMTP_PORT"] = str(MAIL_SINK_SMTP_PORT)
-    processes = auxiliaries + services
+    everything = auxiliaries + services
     stop = _install_signal_handlers()
     try:
-        for process in processes:
-            _start(process)
-        if not _wait_ready(processes):
+        for process in everything:
+            process.start()
+        try:
+            processes.wait_ready_blocking(
+                everything, READY_TIMEOUT, on_ready=lambda process: print(f"{process.name} ready")
+            )
+        except NotReady as exc:
+            print(exc, file=sys.stderr)
             return 1
         if any(service.name == "catalog" for service in services):
             _seed_catalog(endpoints.database_url("catalog"), endpoints.kafka_bootstrap, auth)
-        _print_summary(processes, endpoints)
+        _print_summary(everything, endpoints)
         while not stop:
-            for process in processes:
-                assert process.popen is not None
-                if process.popen.poll() is not None:
-                    print(
-                        f"{process.name} exited with {process.popen.returncode}; see {process.log}",
-                        file=sys.stderr,
-                    )
+            for process in everything:
+                if process.exited is not None:
+                    print(f"{process.name} exited with {process.exited}; see {process.log}", file=sys.stderr)
                     return 1
             time.sleep(1)
         return 0
     finally:
-        _terminate(processes)
+        for name in processes.stop_all(everything, timeout=30):
+            print(f"{name} did not stop in 30s; killed it", file=sys.stderr)
+
+
+def _auxiliary(name: str, argv: list[str], ready_url: str, env: dict[str, str] | None = None) -> Process:
+    return Process(name, argv, env or {}, ready_url, LOGS / f"{name}.log")
 
 
 def _secret(name: str) -> str:
@@ -152,13 +143,6 @@ def _issuer_keys() -> Path:
     return directory
 
 
-def _start(process: Process) -> None:
-    log_file = process.log.open("ab")
-    process.popen = subprocess.Popen(  # noqa: S603  (our own interpreter and modules)
-        process.argv, env={**os.environ, **process.env}, stdout=log_file, stderr=subprocess.STDOUT
-    )
-
-
 def _seed_catalog(database_url: str, kafka: str, auth: dict[str, str]) -> None:
     env = {**os.environ, "DATABASE_URL": database_url, "KAFKA_BOOTSTRAP_SERVERS": kafka, **auth}
     result = subprocess.run(
@@ -170,15 +154,15 @@ def _seed_catalog(database_url: str, kafka: str, auth: dict[str, str]) -> None:
         print("catalog seeded with the launch microcredentials")
 
 
-def _print_summary(processes: list[Process], endpoints: infra.Endpoints) -> None:
+def _print_summary(started: list[Process], endpoints: infra.Endpoints) -> None:
     print("\nmicrocred is running:")
     for name, port in PORTS.items():
-        if any(process.name == name for process in processes):
+        if any(process.name == name for process in started):
             print(f"  {name:<18} http://127.0.0.1:{port}/docs   log: {LOGS / name}.log")
     print(f'  {"dev token issuer":<18} {dev_issuer.ISSUER}/token   (POST {{"sub", "roles", "email"}})')
-    if any(process.name == "payment-simulator" for process in processes):
+    if any(process.name == "payment-simulator" for process in started):
         print(f"  {'payment simulator':<18} http://127.0.0.1:{SIMULATOR_PORT}/docs")
-    if any(process.name == "mail-sink" for process in processes):
+    if any(process.name == "mail-sink" for process in started):
         print(f"  {'mail sink':<18} http://127.0.0.1:{MAIL_SINK_HTTP_PORT}/   (every email sent, caught)")
     print(f"  {'kafka':<18} {endpoints.kafka_bootstrap}")
     print(f"  {'postgres':<18} {endpoints.postgres_url}")
@@ -194,51 +178,6 @@ def _install_signal_handlers() -> list[int]:
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
     return received
-
-
-def _wait_ready(processes: list[Process]) -> bool:
-    deadline = time.monotonic() + READY_TIMEOUT
-    waiting = {process.name: process for process in processes}
-    while waiting and time.monotonic() < deadline:
-        for name, process in sorted(waiting.items()):
-            assert process.popen is not None
-            if process.popen.poll() is not None:
-                print(f"{name} failed to start; last lines of {process.log}:", file=sys.stderr)
-                print(_tail(process.log), file=sys.stderr)
-                return False
-            if _ready(process.ready_url):
-                print(f"{name} ready")
-                del waiting[name]
-        time.sleep(0.5)
-    if waiting:
-        print(f"not ready after {READY_TIMEOUT:.0f}s: {', '.join(sorted(waiting))}", file=sys.stderr)
-    return not waiting
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310  (loopback URLs we built)
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _terminate(processes: list[Process]) -> None:
-    running = [process for process in processes if process.popen and process.popen.poll() is None]
-    for process in running:
-        assert process.popen is not None
-        process.popen.send_signal(signal.SIGTERM)
-    for process in running:
-        assert process.popen is not None
-        try:
-            process.popen.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            print(f"{process.name} did not stop in 30s; killing it", file=sys.stderr)
-            process.popen.kill()
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 if __name__ == "__main__":

@@ -64,14 +64,14 @@ class FaultRecord:
             recovery = self.note
         checks = "; ".join(f"{name} {value}" for name, value in self.checks.items())
         return (
-            f"{self.at:>+8.1f}s  {self.victim:<28} {self.stage:<13} {self.credentials_at:>8}  "
+            f"{self.at:>+8.1f}s  {self.victim:<30} {self.stage:<13} {self.credentials_at:>8}  "
             f"{self.downtime:>4.1f}s  {seconds(self.ready_after):>8}  {recovery:<14}"
             + (f"  {checks}" if checks else "")
         )
 
 
 FAULT_TABLE_HEADER = (
-    f"{'at':>9}  {'fault (SIGKILL)':<34} {'stage':<12} {'creds at':>8}  {'down':>5}  {'ready':>8}  recovery"
+    f"{'at':>9}  {'fault (SIGKILL)':<30} {'stage':<13} {'creds at':>8}  {'down':>5}  {'ready':>8}  recovery"
 )
 
 
