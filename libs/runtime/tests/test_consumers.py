@@ -1,12 +1,21 @@
 import contextlib
 import hashlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from aiokafka import ConsumerRecord
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotEnoughReplicasError,
+    RequestTimedOutError,
+)
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from microcred_events import (
@@ -18,7 +27,14 @@ from microcred_events import (
     encode,
 )
 from microcred_runtime import Connection, Outcome, Rejected, Subscriptions
-from microcred_runtime.consumers import EventConsumer, RetryPolicy, dead_letter_record
+from microcred_runtime.consumers import (
+    EventConsumer,
+    Inbound,
+    RetryPolicy,
+    dead_letter_record,
+    is_outage,
+)
+from microcred_runtime.metrics import Metrics
 
 from .conftest import FakeConnection, FakePool, consumer_record, course_updated
 
@@ -32,7 +48,7 @@ class Handler:
     def __init__(self, failures: int = 0, error: Exception | None = None) -> None:
         self.failures = failures
         self.error = error or RuntimeError("boom")
-        self.events: list[Event] = []
+        self.events: list[Any] = []
 
     async def __call__(self, conn: Connection, event: Any) -> None:
         self.events.append(event)
@@ -41,12 +57,17 @@ class Handler:
 
 
 class DeadLetters:
-    def __init__(self, error: Exception | None = None) -> None:
+    """Publishes dead letters, or fails the first `failures` with `error`."""
+
+    def __init__(self, error: Exception | None = None, failures: int = 10**6) -> None:
         self.error = error
+        self.failures = failures
+        self.attempts = 0
         self.records: list[KafkaRecord] = []
 
     async def publish(self, record: KafkaRecord) -> None:
-        if self.error is not None:
+        self.attempts += 1
+        if self.error is not None and self.attempts <= self.failures:
             raise self.error
         self.records.append(record)
 
@@ -56,21 +77,36 @@ class DeadLetters:
 
 
 def consumer(
-    handler: Handler, pool: FakePool, dead_letters: DeadLetters, *, handles: type[Event] = CourseUpdated
+    handler: Handler,
+    pool: FakePool,
+    dead_letters: DeadLetters,
+    *,
+    handles: type[Event] = CourseUpdated,
+    metrics: Metrics | None = None,
+    budget_seconds: float = 60.0,
 ) -> EventConsumer:
     subscriptions = Subscriptions()
     subscriptions.on(handles)(handler)
+    (route,) = subscriptions.routes(GROUP)
     return EventConsumer(
-        group=GROUP,
-        subscriptions=subscriptions,
+        route,
         pool=pool,  # type: ignore[arg-type]  # a fake pool lending a fake connection
         publish_dead_letter=dead_letters.publish,
         retry=RetryPolicy(max_attempts=3, backoff_seconds=0.001),
+        budget_seconds=budget_seconds,
+        metrics=metrics,
     )
 
 
 def valid_record() -> KafkaRecord:
     return encode(course_updated(), source=SOURCE, event_id="evt-1")
+
+
+def consumed(metrics: Metrics, outcome: Outcome, topic: str = "catalog.course.v1") -> float:
+    value = metrics.registry.get_sample_value(
+        "microcred_messages_consumed_total", {"topic": topic, "outcome": outcome}
+    )
+    return value or 0.0
 
 
 async def noop(conn: Connection, event: Any) -> None:
@@ -99,15 +135,68 @@ def test_topics_are_those_of_the_handled_events_once_each() -> None:
     subscriptions = Subscriptions()
     subscriptions.on(EnrollmentCreated)(Handler())
     subscriptions.on(CoursePublished, CourseUpdated)(noop)
+    subscriptions.raw("partner.x.v1", group="enrollment-partners", read=read_raw)(noop)
 
     assert subscriptions.topics == ["catalog.course.v1", "enrollment.enrollment.v1"]
     assert Subscriptions().topics == []
+
+
+def test_the_events_and_each_raw_subscription_are_consumer_groups_of_their_own() -> None:
+    subscriptions = Subscriptions()
+    subscriptions.on(CourseUpdated)(noop)
+    subscriptions.raw("partner.x.v1", group="enrollment-partners", read=read_raw, one_by_one=True)(noop)
+
+    events, raw = subscriptions.routes(GROUP)
+
+    assert (events.group, events.topics, events.one_by_one) == (GROUP, ("catalog.course.v1",), False)
+    assert (raw.group, raw.topics, raw.one_by_one) == ("enrollment-partners", ("partner.x.v1",), True)
+    only_raw = Subscriptions()
+    only_raw.raw("partner.x.v1", group="enrollment-partners", read=read_raw)(noop)
+    assert [route.group for route in only_raw.routes(GROUP)] == ["enrollment-partners"]
+    assert Subscriptions().routes(GROUP) == []
+
+
+def test_a_raw_subscription_needs_a_topic_and_a_group_of_its_own() -> None:
+    subscriptions = Subscriptions()
+    subscriptions.raw("partner.x.v1", group="enrollment-partners", read=read_raw)(noop)
+
+    with pytest.raises(ValueError, match="already has a raw subscription"):
+        subscriptions.raw("partner.x.v1", group="other", read=read_raw)(noop)
+    with pytest.raises(ValueError, match="already has a raw subscription"):
+        subscriptions.raw("partner.y.v1", group="enrollment-partners", read=read_raw)(noop)
+    with pytest.raises(ValueError, match="cannot use the events' consumer group"):
+        subscriptions.routes("enrollment-partners")
 
 
 def test_retry_delay_doubles_from_the_first_backoff() -> None:
     policy = RetryPolicy(max_attempts=4, backoff_seconds=0.5)
 
     assert [policy.delay(attempt) for attempt in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert policy.pause == 4.0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError("refused"),
+        TimeoutError(),
+        asyncpg.CannotConnectNowError("starting up"),
+        asyncpg.InternalClientError("connection died"),
+        KafkaTimeoutError(),
+        KafkaConnectionError("no broker"),
+        NotEnoughReplicasError(),
+        RequestTimedOutError(),
+    ],
+)
+def test_an_unavailable_database_or_broker_is_an_outage(error: Exception) -> None:
+    assert is_outage(error)
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("a bug"), ValueError("bad"), MessageSizeTooLargeError(), Rejected("r", "d")]
+)
+def test_anything_else_is_not_an_outage(error: Exception) -> None:
+    assert not is_outage(error)
 
 
 def test_dead_letter_record_keeps_the_message_and_says_why_it_failed() -> None:
@@ -212,142 +301,12 @@ def test_headers_then_a_key_too_large_to_dead_letter_are_dropped_too() -> None:
         assert estimated_size(dead) <= PRODUCER_MAX_REQUEST_SIZE
 
 
-async def test_an_event_is_applied_in_one_transaction_with_its_inbox_row() -> None:
-    handler, pool, dead_letters = Handler(), FakePool(), DeadLetters()
-
-    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
-
-    assert outcome is Outcome.APPLIED
-    assert handler.events == [course_updated()]
-    assert pool.conn.transactions == ["committed"]
-    ((query, args),) = pool.conn.fetched
-    assert "INSERT INTO inbox" in query
-    assert args == (GROUP, SOURCE, "evt-1", CourseUpdated.TYPE, "catalog.course.v1", 1, 42)
-    assert dead_letters.records == []
-
-
-async def test_a_message_that_is_not_an_event_is_dead_lettered_without_attempts() -> None:
-    handler, pool, dead_letters = Handler(), FakePool(), DeadLetters()
-    record = valid_record()
-    not_json = KafkaRecord(record.topic, record.key, b"{not json", record.headers)
-
-    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(not_json))
-
-    assert outcome is Outcome.DEAD_LETTERED
-    headers = dead_letters.only_headers()
-    assert headers["dlq_reason"] == b"malformed_body"
-    assert headers["dlq_detail"].startswith(b"the body is not JSON")
-    assert headers["dlq_attempts"] == b"0"
-    assert dead_letters.records[0].value == b"{not json"
-    assert handler.events == []
-    assert pool.conn.fetched == []
-
-
-async def test_a_valid_event_of_a_type_not_handled_here_is_ignored() -> None:
-    handler, pool, dead_letters = Handler(), FakePool(), DeadLetters()
-
-    outcome = await consumer(handler, pool, dead_letters, handles=CoursePublished).process(
-        consumer_record(valid_record())
-    )
-
-    assert outcome is Outcome.IGNORED
-    assert handler.events == []
-    assert pool.conn.fetched == []
-    assert dead_letters.records == []
-
-
-async def test_a_handler_that_fails_twice_is_retried_and_applied_on_the_third_attempt() -> None:
-    handler, pool, dead_letters = Handler(failures=2), FakePool(), DeadLetters()
-
-    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
-
-    assert outcome is Outcome.APPLIED
-    assert len(handler.events) == 3
-    assert pool.conn.transactions == ["rolled back", "rolled back", "committed"]
-    assert dead_letters.records == []
-
-
-async def test_a_handler_that_keeps_failing_is_dead_lettered_after_max_attempts() -> None:
-    handler, pool, dead_letters = Handler(failures=99), FakePool(), DeadLetters()
-
-    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
-
-    assert outcome is Outcome.DEAD_LETTERED
-    assert len(handler.events) == 3
-    assert pool.conn.transactions == ["rolled back"] * 3
-    headers = dead_letters.only_headers()
-    assert headers["dlq_reason"] == b"handler_failed"
-    assert headers["dlq_detail"] == b"RuntimeError: boom"
-    assert headers["dlq_attempts"] == b"3"
-
-
-async def test_a_rejected_event_is_dead_lettered_at_once() -> None:
-    rejected = Rejected("unknown_course", "course 3f1c2a9e is not in the catalog")
-    handler, pool, dead_letters = Handler(failures=99, error=rejected), FakePool(), DeadLetters()
-
-    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
-
-    assert outcome is Outcome.DEAD_LETTERED
-    assert len(handler.events) == 1
-    assert pool.conn.transactions == ["rolled back"]
-    headers = dead_letters.only_headers()
-    assert headers["dlq_reason"] == b"unknown_course"
-    assert headers["dlq_detail"] == b"course 3f1c2a9e is not in the catalog"
-    assert headers["dlq_attempts"] == b"1"
-
-
-async def test_a_handler_hitting_an_outage_propagates_for_redelivery_without_retries_or_dead_letter() -> None:
-    handler = Handler(failures=99, error=ConnectionRefusedError("connection refused"))
-    pool, dead_letters = FakePool(), DeadLetters()
-
-    with pytest.raises(ConnectionRefusedError):
-        await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
-
-    assert len(handler.events) == 1
-    assert pool.conn.transactions == ["rolled back"]
-    assert dead_letters.records == []
-
-
-async def test_an_unreachable_database_propagates_for_redelivery_without_dead_letter() -> None:
-    handler, dead_letters = Handler(), DeadLetters()
-    pool = FakePool(acquire_error=OSError("no route to host"))
-
-    with pytest.raises(OSError, match="no route to host"):
-        await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
-
-    assert handler.events == []
-    assert dead_letters.records == []
-
-
-async def test_a_dead_letter_that_cannot_be_published_propagates_for_redelivery() -> None:
-    dead_letters = DeadLetters(error=ConnectionError("kafka unreachable"))
-    record = valid_record()
-    not_json = KafkaRecord(record.topic, record.key, b"[", record.headers)
-
-    with pytest.raises(ConnectionError):
-        await consumer(Handler(), FakePool(), dead_letters).process(consumer_record(not_json))
-
-
-async def test_a_redelivered_event_is_a_duplicate_and_not_applied_again() -> None:
-    handler, dead_letters = Handler(), DeadLetters()
-    pool = FakePool(FakeConnection(fetchval_result=None))
-
-    outcome = await consumer(handler, pool, dead_letters).process(consumer_record(valid_record()))
-
-    assert outcome is Outcome.DUPLICATE
-    assert handler.events == []
-    assert dead_letters.records == []
-
-
-# --- batches -------------------------------------------------------------------------------------
-
-
 class InboxConnection(FakeConnection):
     """A fake connection with an inbox that a rolled-back transaction leaves as it was."""
 
-    def __init__(self) -> None:
+    def __init__(self, inbox: set[tuple[str, str]] | None = None) -> None:
         super().__init__()
-        self.inbox: set[tuple[str, str]] = set()
+        self.inbox: set[tuple[str, str]] = inbox or set()
         self._pending: set[tuple[str, str]] = set()
 
     async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
@@ -382,6 +341,155 @@ class InboxConnection(FakeConnection):
             self._pending = set()
 
 
+async def test_an_event_is_applied_in_one_transaction_with_its_inbox_row() -> None:
+    handler, dead_letters, metrics = Handler(), DeadLetters(), Metrics()
+    pool = FakePool(InboxConnection())
+
+    settled = await consumer(handler, pool, dead_letters, metrics=metrics).process_batch(
+        [consumer_record(valid_record())]
+    )
+
+    assert settled == 1
+    assert consumed(metrics, Outcome.APPLIED) == 1
+    assert handler.events == [course_updated()]
+    assert pool.conn.transactions == ["committed"]
+    ((query, args),) = pool.conn.fetched
+    assert "INSERT INTO inbox" in query
+    assert [list(column) for column in args[1:]] == [
+        [SOURCE],
+        ["evt-1"],
+        [CourseUpdated.TYPE],
+        ["catalog.course.v1"],
+        [1],
+        [42],
+    ]
+    assert dead_letters.records == []
+
+
+async def test_a_message_that_is_not_an_event_is_dead_lettered_without_attempts() -> None:
+    handler, dead_letters, metrics = Handler(), DeadLetters(), Metrics()
+    pool = FakePool(InboxConnection())
+    record = valid_record()
+    not_json = KafkaRecord(record.topic, record.key, b"{not json", record.headers)
+
+    settled = await consumer(handler, pool, dead_letters, metrics=metrics).process_batch(
+        [consumer_record(not_json)]
+    )
+
+    assert settled == 1
+    assert consumed(metrics, Outcome.DEAD_LETTERED) == 1
+    headers = dead_letters.only_headers()
+    assert headers["dlq_reason"] == b"malformed_body"
+    assert headers["dlq_detail"].startswith(b"the body is not JSON")
+    assert headers["dlq_attempts"] == b"0"
+    assert dead_letters.records[0].value == b"{not json"
+    assert handler.events == []
+    assert pool.conn.fetched == []
+
+
+async def test_a_valid_event_of_a_type_not_handled_here_is_ignored() -> None:
+    handler, dead_letters, metrics = Handler(), DeadLetters(), Metrics()
+    pool = FakePool(InboxConnection())
+
+    settled = await consumer(
+        handler, pool, dead_letters, handles=CoursePublished, metrics=metrics
+    ).process_batch([consumer_record(valid_record())])
+
+    assert settled == 1
+    assert consumed(metrics, Outcome.IGNORED) == 1
+    assert handler.events == []
+    assert pool.conn.fetched == []
+    assert dead_letters.records == []
+
+
+async def test_a_handler_that_fails_twice_is_retried_and_applied_on_the_third_attempt() -> None:
+    handler, dead_letters, metrics = Handler(failures=2), DeadLetters(), Metrics()
+    pool = FakePool(InboxConnection())
+
+    await consumer(handler, pool, dead_letters, metrics=metrics).process_batch(
+        [consumer_record(valid_record())]
+    )
+
+    assert consumed(metrics, Outcome.APPLIED) == 1
+    assert len(handler.events) == 3
+    assert pool.conn.transactions == ["rolled back", "rolled back", "committed"]
+    assert dead_letters.records == []
+
+
+async def test_a_handler_that_keeps_failing_is_dead_lettered_after_max_attempts() -> None:
+    handler, dead_letters, metrics = Handler(failures=99), DeadLetters(), Metrics()
+    pool = FakePool(InboxConnection())
+
+    settled = await consumer(handler, pool, dead_letters, metrics=metrics).process_batch(
+        [consumer_record(valid_record())]
+    )
+
+    assert settled == 1
+    assert consumed(metrics, Outcome.DEAD_LETTERED) == 1
+    assert len(handler.events) == 3
+    assert pool.conn.transactions == ["rolled back"] * 3
+    headers = dead_letters.only_headers()
+    assert headers["dlq_reason"] == b"handler_failed"
+    assert headers["dlq_detail"] == b"RuntimeError: boom"
+    assert headers["dlq_attempts"] == b"3"
+
+
+async def test_a_rejected_event_is_dead_lettered_at_once() -> None:
+    rejected = Rejected("unknown_course", "course 3f1c2a9e is not in the catalog")
+    handler, dead_letters = Handler(failures=99, error=rejected), DeadLetters()
+    pool = FakePool(InboxConnection())
+
+    assert await consumer(handler, pool, dead_letters).process_batch([consumer_record(valid_record())]) == 1
+
+    assert len(handler.events) == 1
+    assert pool.conn.transactions == ["rolled back"]
+    headers = dead_letters.only_headers()
+    assert headers["dlq_reason"] == b"unknown_course"
+    assert headers["dlq_detail"] == b"course 3f1c2a9e is not in the catalog"
+    assert headers["dlq_attempts"] == b"1"
+
+
+async def test_a_handler_hitting_an_outage_leaves_the_event_unsettled_without_retries_or_dead_letter() -> (
+    None
+):
+    handler = Handler(failures=99, error=ConnectionRefusedError("connection refused"))
+    dead_letters = DeadLetters()
+    pool = FakePool(InboxConnection())
+
+    assert await consumer(handler, pool, dead_letters).process_batch([consumer_record(valid_record())]) == 0
+
+    assert len(handler.events) == 1
+    assert pool.conn.transactions == ["rolled back"]
+    assert dead_letters.records == []
+
+
+async def test_an_unreachable_database_leaves_the_event_unsettled_without_dead_letter() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    pool = FakePool(acquire_error=OSError("no route to host"))
+
+    assert await consumer(handler, pool, dead_letters).process_batch([consumer_record(valid_record())]) == 0
+
+    assert handler.events == []
+    assert dead_letters.records == []
+
+
+async def test_a_redelivered_event_is_a_duplicate_and_not_applied_again() -> None:
+    handler, dead_letters, metrics = Handler(), DeadLetters(), Metrics()
+    pool = FakePool(InboxConnection(inbox={(SOURCE, "evt-1")}))
+
+    settled = await consumer(handler, pool, dead_letters, metrics=metrics).process_batch(
+        [consumer_record(valid_record())]
+    )
+
+    assert settled == 1
+    assert consumed(metrics, Outcome.DUPLICATE) == 1
+    assert handler.events == []
+    assert dead_letters.records == []
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
 class FailingOn(Handler):
     """Fails its first `failures` calls for the event of `course_id` with `error`."""
 
@@ -397,20 +505,31 @@ class FailingOn(Handler):
             raise self.error
 
 
-def batch(count: int, *, first_offset: int = 0) -> list[ConsumerRecord[bytes, bytes]]:
+def batch(
+    count: int, *, first_offset: int = 0, partition: int = 1, first: int = 0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """`count` events of courses `first + 1`, ..., ids `evt-<first>`, ..., consecutive in one partition."""
     records = []
-    for number in range(count):
+    for number in range(first, first + count):
         event = course_updated()
         event = event.model_copy(
             update={"course": event.course.model_copy(update={"course_id": uuid.UUID(int=number + 1)})}
         )
         record = encode(event, source=SOURCE, event_id=f"evt-{number}")
-        records.append(consumer_record(record, offset=first_offset + number))
+        records.append(consumer_record(record, partition=partition, offset=first_offset + number - first))
     return records
 
 
 def course_ids(handler: Handler) -> list[int]:
     return [event.course.course_id.int for event in handler.events if isinstance(event, CourseUpdated)]
+
+
+def not_json(like: ConsumerRecord[bytes, bytes]) -> ConsumerRecord[bytes, bytes]:
+    return consumer_record(
+        KafkaRecord(like.topic, b"k", b"{not json", list(like.headers)),
+        partition=like.partition,
+        offset=like.offset,
+    )
 
 
 async def test_a_batch_is_applied_in_one_transaction_with_one_inbox_statement() -> None:
@@ -494,11 +613,10 @@ async def test_a_message_that_is_not_an_event_is_dead_lettered_in_its_place() ->
     conn = InboxConnection()
     pool = FakePool(conn)
     records = batch(3)
-    poison = consumer_record(
-        KafkaRecord(records[1].topic, b"k", b"{not json", list(records[1].headers)), offset=1
-    )
 
-    settled = await consumer(handler, pool, dead_letters).process_batch([records[0], poison, records[2]])
+    settled = await consumer(handler, pool, dead_letters).process_batch(
+        [records[0], not_json(records[1]), records[2]]
+    )
 
     assert settled == 3
     assert course_ids(handler) == [1, 3]
@@ -512,10 +630,9 @@ async def test_an_outage_settles_what_came_before_it_and_leaves_the_rest_for_red
     conn = InboxConnection()
     pool = FakePool(conn)
     records = batch(4)
-    poison = consumer_record(KafkaRecord(records[1].topic, b"k", b"[", list(records[1].headers)), offset=1)
 
     settled = await consumer(handler, pool, dead_letters).process_batch(
-        [records[0], poison, records[2], records[3]]
+        [records[0], not_json(records[1]), records[2], records[3]]
     )
 
     # The first event and the dead letter are settled; the run of the third and fourth is not.
@@ -524,11 +641,160 @@ async def test_an_outage_settles_what_came_before_it_and_leaves_the_rest_for_red
     assert len(dead_letters.records) == 1
 
 
-async def test_one_by_one_stops_at_an_outage() -> None:
-    outage = ConnectionRefusedError("connection refused")
-    handler, dead_letters = FailingOn(uuid.UUID(int=2), failures=99, error=outage), DeadLetters()
-    conn = InboxConnection()
-    pool = FakePool(conn)
+# --- what is not a handler's failure -----------------------------------------------------------
 
-    assert await consumer(handler, pool, dead_letters).process_each(batch(3)) == 1
-    assert course_ids(handler) == [1, 2]
+
+def two_partitions() -> list[ConsumerRecord[bytes, bytes]]:
+    """As a poll returns them: partition 0's records (course 2 fails for good), then partition 1's."""
+    return [*batch(3, partition=0), *batch(3, partition=1, first=3)]
+
+
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (KafkaTimeoutError(), logging.WARNING),
+        (NotEnoughReplicasError(), logging.WARNING),
+        (RuntimeError("a bug in the publisher"), logging.ERROR),
+    ],
+)
+async def test_a_dead_letter_that_cannot_be_published_leaves_it_and_all_after_it_unsettled(
+    error: Exception, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler, dead_letters = FailingOn(uuid.UUID(int=2), failures=99), DeadLetters(error, failures=1)
+    conn = InboxConnection()
+    eventful = consumer(handler, FakePool(conn), dead_letters)
+    records = two_partitions()
+
+    with caplog.at_level(logging.INFO, logger="microcred_runtime.consumers"):
+        settled = await eventful.process_batch(records)
+
+    # Only partition 0's first event is settled: its second and all of partition 1 come again.
+    assert settled == 1
+    assert conn.inbox == {(SOURCE, "evt-0")}
+    assert dead_letters.records == []
+    (redelivered,) = [entry for entry in caplog.records if "redelivered after a pause" in entry.message]
+    assert redelivered.levelno == level
+    assert (redelivered.exc_info is not None) == (level == logging.ERROR)
+
+    # Once the dead letter goes through, the rest are applied once each and it is published once.
+    seen = len(handler.events)
+    assert await eventful.process_batch(records[settled:]) == 5
+    assert conn.inbox == {(SOURCE, f"evt-{number}") for number in (0, 2, 3, 4, 5)}
+    assert course_ids(handler)[seen:] == [2, 2, 2, 3, 4, 5, 6]
+    assert len(dead_letters.records) == 1
+    assert dead_letters.only_headers()["dlq_offset"] == b"1"
+
+
+async def test_a_batch_takes_no_new_step_once_its_budget_is_spent() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    conn = InboxConnection()
+    records = batch(3)
+
+    spent = consumer(handler, FakePool(conn), dead_letters, budget_seconds=0)
+
+    # The first step (the first event's transaction) is always taken; the dead letter is not.
+    assert await spent.process_batch([records[0], not_json(records[1]), records[2]]) == 1
+    assert dead_letters.records == []
+    assert await spent.process_batch([not_json(records[1]), records[2]]) == 1
+    assert await spent.process_batch([records[2]]) == 1
+    assert course_ids(handler) == [1, 3]
+
+
+# --- raw subscriptions ---------------------------------------------------------------------------
+
+
+def read_raw(record: ConsumerRecord[bytes, bytes]) -> Inbound:
+    """A partner's plain message: `<source> <id> <text>`; `reject` dead-letters it, `crash` is a bug."""
+    source, message_id, text = (record.value or b"").decode().split(" ", 2)
+    if text == "reject":
+        raise Rejected("unknown_partner", f"{source} is no partner")
+    if text == "crash":
+        raise KeyError("a bug in the reader")
+    return Inbound(source, message_id, "partner.message", text)
+
+
+def raw_record(text: str, message_id: str, *, offset: int) -> ConsumerRecord[bytes, bytes]:
+    value = f"urn:partner:1 {message_id} {text}".encode()
+    return consumer_record(KafkaRecord("partner.x.v1", b"k", value, []), offset=offset)
+
+
+def raw_consumer(
+    handler: Handler, pool: FakePool, dead_letters: DeadLetters, *, one_by_one: bool = False
+) -> EventConsumer:
+    subscriptions = Subscriptions()
+    subscriptions.raw("partner.x.v1", group="enrollment-partners", read=read_raw, one_by_one=one_by_one)(
+        handler
+    )
+    (route,) = subscriptions.routes(GROUP)
+    return EventConsumer(
+        route,
+        pool=pool,  # type: ignore[arg-type]  # a fake pool lending a fake connection
+        publish_dead_letter=dead_letters.publish,
+        retry=RetryPolicy(max_attempts=3, backoff_seconds=0.001),
+        budget_seconds=60,
+    )
+
+
+async def test_a_raw_handler_gets_what_its_reader_made_of_the_record_in_the_inbox_by_its_key() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    conn = InboxConnection()
+    records = [raw_record("first", "m-1", offset=0), raw_record("second", "m-2", offset=1)]
+
+    assert (
+        await raw_consumer(handler, FakePool(conn), dead_letters).process_batch([*records, records[0]]) == 3
+    )
+
+    assert handler.events == ["first", "second"]
+    assert conn.inbox == {("urn:partner:1", "m-1"), ("urn:partner:1", "m-2")}
+    ((_, args),) = conn.fetched
+    assert args[0] == "enrollment-partners"
+    assert list(args[3]) == ["partner.message"] * 3
+
+
+async def test_a_raw_record_one_by_one_is_applied_in_a_transaction_of_its_own() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    conn = InboxConnection()
+    records = [raw_record("first", "m-1", offset=0), raw_record("second", "m-2", offset=1)]
+
+    assert (
+        await raw_consumer(handler, FakePool(conn), dead_letters, one_by_one=True).process_batch(records) == 2
+    )
+
+    assert conn.transactions == ["committed", "committed"]
+    assert handler.events == ["first", "second"]
+
+
+async def test_a_raw_record_its_reader_refuses_or_fails_on_is_dead_lettered_at_once() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    conn = InboxConnection()
+    records = [
+        raw_record("reject", "m-1", offset=0),
+        raw_record("crash", "m-2", offset=1),
+        raw_record("fine", "m-3", offset=2),
+    ]
+
+    assert await raw_consumer(handler, FakePool(conn), dead_letters).process_batch(records) == 3
+
+    letters = [dict(record.headers) for record in dead_letters.records]
+    assert [(h["dlq_reason"], h["dlq_attempts"]) for h in letters] == [
+        (b"unknown_partner", b"0"),
+        (b"unreadable", b"0"),
+    ]
+    assert letters[1]["dlq_detail"] == b"KeyError: 'a bug in the reader'"
+    assert {record.topic for record in dead_letters.records} == {"enrollment-partners.dlq"}
+    assert handler.events == ["fine"]
+
+
+async def test_a_raw_handler_is_retried_and_dead_lettered_like_an_events() -> None:
+    handler, dead_letters = Handler(failures=99), DeadLetters()
+    conn = InboxConnection()
+
+    settled = await raw_consumer(handler, FakePool(conn), dead_letters, one_by_one=True).process_batch(
+        [raw_record("fails", "m-1", offset=0)]
+    )
+
+    assert settled == 1
+    assert handler.events == ["fails"] * 3
+    headers = dead_letters.only_headers()
+    assert (headers["dlq_reason"], headers["dlq_attempts"]) == (b"handler_failed", b"3")
+    assert conn.inbox == set()

@@ -1,12 +1,13 @@
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.admin import NewTopic
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaTimeoutError
 from faststream.kafka import KafkaBroker, TestKafkaBroker
 from faststream.kafka.subscriber.usecase import BatchSubscriber, LogicSubscriber
 from faststream.middlewares import AckPolicy
@@ -16,9 +17,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from microcred_events import KafkaRecord, decode, encode
-from microcred_runtime import kafka
+from microcred_runtime import ServiceSettings, kafka
 
-from .conftest import course_updated
+from .conftest import consumer_record, course_updated
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -218,34 +219,69 @@ async def test_ensure_topics_with_every_topic_present_creates_nothing(
     assert client.events == ["start", "close"]
 
 
-class RecordingConsumer:
-    group = "enrollment"
+MEMBERSHIP = kafka.Membership(
+    session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_interval_ms=300_000
+)
 
-    def __init__(self) -> None:
+
+class RecordingConsumer:
+    """An `EventConsumer` that settles the first `settles` records of each batch (all: None)."""
+
+    group = "enrollment"
+    topics = ("catalog.course.v1",)
+
+    def __init__(self, settles: int | None = None) -> None:
+        self.settles = settles
         self.records: list[ConsumerRecord[bytes, bytes]] = []
 
     async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
         self.records += records
-        return len(records)
+        return len(records) if self.settles is None else self.settles
 
 
-async def test_subscribe_commits_after_the_effect_on_prefixed_topics_and_group() -> None:
+async def test_subscribe_leaves_offsets_to_the_runtime_on_prefixed_topics_and_group() -> None:
     broker, consumer = KafkaBroker("kafka:9092"), RecordingConsumer()
 
-    kafka.subscribe(broker, consumer, ["catalog.course.v1"], prefix="staging.")  # type: ignore[arg-type]  # a fake consumer
+    kafka.subscribe(broker, consumer, membership=MEMBERSHIP, prefix="staging.")  # type: ignore[arg-type]  # a fake consumer
 
     (subscriber,) = broker.subscribers
     assert isinstance(subscriber, LogicSubscriber)
     assert subscriber.topic_names == ["staging.catalog.course.v1"]
     assert subscriber.group_id == "staging.enrollment"
-    assert subscriber.ack_policy is AckPolicy.NACK_ON_ERROR
+    assert subscriber.ack_policy is AckPolicy.MANUAL
     assert isinstance(subscriber, BatchSubscriber)
     assert subscriber.max_records == 100
+    # What FastStream will hand aiokafka's consumer (no public way to read it back).
+    options = subscriber._connection_args
+    assert options["enable_auto_commit"] is False
+    assert (
+        options["session_timeout_ms"],
+        options["heartbeat_interval_ms"],
+        options["max_poll_interval_ms"],
+    ) == (
+        6000,
+        1000,
+        300_000,
+    )
+
+
+def test_membership_comes_from_the_settings() -> None:
+    settings = ServiceSettings(
+        database_url="postgresql://u@db/x",
+        kafka_bootstrap_servers="kafka:9092",
+        auth_issuer="https://issuer.test",
+        auth_jwks_url="https://issuer.test/jwks.json",
+        consumer_session_timeout_seconds=9,
+        consumer_heartbeat_interval_seconds=1.5,
+        consumer_max_poll_interval_seconds=120,
+    )
+
+    assert kafka.Membership.of(settings) == kafka.Membership(9000, 1500, 120_000)
 
 
 async def test_a_subscribed_consumer_receives_the_raw_kafka_record() -> None:
     broker, consumer = KafkaBroker("kafka:9092"), RecordingConsumer()
-    kafka.subscribe(broker, consumer, ["catalog.course.v1"], prefix="staging.")  # type: ignore[arg-type]  # a fake consumer
+    kafka.subscribe(broker, consumer, membership=MEMBERSHIP, prefix="staging.")  # type: ignore[arg-type]  # a fake consumer
     (record,) = records(1)
 
     async with TestKafkaBroker(broker, connect_only=False) as test_broker:
@@ -260,6 +296,109 @@ async def test_a_subscribed_consumer_receives_the_raw_kafka_record() -> None:
     (received,) = consumer.records
     assert received.value == record.value
     assert decode(received.headers, received.value).id == "evt-0"
+
+
+P0, P1 = TopicPartition("catalog.course.v1", 0), TopicPartition("catalog.course.v1", 1)
+
+
+class FakeClient:
+    """aiokafka's consumer as the runtime uses it: its assignment, seeks and explicit commits."""
+
+    def __init__(self, assigned: set[TopicPartition], commit_error: Exception | None = None) -> None:
+        self.assigned = assigned
+        self.commit_error = commit_error
+        self.events: list[tuple[str, dict[TopicPartition, int]]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.events.append(("seek", {partition: offset}))
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:  # never without offsets
+        self.events.append(("commit", offsets))
+        if self.commit_error is not None:
+            raise self.commit_error
+
+
+def polled() -> list[ConsumerRecord[bytes, bytes]]:
+    """As a poll returns them: partition 0's offsets 10-12, then partition 1's 20-22."""
+    (record,) = records(1)
+    return [consumer_record(record, partition=0, offset=offset) for offset in (10, 11, 12)] + [
+        consumer_record(record, partition=1, offset=offset) for offset in (20, 21, 22)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settled", "events"),
+    [
+        (6, [("commit", {P0: 13, P1: 23})]),
+        (4, [("seek", {P1: 21}), ("commit", {P0: 13, P1: 21})]),
+        (1, [("seek", {P0: 11}), ("seek", {P1: 20}), ("commit", {P0: 11})]),
+        (0, [("seek", {P0: 10}), ("seek", {P1: 20})]),
+    ],
+)
+async def test_each_partition_is_left_at_its_first_unsettled_record_and_only_settled_ones_are_committed(
+    settled: int, events: list[tuple[str, dict[TopicPartition, int]]]
+) -> None:
+    client = FakeClient({P0, P1})
+
+    await kafka.commit_settled(client, polled(), settled)
+
+    assert client.events == events
+
+
+async def test_a_partition_lost_in_a_rebalance_is_neither_rewound_nor_committed() -> None:
+    client = FakeClient({P1})
+
+    await kafka.commit_settled(client, polled(), 4)
+
+    assert client.events == [("seek", {P1: 21}), ("commit", {P1: 21})]
+
+
+@pytest.mark.parametrize(
+    "error", [CommitFailedError("rebalanced"), IllegalStateError("not assigned"), KafkaTimeoutError()]
+)
+async def test_a_commit_that_fails_is_logged_and_the_partitions_stay_rewound(error: Exception) -> None:
+    client = FakeClient({P0, P1}, commit_error=error)
+
+    await kafka.commit_settled(client, polled(), 1)
+
+    assert client.events == [("seek", {P0: 11}), ("seek", {P1: 20}), ("commit", {P0: 11})]
+
+
+class FakeSubscriber:
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self.consumer: FakeClient | None = None
+        self.handler: Callable[[Any], Awaitable[None]] | None = None
+
+    def __call__(self, handler: Callable[[Any], Awaitable[None]]) -> None:
+        self.handler = handler
+
+
+class FakeBroker:
+    def __init__(self) -> None:
+        self.subscribers: list[FakeSubscriber] = []
+
+    def subscriber(self, *topics: str, **options: Any) -> FakeSubscriber:
+        subscriber = FakeSubscriber({"topics": topics, **options})
+        self.subscribers.append(subscriber)
+        return subscriber
+
+
+async def test_a_consumed_batch_commits_what_the_consumer_settled_and_rewinds_the_rest() -> None:
+    broker, consumer = FakeBroker(), RecordingConsumer(settles=4)
+    kafka.subscribe(broker, consumer, membership=MEMBERSHIP)  # type: ignore[arg-type]  # fakes
+    (subscriber,) = broker.subscribers
+    subscriber.consumer = client = FakeClient({P0, P1})
+    batch = tuple(polled())
+
+    assert subscriber.handler is not None
+    await subscriber.handler(SimpleNamespace(raw_message=batch))
+
+    assert consumer.records == list(batch)
+    assert client.events == [("seek", {P1: 21}), ("commit", {P0: 13, P1: 21})]
 
 
 class Raw:

@@ -59,7 +59,7 @@ def with_runtime(app: FastAPI, pool: FakePool, broker: FakeBroker) -> FastAPI:
         pool=pool,  # type: ignore[arg-type]  # a fake pool
         broker=broker,  # type: ignore[arg-type]  # a fake broker that only answers ping
         relay=OutboxRelay("postgresql://unused", publish, RelaySettings()),
-        consumer=None,
+        consumers=[],
     )
     return app
 

@@ -56,6 +56,10 @@ def test_missing_variables_are_each_named() -> None:
         ("LOG_LEVEL", "LOUD"),
         ("KAFKA_TOPIC_PREFIX", "has spaces"),
         ("CONSUMER_MAX_ATTEMPTS", "0"),
+        ("CONSUMER_MAX_ATTEMPTS", "31"),
+        ("CONSUMER_SESSION_TIMEOUT_SECONDS", "0"),
+        ("CONSUMER_HEARTBEAT_INTERVAL_SECONDS", "-1"),
+        ("CONSUMER_MAX_POLL_INTERVAL_SECONDS", "soon"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(
@@ -92,3 +96,45 @@ def test_a_service_subclass_adds_its_own_settings(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setenv("SIGNING_KEY", "k")
     assert load_settings(CatalogSettings).signing_key == "k"
+
+
+def test_consumers_leave_a_dead_replica_within_seconds_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_environment(monkeypatch, VALID)
+
+    settings = load_settings(ServiceSettings)
+
+    # At the brokers' default floor (group.min.session.timeout.ms, 6 s), a heartbeat a second.
+    assert settings.consumer_session_timeout_seconds == 6.0
+    assert settings.consumer_heartbeat_interval_seconds == 1.0
+    assert settings.consumer_max_poll_interval_seconds == 300.0
+
+
+def test_a_heartbeat_slower_than_a_third_of_the_session_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_environment(
+        monkeypatch,
+        {**VALID, "CONSUMER_SESSION_TIMEOUT_SECONDS": "6", "CONSUMER_HEARTBEAT_INTERVAL_SECONDS": "3"},
+    )
+
+    with pytest.raises(ConfigurationError, match="at most a third of CONSUMER_SESSION_TIMEOUT_SECONDS"):
+        load_settings(ServiceSettings)
+
+
+def test_retries_that_outlast_half_the_poll_interval_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_environment(
+        monkeypatch,
+        {
+            **VALID,
+            "CONSUMER_MAX_ATTEMPTS": "10",
+            "CONSUMER_RETRY_BACKOFF_SECONDS": "1",
+            "CONSUMER_MAX_POLL_INTERVAL_SECONDS": "600",
+        },
+    )
+
+    # 1 + 2 + ... + 256 s of retries, then a 512 s pause after an outage: 1023 s > 300 s.
+    with pytest.raises(
+        ConfigurationError, match=r"retries take 1023 s .* CONSUMER_MAX_POLL_INTERVAL_SECONDS"
+    ):
+        load_settings(ServiceSettings)
+
+    monkeypatch.setenv("CONSUMER_MAX_POLL_INTERVAL_SECONDS", "2100")
+    assert load_settings(ServiceSettings).consumer_max_attempts == 10

@@ -3,19 +3,26 @@
 What a service relies on:
 - Its handler runs in one PostgreSQL transaction together with the inbox row for the event, so
   a redelivered event (same CloudEvents source and id) is a no-op.
-- The Kafka offset is committed only after that transaction has committed (the FastStream
-  subscriber runs with `AckPolicy.NACK_ON_ERROR` and auto-commit off), so a crash at any moment
-  means redelivery, never loss.
+- The Kafka offset is committed only after that transaction has committed: `kafka.subscribe`
+  commits, per partition, the offset after the last settled record and nothing else (FastStream's
+  own acknowledgement is off), so a crash at any moment means redelivery, never loss.
 - A message that is not a valid event goes straight to the dead-letter topic with the reason; a
   handler that raises is retried `max_attempts` times with exponential backoff and then
   dead-lettered; `Rejected` skips the retries. Either way the partition moves on.
-- An outage (PostgreSQL unreachable, Kafka refusing the dead letter) is not the message's fault:
-  after a pause the consumer rewinds to the first record not yet settled, and it is tried again
+- Whatever else fails is not the message's fault, and nothing is skipped for it: an outage
+  (PostgreSQL unreachable, Kafka unavailable for a dead letter, see `is_outage`) and an
+  unexpected error outside a handler (a bug, logged with its traceback) both end the batch; after
+  a pause each partition is rewound to its first record not yet settled, which comes again
   instead of being dead-lettered.
 - Records come in batches (what a poll returns): consecutive events share one transaction, one
   inbox INSERT and one offset commit (`process_batch`); what a failing handler changes is the
-  batch's shape, never the guarantees above. Each event's handler runs in a CONSUMER span of the
-  trace its record carries, so a journey keeps one trace.
+  batch's shape, never the guarantees above. A batch that has run for its budget (half the
+  consumer group's poll interval) takes no further step and leaves the rest to the next poll, so
+  a member retrying a slow batch is not taken for dead. Each event's handler runs in a CONSUMER
+  span of the trace its record carries, so a journey keeps one trace.
+- A subscription can take a topic's records as they are (`Subscriptions.raw`), for messages that
+  are judged on more than their decoded event (a partner's signature). The service reads each
+  record into its inbox key and what its handler gets (`Inbound`); everything above holds for it.
 """
 
 import asyncio
@@ -23,16 +30,18 @@ import contextlib
 import enum
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import ConsumerRecord
+from aiokafka.errors import BrokerNotAvailableError, KafkaError, KafkaTimeoutError, ReplicaNotAvailableError
 from opentelemetry import propagate, trace
 
-from microcred_events import Envelope, Event, InvalidEvent, KafkaRecord, dead_letter_topic, decode
+from microcred_events import Event, InvalidEvent, KafkaRecord, dead_letter_topic, decode
 
 from .db import Connection
 from .metrics import Metrics
@@ -41,11 +50,12 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("microcred.consumers")
 
 Handler = Callable[[Connection, Any], Awaitable[None]]
-"""`async def on_<event>(conn, event)`: applies one event inside the consumer's transaction."""
+"""`async def on_<event>(conn, event)`: applies one event (or what a raw record was read into)
+inside the consumer's transaction."""
 H = TypeVar("H", bound=Handler)
 
 # Errors that say the infrastructure is down, not that the message is bad.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
@@ -55,8 +65,19 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     # A pooled connection that died mid-operation (e.g. PostgreSQL restarting) is handed back so.
     asyncpg.InternalClientError,
+    # aiokafka's errors for a broker that is not there and that it does not mark retriable.
+    KafkaTimeoutError,
+    BrokerNotAvailableError,
+    ReplicaNotAvailableError,
 )
 _DETAIL_LIMIT = 2000
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether `error` says PostgreSQL or Kafka is unavailable (try again later), rather than that
+    the message is bad: aiokafka marks the errors of a broker it cannot reach, of a leader being
+    elected or of too few in-sync replicas (`NotEnoughReplicas...`) retriable."""
+    return isinstance(error, _UNAVAILABLE) or (isinstance(error, KafkaError) and error.retriable)
 
 
 class Rejected(Exception):
@@ -75,11 +96,41 @@ class Outcome(enum.StrEnum):
     DEAD_LETTERED = "dead_lettered"
 
 
+@dataclass(frozen=True)
+class Inbound:
+    """A consumed record as the runtime applies it: its inbox key (`source`, `id`; `type` is
+    recorded beside them) and what its handler is given (`content`)."""
+
+    source: str
+    id: str
+    type: str
+    content: Any
+
+
+Reader = Callable[[ConsumerRecord[bytes, bytes]], Inbound]
+"""Reads a raw record, without I/O, into an `Inbound`; raises `Rejected` for a record that can
+never be applied."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """One consumer group of a service: the topics it reads, and how a record becomes work."""
+
+    group: str
+    topics: tuple[str, ...]
+    # The record's inbox key and handler (None: not for this service), or `Rejected`.
+    read: Callable[[ConsumerRecord[bytes, bytes]], tuple[Inbound, Handler | None]]
+    # Each record in a transaction of its own, rather than consecutive ones together.
+    one_by_one: bool = False
+
+
 class Subscriptions:
-    """The one place where a service lists the events it reacts to and the handler for each."""
+    """The one place where a service lists what it consumes: the events it reacts to and the
+    handler for each (`on`), and any topic it takes record by record (`raw`)."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, tuple[type[Event], Handler]] = {}
+        self._raw: list[Route] = []
 
     def on(self, *event_types: type[Event]) -> Callable[[H], H]:
         def register(handler: H) -> H:
@@ -91,13 +142,54 @@ class Subscriptions:
 
         return register
 
+    def raw(self, topic: str, *, group: str, read: Reader, one_by_one: bool = False) -> Callable[[H], H]:
+        """Hand the handler every record of `topic` as `read` makes of it, in a consumer group of
+        its own (`group`; dead letters go to `<group>.dlq`).
+
+        The runtime does the rest, as for events: the inbox row with `read`'s key in the handler's
+        transaction, retries, dead letters, outages, offsets. A record `read` raises `Rejected` for
+        is dead-lettered at once, and so is one it fails on otherwise (`unreadable`): reading does
+        no I/O, so it would fail again. `one_by_one`: each record in a transaction of its own.
+        """
+
+        def register(handler: H) -> H:
+            taken = [route for route in self._raw if route.group == group or topic in route.topics]
+            if taken:
+                raise ValueError(f"{topic} or group {group} already has a raw subscription")
+
+            def read_record(record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, Handler | None]:
+                return read(record), handler
+
+            self._raw.append(Route(group, (topic,), read_record, one_by_one))
+            return handler
+
+        return register
+
     @property
     def topics(self) -> list[str]:
+        """The topics of the events handled (`on`), read in the service's own consumer group."""
         return sorted({event_type.TOPIC for event_type, _ in self._handlers.values()})
 
     def handler_for(self, type_: str) -> Handler | None:
         entry = self._handlers.get(type_)
         return entry[1] if entry else None
+
+    def routes(self, group: str) -> list[Route]:
+        """The consumer groups to run: the events', named `group` (the service's), then each raw
+        subscription's."""
+        if any(route.group == group for route in self._raw):
+            raise ValueError(f"a raw subscription cannot use the events' consumer group {group}")
+        events = [Route(group, tuple(self.topics), self._read_event)] if self._handlers else []
+        return [*events, *self._raw]
+
+    def _read_event(self, record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, Handler | None]:
+        try:
+            envelope = decode(record.headers, record.value or b"")
+        except InvalidEvent as exc:
+            raise Rejected(exc.reason, exc.detail) from exc
+        inbound = Inbound(envelope.source, envelope.id, envelope.type, envelope.event)
+        # Topics carry every event type of their aggregate; this service needs only some.
+        return inbound, self.handler_for(envelope.type)
 
 
 PublishDeadLetter = Callable[[KafkaRecord], Awaitable[None]]
@@ -111,140 +203,141 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         return float(self.backoff_seconds * 2 ** (attempt - 1))
 
+    @property
+    def pause(self) -> float:
+        """How long an outage or an unexpected error holds a batch before it is redelivered."""
+        return self.delay(self.max_attempts)
+
 
 class EventConsumer:
-    """Applies one Kafka record to the service's database, exactly once in effect."""
+    """Applies the records of one consumer group to the service's database, exactly once in effect."""
 
     def __init__(
         self,
+        route: Route,
         *,
-        group: str,
-        subscriptions: Subscriptions,
         pool: asyncpg.Pool,
         publish_dead_letter: PublishDeadLetter,
         retry: RetryPolicy,
+        budget_seconds: float,
         metrics: Metrics | None = None,
     ) -> None:
-        self.group = group
+        self._route = route
         self._metrics = metrics or Metrics()
-        self._subscriptions = subscriptions
         self._pool = pool
         self._publish_dead_letter = publish_dead_letter
         self._retry = retry
+        self._budget_seconds = budget_seconds
 
-    async def process(self, record: ConsumerRecord[bytes, bytes]) -> Outcome:
-        """Applies one record; an outage is raised (after a pause) for the caller to redeliver it."""
-        try:
-            outcome = await self._process(record)
-        except TRANSIENT_ERRORS:
-            await asyncio.sleep(self._retry.delay(self._retry.max_attempts))
-            raise
-        self._count(record, outcome)
-        return outcome
+    @property
+    def group(self) -> str:
+        return self._route.group
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return self._route.topics
 
     async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
         """Applies a poll's records in order; returns how many, from the first, are settled.
 
         Consecutive events are applied in one transaction with one inbox INSERT for them all: per
-        event, the BEGIN, COMMIT (and its WAL flush) and inbox round trips of `process` are paid
-        once per batch. A handler that raises rolls the transaction back; the events before it are
-        applied again without it, it is retried on its own (the failed run was its first attempt),
-        and the rest go on together. Invalid messages are dead-lettered in their place in the order.
+        event, the BEGIN, COMMIT (and its WAL flush) and inbox round trips of applying each alone
+        are paid once per batch. A handler that raises rolls the transaction back; the events
+        before it are applied again without it, it is retried on its own (the failed run was its
+        first attempt), and the rest go on together. Records that cannot be read are dead-lettered
+        in their place in the order.
 
-        Fewer than all are settled only after an outage (after a pause): the caller redelivers the
-        rest, from the first unsettled record of each partition.
+        Fewer than all are settled when the batch's budget is spent (the rest come with the next
+        poll) and, after a pause, when something other than a handler failed: an outage, or an
+        unexpected error (logged with its traceback). Nothing is raised: the caller rewinds each
+        partition to its first unsettled record.
         """
-        progress = _Progress()
+        progress = _Progress(self._budget_seconds)
         run: list[_Pending] = []
         try:
             for index, record in enumerate(records):
-                try:
-                    envelope = decode(record.headers, record.value or b"")
-                except InvalidEvent as exc:
+                read = self._read(record)
+                if isinstance(read, Exception):
                     await self._apply_run(run, progress)
                     run = []
-                    await self._dead_letter(record, exc.reason, exc.detail, attempts=0)
-                    self._count(record, Outcome.DEAD_LETTERED)
+                    progress.step()
+                    await self._dead_letter_unread(record, read)
                     progress.settled = index + 1
                     continue
-                run.append(_Pending(index, record, envelope, self._subscriptions.handler_for(envelope.type)))
+                run.append(_Pending(index, record, *read))
+                if self._route.one_by_one:
+                    await self._apply_run(run, progress)
+                    run = []
             await self._apply_run(run, progress)
-        except TRANSIENT_ERRORS as exc:
-            log.warning(
-                "cannot apply events, %d of %d redelivered after a pause: %s",
+        except _BudgetSpent:
+            log.info(
+                "batch budget of %.0f s spent: %d of %d records left for the next poll",
+                self._budget_seconds,
                 len(records) - progress.settled,
                 len(records),
-                exc,
             )
-            await asyncio.sleep(self._retry.delay(self._retry.max_attempts))
+        except Exception as exc:
+            unsettled = len(records) - progress.settled
+            if is_outage(exc):
+                log.warning(
+                    "cannot apply events, %d of %d redelivered after a pause: %s",
+                    unsettled,
+                    len(records),
+                    exc,
+                )
+            else:
+                log.error(
+                    "unexpected error, %d of %d records redelivered after a pause",
+                    unsettled,
+                    len(records),
+                    exc_info=exc,
+                )
+            await asyncio.sleep(self._retry.pause)
         return progress.settled
-
-    async def process_each(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
-        """`process_batch` for consumers that take their records one by one (`process`)."""
-        for index, record in enumerate(records):
-            try:
-                await self.process(record)
-            except TRANSIENT_ERRORS:
-                return index
-        return len(records)
 
     def _count(self, record: ConsumerRecord[bytes, bytes], outcome: Outcome) -> None:
         self._metrics.consumed.labels(record.topic, outcome).inc()
 
-    async def _process(self, record: ConsumerRecord[bytes, bytes]) -> Outcome:
+    def _read(self, record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, Handler | None] | Exception:
         try:
-            envelope = decode(record.headers, record.value or b"")
-        except InvalidEvent as exc:
-            await self._dead_letter(record, exc.reason, exc.detail, attempts=0)
-            return Outcome.DEAD_LETTERED
-        handler = self._subscriptions.handler_for(envelope.type)
-        if handler is None:
-            # Topics carry every event type of their aggregate; this service needs only some.
-            return Outcome.IGNORED
-        return await self._settle(record, envelope, handler)
+            return self._route.read(record)
+        except Exception as exc:
+            return exc
 
-    async def _settle(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        envelope: Envelope,
-        handler: Handler,
-        *,
-        failed: Exception | None = None,
-    ) -> Outcome:
-        return await self.settle(
-            record,
-            envelope.type,
-            lambda: self._apply(record, envelope, handler),
-            context=_log_context(record, envelope),
-            failed=failed,
-        )
+    async def _dead_letter_unread(self, record: ConsumerRecord[bytes, bytes], error: Exception) -> None:
+        if isinstance(error, Rejected):
+            reason, detail = error.reason, error.detail
+        else:
+            # Reading does no I/O: it would fail again on this record, which must not stall the partition.
+            log.error(
+                "cannot read record",
+                exc_info=error,
+                extra={"topic": record.topic, "partition": record.partition, "offset": record.offset},
+            )
+            reason, detail = "unreadable", f"{type(error).__name__}: {error}"
+        await self._dead_letter(record, reason, detail, attempts=0)
+        self._count(record, Outcome.DEAD_LETTERED)
 
-    async def settle(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        event_type: str,
-        apply: Callable[[], Awaitable[Outcome]],
-        *,
-        context: dict[str, object],
-        failed: Exception | None = None,
-    ) -> Outcome:
-        """Runs `apply` (one transaction) until it succeeds, retrying a failure with backoff up to
-        the policy's attempts; then, or at once for `Rejected`, dead-letters the record. An outage
-        is raised. `failed`: how a first attempt, made already, went."""
+    async def _settle(self, item: "_Pending", *, failed: Exception | None = None) -> Outcome:
+        """Applies the item (one transaction) until it succeeds, retrying a failure with backoff up
+        to the policy's attempts; then, or at once for `Rejected`, dead-letters its record. An
+        outage is raised. `failed`: how a first attempt, made already, went."""
+        assert item.handler is not None  # only an item with a handler is applied
+        record, context = item.record, _log_context(item.record, item.inbound)
         attempt = 1
         while True:
             if failed is None:
                 try:
-                    return await apply()
-                except TRANSIENT_ERRORS:
-                    # Redelivered after a pause rather than dead-lettered: see the module docstring.
-                    raise
+                    return await self._apply(item.record, item.inbound, item.handler)
                 except Exception as exc:
+                    if is_outage(exc):
+                        # Redelivered after a pause rather than dead-lettered: see the module docstring.
+                        raise
                     failed = exc
             if isinstance(failed, Rejected):
                 await self._dead_letter(record, failed.reason, failed.detail, attempts=attempt)
                 return Outcome.DEAD_LETTERED
-            self._metrics.handler_failures.labels(record.topic, event_type).inc()
+            self._metrics.handler_failures.labels(record.topic, item.inbound.type).inc()
             if attempt >= self._retry.max_attempts:
                 log.error("handler failed for good", exc_info=failed, extra=context)
                 await self._dead_letter(
@@ -263,19 +356,18 @@ class EventConsumer:
             failed = None
 
     async def _apply(
-        self, record: ConsumerRecord[bytes, bytes], envelope: Envelope, handler: Handler
+        self, record: ConsumerRecord[bytes, bytes], inbound: Inbound, handler: Handler
     ) -> Outcome:
         with consuming(record, self.group):
             async with self._pool.acquire() as conn, conn.transaction():
-                if not await first_delivery(
-                    conn, self.group, record, envelope.source, envelope.id, envelope.type
-                ):
+                if not await _first_delivery(conn, self.group, record, inbound):
                     return Outcome.DUPLICATE
-                await handler(conn, envelope.event)
+                await handler(conn, inbound.content)
         return Outcome.APPLIED
 
     async def _apply_run(self, run: list["_Pending"], progress: "_Progress") -> None:
         while run:
+            progress.step()
             failure = await self._apply_together(run)
             if failure is None:
                 progress.settled = run[-1].index + 1
@@ -285,9 +377,8 @@ class EventConsumer:
                 # Not a handler's failure but the batch's own statement: each on its own instead.
                 log.warning("applying %d events together failed, one by one instead: %s", len(run), error)
                 for item in run:
-                    outcome = Outcome.IGNORED
-                    if item.handler is not None:
-                        outcome = await self._settle(item.record, item.envelope, item.handler)
+                    progress.step()
+                    outcome = Outcome.IGNORED if item.handler is None else await self._settle(item)
                     self._count(item.record, outcome)
                     progress.settled = item.index + 1
                 return
@@ -295,8 +386,8 @@ class EventConsumer:
                 # Rolled back with the failure, though they did not fail: again, without it.
                 await self._apply_run(run[:position], progress)
             failed = run[position]
-            assert failed.handler is not None  # only a handler raises
-            outcome = await self._settle(failed.record, failed.envelope, failed.handler, failed=error)
+            progress.step()
+            outcome = await self._settle(failed, failed=error)
             self._count(failed.record, outcome)
             progress.settled = failed.index + 1
             run = run[position + 1 :]
@@ -311,9 +402,8 @@ class EventConsumer:
                 async with conn.transaction():
                     fresh = await _claim(conn, self.group, [item for item in run if item.handler])
                     for item in run:
-                        key = (item.envelope.source, item.envelope.id)
+                        key = (item.inbound.source, item.inbound.id)
                         if item.handler is None:
-                            # Topics carry every event type of their aggregate; this service needs only some.
                             outcomes.append(Outcome.IGNORED)
                         elif key not in fresh:
                             outcomes.append(Outcome.DUPLICATE)
@@ -321,12 +411,12 @@ class EventConsumer:
                             fresh.discard(key)  # the same event again later in the run is a duplicate
                             running = len(outcomes)
                             with consuming(item.record, self.group):
-                                await item.handler(conn, item.envelope.event)
+                                await item.handler(conn, item.inbound.content)
                             running = None
                             outcomes.append(Outcome.APPLIED)
-            except TRANSIENT_ERRORS:
-                raise
             except Exception as exc:
+                if is_outage(exc):
+                    raise
                 return running, exc
         for item, outcome in zip(run, outcomes, strict=True):
             self._count(item.record, outcome)
@@ -403,38 +493,47 @@ def _size(key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> int
     return len(key) + len(value) + sum(len(name.encode()) + len(content) for name, content in headers)
 
 
-def _log_context(record: ConsumerRecord[bytes, bytes], envelope: Envelope) -> dict[str, object]:
+def _log_context(record: ConsumerRecord[bytes, bytes], inbound: Inbound) -> dict[str, object]:
     return {
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
-        "event_id": envelope.id,
-        "event_type": envelope.type,
+        "event_id": inbound.id,
+        "event_type": inbound.type,
     }
+
+
+class _BudgetSpent(Exception):
+    """The batch has run for its budget: the rest of it waits for the next poll."""
 
 
 @dataclass
 class _Progress:
+    budget: float  # seconds
     settled: int = 0  # how many records of the batch, from the first, are settled
+    started: float = field(default_factory=time.monotonic)
+    steps: int = 0
+
+    def step(self) -> None:
+        """Called before each unit of work (a transaction, a retried event, a dead letter): none
+        once the budget is spent, but always a first, so that every batch makes progress."""
+        if self.steps and time.monotonic() - self.started >= self.budget:
+            raise _BudgetSpent
+        self.steps += 1
 
 
 @dataclass(frozen=True)
 class _Pending:
-    """A record of a batch, decoded, waiting to be applied with its neighbours."""
+    """A record of a batch, read, waiting to be applied with its neighbours."""
 
     index: int  # in the batch
     record: ConsumerRecord[bytes, bytes]
-    envelope: Envelope
+    inbound: Inbound
     handler: Handler | None  # None: an event this service does not react to
 
 
-async def first_delivery(
-    conn: Connection,
-    group: str,
-    record: ConsumerRecord[bytes, bytes],
-    source: str,
-    event_id: str,
-    event_type: str,
+async def _first_delivery(
+    conn: Connection, group: str, record: ConsumerRecord[bytes, bytes], inbound: Inbound
 ) -> bool:
     """Records the event in the inbox; False when it is there already (a redelivery)."""
     inserted = await conn.fetchval(
@@ -442,9 +541,9 @@ async def first_delivery(
         " VALUES ($1, $2, $3, $4, $5, $6, $7)"
         " ON CONFLICT DO NOTHING RETURNING true",
         group,
-        source,
-        event_id,
-        event_type,
+        inbound.source,
+        inbound.id,
+        inbound.type,
         record.topic,
         record.partition,
         record.offset,
@@ -461,9 +560,9 @@ async def _claim(conn: Connection, group: str, items: Sequence[_Pending]) -> set
         " SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::bigint[])"
         " ON CONFLICT DO NOTHING RETURNING source, event_id",
         group,
-        [item.envelope.source for item in items],
-        [item.envelope.id for item in items],
-        [item.envelope.type for item in items],
+        [item.inbound.source for item in items],
+        [item.inbound.id for item in items],
+        [item.inbound.type for item in items],
         [item.record.topic for item in items],
         [item.record.partition for item in items],
         [item.record.offset for item in items],

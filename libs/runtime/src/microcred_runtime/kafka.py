@@ -3,19 +3,22 @@
 Two defaults are overridden on purpose. aiokafka's producer defaults to `acks=1` without
 idempotence, so a leader change can lose or duplicate a write: ours uses `acks="all"` and the
 idempotent producer. FastStream's Kafka subscriber defaults to `AckPolicy.ACK_FIRST`, which
-auto-commits before the handler ran (at-most-once): ours commits after it (see `consumers`).
+auto-commits before the handler ran (at-most-once): ours turns FastStream's acknowledgement off
+(`AckPolicy.MANUAL`) and commits, per partition, only the offsets of settled records
+(`commit_settled`, after `consumers`).
 """
 
 import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
@@ -25,6 +28,7 @@ from microcred_events import KafkaRecord
 
 from .consumers import EventConsumer
 from .metrics import Metrics
+from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("microcred.kafka")
@@ -122,47 +126,99 @@ async def ensure_topics(
         await admin.close()
 
 
+@dataclass(frozen=True)
+class Membership:
+    """How the consumer group tells a live member from a dead one, and a busy one from a stuck
+    one (`ServiceSettings` says why these numbers)."""
+
+    session_timeout_ms: int
+    heartbeat_interval_ms: int
+    max_poll_interval_ms: int
+
+    @classmethod
+    def of(cls, settings: ServiceSettings) -> Self:
+        return cls(
+            session_timeout_ms=round(settings.consumer_session_timeout_seconds * 1000),
+            heartbeat_interval_ms=round(settings.consumer_heartbeat_interval_seconds * 1000),
+            max_poll_interval_ms=round(settings.consumer_max_poll_interval_seconds * 1000),
+        )
+
+
 def subscribe(
     broker: KafkaBroker,
     consumer: EventConsumer,
-    topics: Sequence[str],
     *,
+    membership: Membership,
     prefix: str = "",
     batch_size: int = 100,
-    **options: Any,
 ) -> None:
-    """Register the consumer on the broker: one consumer group per service, commit after effect.
+    """Register the consumer on the broker, in its consumer group: commit after effect.
 
     Records come in batches of what each poll returns (up to `batch_size`): under load one
     transaction and one offset commit serve many events; at low load a batch is the one record
     there is, so nothing waits for a batch to fill.
     """
-
-    @broker.subscriber(  # type: ignore[untyped-decorator]  # FastStream's decorator is untyped
-        *(prefix + topic for topic in topics),
+    subscriber = broker.subscriber(
+        *(prefix + topic for topic in consumer.topics),
         group_id=prefix + consumer.group,
-        ack_policy=AckPolicy.NACK_ON_ERROR,
+        # No acknowledgement by FastStream: its ack commits the consumer's positions (`commit()`
+        # without offsets) and its nack rewinds to the batch's start, dead-lettering some twice.
+        ack_policy=AckPolicy.MANUAL,
         # A new consumer group reads the topic from its start: read models need every event.
         auto_offset_reset="earliest",
         batch=True,
         max_records=batch_size,
         # FastStream sleeps this long again after an empty poll: the most an idle consumer adds.
         batch_timeout_ms=50,
+        session_timeout_ms=membership.session_timeout_ms,
+        heartbeat_interval_ms=membership.heartbeat_interval_ms,
+        max_poll_interval_ms=membership.max_poll_interval_ms,
         parser=_tolerant_parser,
         decoder=_raw_body,
-        **options,
     )
+
     async def consume(message: KafkaMessage) -> None:
         records: tuple[ConsumerRecord[bytes, bytes], ...] = message.raw_message
         settled = await consumer.process_batch(records)
-        # An outage stopped the batch: rewind each partition to its first unsettled record, so
-        # that the commit which follows covers exactly the settled ones and the rest come again.
-        # (FastStream's nack would rewind to the batch's start, and dead-letter some twice.)
-        rewind: dict[TopicPartition, int] = {}
-        for record in records[settled:]:
-            rewind.setdefault(TopicPartition(record.topic, record.partition), record.offset)
-        for partition, offset in rewind.items():
-            message.consumer.seek(partition, offset)
+        # None only under FastStream's TestKafkaBroker, which delivers without a Kafka consumer.
+        if subscriber.consumer is not None:
+            await commit_settled(subscriber.consumer, records, settled)
+
+    subscriber(consume)
+
+
+async def commit_settled(
+    client: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, bytes]], settled: int
+) -> None:
+    """Leave each partition of a batch at its first unsettled record, and commit what is settled:
+    per partition, the offset after its last settled record (the first `settled` records are).
+
+    Only these offsets are ever committed: `commit()` without them would commit the client's
+    positions, past records that are not settled. A partition that a rebalance took from this
+    member meanwhile is neither rewound nor committed: its new owner reads it from the last
+    commit, and what this batch applied of it again is a duplicate in the inbox.
+    """
+    done: dict[TopicPartition, int] = {}
+    rewind: dict[TopicPartition, int] = {}
+    for record in records[:settled]:
+        done[TopicPartition(record.topic, record.partition)] = record.offset + 1
+    for record in records[settled:]:
+        rewind.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+    assigned = client.assignment()
+    # Rewound first: whatever the commit does, the next poll starts at the first unsettled records.
+    for partition, offset in rewind.items():
+        if partition in assigned:
+            client.seek(partition, offset)
+    owned = {partition: offset for partition, offset in done.items() if partition in assigned}
+    if not owned:
+        return
+    try:
+        await client.commit(owned)
+    except (CommitFailedError, IllegalStateError) as exc:
+        log.info("offsets not committed, the group rebalanced meanwhile: %s", exc)
+    except KafkaError as exc:
+        # The partition's next commit covers them; redelivered before, they are inbox duplicates.
+        log.warning("offsets not committed: %s", exc)
 
 
 async def _tolerant_parser(records: Any, original: Any) -> Any:

@@ -55,7 +55,7 @@ class Runtime(Generic[SettingsT]):
     pool: asyncpg.Pool
     broker: KafkaBroker
     relay: OutboxRelay
-    consumer: EventConsumer | None
+    consumers: list[EventConsumer]  # one per consumer group (see `Subscriptions.routes`)
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,7 @@ class Service(Generic[SettingsT]):
         dsn = str(settings.database_url)
         bootstrap = settings.kafka_bootstrap_servers
         prefix = settings.kafka_topic_prefix
+        routes = self.subscriptions.routes(self.name)
         # Exits run in reverse, each even if an earlier one failed: stop taking messages and let
         # in-flight ones commit, then flush what they (and the API) queued in the outbox, then
         # close the Kafka producer and the database pool.
@@ -162,9 +163,10 @@ class Service(Generic[SettingsT]):
             stack.push_async_callback(pool.close)
             async with pool.acquire() as conn:
                 await self.migrate(conn)
+            groups = {self.name, *(route.group for route in routes)}
             await kafka.ensure_topics(
                 bootstrap,
-                [prefix + topic for topic in (*Topic, dead_letter_topic(self.name))],
+                [prefix + topic for topic in (*Topic, *sorted(map(dead_letter_topic, groups)))],
                 partitions=settings.kafka_topic_partitions,
                 replication=settings.kafka_topic_replication,
             )
@@ -197,22 +199,25 @@ class Service(Generic[SettingsT]):
                 logger=logging.getLogger("faststream"),
                 log_level=logging.DEBUG,
             )
-            consumer = None
-            if self.subscriptions.topics:
-                consumer = EventConsumer(
-                    group=self.name,
-                    subscriptions=self.subscriptions,
+            consumers = [
+                EventConsumer(
+                    route,
                     pool=pool,
                     publish_dead_letter=lambda record: kafka.publish_one(producer, record, prefix=prefix),
                     retry=RetryPolicy(
                         settings.consumer_max_attempts, settings.consumer_retry_backoff_seconds
                     ),
+                    # The other half of the poll interval is for the step under way when it is spent.
+                    budget_seconds=settings.consumer_max_poll_interval_seconds / 2,
                     metrics=metrics,
                 )
+                for route in routes
+            ]
+            for consumer in consumers:
                 kafka.subscribe(
                     broker,
                     consumer,
-                    self.subscriptions.topics,
+                    membership=kafka.Membership.of(settings),
                     prefix=prefix,
                     batch_size=settings.consumer_batch_size,
                 )
@@ -220,7 +225,7 @@ class Service(Generic[SettingsT]):
             stack.push_async_callback(broker.stop)
             await stack.enter_async_context(kafka.sampling_consumer_lag(broker, metrics))
 
-            runtime = Runtime(settings, pool, broker, relay, consumer)
+            runtime = Runtime(settings, pool, broker, relay, consumers)
             for worker in self.background:
                 await stack.enter_async_context(worker(runtime))
             log.info("service started", extra={"http_port": settings.http_port})

@@ -58,7 +58,7 @@ class ServiceSettings(BaseSettings):
     )
     kafka_topic_replication: int = Field(default=1, ge=1)
     consumer_max_attempts: int = Field(
-        default=5, ge=1, description="Handler attempts before a message goes to the dead-letter topic."
+        default=5, ge=1, le=30, description="Handler attempts before a message goes to the dead-letter topic."
     )
     consumer_retry_backoff_seconds: float = Field(
         default=0.2, gt=0, description="First retry delay; it doubles on every further attempt."
@@ -70,6 +70,34 @@ class ServiceSettings(BaseSettings):
         description=(
             "Most events applied in one transaction and one offset commit: what a poll returns, up "
             "to this. 1 applies each on its own."
+        ),
+    )
+    # Consumer-group membership. Dynamic members with a short session, not static membership
+    # (group.instance.id): a SIGKILLed replica's partitions go to the survivors once its session
+    # expires, either way, and only a dynamic member says goodbye (LeaveGroup) on SIGTERM, so a
+    # rolling restart or a scale-down hands partitions over at once; a static one leaves them
+    # idle for its session, and Deployment pods have no stable name to be static with. With 6 s
+    # (the brokers' group.min.session.timeout.ms by default) and a heartbeat a second, the
+    # survivor holds a killed replica's partitions within about 8 s.
+    consumer_session_timeout_seconds: float = Field(
+        default=6.0,
+        gt=0,
+        description=(
+            "How long a consumer may go without a heartbeat before the group gives its partitions "
+            "to the others; the brokers' group.min/max.session.timeout.ms bound it."
+        ),
+    )
+    consumer_heartbeat_interval_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Heartbeats to the group; a survivor hears of a rebalance at its next one.",
+    )
+    consumer_max_poll_interval_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "Longest gap between two polls before a member is taken for stuck; a batch stops taking "
+            "new work after half of it, and the rest come with the next poll."
         ),
     )
     outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
@@ -98,6 +126,22 @@ class ServiceSettings(BaseSettings):
             raise ValueError("set exactly one of AUTH_JWKS_URL and AUTH_JWKS_FILE")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("DB_POOL_MIN_SIZE must not exceed DB_POOL_MAX_SIZE")
+        if self.consumer_heartbeat_interval_seconds * 3 > self.consumer_session_timeout_seconds:
+            raise ValueError(
+                "CONSUMER_HEARTBEAT_INTERVAL_SECONDS must be at most a third of "
+                "CONSUMER_SESSION_TIMEOUT_SECONDS, or one lost heartbeat can cost a live member its "
+                "partitions"
+            )
+        # One message's retries and the pause after an outage (the delay doubles each time) must
+        # fit in the half of the poll interval a batch has left once its budget is spent.
+        retrying = self.consumer_retry_backoff_seconds * (2**self.consumer_max_attempts - 1)
+        if retrying > self.consumer_max_poll_interval_seconds / 2:
+            raise ValueError(
+                f"one message's retries take {retrying:g} s (CONSUMER_RETRY_BACKOFF_SECONDS doubled "
+                "CONSUMER_MAX_ATTEMPTS times), more than half of CONSUMER_MAX_POLL_INTERVAL_SECONDS "
+                f"({self.consumer_max_poll_interval_seconds:g} s): the group would take the consumer "
+                "for stuck"
+            )
         return self
 
 

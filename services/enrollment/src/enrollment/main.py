@@ -8,7 +8,7 @@ from microcred_runtime import Service
 
 from . import api
 from .settings import Settings
-from .subscribers import consuming_partner_reports, subscriptions
+from .subscribers import ensuring_partner_topics, subscriptions
 
 service = Service(
     name="enrollment",
@@ -16,7 +16,7 @@ service = Service(
     migrations=Path(__file__).parent / "migrations",
     routers=[api.router, api.partners],
     subscriptions=subscriptions,
-    background=[consuming_partner_reports],
+    background=[ensuring_partner_topics],
     description=(
         "Learners' enrollments and their state; keeps its own read model of the catalog; the registry "
         "of partner institutions and the completions they report."

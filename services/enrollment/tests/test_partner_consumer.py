@@ -1,0 +1,75 @@
+"""The partner topic on the runtime's one consumer path: its own group, record by record, in the
+inbox by the partner's source and `ce_id`, dead-lettered when there is no partner to answer."""
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import ConsumerRecord
+
+from enrollment import service
+from enrollment.domain import partner_source
+from enrollment.subscribers import (
+    PARTNER_REPORTS_GROUP,
+    on_partner_report,
+    read_partner_record,
+    subscriptions,
+)
+from microcred_events import CompletionReported, Topic, encode, example_data
+from microcred_events.partner import RejectionReason
+from microcred_runtime import Rejected
+
+PARTNER_ID = uuid.uuid4()
+
+
+def partner_record(source: str) -> ConsumerRecord[bytes, bytes]:
+    report = CompletionReported.model_validate({**example_data(CompletionReported), "partner_id": PARTNER_ID})
+    record = encode(report, source=source, event_id="msg-1", time=datetime(2025, 5, 2, tzinfo=UTC))
+    return ConsumerRecord(
+        topic=Topic.PARTNER_COMPLETION,
+        partition=0,
+        offset=7,
+        timestamp=0,
+        timestamp_type=0,
+        key=record.key,
+        value=record.value,
+        checksum=None,
+        serialized_key_size=len(record.key),
+        serialized_value_size=len(record.value),
+        headers=[*record.headers, ("ce_signature", b"v1,abc")],
+    )
+
+
+def test_the_partner_topic_is_read_record_by_record_in_a_consumer_group_of_its_own() -> None:
+    events, partners = subscriptions.routes("enrollment")
+
+    assert events.group == "enrollment"
+    assert Topic.PARTNER_COMPLETION not in events.topics
+    assert (partners.group, partners.topics, partners.one_by_one) == (
+        PARTNER_REPORTS_GROUP,
+        (Topic.PARTNER_COMPLETION,),
+        True,
+    )
+    inbound, handler = partners.read(partner_record(partner_source(PARTNER_ID)))
+    assert handler is on_partner_report
+    assert isinstance(inbound.content, service.PartnerMessage)
+
+
+def test_a_partner_message_is_in_the_inbox_by_the_partners_source_and_its_ce_id() -> None:
+    inbound = read_partner_record(partner_record(partner_source(PARTNER_ID)))
+
+    assert (inbound.source, inbound.id, inbound.type) == (
+        partner_source(PARTNER_ID),
+        "msg-1",
+        CompletionReported.TYPE,
+    )
+    message = inbound.content
+    assert isinstance(message, service.PartnerMessage)
+    assert (message.partner_id, message.message_id, message.signature) == (PARTNER_ID, "msg-1", "v1,abc")
+
+
+def test_a_message_with_no_partner_to_answer_is_rejected_so_it_is_dead_lettered() -> None:
+    with pytest.raises(Rejected) as caught:
+        read_partner_record(partner_record("urn:microcred:billing"))
+
+    assert caught.value.reason == RejectionReason.UNKNOWN_PARTNER
