@@ -56,9 +56,17 @@ class Api:
     token: Token
     deadline: float  # seconds a call keeps being retried
     http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=30))
+    _tokens: dict[tuple[str, str, str, str | None], dict[str, str]] = field(default_factory=dict)
 
     def bearer(self, subject: str, role: str, email: str, name: str | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token(subject, role, email, name)}"}
+        """The caller's Authorization header; the last few callers' tokens are reused (signing one
+        costs more CPU than the request it goes with)."""
+        key = (subject, role, email, name)
+        if key not in self._tokens:
+            if len(self._tokens) >= 256:
+                self._tokens.pop(next(iter(self._tokens)))
+            self._tokens[key] = {"Authorization": f"Bearer {self.token(subject, role, email, name)}"}
+        return self._tokens[key]
 
     async def call(
         self,
@@ -444,11 +452,10 @@ Unit = Enrolled | PathwayLearner  # a single course's completion, or a learner t
 
 def interleave(singles: Sequence[Enrolled], pathway: Sequence[PathwayLearner]) -> list[Unit]:
     """The singles in order, with the pathway learners spread evenly among them."""
-    units: list[Unit] = list(singles)
     total = len(singles) + len(pathway)
-    for index, item in enumerate(pathway):
-        units.insert(min(len(units), int((index + 0.5) * total / len(pathway))), item)
-    return units
+    places = {int((index + 0.5) * total / len(pathway)): item for index, item in enumerate(pathway)}
+    rest = iter(singles)
+    return [places[position] if position in places else next(rest) for position in range(total)]
 
 
 @dataclass

@@ -215,6 +215,7 @@ def test_pathway_learners_are_spread_among_the_singles() -> None:
     positions = [index for index, unit in enumerate(units) if isinstance(unit, PathwayLearner)]
     assert positions == [3, 9, 15, 21]
     assert [unit for unit in units if isinstance(unit, Enrolled)] == singles
+    assert interleave(singles, []) == singles
 
 
 @pytest.mark.parametrize(("completions", "learners", "singles"), [(200, 17, 149), (100_000, 8333, 75_001)])
