@@ -1,0 +1,207 @@
+"""Whatever fails in a consumed batch, each partition restarts at its first unsettled record:
+against a real Kafka broker and PostgreSQL.
+
+The runtime's consumer reads a two-partition topic through `kafka.subscribe`, as a service does.
+An event on each partition can never be applied, so it is dead-lettered; publishing the dead
+letter fails twice, as an outage (`KafkaTimeoutError`) or as a bug (`RuntimeError`). Every batch
+must start each partition where the one before left it, at its first unsettled record; the
+committed offsets must never pass an unsettled record; and once the dead letters go through,
+every event is applied exactly once and each dead letter is published once.
+"""
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaTimeoutError
+from faststream.kafka import KafkaBroker
+
+from microcred_events import CourseSnapshot, CourseUpdated, KafkaRecord, Topic, decode, encode, example_data
+from microcred_runtime import Connection, Service, ServiceSettings, Subscriptions, kafka
+from microcred_runtime.consumers import EventConsumer, RetryPolicy
+
+from .conftest import Infrastructure
+
+GROUP = "probe"
+TOPIC = Topic.CATALOG_COURSE
+# As each partition receives them: one event that can never be applied between two that can.
+PARTITIONS = {0: ["ok-0", "poison-0", "ok-1"], 1: ["ok-2", "poison-1", "ok-3"]}
+DEAD_LETTER_FAILURES = 2
+
+
+def course_update(title: str) -> CourseUpdated:
+    snapshot = {**example_data(CourseSnapshot), "course_id": str(uuid.uuid4()), "title": title}
+    return CourseUpdated(course=CourseSnapshot.model_validate(snapshot), updated_at=datetime.now(UTC))
+
+
+async def apply(conn: Connection, event: CourseUpdated) -> None:
+    if event.course.title.startswith("poison"):
+        raise ValueError("this event can never be applied")
+    await conn.execute("INSERT INTO applied (title) VALUES ($1)", event.course.title)
+
+
+class FlakyDeadLetters:
+    """Publishes dead letters to Kafka once its first `failures` attempts have raised `error`."""
+
+    def __init__(self, producer: AIOKafkaProducer, prefix: str, error: Exception, failures: int) -> None:
+        self.producer, self.prefix, self.error, self.failures = producer, prefix, error, failures
+        self.attempts = 0
+
+    async def publish(self, record: KafkaRecord) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise self.error
+        await kafka.publish_one(self.producer, record, prefix=self.prefix)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    records: list[tuple[int, int]]  # (partition, offset), in the batch's order
+    settled: int
+    committed: dict[int, int]  # the group's committed offset per partition when the batch came
+
+
+class Recorded(EventConsumer):
+    """The runtime's consumer, remembering each batch it was given and what it settled."""
+
+    def __init__(
+        self, *args: Any, committed: Callable[[], Awaitable[dict[int, int]]], **options: Any
+    ) -> None:
+        super().__init__(*args, **options)
+        self.committed = committed
+        self.deliveries: list[Delivery] = []
+
+    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+        committed = await self.committed()
+        settled = await super().process_batch(records)
+        self.deliveries.append(Delivery([(r.partition, r.offset) for r in records], settled, committed))
+        return settled
+
+
+def assert_each_batch_starts_where_the_last_left_off(deliveries: list[Delivery]) -> None:
+    """Each partition at its first unsettled record, and only settled records committed."""
+    position: dict[int, int] = {}  # where the next batch must start, per partition
+    committed: dict[int, int] = {}
+    for number, delivery in enumerate(deliveries):
+        assert delivery.committed == committed, f"batch {number}: {delivery}"
+        first: dict[int, int] = {}
+        for partition, offset in delivery.records:
+            first.setdefault(partition, offset)
+        assert all(offset == position.get(partition, 0) for partition, offset in first.items()), (
+            f"batch {number} skipped or repeated records: {delivery}, expected {position}"
+        )
+        for partition, offset in delivery.records[: delivery.settled]:
+            position[partition] = committed[partition] = offset + 1
+        unsettled: dict[int, int] = {}
+        for partition, offset in delivery.records[delivery.settled :]:
+            unsettled.setdefault(partition, offset)
+        position |= unsettled
+
+
+@pytest.fixture
+def migrations(tmp_path: Path) -> Path:
+    (tmp_path / "001_applied.sql").write_text(
+        "CREATE TABLE applied (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, title text NOT NULL);"
+    )
+    return tmp_path
+
+
+@pytest.fixture
+async def admin(infrastructure: Infrastructure) -> AsyncIterator[AIOKafkaAdminClient]:
+    client = AIOKafkaAdminClient(bootstrap_servers=infrastructure.kafka_bootstrap)
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "error", [KafkaTimeoutError(), RuntimeError("a bug in the dead-letter publisher")], ids=["outage", "bug"]
+)
+async def test_a_dead_letter_that_fails_leaves_both_partitions_at_their_first_unsettled_record(
+    error: Exception,
+    infrastructure: Infrastructure,
+    new_database: Callable[[], Any],
+    make_settings: Callable[..., Any],
+    migrations: Path,
+    topic_prefix: str,
+    producer: AIOKafkaProducer,
+    admin: AIOKafkaAdminClient,
+    topic_reader: Any,
+    wait_for: Any,
+) -> None:
+    settings: ServiceSettings = make_settings(ServiceSettings, await new_database())
+    bootstrap, topic = infrastructure.kafka_bootstrap, topic_prefix + TOPIC
+    await kafka.ensure_topics(bootstrap, [topic, f"{topic_prefix}{GROUP}.dlq"], partitions=2, replication=1)
+    for partition, titles in PARTITIONS.items():
+        for title in titles:
+            record = encode(course_update(title), source="urn:test:probe", event_id=title)
+            await producer.send_and_wait(
+                topic, record.value, key=record.key, headers=record.headers, partition=partition
+            )
+
+    async def committed() -> dict[int, int]:
+        offsets = await admin.list_consumer_group_offsets(topic_prefix + GROUP)
+        return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+
+    subscriptions = Subscriptions()
+    subscriptions.on(CourseUpdated)(apply)
+    (route,) = subscriptions.routes(GROUP)
+    pool = await asyncpg.create_pool(str(settings.database_url), min_size=1, max_size=2)
+    dead_letter_producer = kafka.reliable_producer(bootstrap, client_id="probe")
+    await dead_letter_producer.start()
+    dead_letters = FlakyDeadLetters(dead_letter_producer, topic_prefix, error, DEAD_LETTER_FAILURES)
+    broker = KafkaBroker(bootstrap, logger=logging.getLogger("faststream"), log_level=logging.DEBUG)
+    try:
+        async with pool.acquire() as conn:
+            await Service(name=GROUP, settings_class=ServiceSettings, migrations=migrations).migrate(conn)
+        consumer = Recorded(
+            route,
+            committed=committed,
+            pool=pool,
+            publish_dead_letter=dead_letters.publish,
+            retry=RetryPolicy(max_attempts=2, backoff_seconds=0.05),
+            budget_seconds=settings.consumer_max_poll_interval_seconds / 2,
+        )
+        kafka.subscribe(broker, consumer, membership=kafka.Membership.of(settings), prefix=topic_prefix)
+        await broker.start()
+        everything = {partition: len(titles) for partition, titles in PARTITIONS.items()}
+        assert await wait_for(lambda: _equal(committed(), everything), timeout=60), consumer.deliveries
+        async with pool.acquire() as conn:
+            applied = Counter(row["title"] for row in await conn.fetch("SELECT title FROM applied"))
+            inbox = Counter(row["event_id"] for row in await conn.fetch("SELECT event_id FROM inbox"))
+    finally:
+        await broker.stop()
+        await dead_letter_producer.stop()
+        await pool.close()
+
+    deliveries = consumer.deliveries
+    # The outage (or the bug) hit a batch of both partitions, and each failed dead letter ended one.
+    assert {partition for partition, _ in deliveries[0].records} == {0, 1}, deliveries
+    assert sum(delivery.settled < len(delivery.records) for delivery in deliveries) == DEAD_LETTER_FAILURES
+    assert_each_batch_starts_where_the_last_left_off(deliveries)
+    assert applied == Counter(["ok-0", "ok-1", "ok-2", "ok-3"])
+    assert inbox == applied
+    letters = await topic_reader(f"{topic_prefix}{GROUP}.dlq", 3, timeout=5)
+    assert sorted(_title(letter) for letter in letters) == ["poison-0", "poison-1"]
+    assert dead_letters.attempts == DEAD_LETTER_FAILURES + 2
+
+
+async def _equal(value: Awaitable[dict[int, int]], expected: dict[int, int]) -> bool:
+    return await value == expected
+
+
+def _title(record: ConsumerRecord[bytes, bytes]) -> str:
+    event = decode(record.headers, record.value).event
+    assert isinstance(event, CourseUpdated)
+    return event.course.title
