@@ -138,3 +138,9 @@ def test_retries_that_outlast_half_the_poll_interval_are_refused(monkeypatch: py
 
     monkeypatch.setenv("CONSUMER_MAX_POLL_INTERVAL_SECONDS", "2100")
     assert load_settings(ServiceSettings).consumer_max_attempts == 10
+
+
+def test_kafka_servers_are_the_bootstrap_servers_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_environment(monkeypatch, {**VALID, "KAFKA_BOOTSTRAP_SERVERS": "kafka-1:9092, kafka-2:9092,"})
+
+    assert load_settings(ServiceSettings).kafka_servers == ["kafka-1:9092", "kafka-2:9092"]

@@ -188,7 +188,7 @@ class Service(Generic[SettingsT]):
             stack.push_async_callback(relay.stop)
 
             broker = KafkaBroker(
-                bootstrap,
+                settings.kafka_servers,
                 client_id=self.name,
                 graceful_timeout=settings.shutdown_grace_seconds,
                 # No FastStream telemetry: it gives a batch one span in a trace of its own, and each

@@ -111,6 +111,11 @@ class ServiceSettings(BaseSettings):
         default=20.0, gt=0, description="Time in-flight messages get to finish on SIGTERM."
     )
 
+    @property
+    def kafka_servers(self) -> list[str]:
+        """KAFKA_BOOTSTRAP_SERVERS one by one: FastStream takes a string for a single server."""
+        return [server.strip() for server in self.kafka_bootstrap_servers.split(",") if server.strip()]
+
     @field_validator("auth_algorithms")
     @classmethod
     def _asymmetric_only(cls, algorithms: list[str]) -> list[str]:
