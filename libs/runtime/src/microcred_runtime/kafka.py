@@ -5,7 +5,7 @@ idempotence, so a leader change can lose or duplicate a write: ours uses `acks="
 idempotent producer. FastStream's Kafka subscriber defaults to `AckPolicy.ACK_FIRST`, which
 auto-commits before the handler ran (at-most-once): ours turns FastStream's acknowledgement off
 (`AckPolicy.MANUAL`) and commits, per partition, only the offsets of settled records
-(`commit_settled`, after `consumers`).
+(`commit_settled`; see `consumers`).
 """
 
 import asyncio
