@@ -8,6 +8,7 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel
 
 from microcred_runtime import Db, Runtime, Service, ServiceSettings, max_body_bytes, problem_doc, service
+from microcred_runtime.metrics import Metrics
 from microcred_runtime.outbox import OutboxRelay, RelaySettings
 from microcred_runtime.problems import PROBLEM_JSON
 
@@ -60,6 +61,7 @@ def with_runtime(app: FastAPI, pool: FakePool, broker: FakeBroker) -> FastAPI:
         broker=broker,  # type: ignore[arg-type]  # a fake broker that only answers ping
         relay=OutboxRelay("postgresql://unused", publish, RelaySettings()),
         consumers=[],
+        metrics=Metrics(),
     )
     return app
 

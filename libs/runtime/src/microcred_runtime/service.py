@@ -56,6 +56,7 @@ class Runtime(Generic[SettingsT]):
     broker: KafkaBroker
     relay: OutboxRelay
     consumers: list[EventConsumer]  # one per consumer group (see `Subscriptions.routes`)
+    metrics: Metrics  # background work registers its own series in `metrics.registry` (served at /metrics)
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ class Service(Generic[SettingsT]):
             stack.push_async_callback(broker.stop)
             await stack.enter_async_context(kafka.sampling_consumer_lag(broker, metrics))
 
-            runtime = Runtime(settings, pool, broker, relay, consumers)
+            runtime = Runtime(settings, pool, broker, relay, consumers, metrics)
             for worker in self.background:
                 await stack.enter_async_context(worker(runtime))
             log.info("service started", extra={"http_port": settings.http_port})

@@ -24,7 +24,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from microcred_runtime import Connection, Runtime
 
@@ -34,17 +34,26 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-FOUND = Counter(
-    "issuance_sweeper_found_total",
-    "Work a race between replicas left behind, found and finished by the sweeper.",
-    ["kind"],
-)
 # Most finds of each kind one pass takes on; the rest wait for the next pass.
 _PASS_LIMIT = 500
 
 
 class Sweeper:
-    def __init__(self, pool: asyncpg.Pool, platform: Platform, *, lookback_seconds: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        platform: Platform,
+        *,
+        lookback_seconds: float,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """`registry`: the service's, served at /metrics (a test's sweeper gets one of its own)."""
+        self.found = Counter(
+            "issuance_sweeper_found_total",
+            "Work a race between replicas left behind, found and finished by the sweeper.",
+            ["kind"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
         self._pool = pool
         self._platform = platform
         self._lookback = timedelta(seconds=lookback_seconds)
@@ -60,7 +69,7 @@ class Sweeper:
             finish = service.finish_parked_completion
             if await self._finish(finish, enrollment_id, course_id, context=context):
                 finished["parked"] += 1
-                FOUND.labels(kind="parked").inc()
+                self.found.labels(kind="parked").inc()
                 log.warning("a parked completion was left behind by a race: minted it now", extra=context)
 
         now = datetime.now(UTC)
@@ -72,7 +81,7 @@ class Sweeper:
             context = {"learner_id": str(learner_id), "pathway_id": str(pathway_id)}
             if await self._finish(service.finish_pathway, learner_id, pathway_id, context=context):
                 finished["pathway"] += 1
-                FOUND.labels(kind="pathway").inc()
+                self.found.labels(kind="pathway").inc()
                 log.warning("a pathway credential was left behind by a race: minted it now", extra=context)
         return finished
 
@@ -122,7 +131,12 @@ def sweeping(platform: Platform) -> Callable[[Runtime[Any]], contextlib.Abstract
 
     def start(runtime: Runtime[Any]) -> contextlib.AbstractAsyncContextManager[None]:
         settings: Settings = runtime.settings
-        sweeper = Sweeper(runtime.pool, platform, lookback_seconds=settings.issuance_sweep_lookback_seconds)
+        sweeper = Sweeper(
+            runtime.pool,
+            platform,
+            lookback_seconds=settings.issuance_sweep_lookback_seconds,
+            registry=runtime.metrics.registry,
+        )
         return sweeper.running(settings.issuance_sweep_interval_seconds)
 
     return start
