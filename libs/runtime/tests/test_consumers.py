@@ -798,3 +798,18 @@ async def test_a_raw_handler_is_retried_and_dead_lettered_like_an_events() -> No
     headers = dead_letters.only_headers()
     assert (headers["dlq_reason"], headers["dlq_attempts"]) == (b"handler_failed", b"3")
     assert conn.inbox == set()
+
+
+async def test_a_deadlock_with_another_transaction_is_retried_without_spending_an_attempt() -> None:
+    deadlock = asyncpg.DeadlockDetectedError("deadlock detected")
+    handler, dead_letters, metrics = Handler(failures=4, error=deadlock), DeadLetters(), Metrics()
+    pool = FakePool(InboxConnection())
+
+    await consumer(handler, pool, dead_letters, metrics=metrics).process_batch(
+        [consumer_record(valid_record())]
+    )
+
+    # Four conflicts, then applied: not dead-lettered after three attempts.
+    assert consumed(metrics, Outcome.APPLIED) == 1
+    assert pool.conn.transactions == ["rolled back"] * 4 + ["committed"]
+    assert dead_letters.records == []

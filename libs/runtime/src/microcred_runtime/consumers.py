@@ -71,6 +71,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     ReplicaNotAvailableError,
 )
 _DETAIL_LIMIT = 2000
+# Conflicts with other transactions (deadlocks, serialization failures) retried before they count
+# as the handler's failures.
+_CONFLICT_RETRIES = 10
 
 
 def is_outage(error: BaseException) -> bool:
@@ -324,7 +327,7 @@ class EventConsumer:
         outage is raised. `failed`: how a first attempt, made already, went."""
         assert item.handler is not None  # only an item with a handler is applied
         record, context = item.record, _log_context(item.record, item.inbound)
-        attempt = 1
+        attempt, conflicts = 1, 0
         while True:
             if failed is None:
                 try:
@@ -337,6 +340,15 @@ class EventConsumer:
             if isinstance(failed, Rejected):
                 await self._dead_letter(record, failed.reason, failed.detail, attempts=attempt)
                 return Outcome.DEAD_LETTERED
+            if isinstance(failed, asyncpg.TransactionRollbackError) and conflicts < _CONFLICT_RETRIES:
+                # A deadlock or serialization failure with another replica's transaction (e.g.
+                # issuance's advisory locks taken by two batches in opposite orders): not the
+                # message's fault, so it spends no attempt; alone, it takes few locks and passes.
+                conflicts += 1
+                log.info("transaction lost a conflict, again: %s", failed, extra=context)
+                await asyncio.sleep(self._retry.delay(1))
+                failed = None
+                continue
             self._metrics.handler_failures.labels(record.topic, item.inbound.type).inc()
             if attempt >= self._retry.max_attempts:
                 log.error("handler failed for good", exc_info=failed, extra=context)
