@@ -187,6 +187,39 @@ async def subscribe_webhooks(api: Api, url: str) -> str:
     return str(response.json()["secret"])
 
 
+@dataclass(frozen=True)
+class Catalog:
+    pathway_id: str
+    pathway_courses: tuple[str, ...]
+    single_course: str
+
+
+@dataclass(frozen=True)
+class Setup:
+    partner: Partner
+    catalog: Catalog
+    webhook_secret: str
+
+
+async def set_up(api: Api, *, pathway_courses: int, price_minor: int, webhook_url: str) -> Setup:
+    """Staff's part before the learners come: a partner registered in enrollment; in the catalog,
+    a free course and the paid courses of a pathway, all delivered by the partner, and the pathway;
+    `webhook_url` subscribed to CredentialIssued."""
+    partner = await register_partner(api, "Faultline Institute")
+    single = await publish_course(
+        api, title="Fault Tolerance Fundamentals", price_minor=0, partner_id=partner.partner_id
+    )
+    parts = [
+        await publish_course(
+            api, title=f"Resilience, part {part}", price_minor=price_minor, partner_id=partner.partner_id
+        )
+        for part in range(1, pathway_courses + 1)
+    ]
+    pathway = await publish_pathway(api, title="Resilience Pathway", course_ids=parts)
+    secret = await subscribe_webhooks(api, webhook_url)
+    return Setup(partner, Catalog(pathway, tuple(parts), single), secret)
+
+
 # --- learners -------------------------------------------------------------------------------------
 
 
@@ -456,13 +489,6 @@ def interleave(singles: Sequence[Enrolled], pathway: Sequence[PathwayLearner]) -
     places = {int((index + 0.5) * total / len(pathway)): item for index, item in enumerate(pathway)}
     rest = iter(singles)
     return [places[position] if position in places else next(rest) for position in range(total)]
-
-
-@dataclass
-class Catalog:
-    pathway_id: str
-    pathway_courses: tuple[str, ...]
-    single_course: str
 
 
 class Workload:

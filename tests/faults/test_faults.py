@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import faults
 import infra
 from harness.accounting import Result
+from harness.deployment import SERVICES
 
 COMPLETIONS = 200
 CONFIG = faults.Config(
@@ -113,6 +114,6 @@ async def test_every_credential_gives_one_notification_email_and_webhook(result:
 
 async def test_nothing_is_left_behind(result: Result) -> None:
     report = result.render()
-    assert result.outbox_backlog == dict.fromkeys(faults.SERVICES, 0), report
+    assert result.outbox_backlog == dict.fromkeys(SERVICES, 0), report
     assert result.dead_letters_without_reason == 0, report
     assert result.ok, report
