@@ -243,11 +243,11 @@ class Result:
             f"  outbox backlog  {backlog}",
             f"  deliveries      {deliveries}",
             "",
-            "faults (at: seconds since the first report was published; ready: until the victim and "
-            "every other process answered ready again; recovery: for a replica or broker kill, the "
-            "longest time the stage's counter stood still while it had work, from the kill until "
-            "it moved again after everything was ready (the survivors' stall); for PostgreSQL and "
-            "the mail sink, the time until the stage moved again):",
+            "faults, one at a time (at: seconds since the first report was published; ready: from the",
+            "kill until the victim and every other process answered ready again; recovery: for a replica",
+            "or broker kill, the survivors' stall, the longest time the stage's counter stood still while",
+            "it had work, from the kill until it moved again after everything was ready; for PostgreSQL",
+            "and the mail sink, the time from the kill until the stage moved again):",
             "  " + FAULT_TABLE_HEADER,
             *(f"  {fault.row()}" for fault in self.faults),
         ]

@@ -75,7 +75,7 @@ class Api:
         path: str,
         *,
         headers: Mapping[str, str],
-        json: Any = None,
+        payload: Any = None,
         ok: Collection[int] = (200, 201),
         retry: Collection[int] = (),
     ) -> httpx.Response:
@@ -85,7 +85,7 @@ class Api:
         while True:
             url = self.services[service].next_url() + path
             try:
-                response = await self.http.request(method, url, headers=headers, json=json)
+                response = await self.http.request(method, url, headers=headers, json=payload)
             except httpx.TransportError as exc:
                 failure = f"{type(exc).__name__} {exc}"
             else:
@@ -122,7 +122,7 @@ async def register_partner(api: Api, name: str) -> Partner:
         "enrollment",
         "POST",
         "/partners",
-        json={"display_name": name, "course_ids": [], "credentials": [{"kind": "hmac_sha256"}]},
+        payload={"display_name": name, "course_ids": [], "credentials": [{"kind": "hmac_sha256"}]},
         headers=api.bearer(*ADMIN),
     )
     partner = response.json()
@@ -147,7 +147,7 @@ async def publish_course(api: Api, *, title: str, price_minor: int, partner_id: 
         },
     }
     staff = api.bearer(*STAFF)
-    created = await api.call("catalog", "POST", "/courses", json=details, headers=staff)
+    created = await api.call("catalog", "POST", "/courses", payload=details, headers=staff)
     course_id = str(created.json()["course_id"])
     await api.call("catalog", "POST", f"/courses/{course_id}/publish", headers=staff)
     return course_id
@@ -169,7 +169,7 @@ async def publish_pathway(api: Api, *, title: str, course_ids: Sequence[str]) ->
         },
     }
     staff = api.bearer(*STAFF)
-    created = await api.call("catalog", "POST", "/pathways", json=details, headers=staff)
+    created = await api.call("catalog", "POST", "/pathways", payload=details, headers=staff)
     pathway_id = str(created.json()["pathway_id"])
     await api.call("catalog", "POST", f"/pathways/{pathway_id}/publish", headers=staff)
     return pathway_id
@@ -181,7 +181,7 @@ async def subscribe_webhooks(api: Api, url: str) -> str:
         "notifications",
         "POST",
         "/webhooks/subscriptions",
-        json={"url": url, "event_types": [CredentialIssued.TYPE]},
+        payload={"url": url, "event_types": [CredentialIssued.TYPE]},
         headers=api.bearer(*STAFF),
     )
     return str(response.json()["secret"])
@@ -250,7 +250,7 @@ async def enroll(api: Api, learner: Learner, course_id: str, key: str) -> Enroll
         "enrollment",
         "POST",
         "/enrollments",
-        json={"course_id": course_id},
+        payload={"course_id": course_id},
         headers={**learner.headers(api), "Idempotency-Key": key},
         ok=(201,),
         retry=(422,),
