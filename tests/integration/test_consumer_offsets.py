@@ -7,8 +7,13 @@ letter fails twice, as an outage (`KafkaTimeoutError`) or as a bug (`RuntimeErro
 must start each partition where the one before left it, at its first unsettled record; the
 committed offsets must never pass an unsettled record; and once the dead letters go through,
 every event is applied exactly once and each dead letter is published once.
+
+A record whose header has no value (Kafka allows a null one) must not take its batch down with
+it: among good records on both partitions, it is dead-lettered with its reason when the header
+is one the event needs, or applied when it is valid apart from that header.
 """
 
+import json
 import logging
 import uuid
 from collections import Counter
@@ -33,8 +38,6 @@ from .conftest import Infrastructure
 
 GROUP = "probe"
 TOPIC = Topic.CATALOG_COURSE
-# As each partition receives them: one event that can never be applied between two that can.
-PARTITIONS = {0: ["ok-0", "poison-0", "ok-1"], 1: ["ok-2", "poison-1", "ok-3"]}
 DEAD_LETTER_FAILURES = 2
 
 
@@ -52,15 +55,18 @@ async def apply(conn: Connection, event: CourseUpdated) -> None:
 class FlakyDeadLetters:
     """Publishes dead letters to Kafka once its first `failures` attempts have raised `error`."""
 
-    def __init__(self, producer: AIOKafkaProducer, prefix: str, error: Exception, failures: int) -> None:
+    def __init__(
+        self, producer: AIOKafkaProducer, prefix: str, error: Exception | None, failures: int
+    ) -> None:
         self.producer, self.prefix, self.error, self.failures = producer, prefix, error, failures
-        self.attempts = 0
+        self.attempts = self.published = 0
 
     async def publish(self, record: KafkaRecord) -> None:
         self.attempts += 1
-        if self.attempts <= self.failures:
+        if self.error is not None and self.attempts <= self.failures:
             raise self.error
         await kafka.publish_one(self.producer, record, prefix=self.prefix)
+        self.published += 1
 
 
 @dataclass(frozen=True)
@@ -125,11 +131,21 @@ async def admin(infrastructure: Infrastructure) -> AsyncIterator[AIOKafkaAdminCl
         await client.close()
 
 
-@pytest.mark.parametrize(
-    "error", [KafkaTimeoutError(), RuntimeError("a bug in the dead-letter publisher")], ids=["outage", "bug"]
-)
-async def test_a_dead_letter_that_fails_leaves_both_partitions_at_their_first_unsettled_record(
-    error: Exception,
+@dataclass(frozen=True)
+class Run:
+    """What the runtime's consumer did, once every partition's committed offset reached the end."""
+
+    deliveries: list[Delivery]
+    applied: Counter[str]
+    inbox: Counter[str]
+    dead_letters: list[ConsumerRecord[bytes, bytes]]
+
+
+RunConsumer = Callable[..., Awaitable[Run]]
+
+
+@pytest.fixture
+def run_consumer(
     infrastructure: Infrastructure,
     new_database: Callable[[], Any],
     make_settings: Callable[..., Any],
@@ -139,62 +155,125 @@ async def test_a_dead_letter_that_fails_leaves_both_partitions_at_their_first_un
     admin: AIOKafkaAdminClient,
     topic_reader: Any,
     wait_for: Any,
-) -> None:
-    settings: ServiceSettings = make_settings(ServiceSettings, await new_database())
-    bootstrap, topic = infrastructure.kafka_bootstrap, topic_prefix + TOPIC
-    await kafka.ensure_topics(bootstrap, [topic, f"{topic_prefix}{GROUP}.dlq"], partitions=2, replication=1)
-    for partition, titles in PARTITIONS.items():
-        for title in titles:
-            record = encode(course_update(title), source="urn:test:probe", event_id=title)
-            await producer.send_and_wait(
-                topic, record.value, key=record.key, headers=record.headers, partition=partition
-            )
+) -> RunConsumer:
+    """Sends each partition's records to a two-partition topic of the test's own, then runs the
+    runtime's consumer on it, as a service does, until every record's offset is committed."""
 
-    async def committed() -> dict[int, int]:
-        offsets = await admin.list_consumer_group_offsets(topic_prefix + GROUP)
-        return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+    async def run(
+        partitions: dict[int, list[KafkaRecord]],
+        *,
+        dead_letter_error: Exception | None = None,
+        dead_letter_failures: int = 0,
+    ) -> Run:
+        settings: ServiceSettings = make_settings(ServiceSettings, await new_database())
+        bootstrap, topic = infrastructure.kafka_bootstrap, topic_prefix + TOPIC
+        dead_letter_topic = f"{topic_prefix}{GROUP}.dlq"
+        await kafka.ensure_topics(bootstrap, [topic, dead_letter_topic], partitions=2, replication=1)
+        for partition, records in partitions.items():
+            for record in records:
+                await producer.send_and_wait(
+                    topic, record.value, key=record.key, headers=record.headers, partition=partition
+                )
 
-    subscriptions = Subscriptions()
-    subscriptions.on(CourseUpdated)(apply)
-    (route,) = subscriptions.routes(GROUP)
-    pool = await asyncpg.create_pool(str(settings.database_url), min_size=1, max_size=2)
-    dead_letter_producer = kafka.reliable_producer(bootstrap, client_id="probe")
-    await dead_letter_producer.start()
-    dead_letters = FlakyDeadLetters(dead_letter_producer, topic_prefix, error, DEAD_LETTER_FAILURES)
-    broker = KafkaBroker(bootstrap, logger=logging.getLogger("faststream"), log_level=logging.DEBUG)
-    try:
-        async with pool.acquire() as conn:
-            await Service(name=GROUP, settings_class=ServiceSettings, migrations=migrations).migrate(conn)
-        consumer = Recorded(
-            route,
-            committed=committed,
-            pool=pool,
-            publish_dead_letter=dead_letters.publish,
-            retry=RetryPolicy(max_attempts=2, backoff_seconds=0.05),
-            budget_seconds=settings.consumer_max_poll_interval_seconds / 2,
+        async def committed() -> dict[int, int]:
+            offsets = await admin.list_consumer_group_offsets(topic_prefix + GROUP)
+            return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+
+        subscriptions = Subscriptions()
+        subscriptions.on(CourseUpdated)(apply)
+        (route,) = subscriptions.routes(GROUP)
+        pool = await asyncpg.create_pool(str(settings.database_url), min_size=1, max_size=2)
+        dead_letter_producer = kafka.reliable_producer(bootstrap, client_id="probe")
+        await dead_letter_producer.start()
+        dead_letters = FlakyDeadLetters(
+            dead_letter_producer, topic_prefix, dead_letter_error, dead_letter_failures
         )
-        kafka.subscribe(broker, consumer, membership=kafka.Membership.of(settings), prefix=topic_prefix)
-        await broker.start()
-        everything = {partition: len(titles) for partition, titles in PARTITIONS.items()}
-        assert await wait_for(lambda: _equal(committed(), everything), timeout=60), consumer.deliveries
-        async with pool.acquire() as conn:
-            applied = Counter(row["title"] for row in await conn.fetch("SELECT title FROM applied"))
-            inbox = Counter(row["event_id"] for row in await conn.fetch("SELECT event_id FROM inbox"))
-    finally:
-        await broker.stop()
-        await dead_letter_producer.stop()
-        await pool.close()
+        broker = KafkaBroker(bootstrap, logger=logging.getLogger("faststream"), log_level=logging.DEBUG)
+        try:
+            async with pool.acquire() as conn:
+                await Service(name=GROUP, settings_class=ServiceSettings, migrations=migrations).migrate(conn)
+            consumer = Recorded(
+                route,
+                committed=committed,
+                pool=pool,
+                publish_dead_letter=dead_letters.publish,
+                retry=RetryPolicy(max_attempts=2, backoff_seconds=0.05),
+                budget_seconds=settings.consumer_max_poll_interval_seconds / 2,
+            )
+            kafka.subscribe(broker, consumer, membership=kafka.Membership.of(settings), prefix=topic_prefix)
+            await broker.start()
+            everything = {partition: len(records) for partition, records in partitions.items()}
+            assert await wait_for(lambda: _equal(committed(), everything), timeout=60), consumer.deliveries
+            async with pool.acquire() as conn:
+                applied = Counter(row["title"] for row in await conn.fetch("SELECT title FROM applied"))
+                inbox = Counter(row["event_id"] for row in await conn.fetch("SELECT event_id FROM inbox"))
+        finally:
+            await broker.stop()
+            await dead_letter_producer.stop()
+            await pool.close()
+        # Asking for one more than were published: the topic holds those letters and no other.
+        letters = await topic_reader(dead_letter_topic, dead_letters.published + 1, timeout=5)
+        assert len(letters) == dead_letters.published, letters
+        return Run(consumer.deliveries, applied, inbox, letters)
 
-    deliveries = consumer.deliveries
+    return run
+
+
+def titled(*titles: str) -> list[KafkaRecord]:
+    return [encode(course_update(title), source="urn:test:probe", event_id=title) for title in titles]
+
+
+@pytest.mark.parametrize(
+    "error", [KafkaTimeoutError(), RuntimeError("a bug in the dead-letter publisher")], ids=["outage", "bug"]
+)
+async def test_a_dead_letter_that_fails_leaves_both_partitions_at_their_first_unsettled_record(
+    error: Exception, run_consumer: RunConsumer
+) -> None:
+    # As each partition receives them: one event that can never be applied between two that can.
+    partitions = {0: titled("ok-0", "poison-0", "ok-1"), 1: titled("ok-2", "poison-1", "ok-3")}
+
+    run = await run_consumer(partitions, dead_letter_error=error, dead_letter_failures=DEAD_LETTER_FAILURES)
+
     # The outage (or the bug) hit a batch of both partitions, and each failed dead letter ended one.
-    assert {partition for partition, _ in deliveries[0].records} == {0, 1}, deliveries
-    assert sum(delivery.settled < len(delivery.records) for delivery in deliveries) == DEAD_LETTER_FAILURES
-    assert_each_batch_starts_where_the_last_left_off(deliveries)
-    assert applied == Counter(["ok-0", "ok-1", "ok-2", "ok-3"])
-    assert inbox == applied
-    letters = await topic_reader(f"{topic_prefix}{GROUP}.dlq", 3, timeout=5)
-    assert sorted(_title(letter) for letter in letters) == ["poison-0", "poison-1"]
-    assert dead_letters.attempts == DEAD_LETTER_FAILURES + 2
+    assert {partition for partition, _ in run.deliveries[0].records} == {0, 1}, run.deliveries
+    failed = [delivery for delivery in run.deliveries if delivery.settled < len(delivery.records)]
+    assert len(failed) == DEAD_LETTER_FAILURES, run.deliveries
+    assert_each_batch_starts_where_the_last_left_off(run.deliveries)
+    assert run.applied == Counter(["ok-0", "ok-1", "ok-2", "ok-3"])
+    assert run.inbox == run.applied
+    assert sorted(_title(letter) for letter in run.dead_letters) == ["poison-0", "poison-1"]
+
+
+async def test_a_header_without_a_value_costs_only_its_own_record(run_consumer: RunConsumer) -> None:
+    no_id, noted = titled("no-id", "noted")
+    partitions = {
+        # ce_id, which the event needs, has no value: the record can never be applied.
+        0: [*titled("ok-0"), with_header(no_id, "ce_id", None), *titled("ok-1")],
+        # An extension header without a value: the event is valid.
+        1: [*titled("ok-2"), with_header(noted, "x-note", None), *titled("ok-3")],
+    }
+
+    run = await run_consumer(partitions)
+
+    assert {partition for partition, _ in run.deliveries[0].records} == {0, 1}, run.deliveries
+    assert_each_batch_starts_where_the_last_left_off(run.deliveries)
+    assert run.applied == Counter(["ok-0", "ok-1", "ok-2", "noted", "ok-3"])
+    assert run.inbox == run.applied
+    (letter,) = run.dead_letters
+    headers = dict(letter.headers)
+    assert (headers["dlq_reason"], headers["dlq_partition"], headers["dlq_offset"]) == (
+        b"invalid_header",
+        b"0",
+        b"1",
+    )
+    assert b"ce_id" in headers["dlq_detail"]
+    assert json.loads(letter.value)["course"]["title"] == "no-id"
+
+
+def with_header(record: KafkaRecord, name: str, value: bytes | None) -> KafkaRecord:
+    """The record with `name` set to `value` (None: a header without a value, as Kafka allows)."""
+    headers = [(key, content) for key, content in record.headers if key != name]
+    return KafkaRecord(record.topic, record.key, record.value, [*headers, (name, value)])  # type: ignore[list-item]  # null on purpose
 
 
 async def _equal(value: Awaitable[dict[int, int]], expected: dict[int, int]) -> bool:

@@ -3,6 +3,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -530,6 +531,31 @@ def not_json(like: ConsumerRecord[bytes, bytes]) -> ConsumerRecord[bytes, bytes]
         partition=like.partition,
         offset=like.offset,
     )
+
+
+def with_header(
+    like: ConsumerRecord[bytes, bytes], name: str, value: bytes | None
+) -> ConsumerRecord[bytes, bytes]:
+    """The record with `name` set to `value` (None: a header without a value, as aiokafka gives it)."""
+    headers = [(key, content) for key, content in like.headers if key != name]
+    return replace(like, headers=[*headers, (name, value)])
+
+
+async def test_a_header_without_a_value_costs_only_its_own_record_and_the_batch_goes_on() -> None:
+    handler, dead_letters = Handler(), DeadLetters()
+    conn = InboxConnection()
+    records = batch(4)
+    records[1] = with_header(records[1], "ce_id", None)  # a header the event needs
+    records[2] = with_header(records[2], "x-note", None)  # one it does not
+
+    assert await consumer(handler, FakePool(conn), dead_letters).process_batch(records) == 4
+
+    assert course_ids(handler) == [1, 3, 4]
+    assert conn.inbox == {(SOURCE, "evt-0"), (SOURCE, "evt-2"), (SOURCE, "evt-3")}
+    headers = dead_letters.only_headers()
+    assert (headers["dlq_reason"], headers["dlq_detail"]) == (b"invalid_header", b"header ce_id is empty")
+    assert headers["ce_id"] == b""
+    assert dead_letters.records[0].value == records[1].value
 
 
 async def test_a_batch_is_applied_in_one_transaction_with_one_inbox_statement() -> None:

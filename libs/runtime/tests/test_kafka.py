@@ -406,8 +406,15 @@ class Raw:
         self.headers = headers
 
 
-async def test_the_parser_lets_faststream_read_headers_that_are_not_utf8_and_restores_them() -> None:
-    poison = Raw([("ce_id", b"\xff\xfe"), ("ce_type", b"x")])
+@pytest.mark.parametrize(
+    ("poison", "as_text"),
+    [(b"\xff\xfe", "\ufffd\ufffd"), (None, "")],
+    ids=["not-utf8", "without-value"],
+)
+async def test_the_parser_lets_faststream_read_headers_it_would_fail_on_and_restores_them(
+    poison: bytes | None, as_text: str
+) -> None:
+    bad = Raw([("ce_id", poison), ("ce_type", b"x")])  # type: ignore[list-item]  # None as aiokafka gives it
     seen: list[list[tuple[str, str]]] = []
 
     async def strict_parser(record: Any) -> list[tuple[str, str]]:
@@ -419,10 +426,10 @@ async def test_the_parser_lets_faststream_read_headers_that_are_not_utf8_and_res
         return [await strict_parser(record) for record in batch]
 
     good = Raw([("ce_type", b"y")])
-    parsed = await kafka._tolerant_parser((good, poison), strict_batch_parser)
+    parsed = await kafka._tolerant_parser((good, bad), strict_batch_parser)
 
-    assert parsed == [[("ce_type", "y")], [("ce_id", "\ufffd\ufffd"), ("ce_type", "x")]]
-    assert poison.headers == [("ce_id", b"\xff\xfe"), ("ce_type", b"x")]
+    assert parsed == [[("ce_type", "y")], [("ce_id", as_text), ("ce_type", "x")]]
+    assert bad.headers == [("ce_id", poison), ("ce_type", b"x")]
     assert good.headers == [("ce_type", b"y")]
     assert await kafka._tolerant_parser((Raw([("ce_type", b"x")]),), strict_batch_parser) == [
         [("ce_type", "x")]

@@ -32,7 +32,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -254,11 +254,14 @@ class EventConsumer:
         poll) and, after a pause, when something other than a handler failed: an outage, or an
         unexpected error (logged with its traceback). Nothing is raised: the caller rewinds each
         partition to its first unsettled record.
+
+        A header without a value (Kafka allows null ones) is read, traced and dead-lettered as an
+        empty one.
         """
         progress = _Progress(self._budget_seconds)
         run: list[_Pending] = []
         try:
-            for index, record in enumerate(records):
+            for index, record in enumerate(map(_with_header_values, records)):
                 read = self._read(record)
                 if isinstance(read, Exception):
                     await self._apply_run(run, progress)
@@ -503,6 +506,13 @@ def dead_letter_record(
 
 def _size(key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> int:
     return len(key) + len(value) + sum(len(name.encode()) + len(content) for name, content in headers)
+
+
+def _with_header_values(record: ConsumerRecord[bytes, bytes]) -> ConsumerRecord[bytes, bytes]:
+    # aiokafka gives a null header value as None; readers, spans and dead letters take bytes.
+    if all(value is not None for _, value in record.headers):
+        return record
+    return replace(record, headers=[(name, value or b"") for name, value in record.headers])
 
 
 def _log_context(record: ConsumerRecord[bytes, bytes], inbound: Inbound) -> dict[str, object]:

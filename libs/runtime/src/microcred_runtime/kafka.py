@@ -222,18 +222,21 @@ async def commit_settled(
 
 
 async def _tolerant_parser(records: Any, original: Any) -> Any:
-    """FastStream decodes every header as UTF-8 and would crash on a poison message's headers.
+    """FastStream decodes every header as UTF-8 text, and crashes on a header that is not (a
+    poison message's bytes, or a header without a value: Kafka allows null ones); a batch whose
+    parsing fails never reaches the handler, is not rewound, and the next batch's commit passes it.
 
-    Let it see a lossy copy instead; the handler reads the untouched records, which `decode`
-    rejects with a reason so the message is dead-lettered rather than redelivered forever.
+    On any failure, let it parse a copy of the headers as text (lossy, null as empty) instead; the
+    handler reads the untouched records: `decode` rejects what the event needs with a reason, so
+    such a message is dead-lettered rather than lost or redelivered forever.
     """
     try:
         return await original(records)
-    except UnicodeDecodeError:
+    except Exception:
         kept = [record.headers for record in records]
         for record in records:
             record.headers = [
-                (name, value.decode("utf-8", "replace").encode()) for name, value in record.headers
+                (name, (value or b"").decode("utf-8", "replace").encode()) for name, value in record.headers
             ]
         try:
             return await original(records)
