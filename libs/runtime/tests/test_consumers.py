@@ -15,6 +15,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     NotEnoughReplicasError,
+    RecordListTooLargeError,
     RequestTimedOutError,
 )
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -709,6 +710,32 @@ async def test_a_dead_letter_that_cannot_be_published_leaves_it_and_all_after_it
     assert course_ids(handler)[seen:] == [2, 2, 2, 3, 4, 5, 6]
     assert len(dead_letters.records) == 1
     assert dead_letters.only_headers()["dlq_offset"] == b"1"
+
+
+@pytest.mark.parametrize("error", [MessageSizeTooLargeError(), RecordListTooLargeError()])
+async def test_a_dead_letter_too_large_for_the_broker_goes_without_the_originals_content(
+    error: Exception,
+) -> None:
+    handler, dead_letters = Handler(), DeadLetters(error, failures=1)
+    conn = InboxConnection()
+    records = batch(2)
+    records[0] = not_json(records[0])
+
+    assert await consumer(handler, FakePool(conn), dead_letters).process_batch(records) == 2
+
+    assert course_ids(handler) == [2]
+    (letter,) = dead_letters.records
+    headers = dict(letter.headers)
+    assert (headers["dlq_reason"], headers["dlq_topic"], headers["dlq_partition"], headers["dlq_offset"]) == (
+        b"malformed_body",
+        b"catalog.course.v1",
+        b"1",
+        b"0",
+    )
+    assert (letter.key, letter.value) == (b"", b"")
+    assert all(name.startswith("dlq_") for name in headers)
+    assert headers["dlq_value_dropped"] == str(len(b"{not json")).encode()
+    assert headers["dlq_key_sha256"] == hashlib.sha256(b"k").hexdigest().encode()
 
 
 async def test_a_batch_takes_no_new_step_once_its_budget_is_spent() -> None:

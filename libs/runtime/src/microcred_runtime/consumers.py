@@ -8,7 +8,8 @@ What a service relies on:
   own acknowledgement is off), so a crash at any moment means redelivery, never loss.
 - A message that is not a valid event goes straight to the dead-letter topic with the reason; a
   handler that raises is retried `max_attempts` times with exponential backoff and then
-  dead-lettered; `Rejected` skips the retries. Either way the partition moves on.
+  dead-lettered; `Rejected` skips the retries. Either way the partition moves on, even when the
+  broker refuses the dead letter for its size: it goes again without the original's content.
 - Whatever else fails is not the message's fault, and nothing is skipped for it: an outage
   (PostgreSQL unreachable, Kafka unavailable for a dead letter, see `is_outage`) and an
   unexpected error outside a handler (a bug, logged with its traceback) both end the batch; after
@@ -38,7 +39,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import ConsumerRecord
-from aiokafka.errors import BrokerNotAvailableError, KafkaError, KafkaTimeoutError, ReplicaNotAvailableError
+from aiokafka.errors import (
+    BrokerNotAvailableError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    ReplicaNotAvailableError,
+)
 from opentelemetry import propagate, trace
 
 from microcred_events import Event, InvalidEvent, KafkaRecord, dead_letter_topic, decode
@@ -71,6 +79,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     ReplicaNotAvailableError,
 )
 _DETAIL_LIMIT = 2000
+# A record too large to take: the producer's max_request_size, the broker's or topic's limit.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 # Conflicts with other transactions (deadlocks, serialization failures) retried before they count
 # as the handler's failures.
 _CONFLICT_RETRIES = 10
@@ -446,7 +456,20 @@ class EventConsumer:
             detail,
             extra={"topic": record.topic, "partition": record.partition, "offset": record.offset},
         )
-        await self._publish_dead_letter(dead_letter_record(record, self.group, reason, detail, attempts))
+        try:
+            await self._publish_dead_letter(dead_letter_record(record, self.group, reason, detail, attempts))
+        except _TOO_LARGE as exc:
+            # The broker, or the dead-letter topic (max.message.bytes), takes less than
+            # DEAD_LETTER_MAX_BYTES: the same letter would be refused for good, and the partition
+            # would never move on. The reason and the original's coordinates fit anywhere.
+            log.warning(
+                "dead letter refused as too large, sent without the original's content: %s",
+                exc,
+                extra={"topic": record.topic, "partition": record.partition, "offset": record.offset},
+            )
+            await self._publish_dead_letter(
+                dead_letter_record(record, self.group, reason, detail, attempts, max_bytes=0)
+            )
         self._metrics.dead_lettered.labels(record.topic, reason).inc()
 
 
@@ -459,14 +482,20 @@ DEAD_LETTER_MAX_BYTES = 1024 * 1024 - 16 * 1024
 
 
 def dead_letter_record(
-    record: ConsumerRecord[bytes, bytes], group: str, reason: str, detail: str, attempts: int
+    record: ConsumerRecord[bytes, bytes],
+    group: str,
+    reason: str,
+    detail: str,
+    attempts: int,
+    *,
+    max_bytes: int = DEAD_LETTER_MAX_BYTES,
 ) -> KafkaRecord:
     """The original message, unchanged, plus headers saying where it came from and why it failed.
 
-    One too large to publish with those headers loses what does not fit, in this order: its
+    One heavier than `max_bytes` with those headers loses what does not fit, in this order: its
     value, its own headers, its key; `dlq_<part>_dropped` (the part's size in bytes) and
-    `dlq_<part>_sha256` say so. The reason and where to find the original always survive, and
-    the partition moves on.
+    `dlq_<part>_sha256` say so (`max_bytes=0`: all three). The reason and where to find the
+    original always survive, and the partition moves on.
     """
     original: list[tuple[str, bytes]] = [
         (name, value) for name, value in record.headers if not name.startswith(DEAD_LETTER_HEADER_PREFIX)
@@ -492,13 +521,13 @@ def dead_letter_record(
             (f"{DEAD_LETTER_HEADER_PREFIX}{part}_sha256", hashlib.sha256(content).hexdigest().encode()),
         ]
 
-    if _size(key, value, [*original, *failure]) > DEAD_LETTER_MAX_BYTES:
+    if _size(key, value, [*original, *failure]) > max_bytes:
         failure += dropped("value", value)
         value = b""
-    if _size(key, value, [*original, *failure]) > DEAD_LETTER_MAX_BYTES:
+    if _size(key, value, [*original, *failure]) > max_bytes:
         failure += dropped("headers", b"".join(name.encode() + content for name, content in original))
         original = []
-    if _size(key, value, failure) > DEAD_LETTER_MAX_BYTES:
+    if _size(key, value, failure) > max_bytes:
         failure += dropped("key", key)
         key = b""
     return KafkaRecord(topic=dead_letter_topic(group), key=key, value=value, headers=[*original, *failure])
