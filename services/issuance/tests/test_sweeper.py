@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import pytest
@@ -63,6 +64,10 @@ def found(registry: CollectorRegistry, kind: str) -> float:
     return registry.get_sample_value("issuance_sweeper_found_total", {"kind": kind}) or 0.0
 
 
+def failed(registry: CollectorRegistry, kind: str) -> float:
+    return registry.get_sample_value("issuance_sweeper_failed_total", {"kind": kind}) or 0.0
+
+
 async def pathway_credentials(pool: asyncpg.Pool, left: LeftBehind) -> int:
     counted: int = await pool.fetchval(
         "SELECT count(*) FROM credentials WHERE kind = 'pathway' AND learner_id = $1 AND pathway_id = $2",
@@ -87,9 +92,9 @@ async def test_the_sweeper_finishes_a_left_behind_pathway_and_parked_completion(
     sweeper = Sweeper(pool, platform, lookback_seconds=900, registry=registry)
 
     with caplog.at_level(logging.WARNING, logger="issuance.sweeper"):
-        finished = await sweeper.sweep()
+        swept = await sweeper.sweep()
 
-    assert finished == {"parked": 1, "pathway": 1}
+    assert swept.finished == {"parked": 1, "pathway": 1}
     assert await pathway_credentials(pool, left) == 1
     assert await parked_credentials(pool, left) == 1
     assert await pool.fetchval("SELECT count(*) FROM awaiting_course_version") == 0
@@ -98,7 +103,7 @@ async def test_the_sweeper_finishes_a_left_behind_pathway_and_parked_completion(
         "a parked completion was left behind by a race: minted it now",
         "a pathway credential was left behind by a race: minted it now",
     ]
-    assert await sweeper.sweep(everything=True) == {"parked": 0, "pathway": 0}
+    assert (await sweeper.sweep(everything=True)).finished == {"parked": 0, "pathway": 0}
 
 
 async def test_two_sweepers_at_once_mint_exactly_one_credential_of_each(
@@ -113,10 +118,10 @@ async def test_two_sweepers_at_once_mint_exactly_one_credential_of_each(
     async with asyncpg.create_pool(database, min_size=1, max_size=4) as other_pool:
         one = Sweeper(pool, platform, lookback_seconds=900, registry=registries[0])
         two = Sweeper(other_pool, platform, lookback_seconds=900, registry=registries[1])
-        finished = await asyncio.wait_for(asyncio.gather(one.sweep(), two.sweep()), 30)
+        swept = await asyncio.wait_for(asyncio.gather(one.sweep(), two.sweep()), 30)
 
-    assert sum(each["pathway"] for each in finished) == 1
-    assert sum(each["parked"] for each in finished) == 1
+    assert sum(each.finished["pathway"] for each in swept) == 1
+    assert sum(each.finished["parked"] for each in swept) == 1
     assert await pathway_credentials(pool, left) == 1
     assert await parked_credentials(pool, left) == 1
     # Summed over the replicas, as a dashboard would.
@@ -134,6 +139,74 @@ def both_found(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         return result
 
     monkeypatch.setattr(repository, name, find_then_wait)
+
+
+async def test_a_find_that_cannot_be_finished_is_counted_and_the_pass_goes_on(
+    pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = await leave_behind(pool, platform), await leave_behind(pool, platform)
+    fail_for(monkeypatch, "finish_pathway", first.learner.learner_id, RuntimeError("a bug"))
+    fail_for(monkeypatch, "finish_parked_completion", second.parked.enrollment_id, ValueError("cannot sign"))
+    registry = CollectorRegistry()
+
+    with caplog.at_level(logging.WARNING, logger="issuance.sweeper"):
+        swept = await Sweeper(pool, platform, lookback_seconds=900, registry=registry).sweep()
+
+    assert swept.finished == {"parked": 1, "pathway": 1}
+    assert swept.ran_to_end
+    assert (await pathway_credentials(pool, second), await parked_credentials(pool, first)) == (1, 1)
+    assert (failed(registry, "pathway"), failed(registry, "parked")) == (1, 1)
+    # Each logged with its traceback and what it is.
+    assert {
+        (
+            type(record.exc_info[1]),
+            getattr(record, "learner_id", None) or getattr(record, "enrollment_id", None),
+        )
+        for record in caplog.records
+        if record.levelno == logging.ERROR and record.exc_info
+    } == {(RuntimeError, str(first.learner.learner_id)), (ValueError, str(second.parked.enrollment_id))}
+
+
+async def test_postgresql_unavailable_ends_the_pass_with_one_warning(
+    pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for _ in range(2):
+        await leave_behind(pool, platform)
+    attempts: list[UUID] = []
+
+    async def unavailable(conn: asyncpg.Connection, platform: Platform, first: UUID, second: UUID) -> bool:
+        attempts.append(first)
+        raise asyncpg.CannotConnectNowError("the database system is shutting down")
+
+    monkeypatch.setattr(service, "finish_parked_completion", unavailable)
+    monkeypatch.setattr(service, "finish_pathway", unavailable)
+    registry = CollectorRegistry()
+    sweeper = Sweeper(pool, platform, lookback_seconds=900, registry=registry)
+
+    with caplog.at_level(logging.WARNING, logger="issuance.sweeper"):
+        swept = await sweeper.sweep()
+
+    assert (len(attempts), swept.ran_to_end) == (1, False)
+    assert [record.levelno for record in caplog.records] == [logging.WARNING]
+    assert (failed(registry, "pathway"), failed(registry, "parked")) == (0, 0)
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(repository, "parked_with_known_version", refused)
+    assert not (await sweeper.sweep()).ran_to_end
+
+
+def fail_for(monkeypatch: pytest.MonkeyPatch, name: str, first: UUID, error: Exception) -> None:
+    """Make the use case `name` of `service` raise `error` for the find whose first id is `first`."""
+    finish: Callable[..., Awaitable[bool]] = getattr(service, name)
+
+    async def failing(conn: asyncpg.Connection, platform: Platform, one: UUID, two: UUID) -> bool:
+        if one == first:
+            raise error
+        return await finish(conn, platform, one, two)
+
+    monkeypatch.setattr(service, name, failing)
 
 
 async def test_a_revoked_pathway_credential_is_not_minted_again(
@@ -156,10 +229,8 @@ async def test_a_revoked_pathway_credential_is_not_minted_again(
     async with pool.acquire() as conn, conn.transaction():
         await service.revoke_credential(conn, platform, stacked, "awarded by mistake")
 
-    assert await Sweeper(pool, platform, lookback_seconds=900).sweep(everything=True) == {
-        "parked": 0,
-        "pathway": 0,
-    }
+    swept = await Sweeper(pool, platform, lookback_seconds=900).sweep(everything=True)
+    assert swept.finished == {"parked": 0, "pathway": 0}
 
 
 async def test_later_passes_look_only_at_recent_course_credentials(
@@ -173,8 +244,8 @@ async def test_later_passes_look_only_at_recent_course_credentials(
     )
     sweeper = Sweeper(pool, platform, lookback_seconds=3600)
 
-    assert (await sweeper.sweep())["pathway"] == 0
-    assert (await sweeper.sweep(everything=True))["pathway"] == 1
+    assert (await sweeper.sweep()).finished["pathway"] == 0
+    assert (await sweeper.sweep(everything=True)).finished["pathway"] == 1
     assert await pathway_credentials(pool, left) == 1
 
 

@@ -8,7 +8,10 @@ transaction of its own, under the same locks as the consumers, re-checking under
 replicas may sweep at once and still mint one credential (the unique constraints back that).
 
 A find means a race slipped through: each is logged at WARNING and counted in
-`issuance_sweeper_found_total{kind="parked"|"pathway"}`.
+`issuance_sweeper_found_total{kind="parked"|"pathway"}`. A find that cannot be finished (a bug, a
+signing error, a deadlock with a consumer's batch) is logged with what it is, counted in
+`issuance_sweeper_failed_total{kind}`, and left to later passes; the pass goes on with the next.
+PostgreSQL being unavailable ends the pass instead, with one warning: every find would fail alike.
 
 The first pass of a process looks at every learner; later passes only at learners with a course
 credential issued within `ISSUANCE_SWEEP_LOOKBACK_SECONDS`: a race leaves a pathway behind only
@@ -19,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -27,6 +31,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 
 from microcred_runtime import Connection, Runtime
+from microcred_runtime.consumers import is_outage
 
 from . import repository, service
 from .service import Platform
@@ -36,6 +41,27 @@ log = logging.getLogger(__name__)
 
 # Most finds of each kind one pass takes on; the rest wait for the next pass.
 _PASS_LIMIT = 500
+
+_Finish = Callable[[Connection, Platform, UUID, UUID], Awaitable[bool]]
+
+# What a find of each kind means, as logged when it is finished.
+_FOUND = {
+    "parked": "a parked completion was left behind by a race: minted it now",
+    "pathway": "a pathway credential was left behind by a race: minted it now",
+}
+
+
+@dataclass
+class Pass:
+    """What one pass found and finished, of each kind, and whether it ran to its end (False:
+    PostgreSQL became unavailable, and the rest waits for the next pass)."""
+
+    finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_FOUND, 0))
+    ran_to_end: bool = True
+
+
+class _Unavailable(Exception):
+    """PostgreSQL cannot be reached: the pass ends."""
 
 
 class Sweeper:
@@ -48,59 +74,82 @@ class Sweeper:
         registry: CollectorRegistry | None = None,
     ) -> None:
         """`registry`: the service's, served at /metrics (a test's sweeper gets one of its own)."""
+        registry = registry if registry is not None else CollectorRegistry()
         self.found = Counter(
             "issuance_sweeper_found_total",
             "Work a race between replicas left behind, found and finished by the sweeper.",
             ["kind"],
-            registry=registry if registry is not None else CollectorRegistry(),
+            registry=registry,
+        )
+        self.failed = Counter(
+            "issuance_sweeper_failed_total",
+            "Finds the sweeper could not finish (logged with what they are); later passes try again.",
+            ["kind"],
+            registry=registry,
         )
         self._pool = pool
         self._platform = platform
         self._lookback = timedelta(seconds=lookback_seconds)
 
-    async def sweep(self, *, everything: bool = False) -> dict[str, int]:
-        """One pass; how many of each kind it found and finished. `everything`: every learner,
-        not only those with a recent course credential."""
-        finished = {"parked": 0, "pathway": 0}
-        async with self._pool.acquire() as conn:
-            parked = await repository.parked_with_known_version(conn, _PASS_LIMIT)
-        for enrollment_id, course_id in parked:
-            context = {"enrollment_id": str(enrollment_id), "course_id": str(course_id)}
-            finish = service.finish_parked_completion
-            if await self._finish(finish, enrollment_id, course_id, context=context):
-                finished["parked"] += 1
-                self.found.labels(kind="parked").inc()
-                log.warning("a parked completion was left behind by a race: minted it now", extra=context)
+    async def sweep(self, *, everything: bool = False) -> Pass:
+        """One pass. `everything`: every learner, not only those with a recent course credential."""
+        swept = Pass()
+        try:
+            async with self._acquire() as conn:
+                parked = await repository.parked_with_known_version(conn, _PASS_LIMIT)
+            for enrollment_id, course_id in parked:
+                context = {"enrollment_id": str(enrollment_id), "course_id": str(course_id)}
+                await self._finish(
+                    swept, "parked", service.finish_parked_completion, enrollment_id, course_id, context
+                )
 
-        now = datetime.now(UTC)
-        async with self._pool.acquire() as conn:
-            missing = await repository.missing_pathway_credentials(
-                conn, now, issued_since=None if everything else now - self._lookback, limit=_PASS_LIMIT
+            now = datetime.now(UTC)
+            async with self._acquire() as conn:
+                missing = await repository.missing_pathway_credentials(
+                    conn, now, issued_since=None if everything else now - self._lookback, limit=_PASS_LIMIT
+                )
+            for learner_id, pathway_id in missing:
+                context = {"learner_id": str(learner_id), "pathway_id": str(pathway_id)}
+                await self._finish(swept, "pathway", service.finish_pathway, learner_id, pathway_id, context)
+        except _Unavailable as exc:
+            log.warning(
+                "PostgreSQL is unavailable: this sweep ends here, the next one goes on: %s", exc.__cause__
             )
-        for learner_id, pathway_id in missing:
-            context = {"learner_id": str(learner_id), "pathway_id": str(pathway_id)}
-            if await self._finish(service.finish_pathway, learner_id, pathway_id, context=context):
-                finished["pathway"] += 1
-                self.found.labels(kind="pathway").inc()
-                log.warning("a pathway credential was left behind by a race: minted it now", extra=context)
-        return finished
+            swept.ran_to_end = False
+        return swept
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[Connection]:
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except Exception as exc:
+            if is_outage(exc):
+                raise _Unavailable from exc
+            raise
 
     async def _finish(
-        self,
-        finish: Callable[[Connection, Platform, UUID, UUID], Awaitable[bool]],
-        first: UUID,
-        second: UUID,
-        *,
-        context: dict[str, str],
-    ) -> bool:
+        self, swept: Pass, kind: str, finish: _Finish, first: UUID, second: UUID, context: dict[str, str]
+    ) -> None:
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                return await finish(conn, self._platform, first, second)
+            async with self._acquire() as conn, conn.transaction():
+                finished = await finish(conn, self._platform, first, second)
+        except _Unavailable:
+            raise
         except asyncpg.PostgresError as exc:
             # E.g. a deadlock with a consumer's batch, or a replica without the locks minting it
             # first (a unique violation): rolled back, and the next pass looks again.
+            self.failed.labels(kind=kind).inc()
             log.warning("could not finish a find, the next pass tries again: %s", exc, extra=context)
-            return False
+        except Exception:
+            # One find's own trouble (a bug, a signing error) must not keep the others from being finished.
+            self.failed.labels(kind=kind).inc()
+            log.exception("could not finish a find, the next pass tries again", extra=context)
+        else:
+            if finished:
+                swept.finished[kind] += 1
+                self.found.labels(kind=kind).inc()
+                log.warning(_FOUND[kind], extra=context)
 
     @contextlib.asynccontextmanager
     async def running(self, interval_seconds: float) -> AsyncIterator[None]:
@@ -119,11 +168,12 @@ class Sweeper:
         while True:
             await asyncio.sleep(interval_seconds)
             try:
-                await self.sweep(everything=everything)
+                swept = await self.sweep(everything=everything)
             except Exception:
                 log.exception("the sweep failed; trying again in %.0f s", interval_seconds)
                 continue
-            everything = False
+            if swept.ran_to_end:
+                everything = False
 
 
 def sweeping(platform: Platform) -> Callable[[Runtime[Any]], contextlib.AbstractAsyncContextManager[None]]:
