@@ -43,7 +43,7 @@ class Holder:
     group = group_name
     topics = (topic,)
 
-    async def process_batch(self, records):
+    async def process_batch(self, records, assigned=None):
         return len(records)
 
 
@@ -67,7 +67,7 @@ class Recorder:
     def __init__(self) -> None:
         self.arrivals: list[tuple[ConsumerRecord[bytes, bytes], float]] = []
 
-    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]], **options: Any) -> int:
         now = asyncio.get_running_loop().time()
         self.arrivals += [(record, now) for record in records]
         return len(records)

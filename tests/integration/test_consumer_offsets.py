@@ -86,9 +86,9 @@ class Recorded(EventConsumer):
         self.committed = committed
         self.deliveries: list[Delivery] = []
 
-    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]], **options: Any) -> int:
         committed = await self.committed()
-        settled = await super().process_batch(records)
+        settled = await super().process_batch(records, **options)
         self.deliveries.append(Delivery([(r.partition, r.offset) for r in records], settled, committed))
         return settled
 

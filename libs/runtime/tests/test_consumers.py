@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaTimeoutError,
@@ -751,6 +751,32 @@ async def test_a_batch_takes_no_new_step_once_its_budget_is_spent() -> None:
     assert await spent.process_batch([not_json(records[1]), records[2]]) == 1
     assert await spent.process_batch([records[2]]) == 1
     assert course_ids(handler) == [1, 3]
+
+
+async def test_a_batch_takes_no_new_step_once_a_rebalance_took_one_of_its_partitions() -> None:
+    assigned = {TopicPartition("catalog.course.v1", 0), TopicPartition("catalog.course.v1", 1)}
+
+    class Revoking(Handler):
+        """The group takes partition 0 from this member while the first event is applied."""
+
+        async def __call__(self, conn: Connection, event: Any) -> None:
+            await super().__call__(conn, event)
+            assigned.discard(TopicPartition("catalog.course.v1", 0))
+
+    handler, dead_letters = Revoking(), DeadLetters()
+    conn = InboxConnection()
+    records = two_partitions()
+    records[1] = not_json(records[1])
+
+    settled = await consumer(handler, FakePool(conn), dead_letters).process_batch(
+        records, assigned=lambda: assigned
+    )
+
+    # Applied and committed, the first event stays; nothing after it is applied or dead-lettered.
+    assert settled == 1
+    assert course_ids(handler) == [1]
+    assert conn.inbox == {(SOURCE, "evt-0")}
+    assert dead_letters.records == []
 
 
 # --- raw subscriptions ---------------------------------------------------------------------------

@@ -233,9 +233,16 @@ class RecordingConsumer:
     def __init__(self, settles: int | None = None) -> None:
         self.settles = settles
         self.records: list[ConsumerRecord[bytes, bytes]] = []
+        self.assigned: Callable[[], set[TopicPartition]] | None = None
 
-    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+    async def process_batch(
+        self,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+        *,
+        assigned: Callable[[], set[TopicPartition]] | None = None,
+    ) -> int:
         self.records += records
+        self.assigned = assigned
         return len(records) if self.settles is None else self.settles
 
 
@@ -398,6 +405,7 @@ async def test_a_consumed_batch_commits_what_the_consumer_settled_and_rewinds_th
     await subscriber.handler(SimpleNamespace(raw_message=batch))
 
     assert consumer.records == list(batch)
+    assert consumer.assigned == client.assignment  # asked at each step of the batch
     assert client.events == [("seek", {P1: 21}), ("commit", {P0: 13, P1: 21})]
 
 

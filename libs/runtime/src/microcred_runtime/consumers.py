@@ -19,8 +19,9 @@ What a service relies on:
   inbox INSERT and one offset commit (`process_batch`); what a failing handler changes is the
   batch's shape, never the guarantees above. A batch that has run for its budget (half the
   consumer group's poll interval) takes no further step and leaves the rest to the next poll, so
-  a member retrying a slow batch is not taken for dead. Each event's handler runs in a CONSUMER
-  span of the trace its record carries, so a journey keeps one trace.
+  a member retrying a slow batch is not taken for dead; nor does a batch of which a rebalance
+  took a partition (the consumer's assignment, asked before each step). Each event's handler
+  runs in a CONSUMER span of the trace its record carries, so a journey keeps one trace.
 - A subscription can take a topic's records as they are (`Subscriptions.raw`), for messages that
   are judged on more than their decoded event (a partner's signature). The service reads each
   record into its inbox key and what its handler gets (`Inbound`); everything above holds for it.
@@ -32,13 +33,13 @@ import enum
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import (
     BrokerNotAvailableError,
     KafkaError,
@@ -250,7 +251,12 @@ class EventConsumer:
     def topics(self) -> tuple[str, ...]:
         return self._route.topics
 
-    async def process_batch(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+    async def process_batch(
+        self,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+        *,
+        assigned: Callable[[], Collection[TopicPartition]] | None = None,
+    ) -> int:
         """Applies a poll's records in order; returns how many, from the first, are settled.
 
         Consecutive events are applied in one transaction with one inbox INSERT for them all: per
@@ -261,14 +267,20 @@ class EventConsumer:
         in their place in the order.
 
         Fewer than all are settled when the batch's budget is spent (the rest come with the next
-        poll) and, after a pause, when something other than a handler failed: an outage, or an
+        poll), when a rebalance took one of its partitions (`assigned`: the consumer's partitions
+        now), and, after a pause, when something other than a handler failed: an outage, or an
         unexpected error (logged with its traceback). Nothing is raised: the caller rewinds each
         partition to its first unsettled record.
 
         A header without a value (Kafka allows null ones) is read, traced and dead-lettered as an
         empty one.
         """
-        progress = _Progress(self._budget_seconds)
+        partitions = {TopicPartition(record.topic, record.partition) for record in records}
+
+        def owned() -> bool:
+            return assigned is None or partitions.issubset(assigned())
+
+        progress = _Progress(self._budget_seconds, owned)
         run: list[_Pending] = []
         try:
             for index, record in enumerate(map(_with_header_values, records)):
@@ -289,6 +301,13 @@ class EventConsumer:
             log.info(
                 "batch budget of %.0f s spent: %d of %d records left for the next poll",
                 self._budget_seconds,
+                len(records) - progress.settled,
+                len(records),
+            )
+        except _Revoked:
+            log.info(
+                "a rebalance took a partition of the batch: %d of %d records left to the next poll "
+                "or the partition's new owner",
                 len(records) - progress.settled,
                 len(records),
             )
@@ -558,16 +577,27 @@ class _BudgetSpent(Exception):
     """The batch has run for its budget: the rest of it waits for the next poll."""
 
 
+class _Revoked(Exception):
+    """A rebalance took a partition of the batch: its new owner reads it from the last commit."""
+
+
 @dataclass
 class _Progress:
     budget: float  # seconds
+    # Whether the consumer still holds every partition of the batch.
+    owned: Callable[[], bool]
     settled: int = 0  # how many records of the batch, from the first, are settled
     started: float = field(default_factory=time.monotonic)
     steps: int = 0
 
     def step(self) -> None:
         """Called before each unit of work (a transaction, a retried event, a dead letter): none
-        once the budget is spent, but always a first, so that every batch makes progress."""
+        once a rebalance took a partition of the batch (its new owner applies the partition from
+        the last commit, and two members applying it at once could apply its events out of
+        order); none once the budget is spent either, but always a first, so that every batch
+        makes progress."""
+        if not self.owned():
+            raise _Revoked
         if self.steps and time.monotonic() - self.started >= self.budget:
             raise _BudgetSpent
         self.steps += 1

@@ -179,10 +179,13 @@ def subscribe(
 
     async def consume(message: KafkaMessage) -> None:
         records: tuple[ConsumerRecord[bytes, bytes], ...] = message.raw_message
-        settled = await consumer.process_batch(records)
         # None only under FastStream's TestKafkaBroker, which delivers without a Kafka consumer.
-        if subscriber.consumer is not None:
-            await commit_settled(subscriber.consumer, records, settled)
+        client = subscriber.consumer
+        settled = await consumer.process_batch(
+            records, assigned=None if client is None else client.assignment
+        )
+        if client is not None:
+            await commit_settled(client, records, settled)
 
     subscriber(consume)
 
