@@ -1,5 +1,5 @@
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -378,9 +378,9 @@ class FakeSubscriber:
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
         self.consumer: FakeClient | None = None
-        self.handler: Callable[[Any], Awaitable[None]] | None = None
+        self.handler: Callable[[Any], Coroutine[Any, Any, None]] | None = None
 
-    def __call__(self, handler: Callable[[Any], Awaitable[None]]) -> None:
+    def __call__(self, handler: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
         self.handler = handler
 
 
@@ -406,6 +406,38 @@ async def test_a_consumed_batch_commits_what_the_consumer_settled_and_rewinds_th
 
     assert consumer.records == list(batch)
     assert consumer.assigned == client.assignment  # asked at each step of the batch
+    assert client.events == [("seek", {P1: 21}), ("commit", {P0: 13, P1: 21})]
+
+
+class AnsweringLate(FakeClient):
+    """Commits once `answer` is set, as a commit waits for the group coordinator's answer."""
+
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        super().__init__(assigned)
+        self.asked, self.answer, self.committed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.asked.set()
+        await self.answer.wait()
+        await super().commit(offsets)
+        self.committed.set()
+
+
+async def test_a_batch_cancelled_during_its_commit_still_commits_what_it_settled() -> None:
+    broker, consumer = FakeBroker(), RecordingConsumer(settles=4)
+    kafka.subscribe(broker, consumer, membership=MEMBERSHIP)  # type: ignore[arg-type]  # fakes
+    (subscriber,) = broker.subscribers
+    subscriber.consumer = client = AnsweringLate({P0, P1})
+    assert subscriber.handler is not None
+    handling = asyncio.create_task(subscriber.handler(SimpleNamespace(raw_message=tuple(polled()))))
+    await client.asked.wait()
+
+    handling.cancel()  # FastStream stopping the subscriber, its shutdown grace spent
+    with pytest.raises(asyncio.CancelledError):
+        await handling
+    client.answer.set()
+
+    await asyncio.wait_for(client.committed.wait(), timeout=5)
     assert client.events == [("seek", {P1: 21}), ("commit", {P0: 13, P1: 21})]
 
 

@@ -11,7 +11,7 @@ auto-commits before the handler ran (at-most-once): ours turns FastStream's ackn
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -185,9 +185,23 @@ def subscribe(
             records, assigned=None if client is None else client.assignment
         )
         if client is not None:
-            await commit_settled(client, records, settled)
+            # FastStream cancels a batch that outlives the shutdown grace (then stops the client),
+            # and a commit cut short would have settled records come again: the commit goes on.
+            await _uncancellable(commit_settled(client, records, settled))
 
     subscriber(consume)
+
+
+# The event loop holds tasks weakly: these are kept until they are done.
+_running_on: set[asyncio.Task[None]] = set()
+
+
+async def _uncancellable(work: Coroutine[Any, Any, None]) -> None:
+    """Runs `work` to its end even when the caller is cancelled (which then goes on at once)."""
+    task = asyncio.create_task(work)
+    _running_on.add(task)
+    task.add_done_callback(_running_on.discard)
+    await asyncio.shield(task)
 
 
 async def commit_settled(
