@@ -201,3 +201,4 @@ def test_lock_keys_never_change() -> None:
 
     assert repository.lock_key("course", some_id) == 6958635988656641989
     assert repository.lock_key("learner", some_id) == -4563349452381178562
+    assert repository.lock_key("sweep", "full") == 2826820136452152122

@@ -89,7 +89,7 @@ def test_a_trusted_host_is_a_host_not_a_url(monkeypatch: pytest.MonkeyPatch, tmp
         load_settings(Settings)
 
 
-def test_the_sweep_runs_every_30_s_over_the_last_15_min_by_default(
+def test_the_sweep_runs_every_30_s_over_15_min_before_the_last_pass_and_over_everything_hourly(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     keys.generate_key(tmp_path, "key-1")
@@ -97,31 +97,51 @@ def test_the_sweep_runs_every_30_s_over_the_last_15_min_by_default(
 
     settings = load_settings(Settings)
 
-    assert (settings.issuance_sweep_interval_seconds, settings.issuance_sweep_lookback_seconds) == (30, 900)
+    assert (
+        settings.issuance_sweep_interval_seconds,
+        settings.issuance_sweep_lookback_seconds,
+        settings.issuance_sweep_full_interval_seconds,
+    ) == (30, 900, 3600)
 
 
 @pytest.mark.parametrize(
-    ("interval", "lookback", "complaint"),
+    ("environment", "complaint"),
     [
-        ("0.5", "900", "ISSUANCE_SWEEP_INTERVAL_SECONDS: Input should be greater than or equal to 1"),
-        ("nan", "900", "ISSUANCE_SWEEP_INTERVAL_SECONDS"),
-        ("30", "nan", "ISSUANCE_SWEEP_LOOKBACK_SECONDS"),
-        ("600", "900", "at least twice ISSUANCE_SWEEP_INTERVAL_SECONDS"),
+        (
+            {"ISSUANCE_SWEEP_INTERVAL_SECONDS": "0.5"},
+            "ISSUANCE_SWEEP_INTERVAL_SECONDS: Input should be greater",
+        ),
+        ({"ISSUANCE_SWEEP_INTERVAL_SECONDS": "nan"}, "ISSUANCE_SWEEP_INTERVAL_SECONDS"),
+        ({"ISSUANCE_SWEEP_LOOKBACK_SECONDS": "nan"}, "ISSUANCE_SWEEP_LOOKBACK_SECONDS"),
+        (
+            {"ISSUANCE_SWEEP_LOOKBACK_SECONDS": "200"},
+            "ISSUANCE_SWEEP_LOOKBACK_SECONDS must be at least CONSUMER_MAX_POLL_INTERVAL_SECONDS",
+        ),
+        (
+            {"ISSUANCE_SWEEP_LOOKBACK_SECONDS": "500", "CONSUMER_MAX_POLL_INTERVAL_SECONDS": "600"},
+            "ISSUANCE_SWEEP_LOOKBACK_SECONDS must be at least CONSUMER_MAX_POLL_INTERVAL_SECONDS",
+        ),
+        (
+            {"ISSUANCE_SWEEP_INTERVAL_SECONDS": "60", "ISSUANCE_SWEEP_FULL_INTERVAL_SECONDS": "30"},
+            "ISSUANCE_SWEEP_FULL_INTERVAL_SECONDS must be at least ISSUANCE_SWEEP_INTERVAL_SECONDS",
+        ),
     ],
     ids=[
         "too-often",
         "interval-not-a-number",
         "lookback-not-a-number",
-        "lookback-shorter-than-two-intervals",
+        "lookback-shorter-than-a-poll-interval",
+        "lookback-shorter-than-a-longer-poll-interval",
+        "full-pass-more-often-than-a-pass",
     ],
 )
 def test_the_sweep_settings_are_checked(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, interval: str, lookback: str, complaint: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, environment: dict[str, str], complaint: str
 ) -> None:
     keys.generate_key(tmp_path, "key-1")
     monkeypatch.setenv("ISSUER_KEYS_DIR", str(tmp_path))
-    monkeypatch.setenv("ISSUANCE_SWEEP_INTERVAL_SECONDS", interval)
-    monkeypatch.setenv("ISSUANCE_SWEEP_LOOKBACK_SECONDS", lookback)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
 
     with pytest.raises(ConfigurationError) as refused:
         load_settings(Settings)

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from issuance import repository, service
+from issuance import sweeper as sweeper_module
 from issuance.service import Platform
 from issuance.sweeper import Sweeper
 from microcred_events import CourseCompleted, CoursePublished, Learner, PathwayPublished, PathwaySnapshot
@@ -54,6 +55,21 @@ async def leave_behind(pool: asyncpg.Pool, platform: Platform) -> LeftBehind:
         await repository.park_completion(conn, parked)
         await repository.record_course_version(conn, third)
     return LeftBehind(learner, pathway, parked)
+
+
+async def left_behind_two_hours_ago(pool: asyncpg.Pool, platform: Platform) -> LeftBehind:
+    left = await leave_behind(pool, platform)
+    await pool.execute(
+        "UPDATE credentials SET issued_at = issued_at - interval '2 hours', valid_until = NULL"
+        " WHERE learner_id = $1",
+        left.learner.learner_id,
+    )
+    return left
+
+
+async def refused(*args: object, **kwargs: object) -> None:
+    """PostgreSQL not there."""
+    raise ConnectionRefusedError("connection refused")
 
 
 def published(course: object) -> CoursePublished:
@@ -103,7 +119,7 @@ async def test_the_sweeper_finishes_a_left_behind_pathway_and_parked_completion(
         "a parked completion was left behind by a race: minted it now",
         "a pathway credential was left behind by a race: minted it now",
     ]
-    assert (await sweeper.sweep(everything=True)).finished == {"parked": 0, "pathway": 0}
+    assert (await sweeper.sweep(full=True)).finished == {"parked": 0, "pathway": 0}
 
 
 async def test_two_sweepers_at_once_mint_exactly_one_credential_of_each(
@@ -153,7 +169,7 @@ async def test_a_find_that_cannot_be_finished_is_counted_and_the_pass_goes_on(
         swept = await Sweeper(pool, platform, lookback_seconds=900, registry=registry).sweep()
 
     assert swept.finished == {"parked": 1, "pathway": 1}
-    assert swept.ran_to_end
+    assert swept.complete
     assert (await pathway_credentials(pool, second), await parked_credentials(pool, first)) == (1, 1)
     assert (failed(registry, "pathway"), failed(registry, "parked")) == (1, 1)
     # Each logged with its traceback and what it is.
@@ -186,15 +202,12 @@ async def test_postgresql_unavailable_ends_the_pass_with_one_warning(
     with caplog.at_level(logging.WARNING, logger="issuance.sweeper"):
         swept = await sweeper.sweep()
 
-    assert (len(attempts), swept.ran_to_end) == (1, False)
+    assert (len(attempts), swept.complete) == (1, False)
     assert [record.levelno for record in caplog.records] == [logging.WARNING]
     assert (failed(registry, "pathway"), failed(registry, "parked")) == (0, 0)
 
-    async def refused(*args: object, **kwargs: object) -> None:
-        raise ConnectionRefusedError("connection refused")
-
     monkeypatch.setattr(repository, "parked_with_known_version", refused)
-    assert not (await sweeper.sweep()).ran_to_end
+    assert not (await sweeper.sweep()).complete
 
 
 def fail_for(monkeypatch: pytest.MonkeyPatch, name: str, first: UUID, error: Exception) -> None:
@@ -229,24 +242,91 @@ async def test_a_revoked_pathway_credential_is_not_minted_again(
     async with pool.acquire() as conn, conn.transaction():
         await service.revoke_credential(conn, platform, stacked, "awarded by mistake")
 
-    swept = await Sweeper(pool, platform, lookback_seconds=900).sweep(everything=True)
+    swept = await Sweeper(pool, platform, lookback_seconds=900).sweep(full=True)
     assert swept.finished == {"parked": 0, "pathway": 0}
 
 
 async def test_later_passes_look_only_at_recent_course_credentials(
     pool: asyncpg.Pool, platform: Platform
 ) -> None:
-    left = await leave_behind(pool, platform)
-    await pool.execute(
-        "UPDATE credentials SET issued_at = issued_at - interval '2 hours', valid_until = NULL"
-        " WHERE learner_id = $1",
-        left.learner.learner_id,
-    )
+    left = await left_behind_two_hours_ago(pool, platform)
     sweeper = Sweeper(pool, platform, lookback_seconds=3600)
 
     assert (await sweeper.sweep()).finished["pathway"] == 0
-    assert (await sweeper.sweep(everything=True)).finished["pathway"] == 1
+    assert (await sweeper.sweep(full=True)).finished["pathway"] == 1
     assert await pathway_credentials(pool, left) == 1
+
+
+async def test_after_an_outage_longer_than_the_lookback_a_pass_looks_back_from_the_last_complete_one(
+    pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweeper = Sweeper(pool, platform, lookback_seconds=1)
+    assert (await sweeper.sweep()).complete
+    left = await leave_behind(pool, platform)
+
+    with monkeypatch.context() as outage:
+        outage.setattr(repository, "missing_pathway_credentials", refused)
+        assert not (await sweeper.sweep()).complete
+        await asyncio.sleep(2.5)  # longer than the lookback
+
+    assert (await sweeper.sweep()).finished["pathway"] == 1
+    assert await pathway_credentials(pool, left) == 1
+
+
+async def test_one_replica_at_a_time_looks_at_every_learner(pool: asyncpg.Pool, platform: Platform) -> None:
+    left = await left_behind_two_hours_ago(pool, platform)
+    sweeper = Sweeper(pool, platform, lookback_seconds=900)
+
+    async with pool.acquire() as other, other.transaction():
+        assert await repository.try_lock_full_sweep(other)  # another replica's full pass
+        swept = await sweeper.sweep(full=True)
+        assert (swept.full, swept.complete, swept.finished["pathway"]) == (False, True, 0)
+
+    swept = await sweeper.sweep(full=True)
+    assert (swept.full, swept.finished["pathway"]) == (True, 1)
+    assert await pathway_credentials(pool, left) == 1
+
+
+async def test_a_pass_that_reaches_its_limit_is_not_complete(
+    pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(2):
+        await leave_behind(pool, platform)
+    monkeypatch.setattr(sweeper_module, "_PASS_LIMIT", 1)
+    sweeper = Sweeper(pool, platform, lookback_seconds=900)
+
+    swept = [await sweeper.sweep() for _ in range(3)]
+
+    assert [each.finished["pathway"] for each in swept] == [1, 1, 0]
+    assert [each.complete for each in swept] == [False, False, True]
+
+
+async def test_the_background_sweeper_is_full_first_until_complete_then_every_full_interval(
+    pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    find = repository.missing_pathway_credentials
+    looked_since: list[datetime | None] = []
+
+    async def first_unavailable(
+        conn: asyncpg.Connection, now: datetime, *, issued_since: datetime | None, limit: int
+    ) -> list[tuple[UUID, UUID]]:
+        looked_since.append(issued_since)
+        if len(looked_since) == 1:
+            raise ConnectionRefusedError("connection refused")
+        return await find(conn, now, issued_since=issued_since, limit=limit)
+
+    monkeypatch.setattr(repository, "missing_pathway_credentials", first_unavailable)
+
+    async with Sweeper(pool, platform, lookback_seconds=900).running(0.05, full_interval_seconds=0.5):
+        for _ in range(400):
+            if None in looked_since[3:]:
+                break
+            await asyncio.sleep(0.05)
+
+    full = [since is None for since in looked_since]
+    # The first, cut short, again; then bounded passes until the full interval has passed.
+    assert full[:3] == [True, True, False]
+    assert True in full[3:]
 
 
 async def test_the_sweeper_sweeps_in_the_background_until_stopped(
@@ -254,7 +334,7 @@ async def test_the_sweeper_sweeps_in_the_background_until_stopped(
 ) -> None:
     left = await leave_behind(pool, platform)
 
-    async with Sweeper(pool, platform, lookback_seconds=900).running(interval_seconds=0.05):
+    async with Sweeper(pool, platform, lookback_seconds=900).running(0.05, full_interval_seconds=3600):
         for _ in range(200):
             if await pathway_credentials(pool, left) and await parked_credentials(pool, left):
                 break

@@ -28,7 +28,7 @@ from .domain import Credential
 # which order they are taken is said in service.py.
 
 
-def lock_key(namespace: str, identifier: UUID) -> int:
+def lock_key(namespace: str, identifier: UUID | str) -> int:
     digest = hashlib.sha256(f"issuance.{namespace}:{identifier}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
@@ -44,6 +44,12 @@ async def lock_learners(conn: Connection, learner_ids: Iterable[UUID]) -> None:
     """Lock learners, in ascending key order."""
     for key in sorted({lock_key("learner", learner_id) for learner_id in learner_ids}):
         await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
+
+
+async def try_lock_full_sweep(conn: Connection) -> bool:
+    """Take the lock of the sweeper's full pass unless another transaction holds it (another
+    replica's full pass): True when taken."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key("sweep", "full")))
 
 
 # --- the catalog read model ------------------------------------------------------------------

@@ -58,9 +58,19 @@ class Settings(ServiceSettings):
         le=7 * 24 * 3600,
         allow_inf_nan=False,
         description=(
-            "How far back each sweep (but a process's first, which looks at everything) looks at "
-            "course credentials issued, for learners missing a pathway credential; at least twice "
-            "the interval."
+            "How long before the start of the sweeper's last complete pass each pass looks at course "
+            "credentials issued, for learners missing a pathway credential: a credential is issued "
+            "before its transaction commits, so at least CONSUMER_MAX_POLL_INTERVAL_SECONDS."
+        ),
+    )
+    issuance_sweep_full_interval_seconds: float = Field(
+        default=3600.0,
+        ge=1,
+        le=7 * 24 * 3600,
+        allow_inf_nan=False,
+        description=(
+            "How often a replica's sweeper looks at every learner (a process's first pass does too), "
+            "one replica at a time; at least the interval."
         ),
     )
 
@@ -85,10 +95,16 @@ class Settings(ServiceSettings):
 
     @model_validator(mode="after")
     def _sweep_overlaps(self) -> Self:
-        # A pass that runs late must still look back over what the one before it may have missed.
-        if self.issuance_sweep_lookback_seconds < 2 * self.issuance_sweep_interval_seconds:
+        # A course credential's issued_at is taken when it is minted, and a consumer's batch may
+        # commit it up to about a poll interval later: a pass that started in between did not see
+        # it, so the next must look back at least that far before that pass's start.
+        if self.issuance_sweep_lookback_seconds < self.consumer_max_poll_interval_seconds:
             raise ValueError(
-                "ISSUANCE_SWEEP_LOOKBACK_SECONDS must be at least twice ISSUANCE_SWEEP_INTERVAL_SECONDS"
+                "ISSUANCE_SWEEP_LOOKBACK_SECONDS must be at least CONSUMER_MAX_POLL_INTERVAL_SECONDS"
+            )
+        if self.issuance_sweep_full_interval_seconds < self.issuance_sweep_interval_seconds:
+            raise ValueError(
+                "ISSUANCE_SWEEP_FULL_INTERVAL_SECONDS must be at least ISSUANCE_SWEEP_INTERVAL_SECONDS"
             )
         return self
 

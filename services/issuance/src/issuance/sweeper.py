@@ -13,14 +13,23 @@ signing error, a deadlock with a consumer's batch) is logged with what it is, co
 `issuance_sweeper_failed_total{kind}`, and left to later passes; the pass goes on with the next.
 PostgreSQL being unavailable ends the pass instead, with one warning: every find would fail alike.
 
-The first pass of a process looks at every learner; later passes only at learners with a course
-credential issued within `ISSUANCE_SWEEP_LOOKBACK_SECONDS`: a race leaves a pathway behind only
-when its last course credential was being minted at that moment.
+Each pass looks at the parked completions (few: recording a version takes them). For pathways, a
+full pass looks at every learner: a process's first, then one every
+`ISSUANCE_SWEEP_FULL_INTERVAL_SECONDS`, one replica at a time (a transaction-level try lock; a
+replica that finds it taken makes an ordinary pass). An ordinary pass looks only at learners with
+a course credential issued since the start of this sweeper's last complete pass (it ran to its end
+and found fewer than its limit) less `ISSUANCE_SWEEP_LOOKBACK_SECONDS`: a race leaves a pathway
+behind only while its last course credential is being minted, and `issued_at` is taken up to a
+consumer batch's length before the commit. A pass cut short by an outage moves nothing, however
+long the outage. A find that failed on its own does not hold the window back either (a lasting
+failure would widen every pass to everything): the passes of the lookback after it and the next
+full pass find it again.
 """
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -53,11 +62,13 @@ _FOUND = {
 
 @dataclass
 class Pass:
-    """What one pass found and finished, of each kind, and whether it ran to its end (False:
-    PostgreSQL became unavailable, and the rest waits for the next pass)."""
+    """What one pass found and finished, of each kind; whether it looked at every learner
+    (`full`), and whether it is `complete`: it ran to its end (PostgreSQL stayed available) and
+    found fewer missing pathway credentials than its limit (none were left for later)."""
 
     finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_FOUND, 0))
-    ran_to_end: bool = True
+    full: bool = False
+    complete: bool = False
 
 
 class _Unavailable(Exception):
@@ -90,9 +101,11 @@ class Sweeper:
         self._pool = pool
         self._platform = platform
         self._lookback = timedelta(seconds=lookback_seconds)
+        # When the last complete pass started: the next looks back from there, less the lookback.
+        self._covered_until: datetime | None = None
 
-    async def sweep(self, *, everything: bool = False) -> Pass:
-        """One pass. `everything`: every learner, not only those with a recent course credential."""
+    async def sweep(self, *, full: bool = False) -> Pass:
+        """One pass. `full`: every learner, unless another replica's full pass is looking."""
         swept = Pass()
         try:
             async with self._acquire() as conn:
@@ -103,10 +116,13 @@ class Sweeper:
                     swept, "parked", service.finish_parked_completion, enrollment_id, course_id, context
                 )
 
-            now = datetime.now(UTC)
-            async with self._acquire() as conn:
+            started = datetime.now(UTC)
+            async with self._acquire() as conn, conn.transaction():
+                # Held until this query's transaction ends: the query is what costs a full pass.
+                swept.full = full and await repository.try_lock_full_sweep(conn)
+                since = (self._covered_until or started) - self._lookback
                 missing = await repository.missing_pathway_credentials(
-                    conn, now, issued_since=None if everything else now - self._lookback, limit=_PASS_LIMIT
+                    conn, started, issued_since=None if swept.full else since, limit=_PASS_LIMIT
                 )
             for learner_id, pathway_id in missing:
                 context = {"learner_id": str(learner_id), "pathway_id": str(pathway_id)}
@@ -115,7 +131,10 @@ class Sweeper:
             log.warning(
                 "PostgreSQL is unavailable: this sweep ends here, the next one goes on: %s", exc.__cause__
             )
-            swept.ran_to_end = False
+            return swept
+        swept.complete = len(missing) < _PASS_LIMIT
+        if swept.complete:
+            self._covered_until = started
         return swept
 
     @contextlib.asynccontextmanager
@@ -152,9 +171,12 @@ class Sweeper:
                 log.warning(_FOUND[kind], extra=context)
 
     @contextlib.asynccontextmanager
-    async def running(self, interval_seconds: float) -> AsyncIterator[None]:
-        """Sweep every `interval_seconds` while the context is open."""
-        task = asyncio.create_task(self._loop(interval_seconds), name="issuance-sweeper")
+    async def running(self, interval_seconds: float, full_interval_seconds: float) -> AsyncIterator[None]:
+        """Sweep every `interval_seconds` while the context is open, a full pass first and then
+        every `full_interval_seconds`."""
+        task = asyncio.create_task(
+            self._loop(interval_seconds, full_interval_seconds), name="issuance-sweeper"
+        )
         try:
             yield
         finally:
@@ -163,17 +185,19 @@ class Sweeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _loop(self, interval_seconds: float) -> None:
-        everything = True
+    async def _loop(self, interval_seconds: float, full_interval_seconds: float) -> None:
+        full_due = time.monotonic()
         while True:
             await asyncio.sleep(interval_seconds)
+            full = time.monotonic() >= full_due
             try:
-                swept = await self.sweep(everything=everything)
+                swept = await self.sweep(full=full)
             except Exception:
                 log.exception("the sweep failed; trying again in %.0f s", interval_seconds)
                 continue
-            if swept.ran_to_end:
-                everything = False
+            # Full until one is complete, here or (the lock taken) in another replica.
+            if full and swept.complete:
+                full_due = time.monotonic() + full_interval_seconds
 
 
 def sweeping(platform: Platform) -> Callable[[Runtime[Any]], contextlib.AbstractAsyncContextManager[None]]:
@@ -187,6 +211,8 @@ def sweeping(platform: Platform) -> Callable[[Runtime[Any]], contextlib.Abstract
             lookback_seconds=settings.issuance_sweep_lookback_seconds,
             registry=runtime.metrics.registry,
         )
-        return sweeper.running(settings.issuance_sweep_interval_seconds)
+        return sweeper.running(
+            settings.issuance_sweep_interval_seconds, settings.issuance_sweep_full_interval_seconds
+        )
 
     return start
