@@ -22,6 +22,7 @@ from issuance.service import Platform
 from microcred_events import (
     CompletedBy,
     CourseCompleted,
+    CoursePublished,
     CourseSnapshot,
     Learner,
     PathwaySnapshot,
@@ -66,6 +67,12 @@ async def database(postgres_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    async with asyncpg.create_pool(database, min_size=1, max_size=4) as opened:
+        yield opened
+
+
+@pytest.fixture
 def platform(tmp_path: Path) -> Platform:
     generate_key(tmp_path / "keys", "key-1")
     return Platform("https://issuance.test", load_keyring(tmp_path / "keys"))
@@ -105,3 +112,7 @@ def a_completion(course: CourseSnapshot, learner: Learner) -> CourseCompleted:
         evidence_url=None,
         completed_by=CompletedBy.STAFF,
     )
+
+
+def published(course: CourseSnapshot) -> CoursePublished:
+    return CoursePublished(course=course, published_at=datetime.now(UTC))

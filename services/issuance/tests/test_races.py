@@ -15,9 +15,9 @@ import pytest
 
 from issuance import repository, service
 from issuance.service import Platform
-from microcred_events import CoursePublished, PathwayPublished
+from microcred_events import PathwayPublished
 
-from .conftest import a_completion, a_course, a_learner, a_pathway
+from .conftest import a_completion, a_course, a_learner, a_pathway, published
 
 pytestmark = pytest.mark.integration
 
@@ -78,10 +78,6 @@ async def setup(database: str, work: Work) -> None:
             await work(conn)
     finally:
         await conn.close()
-
-
-def published(course: object) -> CoursePublished:
-    return CoursePublished.model_validate({"course": course, "published_at": datetime.now(UTC)})
 
 
 async def test_two_last_course_credentials_minted_at_once_mint_the_pathway_credential_once(

@@ -6,9 +6,9 @@ awards it, a completion parked and its course version stored without the use cas
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -20,9 +20,9 @@ from issuance import repository, service
 from issuance import sweeper as sweeper_module
 from issuance.service import Platform
 from issuance.sweeper import Sweeper
-from microcred_events import CourseCompleted, CoursePublished, Learner, PathwayPublished, PathwaySnapshot
+from microcred_events import CourseCompleted, Learner, PathwaySnapshot
 
-from .conftest import a_completion, a_course, a_learner, a_pathway
+from .conftest import a_completion, a_course, a_learner, a_pathway, published
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +32,6 @@ class LeftBehind:
     learner: Learner
     pathway: PathwaySnapshot
     parked: CourseCompleted
-
-
-@pytest.fixture
-async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
-    async with asyncpg.create_pool(database, min_size=1, max_size=4) as opened:
-        yield opened
 
 
 async def leave_behind(pool: asyncpg.Pool, platform: Platform) -> LeftBehind:
@@ -70,10 +64,6 @@ async def left_behind_two_hours_ago(pool: asyncpg.Pool, platform: Platform) -> L
 async def refused(*args: object, **kwargs: object) -> None:
     """PostgreSQL not there."""
     raise ConnectionRefusedError("connection refused")
-
-
-def published(course: object) -> CoursePublished:
-    return CoursePublished.model_validate({"course": course, "published_at": datetime.now(UTC)})
 
 
 def found(registry: CollectorRegistry, kind: str) -> float:
@@ -220,30 +210,6 @@ def fail_for(monkeypatch: pytest.MonkeyPatch, name: str, first: UUID, error: Exc
         return await finish(conn, platform, one, two)
 
     monkeypatch.setattr(service, name, failing)
-
-
-async def test_a_revoked_pathway_credential_is_not_minted_again(
-    pool: asyncpg.Pool, platform: Platform
-) -> None:
-    first, second = a_course(), a_course()
-    learner = a_learner()
-    pathway = a_pathway(first, second)
-    async with pool.acquire() as conn, conn.transaction():
-        for course in (first, second):
-            await service.record_course(conn, platform, published(course))
-        await service.record_pathway(
-            conn, platform, PathwayPublished(pathway=pathway, published_at=datetime.now(UTC))
-        )
-        for course in (first, second):
-            await service.issue_course_credential(conn, platform, a_completion(course, learner))
-    stacked = await pool.fetchval(
-        "SELECT credential_id FROM credentials WHERE kind = 'pathway' AND learner_id = $1", learner.learner_id
-    )
-    async with pool.acquire() as conn, conn.transaction():
-        await service.revoke_credential(conn, platform, stacked, "awarded by mistake")
-
-    swept = await Sweeper(pool, platform, lookback_seconds=900).sweep(full=True)
-    assert swept.finished == {"parked": 0, "pathway": 0}
 
 
 async def test_later_passes_look_only_at_recent_course_credentials(

@@ -348,22 +348,10 @@ async def learners_holding_all(conn: Connection, course_ids: list[UUID], now: da
     return [row["learner_id"] for row in rows]
 
 
-async def holds_pathway(conn: Connection, learner_id: UUID, pathway_id: UUID) -> bool:
-    """Whether the learner holds a pathway credential that is not revoked."""
-    return bool(
-        await conn.fetchval(
-            "SELECT true FROM credentials WHERE learner_id = $1 AND pathway_id = $2"
-            " AND kind = 'pathway' AND revoked_at IS NULL",
-            learner_id,
-            pathway_id,
-        )
-    )
-
-
 # A learner is missing a pathway credential when they hold a current credential for every course
 # of the pathway and no pathway credential stands: none is live, and none was revoked after the
 # latest of those course credentials was issued (staff's revocation stands until a course
-# credential earned since earns it again, as stacking would). `r` names the candidates
+# credential earned since earns it again). Stacking decides by it too. `r` names the candidates
 # (learner_id, pathway_id, course_ids); $1 is the time that decides whether a credential is current.
 _MISSING_PATHWAY = """
     CROSS JOIN LATERAL (

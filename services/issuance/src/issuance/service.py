@@ -5,7 +5,9 @@ enrollment changes nothing, whatever its event id, and the unique constraint on 
 settles a race between two consumers (the loser's transaction fails, is retried, and finds the
 credential). A pathway credential is minted when a course credential completes a pathway, or when
 a pathway arrives that a learner's credentials already complete; a partial unique index keeps it
-to one live credential per learner and pathway.
+to one live credential per learner and pathway. One that staff revoked stands until a course
+credential issued after the revocation earns it again: the rule the sweeper finds missing pathway
+credentials by (`repository.misses_pathway_credential`), so neither mints what the other would not.
 
 Several replicas apply events at once, under READ COMMITTED: decisions that read rows other
 events write take transaction-level advisory locks (held until the consumer's batch commits), so
@@ -142,8 +144,10 @@ async def record_pathway(conn: Connection, platform: Platform, event: PathwayPub
     await repository.lock_courses(conn, pathway.course_ids, exclusive=True)
     now = _now()
     for learner_id in await repository.learners_holding_all(conn, list(pathway.course_ids), now):
+        if not await repository.misses_pathway_credential(conn, learner_id, pathway, now):
+            continue
         learner = await repository.latest_learner(conn, learner_id)
-        if learner is not None and not await repository.holds_pathway(conn, learner_id, pathway.pathway_id):
+        if learner is not None:
             await _issue_pathway_credential(conn, platform, pathway, learner, now)
 
 
@@ -237,7 +241,7 @@ async def _stack(
     await repository.lock_learners(conn, [learner.learner_id])
     held = await repository.current_course_ids(conn, learner.learner_id, now)
     for pathway in domain.completed_pathways(held, pathways):
-        if not await repository.holds_pathway(conn, learner.learner_id, pathway.pathway_id):
+        if await repository.misses_pathway_credential(conn, learner.learner_id, pathway, now):
             await _issue_pathway_credential(conn, platform, pathway, learner, now)
 
 
