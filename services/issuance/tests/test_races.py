@@ -16,6 +16,7 @@ import pytest
 from issuance import repository, service
 from issuance.service import Platform
 from microcred_events import PathwayPublished
+from microcred_runtime.consumers import is_outage
 
 from .conftest import a_completion, a_course, a_learner, a_pathway, published
 
@@ -189,6 +190,38 @@ async def test_a_completion_parked_while_its_course_version_arrives_is_minted(
         == 1
     )
     assert await count(database, "SELECT count(*) FROM awaiting_course_version") == 0
+
+
+async def test_a_lock_held_past_the_lock_timeout_is_an_outage_not_the_event_s_fault(
+    database: str, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repository, "LOCK_TIMEOUT", "200ms")
+    course = a_course()
+
+    async def catalog(conn: asyncpg.Connection) -> None:
+        await service.record_course(conn, platform, published(course))
+
+    await setup(database, catalog)
+    stuck, waiting = [await asyncpg.connect(database) for _ in range(2)]
+    try:
+        async with stuck.transaction():
+            # A replica frozen while it records a new version of the course.
+            await repository.lock_courses(stuck, [course.course_id], exclusive=True)
+            with pytest.raises(repository.LockWaitTimedOut) as timed_out:
+                async with asyncio.timeout(10), waiting.transaction():
+                    await service.issue_course_credential(
+                        waiting, platform, a_completion(course, a_learner())
+                    )
+        # The consumer's batch is redelivered after a pause, never dead-lettered for it.
+        assert is_outage(timed_out.value)
+
+        async with waiting.transaction():
+            await repository.lock_courses(waiting, [course.course_id], exclusive=False)
+            # Only the lock waits are bounded: the rest of the transaction waits as it did.
+            assert await waiting.fetchval("SHOW lock_timeout") == "0"
+    finally:
+        for conn in (stuck, waiting):
+            await conn.close()
 
 
 def test_lock_keys_never_change() -> None:

@@ -200,6 +200,27 @@ async def test_postgresql_unavailable_ends_the_pass_with_one_warning(
     assert not (await sweeper.sweep()).complete
 
 
+async def test_a_find_behind_a_stuck_lock_holder_fails_alone(
+    database: str, pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repository, "LOCK_TIMEOUT", "200ms")
+    first, second = await leave_behind(pool, platform), await leave_behind(pool, platform)
+    registry = CollectorRegistry()
+    stuck = await asyncpg.connect(database)
+    try:
+        async with stuck.transaction():
+            await repository.lock_learners(stuck, [first.learner.learner_id])
+            async with asyncio.timeout(20):
+                swept = await Sweeper(pool, platform, lookback_seconds=900, registry=registry).sweep()
+    finally:
+        await stuck.close()
+
+    assert swept.finished == {"parked": 2, "pathway": 1}
+    assert swept.complete
+    assert (await pathway_credentials(pool, first), await pathway_credentials(pool, second)) == (0, 1)
+    assert failed(registry, "pathway") == 1
+
+
 def fail_for(monkeypatch: pytest.MonkeyPatch, name: str, first: UUID, error: Exception) -> None:
     """Make the use case `name` of `service` raise `error` for the find whose first id is `first`."""
     finish: Callable[..., Awaitable[bool]] = getattr(service, name)

@@ -27,6 +27,21 @@ from .domain import Credential
 # two unrelated transactions take turns, never a wrong result. What each lock serializes and in
 # which order they are taken is said in service.py.
 
+# How long a transaction waits for one of these locks (PostgreSQL's lock_timeout, for these waits
+# only). Their holders are consumers' batches and sweeper finds, seconds long; one held this long
+# is stuck (e.g. its process frozen mid-transaction, its connection not yet noticed gone). A
+# quarter of the default CONSUMER_MAX_POLL_INTERVAL_SECONDS (300 s): a batch starts no step after
+# half of it, and a step that then waits this long still ends, pauses and polls in the other half,
+# so its consumer is not taken for dead and its partitions do not move to a replica that would
+# wait the same. The holder keeps its locks until its session ends: this bounds the wait only.
+LOCK_TIMEOUT = "75s"
+
+
+class LockWaitTimedOut(TimeoutError):
+    """A lock was not granted within `LOCK_TIMEOUT`. A TimeoutError, so the runtime takes it for an
+    outage (`is_outage`): the consumer's batch is rolled back and redelivered after a pause, not
+    retried as the event's failure and then dead-lettered, the event being in no way at fault."""
+
 
 def lock_key(namespace: str, identifier: UUID | str) -> int:
     digest = hashlib.sha256(f"issuance.{namespace}:{identifier}".encode()).digest()
@@ -36,14 +51,29 @@ def lock_key(namespace: str, identifier: UUID | str) -> int:
 async def lock_courses(conn: Connection, course_ids: Iterable[UUID], *, exclusive: bool) -> None:
     """Lock courses, in ascending key order (the same order in every transaction)."""
     function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-    for key in sorted({lock_key("course", course_id) for course_id in course_ids}):
-        await conn.execute(f"SELECT {function}($1)", key)
+    await _lock(conn, function, {lock_key("course", course_id) for course_id in course_ids})
 
 
 async def lock_learners(conn: Connection, learner_ids: Iterable[UUID]) -> None:
     """Lock learners, in ascending key order."""
-    for key in sorted({lock_key("learner", learner_id) for learner_id in learner_ids}):
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", key)
+    await _lock(
+        conn, "pg_advisory_xact_lock", {lock_key("learner", learner_id) for learner_id in learner_ids}
+    )
+
+
+async def _lock(conn: Connection, function: str, keys: set[int]) -> None:
+    if not keys:
+        return
+    await conn.execute("SELECT set_config('lock_timeout', $1, true)", LOCK_TIMEOUT)
+    try:
+        for key in sorted(keys):
+            await conn.execute(f"SELECT {function}($1)", key)
+    except asyncpg.LockNotAvailableError as exc:
+        raise LockWaitTimedOut(
+            f"an advisory lock was not granted within {LOCK_TIMEOUT}: another transaction holds it"
+        ) from exc
+    # The rest of the transaction waits (rows, the inbox) as the session would have it.
+    await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
 
 
 async def try_lock_full_sweep(conn: Connection) -> bool:

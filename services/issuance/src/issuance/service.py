@@ -27,8 +27,9 @@ Order, in every use case: course locks (ascending key), then learner locks (asce
 consumer applies a batch of events in one transaction, so two batches can still take locks of
 different events in opposite orders; PostgreSQL then detects the deadlock and fails one batch,
 which the runtime applies again (the failed event alone, retried), with nothing half-done: the
-locks only make a transaction wait, never decide anything by themselves. The sweeper
-(`sweeper.py`) finishes whatever is still found left behind.
+locks only make a transaction wait, never decide anything by themselves. A wait longer than
+`repository.LOCK_TIMEOUT` (a stuck holder) fails the transaction as an outage, redelivered later.
+The sweeper (`sweeper.py`) finishes whatever is still found left behind.
 """
 
 import hashlib

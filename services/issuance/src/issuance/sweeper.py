@@ -9,8 +9,9 @@ replicas may sweep at once and still mint one credential (the unique constraints
 
 A find means a race slipped through: each is logged at WARNING and counted in
 `issuance_sweeper_found_total{kind="parked"|"pathway"}`. A find that cannot be finished (a bug, a
-signing error, a deadlock with a consumer's batch) is logged with what it is, counted in
-`issuance_sweeper_failed_total{kind}`, and left to later passes; the pass goes on with the next.
+signing error, a deadlock with a consumer's batch, a lock holder stuck past `LOCK_TIMEOUT`) is
+logged with what it is, counted in `issuance_sweeper_failed_total{kind}`, and left to later
+passes; the pass goes on with the next.
 PostgreSQL being unavailable ends the pass instead, with one warning: every find would fail alike.
 
 Each pass looks at the parked completions (few: recording a version takes them). For pathways, a
@@ -142,6 +143,8 @@ class Sweeper:
         try:
             async with self._pool.acquire() as conn:
                 yield conn
+        except repository.LockWaitTimedOut:
+            raise  # one find's wait for a stuck lock holder: PostgreSQL itself answers
         except Exception as exc:
             if is_outage(exc):
                 raise _Unavailable from exc
@@ -155,9 +158,9 @@ class Sweeper:
                 finished = await finish(conn, self._platform, first, second)
         except _Unavailable:
             raise
-        except asyncpg.PostgresError as exc:
-            # E.g. a deadlock with a consumer's batch, or a replica without the locks minting it
-            # first (a unique violation): rolled back, and the next pass looks again.
+        except (asyncpg.PostgresError, repository.LockWaitTimedOut) as exc:
+            # E.g. a deadlock with a consumer's batch, a replica without the locks minting it first
+            # (a unique violation), a stuck lock holder: rolled back, and the next pass looks again.
             self.failed.labels(kind=kind).inc()
             log.warning("could not finish a find, the next pass tries again: %s", exc, extra=context)
         except Exception:
