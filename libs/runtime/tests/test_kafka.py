@@ -151,8 +151,9 @@ class FakeAdmin:
     existing: ClassVar[list[str]] = []
     errors: ClassVar[dict[str, int] | None] = None
 
-    def __init__(self, *, bootstrap_servers: str) -> None:
+    def __init__(self, *, bootstrap_servers: str, request_timeout_ms: int) -> None:
         self.bootstrap_servers = bootstrap_servers
+        self.request_timeout_ms = request_timeout_ms
         self.created: list[NewTopic] = []
         self.events: list[str] = []
         FakeAdmin.instances.append(self)
@@ -191,6 +192,7 @@ async def test_ensure_topics_creates_only_the_missing_ones(
 
     (client,) = admin.instances
     assert client.bootstrap_servers == "kafka:9092"
+    assert client.request_timeout_ms == 30_000  # no request outlives the whole call's deadline
     assert [(t.name, t.num_partitions, t.replication_factor) for t in client.created] == [
         ("b", 6, 3),
         ("c", 6, 3),
@@ -205,6 +207,23 @@ async def test_ensure_topics_raises_the_brokers_refusal_but_not_already_exists(
 
     with pytest.raises(RuntimeError, match="c: InvalidReplicationFactorError"):
         await kafka.ensure_topics("kafka:9092", ["b", "c"], partitions=1, replication=5)
+
+
+async def test_ensure_topics_gives_up_within_its_deadline_on_a_broker_that_does_not_answer(
+    admin: type[FakeAdmin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def never(self: FakeAdmin) -> None:
+        self.events.append("start")
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(admin, "start", never)
+
+    with pytest.raises(TimeoutError):
+        await kafka.ensure_topics("kafka:9092", ["a"], partitions=1, replication=1, within=0.05)
+
+    (client,) = admin.instances
+    assert client.request_timeout_ms == 50
+    assert client.events == ["start", "close"]
 
 
 async def test_ensure_topics_with_every_topic_present_creates_nothing(

@@ -1,9 +1,12 @@
+import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from aiokafka.errors import KafkaConnectionError
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel
 
@@ -174,7 +177,7 @@ def test_run_refuses_to_start_without_a_database_url(
     def serve(*args: object, **kwargs: object) -> None:
         raise AssertionError("the service must not start")
 
-    monkeypatch.setattr(uvicorn, "run", serve)
+    monkeypatch.setattr(uvicorn, "Server", serve)
 
     with pytest.raises(SystemExit) as exited:
         catalog().run()
@@ -183,6 +186,104 @@ def test_run_refuses_to_start_without_a_database_url(
     error = capsys.readouterr().err
     assert error.startswith("catalog: invalid configuration")
     assert "DATABASE_URL" in error
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "_RETRY_FIRST_SECONDS", 0.01)
+    monkeypatch.setattr(service, "_STILL_WAITING_SECONDS", 0.05)
+
+
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_start_up_step_waits_out_an_outage_saying_what_it_waits_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    startup = service.Startup()
+    errors: list[Exception] = [ConnectionRefusedError("refused"), KafkaConnectionError("no broker")]
+    seen: list[str | None] = []
+
+    async def connect() -> str:
+        seen.append(startup.last_error)
+        if errors:
+            raise errors.pop(0)
+        return "connected"
+
+    with caplog.at_level(logging.WARNING, logger=service.__name__):
+        assert await startup.step("PostgreSQL at db:5432/catalog", connect, per_try=1) == "connected"
+
+    assert seen == [None, "ConnectionRefusedError: refused", "KafkaConnectionError: no broker"]
+    assert [record.getMessage() for record in caplog.records] == [
+        "start-up waits for PostgreSQL at db:5432/catalog: ConnectionRefusedError: refused;"
+        " trying again in 0.0 s",
+        "start-up waits for PostgreSQL at db:5432/catalog: KafkaConnectionError: no broker;"
+        " trying again in 0.0 s",
+    ]
+
+
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_start_up_step_that_does_not_answer_is_cut_short_tried_again_and_said_to_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    startup = service.Startup()
+    tries: list[float] = []
+
+    async def join() -> None:
+        tries.append(asyncio.get_running_loop().time())
+        if len(tries) == 1:
+            await asyncio.Event().wait()  # a group coordinator that never answers
+
+    with caplog.at_level(logging.WARNING, logger=service.__name__):
+        await startup.step("Kafka to let the consumers join their groups (g)", join, per_try=0.2)
+
+    assert len(tries) == 2
+    assert startup.last_error == "no answer within 0.2 s"
+    messages = [record.getMessage() for record in caplog.records]
+    waiting = "Kafka to let the consumers join their groups (g)"
+    assert f"start-up still waits for {waiting} after 0.05 s" in messages
+    assert messages[-1] == f"start-up waits for {waiting}: no answer within 0.2 s; trying again in 0.0 s"
+
+
+async def test_a_start_up_step_failing_for_another_reason_than_an_outage_ends_the_start() -> None:
+    tries = 0
+
+    async def migrate() -> None:
+        nonlocal tries
+        tries += 1
+        raise ValueError("migration 003 was changed after it was applied")
+
+    with pytest.raises(ValueError, match="changed after it was applied"):
+        await service.Startup().step("the migrations", migrate, per_try=None)
+    assert tries == 1
+
+
+async def test_while_the_service_starts_it_is_live_not_ready_and_says_what_it_waits_for() -> None:
+    router = APIRouter()
+
+    @router.get("/answer")
+    async def answer(db: Db) -> dict[str, object]:
+        raise AssertionError("no route runs before the service does")
+
+    app = catalog(router).create_app(settings())
+    app.state.startup.waiting_for = "Kafka at kafka:9092 to create the topics"
+    app.state.startup.last_error = "KafkaConnectionError: Unable to bootstrap"
+
+    live, ready, route = [await get(app, path) for path in ("/health/live", "/health/ready", "/answer")]
+
+    assert (live.status_code, live.json()) == (200, {"status": "ok"})
+    assert ready.status_code == 503
+    assert ready.headers["content-type"] == PROBLEM_JSON
+    assert ready.json() == {
+        "type": "urn:microcred:problem:not-ready",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": "not ready: starting, waiting for Kafka at kafka:9092 to create the topics",
+        "checks": {"startup": "waiting"},
+        "waiting_for": "Kafka at kafka:9092 to create the topics",
+        "last_error": "KafkaConnectionError: Unable to bootstrap",
+    }
+    assert route.status_code == 503
+    assert route.headers["retry-after"] == "5"
+    assert route.json()["type"] == "urn:microcred:problem:starting"
 
 
 def body_routes() -> APIRouter:

@@ -99,20 +99,39 @@ async def publish_one(producer: AIOKafkaProducer, record: KafkaRecord, *, prefix
         raise error
 
 
+class TopicsNotCreated(RuntimeError):
+    """The brokers refused to create topics, e.g. with fewer brokers up than the replication
+    factor: the message names each topic and the brokers' reason."""
+
+
 async def ensure_topics(
-    bootstrap_servers: str, topics: Sequence[str], *, partitions: int, replication: int
+    bootstrap_servers: str,
+    topics: Sequence[str],
+    *,
+    partitions: int,
+    replication: int,
+    within: float = 30.0,
 ) -> None:
-    """Create the missing topics; existing ones are left as they are (operators may have tuned them)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
+    """Create the missing topics; existing ones are left as they are (operators may have tuned them).
+
+    Done `within` seconds or `TimeoutError`: aiokafka's admin client has no deadline of its own
+    for its whole work, and a broker that accepts connections without answering would hold a
+    caller for ever.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=round(within * 1000))
     try:
-        existing = set(await admin.list_topics())
-        missing = [name for name in topics if name not in existing]
-        if not missing:
-            return
-        response = await admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=replication) for name in missing]
-        )
+        async with asyncio.timeout(within):
+            await admin.start()
+            existing = set(await admin.list_topics())
+            missing = [name for name in topics if name not in existing]
+            if not missing:
+                return
+            response = await admin.create_topics(
+                [
+                    NewTopic(name, num_partitions=partitions, replication_factor=replication)
+                    for name in missing
+                ]
+            )
         # aiokafka reports per-topic errors in the response instead of raising them.
         failures = [
             f"{name}: {kafka_errors.for_code(code).__name__} {' '.join(filter(None, message))}".strip()
@@ -120,7 +139,7 @@ async def ensure_topics(
             if code not in (0, TopicAlreadyExistsError.errno)  # another replica may create them first
         ]
         if failures:
-            raise RuntimeError("cannot create Kafka topics: " + "; ".join(failures))
+            raise TopicsNotCreated("cannot create Kafka topics: " + "; ".join(failures))
         log.info("created topics", extra={"topics": missing})
     finally:
         await admin.close()

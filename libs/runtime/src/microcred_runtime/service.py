@@ -2,13 +2,21 @@
 inbox consumers, health, telemetry, a request body limit and problem+json errors.
 
 Every service describes itself with a `Service` and calls `run()`; tests call `create_app()`.
+
+A service's process answers its probes from its first instant: it starts PostgreSQL's pool, the
+migrations, the topics, the producer and the consumers beside the HTTP server (`Startup`), each
+external step bounded in time and tried again, with a log line naming what it waits for, while
+the infrastructure is unavailable. Meanwhile /health/live answers 200 (nothing is stuck: a
+restart would not help) and /health/ready 503, naming the step and its last error.
 """
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -16,6 +24,7 @@ from typing import Annotated, Any, Generic, TypeVar
 
 import asyncpg
 import uvicorn
+from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -30,21 +39,33 @@ from microcred_events import Topic, dead_letter_topic
 from . import kafka
 from .auth import AuthConfig, Authenticator
 from .body_limit import BodySizeLimit
-from .consumers import EventConsumer, RetryPolicy, Subscriptions
+from .consumers import EventConsumer, RetryPolicy, Subscriptions, is_outage
 from .db import Connection
 from .metrics import Metrics
 from .migrations import migrate
 from .outbox import OutboxRelay, RelaySettings
-from .problems import install_problem_handlers, problem_doc, problem_response
+from .problems import Problem, install_problem_handlers, problem_doc, problem_response
 from .settings import ConfigurationError, ServiceSettings, load_settings
 from .telemetry import configure_logging, configure_tracing
 
 log = logging.getLogger(__name__)
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+T = TypeVar("T")
 
 _RUNTIME_MIGRATIONS = Path(str(files("microcred_runtime") / "migrations"))
 _READINESS_TIMEOUT = 2.0
+# Start-up. One try of a step that only connects, creates topics or starts a client.
+_STEP_TIMEOUT = 30.0
+# One try of the consumers' start: bootstrap, the topics' metadata, then the first join of each
+# group, which waits at most for the other members to rejoin (their session timeout, 6 s) once a
+# coordinator answers. Past this the coordinator is not answering: the consumers start again.
+_JOIN_TIMEOUT = 60.0
+_RETRY_FIRST_SECONDS = 0.5
+_RETRY_MAX_SECONDS = 10.0
+# A step that has not finished says so this often (a migration may take long, or wait for another
+# replica's).
+_STILL_WAITING_SECONDS = 10.0
 
 
 @dataclass
@@ -57,6 +78,71 @@ class Runtime(Generic[SettingsT]):
     relay: OutboxRelay
     consumers: list[EventConsumer]  # one per consumer group (see `Subscriptions.routes`)
     metrics: Metrics  # background work registers its own series in `metrics.registry` (served at /metrics)
+
+
+class Startup:
+    """How far a service's start has come: the step it is waiting for and why it has not got it
+    yet (/health/ready answers with both until the service runs)."""
+
+    def __init__(self) -> None:
+        self.waiting_for = "its start to begin"
+        self.last_error: str | None = None
+
+    async def step(self, what: str, attempt: Callable[[], Awaitable[T]], *, per_try: float | None) -> T:
+        """`attempt()`, each try bounded by `per_try` seconds (None: a step that takes what it
+        takes, e.g. a migration) and tried again while PostgreSQL or Kafka is unavailable; any
+        other error is the start's failure. A try undoes what it started before it fails."""
+        self.waiting_for, self.last_error = what, None
+        pause = _RETRY_FIRST_SECONDS
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                async with _saying_still_waiting(what), asyncio.timeout(per_try) as deadline:
+                    return await attempt()
+            except Exception as exc:
+                if not (is_outage(exc) or isinstance(exc, kafka.TopicsNotCreated)):
+                    raise
+                if deadline.expired():
+                    self.last_error = f"no answer within {per_try:g} s"
+                else:
+                    self.last_error = _describe(exc)
+            log.warning(
+                "start-up waits for %s: %s; trying again in %.1f s",
+                what,
+                self.last_error,
+                pause,
+                extra={"waiting_for": what, "error": self.last_error, "tries": tries},
+            )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX_SECONDS)
+
+
+def _describe(error: BaseException) -> str:
+    name, text = type(error).__name__, str(error)
+    if not text:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"  # aiokafka's name themselves
+
+
+@contextlib.asynccontextmanager
+async def _saying_still_waiting(what: str) -> AsyncIterator[None]:
+    async def remind() -> None:
+        for waited in itertools.count(1):
+            await asyncio.sleep(_STILL_WAITING_SECONDS)
+            seconds = waited * _STILL_WAITING_SECONDS
+            log.warning(
+                "start-up still waits for %s after %g s",
+                what,
+                seconds,
+                extra={"waiting_for": what, "waited_seconds": seconds},
+            )
+
+    reminder = asyncio.create_task(remind(), name="start-up reminder")
+    try:
+        yield
+    finally:
+        reminder.cancel()
 
 
 @dataclass(frozen=True)
@@ -75,16 +161,28 @@ class Service(Generic[SettingsT]):
     description: str = ""
 
     def create_app(self, settings: SettingsT | None = None) -> FastAPI:
-        """The ASGI app; its lifespan starts and stops everything the service needs."""
+        """The ASGI app; its lifespan starts everything the service needs (it has once the
+        lifespan has entered) and stops it.
+
+        Unless the app's `state.give_up` is set (`run()` sets it): the lifespan then starts the
+        service beside the HTTP server, so that the probes answer while the start waits for
+        PostgreSQL or Kafka, and calls `give_up` when the start fails for any other reason.
+        """
         settings = settings or load_settings(self.settings_class)
         configure_tracing(self.name, self.version)
         metrics = Metrics()
+        startup = Startup()
 
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-            async with self._running(settings, metrics) as runtime:
-                app.state.runtime = runtime
-                yield
+            give_up: Callable[[], None] | None = getattr(app.state, "give_up", None)
+            if give_up is None:
+                async with self._running(settings, metrics, startup) as runtime:
+                    app.state.runtime = runtime
+                    yield
+            else:
+                async with self._started_beside(app, settings, metrics, startup, give_up):
+                    yield
 
         app = FastAPI(
             title=f"microcred {self.name}",
@@ -92,6 +190,7 @@ class Service(Generic[SettingsT]):
             description=self.description,
             lifespan=lifespan,
         )
+        app.state.startup = startup
         app.state.authenticator = Authenticator(
             AuthConfig(
                 issuer=settings.auth_issuer,
@@ -134,14 +233,28 @@ class Service(Generic[SettingsT]):
             print(f"{self.name}: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         configure_logging(self.name, settings.log_level)
-        uvicorn.run(
-            self.create_app(settings),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_config=None,
-            # uvicorn turns SIGTERM into the lifespan shutdown; give in-flight work its grace time.
-            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        app = self.create_app(settings)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=settings.http_host,
+                port=settings.http_port,
+                log_config=None,
+                # uvicorn turns SIGTERM into the lifespan shutdown; give in-flight work its grace time.
+                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+            )
         )
+        failed = False
+
+        def give_up() -> None:
+            nonlocal failed
+            failed = True
+            server.should_exit = True
+
+        app.state.give_up = give_up
+        server.run()
+        if failed:
+            raise SystemExit(1)
 
     async def migrate(self, conn: Connection) -> None:
         """Bring the database up to date: the runtime's tables, then the service's own."""
@@ -149,30 +262,98 @@ class Service(Generic[SettingsT]):
         await migrate(conn, self.name, self.migrations)
 
     @contextlib.asynccontextmanager
-    async def _running(self, settings: SettingsT, metrics: Metrics) -> AsyncIterator[Runtime[SettingsT]]:
+    async def _started_beside(
+        self,
+        app: FastAPI,
+        settings: SettingsT,
+        metrics: Metrics,
+        startup: Startup,
+        give_up: Callable[[], None],
+    ) -> AsyncIterator[None]:
+        """Run the service in a task of its own while the lifespan lets the HTTP server answer
+        the probes; stop it (or its start) when the server stops."""
+        stopping = asyncio.Event()
+
+        async def run() -> None:
+            try:
+                async with self._running(settings, metrics, startup) as runtime:
+                    app.state.runtime = runtime
+                    await stopping.wait()
+            except Exception:
+                if hasattr(app.state, "runtime"):
+                    raise  # stopping failed: the server's lifespan shutdown reports it
+                log.exception("start-up failed at %s", startup.waiting_for)
+                give_up()
+
+        task = asyncio.create_task(run(), name="start-up")
+        try:
+            yield
+        finally:
+            stopping.set()
+            if not hasattr(app.state, "runtime"):
+                task.cancel()  # still starting: nothing runs yet that needs a graceful stop
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @contextlib.asynccontextmanager
+    async def _running(
+        self, settings: SettingsT, metrics: Metrics, startup: Startup
+    ) -> AsyncIterator[Runtime[SettingsT]]:
         dsn = str(settings.database_url)
         bootstrap = settings.kafka_bootstrap_servers
         prefix = settings.kafka_topic_prefix
         routes = self.subscriptions.routes(self.name)
+        # Where, without the credentials: the log lines and /health/ready name it.
+        database = ",".join(
+            f"{host['host']}:{host['port']}" if host["port"] else str(host["host"])
+            for host in settings.database_url.hosts()
+        ) + (settings.database_url.path or "")
+
+        async def connect() -> asyncpg.Pool:
+            return await asyncpg.create_pool(
+                dsn,
+                min_size=settings.db_pool_min_size,
+                max_size=settings.db_pool_max_size,
+                timeout=_STEP_TIMEOUT,
+            )
+
+        async def migrate() -> None:
+            async with pool.acquire(timeout=_STEP_TIMEOUT) as conn:
+                await self.migrate(conn)
+
+        async def start_producer() -> AIOKafkaProducer:
+            producer = kafka.reliable_producer(bootstrap, client_id=self.name)
+            try:
+                await producer.start()
+            except BaseException:
+                await _undo("the producer", producer.stop)
+                raise
+            return producer
+
         # Exits run in reverse, each even if an earlier one failed: stop taking messages and let
         # in-flight ones commit, then flush what they (and the API) queued in the outbox, then
         # close the Kafka producer and the database pool.
         async with contextlib.AsyncExitStack() as stack:
-            pool = await asyncpg.create_pool(
-                dsn, min_size=settings.db_pool_min_size, max_size=settings.db_pool_max_size
-            )
+            pool = await startup.step(f"PostgreSQL at {database}", connect, per_try=_STEP_TIMEOUT)
             stack.push_async_callback(pool.close)
-            async with pool.acquire() as conn:
-                await self.migrate(conn)
+            # Unbounded: a migration takes what it takes, and waits for another replica's.
+            await startup.step(f"the migrations of {database}", migrate, per_try=None)
             groups = {self.name, *(route.group for route in routes)}
-            await kafka.ensure_topics(
-                bootstrap,
-                [prefix + topic for topic in (*Topic, *sorted(map(dead_letter_topic, groups)))],
-                partitions=settings.kafka_topic_partitions,
-                replication=settings.kafka_topic_replication,
+            topics = [prefix + topic for topic in (*Topic, *sorted(map(dead_letter_topic, groups)))]
+            await startup.step(
+                f"Kafka at {bootstrap} to create the topics",
+                lambda: kafka.ensure_topics(
+                    bootstrap,
+                    topics,
+                    partitions=settings.kafka_topic_partitions,
+                    replication=settings.kafka_topic_replication,
+                    within=_STEP_TIMEOUT,
+                ),
+                per_try=None,  # ensure_topics bounds itself
             )
-            producer = kafka.reliable_producer(bootstrap, client_id=self.name)
-            await producer.start()
+            producer = await startup.step(
+                f"Kafka at {bootstrap} to start the producer", start_producer, per_try=_STEP_TIMEOUT
+            )
             stack.push_async_callback(producer.stop)
 
             relay = OutboxRelay(
@@ -222,16 +403,55 @@ class Service(Generic[SettingsT]):
                     prefix=prefix,
                     batch_size=settings.consumer_batch_size,
                 )
-            await broker.start()
+
+            async def start_consumers() -> None:
+                try:
+                    await broker.start()
+                except BaseException:
+                    await _undo("the consumers", broker.stop)
+                    raise
+
+            if consumers:
+                joining = ", ".join(prefix + consumer.group for consumer in consumers)
+                what = f"Kafka at {bootstrap} to let the consumers join their groups ({joining})"
+            else:
+                what = f"Kafka at {bootstrap} to connect"
+            await startup.step(what, start_consumers, per_try=_JOIN_TIMEOUT)
             stack.push_async_callback(broker.stop)
             await stack.enter_async_context(kafka.sampling_consumer_lag(broker, metrics))
 
             runtime = Runtime(settings, pool, broker, relay, consumers, metrics)
             for worker in self.background:
-                await stack.enter_async_context(worker(runtime))
+                name = getattr(worker, "__name__", type(worker).__name__)
+                await startup.step(
+                    f"the background work {worker.__module__}.{name}",
+                    functools.partial(_enter, stack, worker, runtime),
+                    per_try=_STEP_TIMEOUT,
+                )
             log.info("service started", extra={"http_port": settings.http_port})
             yield runtime
         log.info("service stopped")
+
+
+async def _enter(
+    stack: contextlib.AsyncExitStack,
+    worker: Callable[[Runtime[Any]], contextlib.AbstractAsyncContextManager[object]],
+    runtime: Runtime[Any],
+) -> object:
+    return await stack.enter_async_context(worker(runtime))
+
+
+async def _undo(what: str, stop: Callable[[], Awaitable[None]]) -> None:
+    """Stop what a failed try of a start-up step started, before it is tried again.
+
+    A consumer stops once its group's coordinator has answered the join under way, or the
+    request timed out (aiokafka's 40 s); past the step's own bound it is left to itself.
+    """
+    try:
+        async with asyncio.timeout(_JOIN_TIMEOUT):
+            await stop()
+    except Exception:
+        log.warning("could not stop %s after a failed start", what, exc_info=True)
 
 
 def _with_body_problems(openapi: Callable[[], dict[str, Any]], limit: int) -> Callable[[], dict[str, Any]]:
@@ -264,7 +484,15 @@ def _metrics_router(metrics: Metrics) -> APIRouter:
 
 
 def _runtime(request: Request) -> Runtime[Any]:
-    runtime: Runtime[Any] = request.app.state.runtime
+    runtime: Runtime[Any] | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        startup: Startup = request.app.state.startup
+        raise Problem(
+            503,
+            "starting",
+            f"The service is starting: it waits for {startup.waiting_for}.",
+            headers={"Retry-After": "5"},
+        )
     return runtime
 
 
@@ -288,7 +516,18 @@ def _health_router() -> APIRouter:
     @router.get(
         "/ready", summary="PostgreSQL and Kafka answer", responses={503: {"description": "Not ready"}}
     )
-    async def ready(runtime: RuntimeDep) -> JSONResponse:
+    async def ready(request: Request) -> JSONResponse:
+        runtime: Runtime[Any] | None = getattr(request.app.state, "runtime", None)
+        if runtime is None:
+            startup: Startup = request.app.state.startup
+            return problem_response(
+                503,
+                f"not ready: starting, waiting for {startup.waiting_for}",
+                kind="not-ready",
+                checks={"startup": "waiting"},
+                waiting_for=startup.waiting_for,
+                last_error=startup.last_error,
+            )
         checks = dict(
             zip(
                 ("postgres", "kafka"),
