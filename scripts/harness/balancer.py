@@ -1,7 +1,8 @@
 """One address in front of a service's replicas, as a Kubernetes Service is in front of its pods:
-requests go round-robin to the replicas that run, and one that refuses the connection (killed,
-not listening yet) is skipped for the next. A request cut off half-way is answered 502, as a real
-proxy would: the caller retries it (the APIs the workload calls are idempotent on retry).
+requests go round-robin to the replicas that run, and one that refuses the connection (killed)
+or says it is still starting (503 `starting`: a Service routes only to ready pods) is skipped for
+the next. A request cut off half-way is answered 502, as a real proxy would: the caller retries
+it (the APIs the workload calls are idempotent on retry).
 
 Callers that do their own retries take `next_url()` and talk to a replica directly (no hop);
 whoever cannot (the payment provider's webhook) is given the address of a `Balancer` app.
@@ -25,6 +26,8 @@ _HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length",
 }  # fmt: skip
+# The problem type of a service's routes while its start waits (microcred_runtime.service).
+_STARTING = b"urn:microcred:problem:starting"
 
 
 class Replicas:
@@ -65,6 +68,8 @@ class Balancer:
                 continue  # not listening: the next replica
             except httpx.HTTPError as exc:
                 return Response(f"{self.replicas.name}: {type(exc).__name__}", status_code=502)
+            if answer.status_code == 503 and _STARTING in answer.content:
+                continue  # listening, not started yet: the next replica
             kept = {name: value for name, value in answer.headers.items() if name not in _HOP_BY_HOP}
             kept.pop("content-encoding", None)  # httpx has decoded the body
             return Response(answer.content, status_code=answer.status_code, headers=kept)

@@ -3,6 +3,7 @@ replicas, the stall read from the monitor's history, the fault run's workload pl
 PostgreSQL: small stand-in processes and in-memory values."""
 
 import asyncio
+import contextlib
 import socket
 import sys
 import textwrap
@@ -22,8 +23,9 @@ from harness.processes import NotReady, Process
 from harness.sinks import MailJournal, WebhookJournal
 from harness.workload import Enrolled, Learner, PathwayLearner, interleave
 
-# A stand-in service: answers its readiness URL 503 with a reason until READY_AFTER seconds have
-# passed, 200 after; prints a line at start; exits with EXIT_WITH when set.
+# A stand-in service: answers its readiness URL (GET) 503 with a reason, and a route (POST) 503
+# `starting`, until READY_AFTER seconds have passed, 200 after; prints a line at start; exits with
+# EXIT_WITH when set.
 SERVICE = textwrap.dedent(
     """
     import http.server, os, sys, time
@@ -35,15 +37,20 @@ SERVICE = textwrap.dedent(
     ready_after = float(os.environ.get("READY_AFTER", "0"))
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
+        def answer(self, not_ready):
             ready = time.monotonic() - started >= ready_after
-            body = b"ok" if ready else b'{"detail": "not ready: kafka unreachable"}'
+            body = b"ok" if ready else not_ready
             self.send_response(200 if ready else 503)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
-        do_POST = do_GET
+        def do_GET(self):
+            self.answer(b'{"detail": "not ready: kafka unreachable"}')
+
+        def do_POST(self):
+            # The runtime's answer to a route while its start waits.
+            self.answer(b'{"type": "urn:microcred:problem:starting"}')
 
         def log_message(self, *args):
             pass
@@ -158,7 +165,9 @@ def test_replicas_get_a_port_a_log_and_a_name_each(tmp_path: Path) -> None:
 
 async def test_the_balancer_skips_a_killed_replica(tmp_path: Path, cleanup: list[Process]) -> None:
     one, two = stand_in(tmp_path / "1", "svc-1"), stand_in(tmp_path / "2", "svc-2")
-    # Running, yet not listening (a replica still starting): the balancer moves on to the next.
+    # Listening, yet still starting (503 `starting`): the balancer moves on to the next.
+    starting = stand_in(tmp_path / "4", "svc-4", READY_AFTER="60")
+    # Running, yet not listening (killed): the balancer moves on to the next too.
     mute = Process(
         "svc-3",
         [sys.executable, "-c", "import time; time.sleep(60)"],
@@ -166,21 +175,27 @@ async def test_the_balancer_skips_a_killed_replica(tmp_path: Path, cleanup: list
         "http://127.0.0.1:9/",
         tmp_path / "3.log",
     )
-    for process in (one, two, mute):
+    for process in (one, two, mute, starting):
         cleanup.append(process)
         process.start()
     await processes.wait_ready([one, two], within=20)
+    async with httpx.AsyncClient(timeout=5) as http:
+        for _ in range(200):  # until it listens
+            with contextlib.suppress(httpx.TransportError):
+                assert (await http.post(starting.url + "/")).status_code == 503
+                break
+            await asyncio.sleep(0.1)
     replicas = Replicas("svc", [one, two])
     assert {replicas.next_url() for _ in range(4)} == {one.url, two.url}
     one.kill()
     assert {replicas.next_url() for _ in range(4)} == {two.url}
-    balancer = Balancer(Replicas("svc", [one, mute, two]))
+    balancer = Balancer(Replicas("svc", [one, mute, starting, two]))
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=balancer.app()), base_url="http://svc"
     ) as client:
-        answers = [await client.post("/webhooks/provider", content=b"{}") for _ in range(6)]
+        answers = [await client.post("/webhooks/provider", content=b"{}") for _ in range(8)]
     await balancer.close()
-    assert [answer.status_code for answer in answers] == [200] * 6
+    assert [answer.status_code for answer in answers] == [200] * 8
     mute.kill()
     two.kill()
     balancer = Balancer(Replicas("svc", [one, two]))
