@@ -1,12 +1,14 @@
-"""Canonicalisation: equal to the reference (pyld's URDNA2015 over the published contexts) on
-realistic Open Badges 3.0 credentials and on random values in every position, correct RDFC-1.0
-escaping where pyld is wrong, the template fast path equal to the full path, and the refusals
-(unbundled contexts, lossy documents, poison graphs)."""
+"""Canonicalisation: equal to the reference (pyld's URDNA2015 over the published contexts, its
+first-degree hash corrected to RDFC-1.0's mention sets) on realistic Open Badges 3.0 credentials
+and on random values in every position, correct RDFC-1.0 escaping and self-linked blank nodes where
+pyld is wrong, the template fast path equal to the full path, and the refusals (unbundled
+contexts, lossy documents, poison graphs)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyld import jsonld as pyld
+from pyld.canon import URDNA2015
 
 from issuance import jsonld
 from issuance.jsonld import (
@@ -217,13 +220,26 @@ def published_loader() -> Callable[[str, Any], dict[str, Any]]:
     return load
 
 
+class _MentionSetURDNA2015(URDNA2015):  # type: ignore[misc]  # pyld is untyped
+    """pyld's URDNA2015 hashing a blank node's mention set, as RDFC-1.0 does.
+
+    pyld lists a quad once per position a blank node holds in it, so ``_:x <p> _:x`` counts twice
+    in x's first-degree hash, which can reorder the canonical labels. RDFC-1.0 hashes the set of
+    quads mentioning x (its "mention set"), as rdf-canonize (jsonld.js) and oxigraph do.
+    """
+
+    def hash_first_degree_quads(self, id_: str) -> str:
+        info = self.blank_node_info[id_]
+        info["quads"] = list({id(quad): quad for quad in info["quads"]}.values())
+        digest: str = super().hash_first_degree_quads(id_)
+        return digest
+
+
 def reference(document: dict[str, Any]) -> str:
-    """pyld's own URDNA2015 (= RDFC-1.0) over the published contexts: right unless the document
-    holds a control character (pyld escapes those the pre-RDFC way)."""
-    normalized: str = pyld.normalize(
-        document,
-        {"algorithm": "URDNA2015", "format": "application/n-quads", "documentLoader": published_loader()},
-    )
+    """pyld's URDNA2015 (= RDFC-1.0), with mention sets, over the published contexts: right unless
+    the document holds a control character (pyld escapes those the pre-RDFC way)."""
+    dataset = pyld.to_rdf(document, {"documentLoader": published_loader()})
+    normalized: str = _MentionSetURDNA2015().main(dataset, {"format": "application/n-quads"})
     return normalized
 
 
@@ -290,6 +306,51 @@ def test_canonical_form_equals_the_reference(alignments: int, evidence: bool) ->
         assert full_path(document) == expected
         assert canonicalize(document) == expected
         assert canonicalize(document) == expected  # the second time from a template
+
+
+def _first_degree_hash(*quads: str) -> str:
+    return hashlib.sha256("".join(sorted(quads)).encode()).hexdigest()
+
+
+def test_a_self_linked_blank_node_is_hashed_over_its_mention_set() -> None:
+    # The property test's failing example, reduced by hand: _:x links to itself. Its first-degree
+    # hash covers the quads that mention it, each once, so it sorts before the node holding "v3"
+    # and is _:c14n0; counting the self-link twice (pyld's URDNA2015) sorts it after that node.
+    document = {
+        "@context": {"p": {"@id": "https://p.example/p", "@type": "@id"}, "q": "https://p.example/q"},
+        "@id": "https://p.example/s",
+        "q": [{"@id": "_:x", "p": "_:x"}, {"q": "v3"}],
+    }
+    mention = "<https://p.example/s> <https://p.example/q> _:a .\n"
+    self_link = "_:a <https://p.example/p> _:a .\n"
+    x = _first_degree_hash(mention, self_link)
+    y = _first_degree_hash(mention, '_:a <https://p.example/q> "v3" .\n')
+    assert x < y < _first_degree_hash(mention, self_link, self_link)
+    expected = (
+        "<https://p.example/s> <https://p.example/q> _:c14n0 .\n"
+        "<https://p.example/s> <https://p.example/q> _:c14n1 .\n"
+        "_:c14n0 <https://p.example/p> _:c14n0 .\n"
+        '_:c14n1 <https://p.example/q> "v3" .\n'
+    )
+    assert full_path(document) == expected
+    for _ in range(3):  # first sighting, template attempt, remembered
+        assert canonicalize(document) == expected
+    dataset = pyld.to_rdf(document, {"documentLoader": document_loader})
+    assert _MentionSetURDNA2015().main(dataset, {"format": "application/n-quads"}) == expected
+    options = {"algorithm": "URDNA2015", "format": "application/n-quads", "documentLoader": document_loader}
+    assert pyld.normalize(document, options) != expected, (
+        "pyld now hashes mention sets: _MentionSetURDNA2015 can go"
+    )
+
+
+@needs_conformance
+def test_a_self_linked_status_entry_canonicalises_like_the_reference() -> None:
+    credential = ob_credential()
+    credential["credentialStatus"].update(id="_:status", statusListCredential="_:status")
+    expected = reference(credential)
+    assert full_path(credential) == expected
+    for _ in range(3):
+        assert canonicalize(credential) == expected
 
 
 def _texts(exclude: frozenset[str]) -> st.SearchStrategy[str]:

@@ -5,8 +5,10 @@ canonicalisation and N-Quads serialisation). pyld also implements URDNA2015 (the
 as RDFC-1.0), but its N-Quads serialiser escapes the control characters U+0000-U+0008, U+000B,
 U+000C, U+000E-U+001F and U+007F the URDNA2015-era way, so a credential whose text holds one of
 them would hash differently from every RDFC-1.0 implementation (jsonld.js/rdf-canonize,
-oxigraph). pyld's output is therefore never hashed: its RDF terms are handed to pyoxigraph as
-objects, and pyoxigraph writes the canonical text.
+oxigraph); and its first-degree hash counts a quad naming a blank node twice (``_:x <p> _:x``)
+twice, where RDFC-1.0 hashes the set of quads mentioning the node, which can reorder the canonical
+labels. pyld's output is therefore never hashed: its RDF terms are handed to pyoxigraph as
+objects, and pyoxigraph canonicalises and writes the canonical text.
 
 Three departures from a bare ``jsonld.to_rdf`` make the conversion lossless or refuse it, the way
 jsonld.js' "safe mode" (which Data Integrity implementations use) does: a property with no
