@@ -25,7 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import infra
-from harness.cluster import KafkaCluster
+from harness.cluster import ClusterPorts, KafkaCluster
 
 # Generous for a loaded 2-core CI machine; what they take is printed (pytest -s).
 CONTROLLER_ELECTION_LIMIT = 20.0  # a new active controller (~2 s: 2 s fetch timeout + election)
@@ -226,7 +226,8 @@ async def _write_and_read(cluster: KafkaCluster, topic: str, label: str, count: 
 async def test_a_fresh_cluster_replicates_every_partition_three_times(
     cluster: KafkaCluster, topic: str
 ) -> None:
-    assert cluster.bootstrap == "127.0.0.1:29092,127.0.0.1:29093,127.0.0.1:29094"
+    first = ClusterPorts.from_env().broker  # 29092 unless the clone runs on ports of its own
+    assert cluster.bootstrap == ",".join(f"127.0.0.1:{first + n}" for n in range(3))
     assert await cluster.controller() in cluster.node_ids
     await _write_and_read(cluster, topic, "all-up")
     admin = AIOKafkaAdminClient(bootstrap_servers=cluster.bootstrap)
