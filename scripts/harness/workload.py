@@ -176,13 +176,14 @@ async def publish_pathway(api: Api, *, title: str, course_ids: Sequence[str]) ->
 
 
 async def subscribe_webhooks(api: Api, url: str) -> str:
-    """Subscribes `url` to CredentialIssued; the subscription's signing secret."""
+    """Subscribes `url` to every CredentialIssued (an admin's scope `all`: the accounting expects
+    one webhook per credential, pathway credentials included); the subscription's signing secret."""
     response = await api.call(
         "notifications",
         "POST",
         "/webhooks/subscriptions",
-        payload={"url": url, "event_types": [CredentialIssued.TYPE]},
-        headers=api.bearer(*STAFF),
+        payload={"url": url, "scope": {"kind": "all"}, "event_types": [CredentialIssued.TYPE]},
+        headers=api.bearer(*ADMIN),
     )
     return str(response.json()["secret"])
 

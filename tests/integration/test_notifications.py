@@ -12,12 +12,14 @@ import contextlib
 import hashlib
 import hmac
 import json
+import shutil
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -42,6 +44,7 @@ from microcred_events import (
     encode,
     example_data,
 )
+from microcred_runtime.migrations import migrate
 from microcred_runtime.outbox import event_source
 from notifications.settings import Settings
 from notifications.smtp_sink import CaughtMail, Handler, MailStore, smtp_server
@@ -164,12 +167,21 @@ class Notifications:
     def staff(self) -> dict[str, str]:
         return self.bearer("staff-1", "staff")
 
+    def admin(self) -> dict[str, str]:
+        return self.bearer("admin-1", "admin")
+
     async def subscribe(self, *event_types: str) -> tuple[str, str]:
-        """Register the receiver; returns the subscription id and its secret."""
+        """Register the receiver for every event (an admin's scope `all`); returns the subscription
+        id and its secret."""
         response = await self.api.post(
             "/webhooks/subscriptions",
-            json={"url": self.receiver.url, "event_types": list(event_types), "description": "test receiver"},
-            headers=self.staff(),
+            json={
+                "url": self.receiver.url,
+                "scope": {"kind": "all"},
+                "event_types": list(event_types),
+                "description": "test receiver",
+            },
+            headers=self.admin(),
         )
         assert response.status_code == 201, response.text
         body = response.json()
@@ -577,7 +589,10 @@ async def test_an_email_waits_for_the_learners_address_then_goes(system: Notific
 
 async def test_staff_manage_subscriptions_and_unsafe_urls_are_refused(system: Notifications) -> None:
     async def create(body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
-        return await system.api.post("/webhooks/subscriptions", json=body, headers=headers or system.staff())
+        scoped = {"scope": {"kind": "learner", "id": str(uuid.uuid4())}, **body}
+        return await system.api.post(
+            "/webhooks/subscriptions", json=scoped, headers=headers or system.staff()
+        )
 
     learner = await create({"url": system.receiver.url}, system.learner(uuid.uuid4()))
     assert learner.status_code == 403
@@ -667,5 +682,50 @@ async def test_a_shutdown_hands_an_attempt_in_flight_back_and_a_restart_delivers
             async with serve(notifications.main.create_app(settings)):
                 assert await wait_for(lambda: email_is("delivered"))
         assert [mail.to for mail in store.messages()] == [["ada@example.org"]]
+    finally:
+        await db.close()
+
+
+async def test_subscriptions_of_before_scopes_are_disabled_and_their_pending_deliveries_cancelled(
+    new_database: Callable[[], Any], tmp_path: Path
+) -> None:
+    """Migration 005: an unscoped subscription took every learner's events, so it takes none now."""
+    migrations = Path(notifications.main.__file__).parent / "migrations"
+    before = tmp_path / "before"
+    before.mkdir()
+    for migration in sorted(migrations.glob("00[1-4]_*.sql")):
+        shutil.copy(migration, before / migration.name)
+    db = await asyncpg.connect(await new_database())
+    try:
+        await migrate(db, "notifications", before)
+        legacy = uuid.uuid4()
+        await db.execute(
+            "INSERT INTO webhook_subscriptions (subscription_id, url, event_types, secret, created_by,"
+            " created_at) VALUES ($1, 'https://lms.partner.example/h', '{}', 'whsec_x', 'staff-1', now())",
+            legacy,
+        )
+        for state in ("pending", "delivered"):
+            await db.execute(
+                "INSERT INTO deliveries (delivery_id, channel, event_key, event_type, subscription_id,"
+                " payload, state, next_attempt_at) VALUES ($1, 'webhook', $2, 't', $3, '{}', $4, now())",
+                uuid.uuid4(),
+                f"key-{state}",
+                legacy,
+                state,
+            )
+
+        await migrate(db, "notifications", migrations)
+
+        subscription = await db.fetchrow(
+            "SELECT scope_kind, disabled_at FROM webhook_subscriptions WHERE subscription_id = $1", legacy
+        )
+        assert subscription is not None
+        assert subscription["scope_kind"] is None
+        assert subscription["disabled_at"] is not None
+        states = await db.fetch("SELECT event_key, state FROM deliveries ORDER BY event_key")
+        assert [tuple(row) for row in states] == [
+            ("key-delivered", "delivered"),
+            ("key-pending", "cancelled"),
+        ]
     finally:
         await db.close()

@@ -124,8 +124,12 @@ async def world(
         async with serve(apps[0]) as enrollment_api, serve(apps[1]), serve(apps[2]) as notifications_api:
             subscribed = await notifications_api.post(
                 "/webhooks/subscriptions",
-                json={"url": receiver.url, "event_types": ["org.microcred.issuance.credential.issued.v1"]},
-                headers=bearer("staff-1", "staff"),
+                json={
+                    "url": receiver.url,
+                    "scope": {"kind": "all"},
+                    "event_types": ["org.microcred.issuance.credential.issued.v1"],
+                },
+                headers=bearer("admin-1", "admin"),
             )
             assert subscribed.status_code == 201, subscribed.text
             db = await asyncpg.connect(issuance_database)

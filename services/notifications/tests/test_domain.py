@@ -30,12 +30,15 @@ from notifications.domain import (
     WEBHOOK_EVENT_TYPES,
     AttemptOutcome,
     AttemptResult,
+    Audience,
     Channel,
     ChannelPreference,
     DeliveryState,
     Kind,
     Preferences,
     RetryPolicy,
+    Scope,
+    ScopeKind,
     WebhookUrlRefused,
     check_webhook_url,
     format_money,
@@ -343,3 +346,38 @@ def test_host_patterns_allow_subdomains_of_a_partner() -> None:
 )
 def test_money_is_shown_in_major_units_exactly(amount: int, currency: str, shown: str) -> None:
     assert format_money(Money(amount_minor=amount, currency=currency)) == shown
+
+
+# --- scopes ----------------------------------------------------------------------------------
+
+_LEARNER, _ISSUER, _PARTNER = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+_KNOWN = Audience(_LEARNER, _ISSUER, frozenset({_PARTNER}))
+
+
+@pytest.mark.parametrize(
+    ("scope", "audience", "covered"),
+    [
+        (Scope(ScopeKind.ALL), Audience(_LEARNER), True),
+        (Scope(ScopeKind.ISSUER, _ISSUER), _KNOWN, True),
+        (Scope(ScopeKind.ISSUER, uuid.uuid4()), _KNOWN, False),
+        (Scope(ScopeKind.PARTNER, _PARTNER), _KNOWN, True),
+        (Scope(ScopeKind.PARTNER, uuid.uuid4()), _KNOWN, False),
+        (Scope(ScopeKind.LEARNER, _LEARNER), _KNOWN, True),
+        (Scope(ScopeKind.LEARNER, uuid.uuid4()), _KNOWN, False),
+        # A course not known yet: no issuer or partner hears of it, its learner still does.
+        (Scope(ScopeKind.ISSUER, _ISSUER), Audience(_LEARNER), False),
+        (Scope(ScopeKind.PARTNER, _PARTNER), Audience(_LEARNER), False),
+        (Scope(ScopeKind.LEARNER, _LEARNER), Audience(_LEARNER), True),
+    ],
+)
+def test_a_scope_covers_only_its_own_issuer_partner_or_learner(
+    scope: Scope, audience: Audience, covered: bool
+) -> None:
+    assert scope.covers(audience) is covered
+
+
+def test_a_scope_has_an_id_exactly_when_it_is_not_all() -> None:
+    with pytest.raises(ValueError, match="all"):
+        Scope(ScopeKind.ALL, uuid.uuid4())
+    with pytest.raises(ValueError, match="all"):
+        Scope(ScopeKind.PARTNER)

@@ -153,8 +153,8 @@ async def targets(platform: Platform, victim: Victim) -> Targets:
     assert partner.status_code == 201, partner.text
     subscription = await platform.notifications.post(
         "/webhooks/subscriptions",
-        json={"url": "https://hooks.employer.example/microcred"},
-        headers=platform.staff(),
+        json={"url": "https://hooks.employer.example/microcred", "scope": {"kind": "all"}},
+        headers=platform.admin(),
     )
     assert subscription.status_code == 201, subscription.text
     return Targets(
@@ -469,7 +469,10 @@ STAFF_OPERATIONS = [
     Operation("issuance", "POST", "/credentials/{credential_id}/suspension", {"reason": "a learner said so"}),
     Operation("issuance", "DELETE", "/credentials/{credential_id}/suspension"),
     Operation(
-        "notifications", "POST", "/webhooks/subscriptions", {"url": "https://hooks.employer.example/x"}
+        "notifications",
+        "POST",
+        "/webhooks/subscriptions",
+        {"url": "https://hooks.employer.example/x", "scope": {"kind": "issuer", "id": str(uuid.uuid4())}},
     ),
     Operation("notifications", "GET", "/webhooks/subscriptions"),
     Operation("notifications", "GET", "/webhooks/subscriptions/{subscription_id}"),
@@ -1064,7 +1067,7 @@ async def test_api7_a_webhook_subscription_to_an_internal_or_malformed_url_is_re
     platform: Platform, url: str
 ) -> None:
     response = await platform.notifications.post(
-        "/webhooks/subscriptions", json={"url": url}, headers=platform.staff()
+        "/webhooks/subscriptions", json={"url": url, "scope": {"kind": "all"}}, headers=platform.admin()
     )
 
     assert_problem(response, 422, "urn:microcred:problem:webhook-url-refused")
@@ -1072,7 +1075,12 @@ async def test_api7_a_webhook_subscription_to_an_internal_or_malformed_url_is_re
 
 async def test_api7_only_allowed_webhook_hosts_are_subscribed(platform: Platform) -> None:
     allowed = await platform.notifications.post(
-        "/webhooks/subscriptions", json={"url": "https://crm.partner.example/hooks"}, headers=platform.staff()
+        "/webhooks/subscriptions",
+        json={
+            "url": "https://crm.partner.example/hooks",
+            "scope": {"kind": "partner", "id": str(uuid.uuid4())},
+        },
+        headers=platform.staff(),
     )
     listed = await platform.notifications.get("/webhooks/subscriptions?limit=100", headers=platform.staff())
 

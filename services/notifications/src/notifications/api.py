@@ -5,16 +5,16 @@
 """
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 from uuid import UUID
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from microcred_runtime import Caller, Cursor, Db, Limit, Page, RuntimeDep, Staff, problem_doc
 
 from . import domain, service
-from .domain import ChannelPreference, DeliveryState, Kind, Preferences
+from .domain import ChannelPreference, DeliveryState, Kind, Preferences, Scope, ScopeKind
 from .repository import Attempt, Delivery, Notification, Subscription
 
 _BEARER: dict[int | str, dict[str, Any]] = {401: problem_doc("No bearer token, or one that is not valid.")}
@@ -169,6 +169,36 @@ async def set_preferences(body: PreferencesBody, caller: Caller, db: Db) -> Pref
 # --- webhook subscriptions -------------------------------------------------------------------
 
 
+class ScopeBody(BaseModel):
+    """Whose events a subscription receives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ScopeKind = Field(
+        description="`issuer`: events about the issuer's courses; `partner`: about the courses the "
+        "partner delivers, or whose completion it attested; `learner`: about one learner; `all`: "
+        "every event (admins only).",
+        examples=["partner"],
+    )
+    id: UUID | None = Field(
+        default=None,
+        description="The issuer, partner or learner; none for `all`.",
+        examples=["b3d5f7a9-2c4e-4e61-9a83-5f1b7d3c9e20"],
+    )
+
+    @model_validator(mode="after")
+    def _id_matches_kind(self) -> Self:
+        self.scope()  # a ValueError when they do not match: a 422
+        return self
+
+    @classmethod
+    def of(cls, scope: Scope) -> "ScopeBody":
+        return cls(kind=scope.kind, id=scope.id)
+
+    def scope(self) -> Scope:
+        return Scope(self.kind, self.id)
+
+
 class SubscriptionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -178,6 +208,7 @@ class SubscriptionRequest(BaseModel):
         description="Where deliveries are POSTed: http(s), to a host allowed by WEBHOOK_ALLOWED_HOSTS.",
         examples=["https://hooks.northwind.example.edu/microcred"],
     )
+    scope: ScopeBody = Field(description="Whose events it receives; see who may subscribe to which.")
     event_types: list[str] = Field(
         default_factory=list,
         max_length=len(domain.WEBHOOK_EVENT_TYPES),
@@ -192,6 +223,10 @@ class SubscriptionRequest(BaseModel):
 class SubscriptionOut(BaseModel):
     subscription_id: UUID
     url: str = Field(examples=["https://hooks.northwind.example.edu/microcred"])
+    scope: ScopeBody | None = Field(
+        description="Whose events it receives; null only for a subscription made before scopes "
+        "existed, which was disabled then."
+    )
     event_types: list[str] = Field(description="Empty: every event type.", examples=[[_EVENT_TYPE]])
     description: str | None = Field(examples=["Northwind LMS"])
     created_by: str
@@ -203,6 +238,7 @@ class SubscriptionOut(BaseModel):
         return cls(
             subscription_id=subscription.subscription_id,
             url=subscription.url,
+            scope=ScopeBody.of(subscription.scope) if subscription.scope else None,
             event_types=subscription.event_types,
             description=subscription.description,
             created_by=subscription.created_by,
@@ -227,11 +263,13 @@ class SubscriptionCreated(SubscriptionOut):
         "do: headers `webhook-id` (the same on every retry of one delivery), `webhook-timestamp` and "
         "`webhook-signature: v1,<base64 HMAC-SHA256 of '<id>.<timestamp>.<body>'>`, keyed with the "
         "base64-decoded part of the secret after `whsec_`. Any 2xx answer is success; anything else "
-        "is retried with exponential backoff and jitter, then parked as `dead`."
+        "is retried with exponential backoff and jitter, then parked as `dead`.\n\n"
+        "A subscription receives only the events within its `scope`. Admins may subscribe to any "
+        "scope; staff to an issuer, a partner or a learner, not to `all`."
     ),
     responses=_problems(
         {
-            403: "The caller is not staff.",
+            403: "The caller is not staff, or may not subscribe to this scope (`scope-forbidden`).",
             422: "The URL is not http(s) or its host is not allowed (`webhook-url-refused`), an event "
             "type is unknown (`unknown-event-type`), or the request is malformed.",
         }
@@ -245,6 +283,7 @@ async def create_subscription(
             conn,
             staff,
             url=body.url,
+            scope=body.scope.scope(),
             event_types=body.event_types,
             description=body.description,
             allowed_hosts=runtime.settings.webhook_allowed_hosts,

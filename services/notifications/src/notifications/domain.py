@@ -5,6 +5,7 @@ retried, and how a webhook is signed. No I/O here.
   key that names the occurrence (so a re-published event is recognised), and whether the learner
   hears of it or only webhook subscribers do.
 - `learner_channels` applies the learner's preferences and the freshness rule.
+- `Scope.covers(audience)` says whether a webhook subscription receives an event about `audience`.
 - `RetryPolicy` is exponential backoff with full jitter, then `dead`.
 - `sign` is the Standard Webhooks signature; `check_webhook_url` guards against SSRF.
 """
@@ -187,6 +188,49 @@ def learner_channels(notice: Notice, preferences: Preferences, now: datetime) ->
 def subscribed(event_types: Sequence[str], event_type: str) -> bool:
     """Whether a subscription with this filter receives `event_type`; an empty filter takes all."""
     return not event_types or event_type in event_types
+
+
+# --- whose events a webhook subscription receives --------------------------------------------
+
+
+class ScopeKind(enum.StrEnum):
+    ALL = "all"
+    ISSUER = "issuer"
+    PARTNER = "partner"
+    LEARNER = "learner"
+
+
+@dataclass(frozen=True)
+class Audience:
+    """Whom an event is about: its learner, and the issuer and partners of its course where known."""
+
+    learner_id: UUID
+    issuer_id: UUID | None = None
+    partner_ids: frozenset[UUID] = frozenset()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The events a subscription receives: every one (`all`), or those about one issuer's courses,
+    one partner's courses (it delivers them, or attested the completion) or one learner."""
+
+    kind: ScopeKind
+    id: UUID | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind is ScopeKind.ALL) != (self.id is None):
+            raise ValueError("the scope `all` takes no id; every other scope needs one")
+
+    def covers(self, audience: Audience) -> bool:
+        match self.kind:
+            case ScopeKind.ALL:
+                return True
+            case ScopeKind.ISSUER:
+                return audience.issuer_id == self.id
+            case ScopeKind.PARTNER:
+                return self.id in audience.partner_ids
+            case ScopeKind.LEARNER:
+                return audience.learner_id == self.id
 
 
 # --- delivery attempts -----------------------------------------------------------------------

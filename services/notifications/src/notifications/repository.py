@@ -11,7 +11,16 @@ import asyncpg
 from microcred_events import Learner
 from microcred_runtime import Connection
 
-from .domain import AttemptResult, ChannelPreference, DeliveryState, Kind, Preferences
+from .domain import (
+    AttemptResult,
+    Audience,
+    ChannelPreference,
+    DeliveryState,
+    Kind,
+    Preferences,
+    Scope,
+    ScopeKind,
+)
 
 # Where the database tells the workers that deliveries fell due (migration 004: a trigger).
 WAKE_CHANNEL = "notifications_delivery"
@@ -53,14 +62,27 @@ async def remember_enrollment(
     )
 
 
-async def remember_course(conn: Connection, course_id: UUID, version: int, title: str) -> None:
+async def remember_course(
+    conn: Connection,
+    course_id: UUID,
+    version: int,
+    title: str,
+    issuer_id: UUID,
+    delivery_partner_id: UUID | None,
+) -> None:
+    # A snapshot of the version already held still fills in an issuer kept before migration 005.
     await conn.execute(
-        "INSERT INTO courses (course_id, version, title) VALUES ($1, $2, $3)"
-        " ON CONFLICT (course_id) DO UPDATE SET version = EXCLUDED.version, title = EXCLUDED.title"
-        " WHERE courses.version < EXCLUDED.version",
+        "INSERT INTO courses (course_id, version, title, issuer_id, delivery_partner_id)"
+        " VALUES ($1, $2, $3, $4, $5)"
+        " ON CONFLICT (course_id) DO UPDATE SET version = EXCLUDED.version, title = EXCLUDED.title,"
+        " issuer_id = EXCLUDED.issuer_id, delivery_partner_id = EXCLUDED.delivery_partner_id"
+        " WHERE courses.version < EXCLUDED.version"
+        " OR (courses.version = EXCLUDED.version AND courses.issuer_id IS NULL)",
         course_id,
         version,
         title,
+        issuer_id,
+        delivery_partner_id,
     )
 
 
@@ -78,14 +100,15 @@ async def course_title(
 
 
 async def remember_credential(
-    conn: Connection, credential_id: UUID, achievement_name: str, credential_url: str
+    conn: Connection, credential_id: UUID, achievement_name: str, credential_url: str, course_id: UUID | None
 ) -> None:
     await conn.execute(
-        "INSERT INTO credentials (credential_id, achievement_name, credential_url) VALUES ($1, $2, $3)"
-        " ON CONFLICT (credential_id) DO NOTHING",
+        "INSERT INTO credentials (credential_id, achievement_name, credential_url, course_id)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (credential_id) DO NOTHING",
         credential_id,
         achievement_name,
         credential_url,
+        course_id,
     )
 
 
@@ -95,6 +118,30 @@ async def credential(conn: Connection, credential_id: UUID) -> tuple[str, str] |
         "SELECT achievement_name, credential_url FROM credentials WHERE credential_id = $1", credential_id
     )
     return (row["achievement_name"], row["credential_url"]) if row else None
+
+
+async def audience(
+    conn: Connection,
+    learner_id: UUID,
+    *,
+    course_id: UUID | None,
+    enrollment_id: UUID | None,
+    credential_id: UUID | None,
+) -> Audience:
+    """Whom an event is about, from the course it names directly, through its enrollment or
+    through its credential; the issuer and partner stay unknown while the course is."""
+    row = await conn.fetchrow(
+        "SELECT c.issuer_id, c.delivery_partner_id FROM courses c WHERE c.course_id = coalesce("
+        " $1, (SELECT course_id FROM enrollments WHERE enrollment_id = $2),"
+        " (SELECT course_id FROM credentials WHERE credential_id = $3))",
+        course_id,
+        enrollment_id,
+        credential_id,
+    )
+    if row is None:
+        return Audience(learner_id)
+    partners = frozenset({row["delivery_partner_id"]} - {None})
+    return Audience(learner_id, row["issuer_id"], partners)
 
 
 # --- preferences -----------------------------------------------------------------------------
@@ -250,17 +297,26 @@ class Subscription:
     created_by: str
     created_at: datetime
     disabled_at: datetime | None
+    # None only for a subscription of before scopes, which migration 005 disabled.
+    scope: Scope | None
 
 
 _SUBSCRIPTION_COLUMNS = (
-    "subscription_id, url, event_types, description, secret, created_by, created_at, disabled_at"
+    "subscription_id, url, event_types, description, secret, created_by, created_at, disabled_at,"
+    " scope_kind, scope_id"
 )
+
+
+def _subscription(row: asyncpg.Record) -> Subscription:
+    values = dict(row)
+    kind, scope_id = values.pop("scope_kind"), values.pop("scope_id")
+    return Subscription(**values, scope=Scope(ScopeKind(kind), scope_id) if kind else None)
 
 
 async def insert_subscription(conn: Connection, subscription: Subscription) -> None:
     await conn.execute(
         f"INSERT INTO webhook_subscriptions ({_SUBSCRIPTION_COLUMNS})"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         subscription.subscription_id,
         subscription.url,
         subscription.event_types,
@@ -269,6 +325,8 @@ async def insert_subscription(conn: Connection, subscription: Subscription) -> N
         subscription.created_by,
         subscription.created_at,
         subscription.disabled_at,
+        subscription.scope.kind if subscription.scope else None,
+        subscription.scope.id if subscription.scope else None,
     )
 
 
@@ -280,7 +338,7 @@ async def subscription(
         f"SELECT {_SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE subscription_id = $1{lock}",
         subscription_id,
     )
-    return Subscription(**dict(row)) if row else None
+    return _subscription(row) if row else None
 
 
 async def subscriptions_page(
@@ -297,7 +355,7 @@ async def subscriptions_page(
         after_id,
         limit,
     )
-    return [Subscription(**dict(row)) for row in rows]
+    return [_subscription(row) for row in rows]
 
 
 async def active_subscriptions(conn: Connection) -> list[Subscription]:
@@ -306,7 +364,7 @@ async def active_subscriptions(conn: Connection) -> list[Subscription]:
     rows = await conn.fetch(
         f"SELECT {_SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE disabled_at IS NULL FOR SHARE"
     )
-    return [Subscription(**dict(row)) for row in rows]
+    return [_subscription(row) for row in rows]
 
 
 async def disable_subscription(conn: Connection, subscription_id: UUID) -> Subscription | None:
@@ -323,7 +381,7 @@ async def disable_subscription(conn: Connection, subscription_id: UUID) -> Subsc
         " WHERE subscription_id = $1 AND state IN ('pending', 'sending')",
         subscription_id,
     )
-    return Subscription(**dict(row))
+    return _subscription(row)
 
 
 # --- deliveries ------------------------------------------------------------------------------

@@ -20,13 +20,15 @@ from microcred_events import (
     CredentialIssued,
     CredentialReinstated,
     CredentialRevoked,
+    EnrollmentActivated,
+    EnrollmentCancelled,
     EnrollmentCreated,
     Event,
 )
-from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor
+from microcred_runtime import Connection, Principal, Problem, Role, decode_cursor, encode_cursor
 
 from . import domain, messages, repository
-from .domain import Channel, DeliveryState, Notice, Preferences
+from .domain import Audience, Channel, DeliveryState, Notice, Preferences, Scope, ScopeKind
 from .repository import Attempt, Delivery, Notification, Subscription
 
 log = logging.getLogger(__name__)
@@ -37,19 +39,35 @@ T = TypeVar("T")
 
 
 async def record_course(conn: Connection, event: CoursePublished | CourseUpdated) -> None:
-    await repository.remember_course(conn, event.course.course_id, event.course.version, event.course.title)
+    course = event.course
+    await repository.remember_course(
+        conn,
+        course.course_id,
+        course.version,
+        course.title,
+        course.issuer.issuer_id,
+        course.delivery_partner_id,
+    )
 
 
 async def notify(conn: Connection, event: Event) -> None:
     """Record what `event` causes: the learner's in-app notification and email, each subscriber's
     webhook. Each is recorded once per event and recipient, however often the event arrives.
-    (The delivery workers are woken by the database as deliveries fall due: migration 004.)"""
+    (The delivery workers are woken by the database as deliveries fall due: migration 004.)
+
+    A subscriber hears only of events within its scope: about its issuer's or partner's courses,
+    or its learner."""
     await _update_read_models(conn, event)
     notice = domain.notice_for(event)
     if notice.for_learner:
         await _notify_learner(conn, notice, event)
+    audience = await _audience(conn, notice, event)
     for subscription in await repository.active_subscriptions(conn):
-        if domain.subscribed(subscription.event_types, notice.event_type):
+        if (
+            subscription.scope is not None
+            and subscription.scope.covers(audience)
+            and domain.subscribed(subscription.event_types, notice.event_type)
+        ):
             await repository.insert_webhook(
                 conn,
                 event_key=notice.event_key,
@@ -59,8 +77,24 @@ async def notify(conn: Connection, event: Event) -> None:
             )
 
 
+async def _audience(conn: Connection, notice: Notice, event: Event) -> Audience:
+    known = await repository.audience(
+        conn,
+        notice.learner_id,
+        course_id=getattr(event, "course_id", None),
+        enrollment_id=getattr(event, "enrollment_id", None),
+        credential_id=getattr(event, "credential_id", None),
+    )
+    if isinstance(event, CourseCompleted) and event.partner_id is not None:
+        # The partner that attested the completion, whether or not it delivers the course.
+        return Audience(known.learner_id, known.issuer_id, known.partner_ids | {event.partner_id})
+    return known
+
+
 async def _update_read_models(conn: Connection, event: Event) -> None:
-    if isinstance(event, EnrollmentCreated | CourseCompleted):
+    if isinstance(event, EnrollmentActivated | EnrollmentCancelled):
+        await repository.remember_enrollment(conn, event.enrollment_id, event.learner_id, event.course_id)
+    elif isinstance(event, EnrollmentCreated | CourseCompleted):
         await repository.remember_enrollment(
             conn, event.enrollment_id, event.learner.learner_id, event.course_id
         )
@@ -70,7 +104,7 @@ async def _update_read_models(conn: Connection, event: Event) -> None:
         await repository.release_awaiting_address(conn, event.learner.learner_id)
     elif isinstance(event, CredentialIssued):
         await repository.remember_credential(
-            conn, event.credential_id, event.achievement_name, str(event.credential_url)
+            conn, event.credential_id, event.achievement_name, str(event.credential_url), event.course_id
         )
 
 
@@ -186,16 +220,31 @@ async def set_preferences(conn: Connection, caller: Principal, preferences: Pref
 # --- webhook subscriptions and deliveries (staff) --------------------------------------------
 
 
+def may_subscribe(caller: Principal, scope: Scope) -> bool:
+    """Who may subscribe whom: admins to anything; staff to one issuer, partner or learner, never
+    to every event. (Staff are not yet tied to an institution in the token, so a staff member may
+    scope a subscription to any issuer or partner; partners have no token role at all, so staff
+    register theirs.)"""
+    if Role.ADMIN in caller.roles:
+        return True
+    return Role.STAFF in caller.roles and scope.kind is not ScopeKind.ALL
+
+
 async def subscribe(
     conn: Connection,
     staff: Principal,
     *,
     url: str,
+    scope: Scope,
     event_types: list[str],
     description: str | None,
     allowed_hosts: list[str],
 ) -> Subscription:
     """Register a subscriber; the returned subscription holds the signing secret, shown this once."""
+    if not may_subscribe(staff, scope):
+        raise Problem(
+            403, "scope-forbidden", f"you may not subscribe to the scope {scope.kind}", scope=scope.kind
+        )
     try:
         domain.check_webhook_url(url, allowed_hosts)
     except domain.WebhookUrlRefused as exc:
@@ -217,6 +266,7 @@ async def subscribe(
         created_by=staff.subject,
         created_at=_now(),
         disabled_at=None,
+        scope=scope,
     )
     await repository.insert_subscription(conn, subscription)
     return subscription
