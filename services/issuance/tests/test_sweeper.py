@@ -329,3 +329,39 @@ async def test_the_sweeper_sweeps_in_the_background_until_stopped(
 
     assert await pathway_credentials(pool, left) == 1
     assert await parked_credentials(pool, left) == 1
+
+
+async def test_the_background_sweeper_stays_full_while_another_replica_holds_the_full_pass(
+    pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweeper = Sweeper(pool, platform, lookback_seconds=900)
+    sweep = sweeper.sweep
+    passes: list[tuple[bool, bool]] = []  # (asked to be full, was full)
+
+    async def recorded(*, full: bool = False) -> sweeper_module.Pass:
+        swept = await sweep(full=full)
+        passes.append((full, swept.full))
+        return swept
+
+    monkeypatch.setattr(sweeper, "sweep", recorded)
+
+    async with pool.acquire() as other, sweeper.running(0.05, full_interval_seconds=3600):
+        async with other.transaction():
+            assert await repository.try_lock_full_sweep(other)  # another replica's full pass
+            await until(lambda: len(passes) >= 2)
+        held = len(passes)
+        await until(lambda: len(passes) >= held + 3)
+
+    assert passes[:2] == [(True, False), (True, False)]
+    # Full again until one is, then not for the full interval.
+    first_full = [was for _, was in passes].index(True)
+    assert all(asked for asked, _ in passes[:first_full])
+    assert not any(asked for asked, _ in passes[first_full + 1 :])
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not so within 20 s")

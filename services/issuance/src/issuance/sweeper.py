@@ -17,7 +17,8 @@ PostgreSQL being unavailable ends the pass instead, with one warning: every find
 Each pass looks at the parked completions (few: recording a version takes them). For pathways, a
 full pass looks at every learner: a process's first, then one every
 `ISSUANCE_SWEEP_FULL_INTERVAL_SECONDS`, one replica at a time (a transaction-level try lock; a
-replica that finds it taken makes an ordinary pass). An ordinary pass looks only at learners with
+replica that finds it taken makes an ordinary pass, and tries again at its next until it has made a
+complete full pass itself). An ordinary pass looks only at learners with
 a course credential issued since the start of this sweeper's last complete pass (it ran to its end
 and found fewer than its limit) less `ISSUANCE_SWEEP_LOOKBACK_SECONDS`: a race leaves a pathway
 behind only while its last course credential is being minted, and `issued_at` is taken up to a
@@ -198,8 +199,9 @@ class Sweeper:
             except Exception:
                 log.exception("the sweep failed; trying again in %.0f s", interval_seconds)
                 continue
-            # Full until one is complete, here or (the lock taken) in another replica.
-            if full and swept.complete:
+            # Full until this replica has made a complete one: another's full pass (the lock found
+            # taken) may yet end short of its end, and this one then made an ordinary pass.
+            if swept.full and swept.complete:
                 full_due = time.monotonic() + full_interval_seconds
 
 
