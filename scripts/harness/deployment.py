@@ -115,6 +115,10 @@ def deploy(
         "AUTH_ISSUER": ISSUER,
         "AUTH_JWKS_FILE": str(jwks),
         "LOG_LEVEL": "INFO",
+        # The workload's learners all come through the balancer, from one address, at a rate no
+        # learner reaches: the limits are for abuse, which the harness does not exercise.
+        "RATE_LIMIT_PER_ADDRESS": "1000000/minute",
+        "RATE_LIMIT_PER_SUBJECT": "1000000/minute",
         # Production's sampling (deploy/k8s/overlays/prod); unsampled spans still carry trace ids.
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "0.1",

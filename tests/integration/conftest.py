@@ -236,6 +236,10 @@ def make_settings(infrastructure: Infrastructure, topic_prefix: str, jwks_file: 
             "consumer_retry_backoff_seconds": 0.05,
             "outbox_poll_interval_seconds": 0.2,
             "shutdown_grace_seconds": 5,
+            # Tests send bursts from one address and subject; the limits have tests of their own
+            # (abuse/test_rate_limits.py).
+            "rate_limit_per_address": "100000/minute",
+            "rate_limit_per_subject": "100000/minute",
             **overrides,
         }
         return settings_class(**values)

@@ -60,6 +60,13 @@ def test_missing_variables_are_each_named() -> None:
         ("CONSUMER_SESSION_TIMEOUT_SECONDS", "0"),
         ("CONSUMER_HEARTBEAT_INTERVAL_SECONDS", "-1"),
         ("CONSUMER_MAX_POLL_INTERVAL_SECONDS", "soon"),
+        ("HTTP_TRUSTED_PROXIES", '["*"]'),
+        ("HTTP_TRUSTED_PROXIES", '["ingress.internal"]'),
+        ("HTTP_TRUSTED_PROXIES", '["10.0.0.0/33"]'),
+        ("RATE_LIMIT_PER_ADDRESS", "lots"),
+        ("RATE_LIMIT_PER_SUBJECT", "30 a minute"),
+        ("RATE_LIMIT_STORAGE_URI", "memcached://cache:11211"),
+        ("RATE_LIMIT_STORAGE_URI", "redis://cache:6379"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(
@@ -144,3 +151,22 @@ def test_kafka_servers_are_the_bootstrap_servers_one_by_one(monkeypatch: pytest.
     set_environment(monkeypatch, {**VALID, "KAFKA_BOOTSTRAP_SERVERS": "kafka-1:9092, kafka-2:9092,"})
 
     assert load_settings(ServiceSettings).kafka_servers == ["kafka-1:9092", "kafka-2:9092"]
+
+
+def test_rate_limits_and_trusted_proxies_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_environment(
+        monkeypatch,
+        {
+            **VALID,
+            "HTTP_TRUSTED_PROXIES": '["10.0.0.0/8", "192.0.2.1", "2001:db8::/32"]',
+            "RATE_LIMIT_PER_ADDRESS": "10/second;300/minute",
+            "RATE_LIMIT_STORAGE_URI": "async+redis://limits.internal:6379/0",
+        },
+    )
+
+    settings = load_settings(ServiceSettings)
+
+    assert settings.http_trusted_proxies == ["10.0.0.0/8", "192.0.2.1", "2001:db8::/32"]
+    assert settings.rate_limit_per_address == "10/second;300/minute"
+    assert settings.rate_limit_per_subject == "30/minute"
+    assert settings.rate_limit_storage_uri == "async+redis://limits.internal:6379/0"

@@ -259,8 +259,20 @@ async def records_where(
 
 
 @pytest.fixture(scope="module")
+def platform_settings() -> dict[str, Any]:
+    """Settings every service of the module's platform gets (one a service does not have, it
+    ignores). Rate limits no burst from one address or caller reaches, unless a module asks for
+    them by overriding this fixture."""
+    return {"rate_limit_per_address": "100000/minute", "rate_limit_per_subject": "100000/minute"}
+
+
+@pytest.fixture(scope="module")
 async def platform(
-    infrastructure: Infrastructure, issuer: Any, jwks_file: Path, tmp_path_factory: pytest.TempPathFactory
+    infrastructure: Infrastructure,
+    issuer: Any,
+    jwks_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    platform_settings: dict[str, Any],
 ) -> AsyncIterator[Platform]:
     prefix = f"test-abuse-{uuid.uuid4().hex[:8]}."
     keys_dir = tmp_path_factory.mktemp("issuer-keys")
@@ -277,6 +289,7 @@ async def platform(
             "consumer_retry_backoff_seconds": 0.05,
             "outbox_poll_interval_seconds": 0.2,
             "shutdown_grace_seconds": 5,
+            **platform_settings,
             **overrides,
         }
         return settings_class(**values)

@@ -7,6 +7,7 @@ from .consumers import Outcome, Rejected, Subscriptions
 from .db import Connection
 from .pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
 from .problems import PROBLEM_JSON, Problem, ProblemDetails, problem_doc
+from .rate_limit import LimitedCaller, RateLimited
 from .service import Db, Runtime, RuntimeDep, Service
 from .settings import ConfigurationError, ServiceSettings, load_settings
 
@@ -19,11 +20,13 @@ __all__ = [
     "Cursor",
     "Db",
     "Limit",
+    "LimitedCaller",
     "Outcome",
     "Page",
     "Principal",
     "Problem",
     "ProblemDetails",
+    "RateLimited",
     "Rejected",
     "Role",
     "Runtime",

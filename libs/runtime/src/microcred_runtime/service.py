@@ -33,18 +33,20 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from microcred_events import Topic, dead_letter_topic
 
 from . import kafka
 from .auth import AuthConfig, Authenticator
 from .body_limit import BodySizeLimit
-from .consumers import EventConsumer, RetryPolicy, Subscriptions, is_outage
+from .consumers import DEAD_LETTER_TOPIC_MAX_BYTES, EventConsumer, RetryPolicy, Subscriptions, is_outage
 from .db import Connection
 from .metrics import Metrics
 from .migrations import migrate
 from .outbox import OutboxRelay, RelaySettings
 from .problems import Problem, install_problem_handlers, problem_doc, problem_response
+from .rate_limit import RateLimiter, with_rate_limit_problems
 from .settings import ConfigurationError, ServiceSettings, load_settings
 from .telemetry import configure_logging, configure_tracing
 
@@ -201,6 +203,7 @@ class Service(Generic[SettingsT]):
                 roles_claim=settings.auth_roles_claim,
             )
         )
+        app.state.rate_limiter = RateLimiter(self.name, settings)
         install_problem_handlers(app)
         if settings.cors_origins:
             app.add_middleware(
@@ -220,8 +223,12 @@ class Service(Generic[SettingsT]):
                 router, responses={422: problem_doc("The request is not valid; see `errors`.")}
             )
         app.add_middleware(BodySizeLimit, settings=settings)
+        if settings.http_trusted_proxies:
+            # The client's address for everything that follows (rate limits, logs, traces).
+            app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.http_trusted_proxies)
         # FastAPI's documented way to extend its OpenAPI document.
         app.openapi = _with_body_problems(app.openapi, settings.http_max_body_bytes)  # type: ignore[method-assign]
+        app.openapi = with_rate_limit_problems(app, app.openapi)  # type: ignore[method-assign]
         FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*")
         return app
 
@@ -240,6 +247,9 @@ class Service(Generic[SettingsT]):
                 host=settings.http_host,
                 port=settings.http_port,
                 log_config=None,
+                # X-Forwarded-For is believed from HTTP_TRUSTED_PROXIES only (create_app), not
+                # from uvicorn's default of any local peer.
+                proxy_headers=False,
                 # uvicorn turns SIGTERM into the lifespan shutdown; give in-flight work its grace time.
                 timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
             )
@@ -321,8 +331,10 @@ class Service(Generic[SettingsT]):
             async with pool.acquire(timeout=_STEP_TIMEOUT) as conn:
                 await self.migrate(conn)
 
-        async def start_producer() -> AIOKafkaProducer:
-            producer = kafka.reliable_producer(bootstrap, client_id=self.name)
+        async def start_producer(
+            make: Callable[[str, str], AIOKafkaProducer] = kafka.reliable_producer,
+        ) -> AIOKafkaProducer:
+            producer = make(bootstrap, self.name)
             try:
                 await producer.start()
             except BaseException:
@@ -339,7 +351,8 @@ class Service(Generic[SettingsT]):
             # Unbounded: a migration takes what it takes, and waits for another replica's.
             await startup.step(f"the migrations of {database}", migrate, per_try=None)
             groups = {self.name, *(route.group for route in routes)}
-            topics = [prefix + topic for topic in (*Topic, *sorted(map(dead_letter_topic, groups)))]
+            dead_letter_topics = [prefix + dead_letter_topic(group) for group in sorted(groups)]
+            topics = [*(prefix + topic for topic in Topic), *dead_letter_topics]
             await startup.step(
                 f"Kafka at {bootstrap} to create the topics",
                 lambda: kafka.ensure_topics(
@@ -348,6 +361,12 @@ class Service(Generic[SettingsT]):
                     partitions=settings.kafka_topic_partitions,
                     replication=settings.kafka_topic_replication,
                     within=_STEP_TIMEOUT,
+                    # Whatever the broker's own limit, a dead letter of the size the consumers
+                    # allow one is taken.
+                    configs={
+                        topic: {"max.message.bytes": str(DEAD_LETTER_TOPIC_MAX_BYTES)}
+                        for topic in dead_letter_topics
+                    },
                 ),
                 per_try=None,  # ensure_topics bounds itself
             )
@@ -355,6 +374,12 @@ class Service(Generic[SettingsT]):
                 f"Kafka at {bootstrap} to start the producer", start_producer, per_try=_STEP_TIMEOUT
             )
             stack.push_async_callback(producer.stop)
+            dead_letters = await startup.step(
+                f"Kafka at {bootstrap} to start the dead-letter producer",
+                functools.partial(start_producer, kafka.dead_letter_producer),
+                per_try=_STEP_TIMEOUT,
+            )
+            stack.push_async_callback(dead_letters.stop)
 
             relay = OutboxRelay(
                 dsn,
@@ -385,7 +410,7 @@ class Service(Generic[SettingsT]):
                 EventConsumer(
                     route,
                     pool=pool,
-                    publish_dead_letter=lambda record: kafka.publish_one(producer, record, prefix=prefix),
+                    publish_dead_letter=lambda record: kafka.publish_one(dead_letters, record, prefix=prefix),
                     retry=RetryPolicy(
                         settings.consumer_max_attempts, settings.consumer_retry_backoff_seconds
                     ),

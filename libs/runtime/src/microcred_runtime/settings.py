@@ -1,9 +1,11 @@
 """Service settings: read from the environment, refused at start-up when wrong."""
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Self, TypeVar
 
+from limits import parse_many
 from pydantic import (
     Field,
     HttpUrl,
@@ -13,6 +15,15 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+# The rate limits' shared stores, through redis-py (see rate_limit.py).
+_REDIS_SCHEMES = (
+    "async+redis",
+    "async+rediss",
+    "async+redis+unix",
+    "async+redis+sentinel",
+    "async+redis+cluster",
+)
 
 
 class ServiceSettings(BaseSettings):
@@ -32,6 +43,26 @@ class ServiceSettings(BaseSettings):
         default=1024 * 1024,
         ge=1024,
         description="Largest request body (413 beyond); a route that needs more or less sets its own.",
+    )
+
+    http_trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Addresses or networks (CIDR) of the proxies in front of the service: only their "
+            "X-Forwarded-For names the client; anyone else's is ignored."
+        ),
+    )
+    rate_limit_per_address: str = Field(
+        default="300/minute",
+        description="Requests one client address may make to each rate-limited route (`limits` notation).",
+    )
+    rate_limit_per_subject: str = Field(
+        default="30/minute",
+        description="Requests one token subject may make to each rate-limited route that takes a token.",
+    )
+    rate_limit_storage_uri: str = Field(
+        default="async+memory://",
+        description="Where rate limits are counted: in memory (each replica alone) or a shared Redis.",
     )
 
     auth_issuer: Annotated[str, Field(min_length=1, description="The `iss` every bearer token must carry.")]
@@ -116,6 +147,38 @@ class ServiceSettings(BaseSettings):
     def kafka_servers(self) -> list[str]:
         """KAFKA_BOOTSTRAP_SERVERS one by one: FastStream takes a string for a single server."""
         return [server.strip() for server in self.kafka_bootstrap_servers.split(",") if server.strip()]
+
+    @field_validator("http_trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{proxy!r} is not an IP address or network (e.g. 10.0.0.0/8); a proxy is trusted "
+                    "by its address, never by a name or a wildcard"
+                ) from None
+        return proxies
+
+    @field_validator("rate_limit_per_address", "rate_limit_per_subject")
+    @classmethod
+    def _limits(cls, limits: str) -> str:
+        try:
+            parse_many(limits)
+        except ValueError:
+            raise ValueError(f"{limits!r} is not a rate limit, e.g. 30/minute or 5/second;100/hour") from None
+        return limits
+
+    @field_validator("rate_limit_storage_uri")
+    @classmethod
+    def _storage(cls, uri: str) -> str:
+        if uri.partition("://")[0] not in ("async+memory", *_REDIS_SCHEMES):
+            raise ValueError(
+                "use async+memory:// (each replica counts alone) or a store the replicas share: "
+                + ", ".join(f"{scheme}://" for scheme in _REDIS_SCHEMES)
+            )
+        return uri
 
     @field_validator("auth_algorithms")
     @classmethod

@@ -13,6 +13,7 @@ from microcred_runtime import (
     Cursor,
     Db,
     Limit,
+    LimitedCaller,
     Page,
     Problem,
     RuntimeDep,
@@ -170,7 +171,7 @@ async def get_payment(payment_id: UUID, db: Db, caller: Caller) -> PaymentOut:
         502: _problem("The payment provider could not be reached or refused."),
     },
 )
-async def check_out(payment_id: UUID, db: Db, learner: Caller, provider: Provider) -> CheckoutOut:
+async def check_out(payment_id: UUID, db: Db, learner: LimitedCaller, provider: Provider) -> CheckoutOut:
     async with db.acquire() as conn, conn.transaction():
         session = await service.check_out(conn, provider, learner, payment_id)
     return CheckoutOut(

@@ -30,8 +30,10 @@ from microcred_runtime import (
     Cursor,
     Db,
     Limit,
+    LimitedCaller,
     Page,
     Problem,
+    RateLimited,
     RuntimeDep,
     Staff,
     max_body_bytes,
@@ -198,7 +200,7 @@ IdempotencyKey = Annotated[
     ),
 )
 async def enroll(
-    request: EnrollmentRequest, caller: Caller, db: Db, idempotency_key: IdempotencyKey = None
+    request: EnrollmentRequest, caller: LimitedCaller, db: Db, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     if idempotency_key is None:
         raise Problem(
@@ -678,6 +680,7 @@ _REPORT_SCHEMA = CompletionReported.model_json_schema()
 @partners.post(
     "/{partner_id}/completions",
     tags=["partner completions"],
+    dependencies=[RateLimited],
     summary="Report completions (partner, signed)",
     description=(
         "A partner reports one completion (a `CompletionReported` object) or a cohort (an array of "

@@ -22,6 +22,7 @@ from microcred_runtime import (
     Limit,
     Page,
     Problem,
+    RateLimited,
     RuntimeDep,
     Staff,
     max_body_bytes,
@@ -438,6 +439,7 @@ _VERIFY_BODY: dict[str, Any] = {
 @verification.post(
     "/verify",
     summary="Verify any Open Badges 3.0 / VC 2.0 credential",
+    dependencies=[RateLimited],
     description=(
         "Checks a credential, ours or another issuer's: a JSON credential with an embedded Data "
         "Integrity proof (eddsa-rdfc-2022), or a VC-JWT (as a JSON string, or the raw token with "

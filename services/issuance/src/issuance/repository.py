@@ -27,19 +27,44 @@ from .domain import Credential
 # two unrelated transactions take turns, never a wrong result. What each lock serializes and in
 # which order they are taken is said in service.py.
 
-# How long a transaction waits for one of these locks (PostgreSQL's lock_timeout, for these waits
-# only). Their holders are consumers' batches and sweeper finds, seconds long; one held this long
-# is stuck (e.g. its process frozen mid-transaction, its connection not yet noticed gone). A
-# quarter of the default CONSUMER_MAX_POLL_INTERVAL_SECONDS (300 s): a batch starts no step after
-# half of it, and a step that then waits this long still ends, pauses and polls in the other half,
-# so its consumer is not taken for dead and its partitions do not move to a replica that would
-# wait the same. The holder keeps its locks until its session ends: this bounds the wait only.
+# How long, in all, a transaction waits for these locks (PostgreSQL's lock_timeout, set for these
+# waits only, to what is left of it since the first began). Their holders are consumers' batches
+# and sweeper finds, seconds long; one held this long is stuck (e.g. its process frozen
+# mid-transaction, and not yet ended by `IDLE_HOLDER_TIMEOUT`). A quarter of the default
+# CONSUMER_MAX_POLL_INTERVAL_SECONDS (300 s): a batch starts no step after half of it, and a step
+# that then waits this long, over all of its events' locks, still ends, pauses and polls in the
+# other half, so its consumer is not taken for dead and its partitions do not move to a replica
+# that would wait the same.
 LOCK_TIMEOUT = "75s"
+
+# How long a transaction that took one of these locks may sit idle before PostgreSQL ends its
+# session, and with it the transaction and its locks (idle_in_transaction_session_timeout, set for
+# the rest of the transaction). Between two statements a holder waits for nothing but its own work
+# on the event loop, signing a credential taking milliseconds: no Kafka (the outbox is a table,
+# offsets are committed after the COMMIT, dead letters and retry pauses come between transactions)
+# and no HTTP. One idle this long is stuck: its process frozen, or its host gone, which PostgreSQL
+# would otherwise notice only when TCP keepalives give up (about two hours by default). Well within
+# LOCK_TIMEOUT, so those waiting for it proceed; if the holder wakes, it finds its connection
+# closed: an outage, and its batch is redelivered.
+IDLE_HOLDER_TIMEOUT = "30s"
+
+# The transaction's first lock wait sets its deadline (a setting of the transaction's own, gone at
+# its end); each wait gets what is left of it, at least 1 ms (0 would be no limit).
+_BOUND_WAITS = """
+    SELECT set_config('idle_in_transaction_session_timeout', $2, true),
+           set_config('lock_timeout',
+                      greatest(1, ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000))::text, true)
+    FROM (SELECT coalesce(
+        nullif(current_setting('issuance.lock_wait_deadline', true), '')::timestamptz,
+        set_config('issuance.lock_wait_deadline', (clock_timestamp() + $1::text::interval)::text, true)
+            ::timestamptz
+    ) AS deadline) waits
+"""
 
 
 class LockWaitTimedOut(TimeoutError):
-    """A lock was not granted within `LOCK_TIMEOUT`. A TimeoutError, so the runtime takes it for an
-    outage (`is_outage`): the consumer's batch is rolled back and redelivered after a pause, not
+    """The locks were not granted within `LOCK_TIMEOUT`. A TimeoutError, so the runtime takes it for
+    an outage (`is_outage`): the consumer's batch is rolled back and redelivered after a pause, not
     retried as the event's failure and then dead-lettered, the event being in no way at fault."""
 
 
@@ -64,13 +89,13 @@ async def lock_learners(conn: Connection, learner_ids: Iterable[UUID]) -> None:
 async def _lock(conn: Connection, function: str, keys: set[int]) -> None:
     if not keys:
         return
-    await conn.execute("SELECT set_config('lock_timeout', $1, true)", LOCK_TIMEOUT)
+    await conn.execute(_BOUND_WAITS, LOCK_TIMEOUT, IDLE_HOLDER_TIMEOUT)
     try:
         for key in sorted(keys):
             await conn.execute(f"SELECT {function}($1)", key)
     except asyncpg.LockNotAvailableError as exc:
         raise LockWaitTimedOut(
-            f"an advisory lock was not granted within {LOCK_TIMEOUT}: another transaction holds it"
+            f"advisory locks were not granted within {LOCK_TIMEOUT} in all: another transaction holds one"
         ) from exc
     # The rest of the transaction waits (rows, the inbox) as the session would have it.
     await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
