@@ -6,7 +6,9 @@ An event on each partition can never be applied, so it is dead-lettered; publish
 letter fails twice, as an outage (`KafkaTimeoutError`) or as a bug (`RuntimeError`). Every batch
 must start each partition where the one before left it, at its first unsettled record; the
 committed offsets must never pass an unsettled record; and once the dead letters go through,
-every event is applied exactly once and each dead letter is published once.
+every event is applied exactly once and each dead letter is published once. A dead letter that
+its topic refuses for its size goes again without the original's content, and the letters after
+it reach the same partition.
 
 A record whose header has no value (Kafka allows a null one) must not take its batch down with
 it: among good records on both partitions, it is dead-lettered with its reason when the header
@@ -164,10 +166,20 @@ def run_consumer(
         *,
         dead_letter_error: Exception | None = None,
         dead_letter_failures: int = 0,
+        dead_letter_topic_bytes: int | None = None,
     ) -> Run:
         settings: ServiceSettings = make_settings(ServiceSettings, await new_database())
         bootstrap, topic = infrastructure.kafka_bootstrap, topic_prefix + TOPIC
         dead_letter_topic = f"{topic_prefix}{GROUP}.dlq"
+        if dead_letter_topic_bytes is not None:
+            # One partition, which takes less than the runtime's dead letters may weigh.
+            await kafka.ensure_topics(
+                bootstrap,
+                [dead_letter_topic],
+                partitions=1,
+                replication=1,
+                configs={dead_letter_topic: {"max.message.bytes": str(dead_letter_topic_bytes)}},
+            )
         await kafka.ensure_topics(bootstrap, [topic, dead_letter_topic], partitions=2, replication=1)
         for partition, records in partitions.items():
             for record in records:
@@ -183,7 +195,7 @@ def run_consumer(
         subscriptions.on(CourseUpdated)(apply)
         (route,) = subscriptions.routes(GROUP)
         pool = await asyncpg.create_pool(str(settings.database_url), min_size=1, max_size=2)
-        dead_letter_producer = kafka.reliable_producer(bootstrap, client_id="probe")
+        dead_letter_producer = kafka.dead_letter_producer(bootstrap, client_id="probe")
         await dead_letter_producer.start()
         dead_letters = FlakyDeadLetters(
             dead_letter_producer, topic_prefix, dead_letter_error, dead_letter_failures
@@ -242,6 +254,26 @@ async def test_a_dead_letter_that_fails_leaves_both_partitions_at_their_first_un
     assert run.applied == Counter(["ok-0", "ok-1", "ok-2", "ok-3"])
     assert run.inbox == run.applied
     assert sorted(_title(letter) for letter in run.dead_letters) == ["poison-0", "poison-1"]
+
+
+async def test_a_dead_letter_its_topic_refuses_for_its_size_costs_no_later_letter(
+    run_consumer: RunConsumer,
+) -> None:
+    # Every letter goes to the dead-letter topic's one partition; the second is too large for it
+    # (a producer's first batch to a partition would be taken at any sequence number).
+    large_title = "poison-" + "x" * 10_000
+    partitions = {0: titled("ok-0", "poison-before", large_title, "poison-after", "ok-1"), 1: titled("ok-2")}
+
+    run = await run_consumer(partitions, dead_letter_topic_bytes=4000)
+
+    assert_each_batch_starts_where_the_last_left_off(run.deliveries)
+    assert run.applied == Counter(["ok-0", "ok-1", "ok-2"])
+    before, large, after = run.dead_letters
+    assert {before.partition, large.partition, after.partition} == {0}
+    assert [dict(letter.headers)["dlq_offset"] for letter in run.dead_letters] == [b"1", b"2", b"3"]
+    assert large.value == b""
+    assert int(dict(large.headers)["dlq_value_dropped"]) > 10_000
+    assert (_title(before), _title(after)) == ("poison-before", "poison-after")
 
 
 async def test_a_header_without_a_value_costs_only_its_own_record(run_consumer: RunConsumer) -> None:

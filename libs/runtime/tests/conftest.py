@@ -75,7 +75,7 @@ def consumer_record(
         key=record.key if key is None else key,
         value=record.value,
         checksum=None,
-        serialized_key_size=len(record.key),
+        serialized_key_size=len(record.key or b""),
         serialized_value_size=len(record.value),
         headers=record.headers,
     )

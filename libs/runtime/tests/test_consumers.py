@@ -238,6 +238,17 @@ def test_dead_letter_record_keeps_the_message_and_says_why_it_failed() -> None:
     assert abs(datetime.now(UTC) - failed_at) < timedelta(minutes=1)
 
 
+def test_the_dead_letter_of_a_keyless_record_is_keyless() -> None:
+    original = valid_record()
+    keyless = replace(consumer_record(original), key=None)
+
+    dead = dead_letter_record(keyless, GROUP, "schema_violation", "bad", attempts=0)
+
+    # Not b"": the letters of keyless records would all go to that key's one partition.
+    assert dead.key is None
+    assert dead.value == original.value
+
+
 # What aiokafka's producer takes at most (its max_request_size, which kafka.reliable_producer keeps).
 PRODUCER_MAX_REQUEST_SIZE = 1024 * 1024
 
@@ -296,7 +307,7 @@ def test_headers_then_a_key_too_large_to_dead_letter_are_dropped_too() -> None:
     assert int(headers["dlq_headers_dropped"]) > 1_040_000
     assert without_headers.key == original.key
     headers = dict(without_key.headers)
-    assert without_key.key == b""
+    assert without_key.key is None
     assert headers["dlq_key_dropped"] == b"1040000"
     assert headers["dlq_key_sha256"] == hashlib.sha256(b"k" * 1_040_000).hexdigest().encode()
     for dead in (without_headers, without_key):
@@ -732,7 +743,7 @@ async def test_a_dead_letter_too_large_for_the_broker_goes_without_the_originals
         b"1",
         b"0",
     )
-    assert (letter.key, letter.value) == (b"", b"")
+    assert (letter.key, letter.value) == (None, b"")
     assert all(name.startswith("dlq_") for name in headers)
     assert headers["dlq_value_dropped"] == str(len(b"{not json")).encode()
     assert headers["dlq_key_sha256"] == hashlib.sha256(b"k").hexdigest().encode()

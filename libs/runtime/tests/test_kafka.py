@@ -200,6 +200,31 @@ async def test_ensure_topics_creates_only_the_missing_ones(
     assert client.events == ["start", "close"]
 
 
+async def test_ensure_topics_creates_a_topic_with_the_settings_given_for_it(admin: type[FakeAdmin]) -> None:
+    await kafka.ensure_topics(
+        "kafka:9092",
+        ["a", "a.dlq"],
+        partitions=1,
+        replication=1,
+        configs={"a.dlq": {"max.message.bytes": "9"}},
+    )
+
+    (client,) = admin.instances
+    assert [(t.name, t.topic_configs) for t in client.created] == [
+        ("a", {}),
+        ("a.dlq", {"max.message.bytes": "9"}),
+    ]
+
+
+async def test_dead_letters_have_a_producer_that_a_refused_letter_cannot_break() -> None:
+    producer = kafka.dead_letter_producer("kafka:9092", "enrollment")
+
+    # Idempotence would leave the sequence number of a refused letter used, and every later
+    # letter to its partition refused as out of order.
+    assert producer._txn_manager is None
+    assert producer.client._client_id == "enrollment-dead-letters"
+
+
 async def test_ensure_topics_raises_the_brokers_refusal_but_not_already_exists(
     admin: type[FakeAdmin], monkeypatch: pytest.MonkeyPatch
 ) -> None:

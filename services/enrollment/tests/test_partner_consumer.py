@@ -34,7 +34,7 @@ def partner_record(source: str) -> ConsumerRecord[bytes, bytes]:
         key=record.key,
         value=record.value,
         checksum=None,
-        serialized_key_size=len(record.key),
+        serialized_key_size=len(record.key or b""),
         serialized_value_size=len(record.value),
         headers=[*record.headers, ("ce_signature", b"v1,abc")],
     )

@@ -62,7 +62,7 @@ class KafkaRecord:
     """One Kafka message ready for a producer: what `encode` returns and the outbox stores."""
 
     topic: str
-    key: bytes
+    key: bytes | None  # None: no key (a dead letter of a keyless record); events have their aggregate's
     value: bytes
     headers: list[tuple[str, bytes]]
 

@@ -9,7 +9,8 @@ What a service relies on:
 - A message that is not a valid event goes straight to the dead-letter topic with the reason; a
   handler that raises is retried `max_attempts` times with exponential backoff and then
   dead-lettered; `Rejected` skips the retries. Either way the partition moves on, even when the
-  broker refuses the dead letter for its size: it goes again without the original's content.
+  broker refuses the dead letter for its size: it goes again without the original's content (and
+  through a producer of its own, `kafka.dead_letter_producer`, that such a refusal cannot break).
 - Whatever else fails is not the message's fault, and nothing is skipped for it: an outage
   (PostgreSQL unreachable, Kafka unavailable for a dead letter, see `is_outage`) and an
   unexpected error outside a handler (a bug, logged with its traceback) both end the batch; after
@@ -498,6 +499,9 @@ DEAD_LETTER_HEADER_PREFIX = "dlq_"
 # both about 1 MiB; 16 KiB of it stay free for the record's framing and the trace headers that
 # publishing adds. A message the broker took at its limit does not fit with the dlq_* headers.
 DEAD_LETTER_MAX_BYTES = 1024 * 1024 - 16 * 1024
+# What the runtime's dead-letter topics take (max.message.bytes, set when it creates them): Kafka's
+# default, so that a broker whose message.max.bytes is lower still takes a letter of the size above.
+DEAD_LETTER_TOPIC_MAX_BYTES = 1024 * 1024 + 12
 
 
 def dead_letter_record(
@@ -519,7 +523,8 @@ def dead_letter_record(
     original: list[tuple[str, bytes]] = [
         (name, value) for name, value in record.headers if not name.startswith(DEAD_LETTER_HEADER_PREFIX)
     ]
-    key, value = record.key or b"", record.value or b""
+    # A keyless record's letter stays keyless: spread over the partitions, not all on the one of b"".
+    key, value = record.key, record.value or b""
     failure = [
         (DEAD_LETTER_HEADER_PREFIX + name, text.encode())
         for name, text in {
@@ -546,14 +551,14 @@ def dead_letter_record(
     if _size(key, value, [*original, *failure]) > max_bytes:
         failure += dropped("headers", b"".join(name.encode() + content for name, content in original))
         original = []
-    if _size(key, value, failure) > max_bytes:
+    if key is not None and _size(key, value, failure) > max_bytes:
         failure += dropped("key", key)
-        key = b""
+        key = None
     return KafkaRecord(topic=dead_letter_topic(group), key=key, value=value, headers=[*original, *failure])
 
 
-def _size(key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]) -> int:
-    return len(key) + len(value) + sum(len(name.encode()) + len(content) for name, content in headers)
+def _size(key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]) -> int:
+    return len(key or b"") + len(value) + sum(len(name.encode()) + len(content) for name, content in headers)
 
 
 def _with_header_values(record: ConsumerRecord[bytes, bytes]) -> ConsumerRecord[bytes, bytes]:

@@ -2,16 +2,16 @@
 
 Two defaults are overridden on purpose. aiokafka's producer defaults to `acks=1` without
 idempotence, so a leader change can lose or duplicate a write: ours uses `acks="all"` and the
-idempotent producer. FastStream's Kafka subscriber defaults to `AckPolicy.ACK_FIRST`, which
-auto-commits before the handler ran (at-most-once): ours turns FastStream's acknowledgement off
-(`AckPolicy.MANUAL`) and commits, per partition, only the offsets of settled records
-(`commit_settled`; see `consumers`).
+idempotent producer (dead letters: see `dead_letter_producer`). FastStream's Kafka subscriber
+defaults to `AckPolicy.ACK_FIRST`, which auto-commits before the handler ran (at-most-once):
+ours turns FastStream's acknowledgement off (`AckPolicy.MANUAL`) and commits, per partition, only
+the offsets of settled records (`commit_settled`; see `consumers`).
 """
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -42,6 +42,27 @@ def reliable_producer(bootstrap_servers: str, client_id: str) -> AIOKafkaProduce
         enable_idempotence=True,
         # A little batching for the relay's bursts; latency stays in single-digit milliseconds.
         linger_ms=5,
+        request_timeout_ms=30_000,
+    )
+
+
+def dead_letter_producer(bootstrap_servers: str, client_id: str) -> AIOKafkaProducer:
+    """The producer of dead letters: `acks="all"` but not idempotent.
+
+    An idempotent producer gives a batch its partition's next sequence number when it sends it
+    and never takes it back when the broker refuses the batch for good (a dead letter too large
+    for its topic); the broker has not recorded that number, so every later batch to the
+    partition is refused as out of order, for as long as the producer lives. Dead letters come
+    from records that failed, whose size nobody chose: a refusal must cost its letter only (it
+    goes again without the original's content), not the partition, nor the events the service
+    publishes. aiokafka sends one batch at a time per partition, so letters keep their order; a
+    retried send may duplicate one, which is harmless in a dead-letter topic.
+    """
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=f"{client_id}-dead-letters",
+        acks="all",
+        enable_idempotence=False,
         request_timeout_ms=30_000,
     )
 
@@ -111,8 +132,10 @@ async def ensure_topics(
     partitions: int,
     replication: int,
     within: float = 30.0,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
     """Create the missing topics; existing ones are left as they are (operators may have tuned them).
+    `configs`: the topic-level settings of some of them, by name, when created.
 
     Done `within` seconds or `TimeoutError`: aiokafka's admin client has no deadline of its own
     for its whole work, and a broker that accepts connections without answering would hold a
@@ -128,7 +151,12 @@ async def ensure_topics(
                 return
             response = await admin.create_topics(
                 [
-                    NewTopic(name, num_partitions=partitions, replication_factor=replication)
+                    NewTopic(
+                        name,
+                        num_partitions=partitions,
+                        replication_factor=replication,
+                        topic_configs=dict((configs or {}).get(name, {})),
+                    )
                     for name in missing
                 ]
             )
