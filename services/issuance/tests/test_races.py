@@ -224,6 +224,76 @@ async def test_a_lock_held_past_the_lock_timeout_is_an_outage_not_the_event_s_fa
             await conn.close()
 
 
+async def test_a_lock_holder_idle_in_its_transaction_is_ended_and_the_waiting_batch_proceeds(
+    database: str, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repository, "IDLE_HOLDER_TIMEOUT", "500ms")
+    course, learner = a_course(), a_learner()
+
+    async def catalog(conn: asyncpg.Connection) -> None:
+        await service.record_course(conn, platform, published(course))
+
+    await setup(database, catalog)
+    stuck, waiting = [await asyncpg.connect(database) for _ in range(2)]
+    try:
+        frozen = stuck.transaction()
+        await frozen.start()
+        # A replica frozen while it records a new version of the course: it sends nothing more.
+        await repository.lock_courses(stuck, [course.course_id], exclusive=True)
+
+        async with asyncio.timeout(10), waiting.transaction():
+            await service.issue_course_credential(waiting, platform, a_completion(course, learner))
+
+        # PostgreSQL ended the holder's session; woken, its batch meets an outage (redelivered).
+        with pytest.raises((asyncpg.InterfaceError, asyncpg.InternalClientError)) as ended:
+            await stuck.execute("SELECT 1")
+        assert is_outage(ended.value)
+        assert stuck.is_closed()
+    finally:
+        for conn in (stuck, waiting):
+            await conn.close()
+    assert (
+        await count(database, "SELECT count(*) FROM credentials WHERE learner_id = $1", learner.learner_id)
+        == 1
+    )
+
+
+async def test_a_transaction_waits_for_its_locks_at_most_the_lock_timeout_in_all(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repository, "LOCK_TIMEOUT", "3s")
+    first, second = a_learner().learner_id, a_learner().learner_id
+    slow, stuck, waiting = [await asyncpg.connect(database) for _ in range(3)]
+    try:
+        slow_batch = slow.transaction()
+        await slow_batch.start()
+        await repository.lock_learners(slow, [first])
+        async with stuck.transaction():
+            await repository.lock_learners(stuck, [second])
+
+            async def release_first() -> None:
+                await asyncio.sleep(2)
+                await slow_batch.commit()
+
+            async def one_step() -> None:
+                async with waiting.transaction():
+                    await repository.lock_learners(waiting, [first])  # about 2 s
+                    await repository.lock_learners(waiting, [second])  # what is left: about 1 s
+
+            started = asyncio.get_running_loop().time()
+            releasing = asyncio.create_task(release_first())
+            with pytest.raises(repository.LockWaitTimedOut):
+                await asyncio.wait_for(one_step(), 20)
+            waited = asyncio.get_running_loop().time() - started
+            await releasing
+    finally:
+        for conn in (slow, stuck, waiting):
+            await conn.close()
+
+    # Not 2 s and then 3 s more.
+    assert 2.9 < waited < 4.5
+
+
 def test_lock_keys_never_change() -> None:
     """Replicas of two releases side by side (a rolling upgrade) must lock the same keys."""
     some_id = UUID("6f1c2a3e-0000-4000-8000-000000000001")
