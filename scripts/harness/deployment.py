@@ -135,7 +135,12 @@ def deploy(
             # The replicas' one public address, as behind a Kubernetes Service.
             "PUBLIC_BASE_URL": f"http://{HOST}:{fronts['issuance']}",
         },
-        "notifications": {"SMTP_HOST": HOST, "SMTP_PORT": str(ports["smtp"])},
+        "notifications": {
+            "SMTP_HOST": HOST,
+            "SMTP_PORT": str(ports["smtp"]),
+            # The webhook receiver is on this machine's loopback, which webhooks reach only when allowed.
+            "WEBHOOK_ALLOWED_PRIVATE_NETWORKS": '["127.0.0.0/8"]',
+        },
     }
 
     def settings(service: str) -> Callable[[int, int], dict[str, str]]:

@@ -225,6 +225,8 @@ def settings_for(make_settings: Callable[..., Any], database: str, smtp_port: in
         delivery_retry_cap_seconds=0.1,
         delivery_poll_interval_seconds=30,
         delivery_drain_seconds=1,
+        # The receiver listens on this machine's loopback, which webhooks reach only when allowed.
+        webhook_allowed_private_networks=["127.0.0.0/8"],
     )
     return settings
 

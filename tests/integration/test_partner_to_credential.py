@@ -118,6 +118,8 @@ async def world(
                     await new_database(),
                     smtp_port=smtp_port,
                     delivery_poll_interval_seconds=0.5,
+                    # The receiver is on loopback, which webhooks reach only when allowed.
+                    webhook_allowed_private_networks=["127.0.0.0/8"],
                 )
             ),
         )

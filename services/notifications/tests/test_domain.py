@@ -3,6 +3,7 @@
 import base64
 import hashlib
 import hmac
+import ipaddress
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,6 +41,7 @@ from notifications.domain import (
     Scope,
     ScopeKind,
     WebhookUrlRefused,
+    address_refusal,
     check_webhook_url,
     format_money,
     kind_of,
@@ -381,3 +383,53 @@ def test_a_scope_has_an_id_exactly_when_it_is_not_all() -> None:
         Scope(ScopeKind.ALL, uuid.uuid4())
     with pytest.raises(ValueError, match="all"):
         Scope(ScopeKind.PARTNER)
+
+
+# --- the addresses webhooks may reach --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "refused_as"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("10.0.0.7", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.1", "private"),
+        ("100.64.0.1", "non-public"),
+        ("169.254.10.10", "link-local"),
+        ("169.254.169.254", "metadata"),
+        ("100.100.100.200", "metadata"),
+        ("224.0.0.251", "multicast"),
+        ("0.0.0.0", "unspecified"),  # noqa: S104  (an address refused, not bound)
+        ("240.0.0.1", "reserved"),
+        ("192.0.2.10", "private"),
+        ("::1", "loopback"),
+        ("::", "unspecified"),
+        ("fe80::1", "link-local"),
+        ("fd12:3456::1", "private"),
+        ("fd00:ec2::254", "metadata"),
+        ("ff02::1", "multicast"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:169.254.169.254", "metadata"),
+        ("2002:a00:1::", "private"),  # 6to4 of 10.0.0.1
+        ("64:ff9b::7f00:1", "loopback"),  # NAT64 of 127.0.0.1
+        ("93.184.215.14", None),
+        ("2606:4700:4700::1111", None),
+        ("::ffff:93.184.215.14", None),
+    ],
+)
+def test_only_public_unicast_addresses_are_reached(address: str, refused_as: str | None) -> None:
+    refusal = address_refusal(ipaddress.ip_address(address))
+    if refused_as is None:
+        assert refusal is None
+    else:
+        assert refusal is not None
+        assert refused_as in refusal
+
+
+def test_an_allowed_private_network_opens_it_but_never_metadata() -> None:
+    loopback = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("169.254.0.0/16")]
+    assert address_refusal(ipaddress.ip_address("127.0.0.1"), loopback) is None
+    assert address_refusal(ipaddress.ip_address("::ffff:127.0.0.1"), loopback) is None
+    assert address_refusal(ipaddress.ip_address("10.0.0.1"), loopback) is not None
+    assert "metadata" in (address_refusal(ipaddress.ip_address("169.254.169.254"), loopback) or "")

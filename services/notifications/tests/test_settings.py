@@ -31,6 +31,8 @@ def test_the_defaults_suit_a_local_run() -> None:
     assert settings.smtp_from == "microcred <no-reply@microcred.example>"
     assert settings.smtp_security is SmtpSecurity.NONE
     assert settings.webhook_allowed_hosts == ["localhost", "127.0.0.1", "::1"]
+    # ... but a webhook reaches only public addresses until an operator opens a private network.
+    assert settings.webhook_allowed_private_networks == []
     assert settings.delivery_max_attempts == 8
 
 
@@ -41,11 +43,16 @@ def test_smtp_and_webhook_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("SMTP_USERNAME", "microcred")
     monkeypatch.setenv("SMTP_PASSWORD", "s3cret-app-password")
     monkeypatch.setenv("WEBHOOK_ALLOWED_HOSTS", '["*.partner.example"]')
+    monkeypatch.setenv("WEBHOOK_ALLOWED_PRIVATE_NETWORKS", '["127.0.0.0/8", "::1/128"]')
     settings = load_settings(Settings)
     assert settings.smtp_security is SmtpSecurity.STARTTLS
     assert settings.smtp_password is not None
     assert settings.smtp_password.get_secret_value() == "s3cret-app-password"
     assert settings.webhook_allowed_hosts == ["*.partner.example"]
+    assert [str(network) for network in settings.webhook_allowed_private_networks] == [
+        "127.0.0.0/8",
+        "::1/128",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -58,6 +65,11 @@ def test_smtp_and_webhook_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> 
         ({"SMTP_USERNAME": "microcred"}, "SMTP_PASSWORD"),
         ({"WEBHOOK_ALLOWED_HOSTS": '[""]'}, "WEBHOOK_ALLOWED_HOSTS"),
         ({"WEBHOOK_ALLOWED_HOSTS": "*.partner.example"}, "WEBHOOK_ALLOWED_HOSTS"),
+        # Any host at all: the allow-list would allow nothing less than everything.
+        ({"WEBHOOK_ALLOWED_HOSTS": '["*"]'}, "WEBHOOK_ALLOWED_HOSTS"),
+        ({"WEBHOOK_ALLOWED_HOSTS": '["*.partner.example", "*.*"]'}, "WEBHOOK_ALLOWED_HOSTS"),
+        ({"WEBHOOK_ALLOWED_PRIVATE_NETWORKS": '["127.0.0.1/8"]'}, "WEBHOOK_ALLOWED_PRIVATE_NETWORKS"),
+        ({"WEBHOOK_ALLOWED_PRIVATE_NETWORKS": '["localhost"]'}, "WEBHOOK_ALLOWED_PRIVATE_NETWORKS"),
         ({"DELIVERY_MAX_ATTEMPTS": "0"}, "DELIVERY_MAX_ATTEMPTS"),
         ({"DELIVERY_RETRY_BASE_SECONDS": "120", "DELIVERY_RETRY_CAP_SECONDS": "60"}, "DELIVERY_RETRY_BASE"),
     ],

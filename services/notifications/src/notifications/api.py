@@ -205,7 +205,8 @@ class SubscriptionRequest(BaseModel):
     url: str = Field(
         min_length=1,
         max_length=2048,
-        description="Where deliveries are POSTed: http(s), to a host allowed by WEBHOOK_ALLOWED_HOSTS.",
+        description="Where deliveries are POSTed: http(s), to a host allowed by WEBHOOK_ALLOWED_HOSTS "
+        "that resolves to public addresses only.",
         examples=["https://hooks.northwind.example.edu/microcred"],
     )
     scope: ScopeBody = Field(description="Whose events it receives; see who may subscribe to which.")
@@ -270,8 +271,9 @@ class SubscriptionCreated(SubscriptionOut):
     responses=_problems(
         {
             403: "The caller is not staff, or may not subscribe to this scope (`scope-forbidden`).",
-            422: "The URL is not http(s) or its host is not allowed (`webhook-url-refused`), an event "
-            "type is unknown (`unknown-event-type`), or the request is malformed.",
+            422: "The URL is not http(s), its host is not allowed or resolves to a loopback, private, "
+            "link-local, multicast, reserved or cloud metadata address (`webhook-url-refused`), an "
+            "event type is unknown (`unknown-event-type`), or the request is malformed.",
         }
     ),
 )
@@ -287,6 +289,7 @@ async def create_subscription(
             event_types=body.event_types,
             description=body.description,
             allowed_hosts=runtime.settings.webhook_allowed_hosts,
+            allowed_private=runtime.settings.webhook_allowed_private_networks,
         )
     return SubscriptionCreated(**SubscriptionOut.of(subscription).model_dump(), secret=subscription.secret)
 

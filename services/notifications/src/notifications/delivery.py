@@ -31,7 +31,7 @@ import httpx
 
 from microcred_runtime import Runtime
 
-from . import domain, repository, service
+from . import domain, egress, repository, service
 from .domain import AttemptOutcome, AttemptResult, Channel, DeliveryState, RetryPolicy
 from .repository import Delivery
 from .settings import Settings, SmtpSecurity
@@ -351,6 +351,10 @@ def webhook_sender(pool: asyncpg.Pool, settings: Settings, client: httpx.AsyncCl
                 if response.is_success:
                     return AttemptResult(AttemptOutcome.DELIVERED, status_code=response.status_code)
                 answer = await _read_some(response)
+        except egress.AddressRefused as exc:
+            # Checked on the address connected to: the host's DNS may have changed since it was
+            # subscribed (rebinding), or WEBHOOK_ALLOWED_PRIVATE_NETWORKS was narrowed.
+            return AttemptResult(AttemptOutcome.REFUSED, error=str(exc)[:_ERROR_LIMIT])
         except httpx.TimeoutException as exc:
             return AttemptResult(AttemptOutcome.TIMED_OUT, error=_describe(exc))
         except httpx.HTTPError as exc:
@@ -397,10 +401,16 @@ async def workers(runtime: Runtime[Any]) -> AsyncIterator[list[Worker]]:
     }
     connections = SmtpConnections(settings)
     # Redirects are not followed: a receiver could otherwise bounce us to a host that is not allowed.
+    # Every connection goes to an address checked as it is made (egress); no proxy from the
+    # environment is used, since it would connect in our stead, unchecked.
     async with httpx.AsyncClient(
         timeout=settings.webhook_timeout_seconds,
         follow_redirects=False,
-        limits=httpx.Limits(max_connections=settings.webhook_concurrency),
+        trust_env=False,
+        transport=egress.CheckedTransport(
+            settings.webhook_allowed_private_networks,
+            httpx.Limits(max_connections=settings.webhook_concurrency),
+        ),
     ) as client:
         running = [
             Worker(

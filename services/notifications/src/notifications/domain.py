@@ -7,7 +7,8 @@ retried, and how a webhook is signed. No I/O here.
 - `learner_channels` applies the learner's preferences and the freshness rule.
 - `Scope.covers(audience)` says whether a webhook subscription receives an event about `audience`.
 - `RetryPolicy` is exponential backoff with full jitter, then `dead`.
-- `sign` is the Standard Webhooks signature; `check_webhook_url` guards against SSRF.
+- `sign` is the Standard Webhooks signature; `check_webhook_url` and `address_refusal` guard
+  against SSRF (the host a URL names, and each address it resolves to).
 """
 
 import base64
@@ -15,6 +16,7 @@ import enum
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import json
 import random
 import secrets
@@ -333,7 +335,8 @@ def check_webhook_url(url: str, allowed_hosts: Sequence[str]) -> None:
     The service calls these URLs from inside the platform's network, so whoever registers one
     could aim it at internal systems (SSRF): only configured host patterns (`*` wildcards, e.g.
     `*.partner.example`) are allowed. The check runs again before every attempt, so narrowing the
-    setting stops deliveries to hosts no longer allowed.
+    setting stops deliveries to hosts no longer allowed. The addresses the host resolves to are
+    checked apart (`address_refusal`), on the connection itself (`egress`).
     """
     try:
         parts = urlsplit(url)
@@ -350,6 +353,72 @@ def check_webhook_url(url: str, allowed_hosts: Sequence[str]) -> None:
         raise WebhookUrlRefused("the URL must not carry credentials")
     if not any(fnmatch.fnmatchcase(hostname.lower(), pattern.lower()) for pattern in allowed_hosts):
         raise WebhookUrlRefused(f"the host {hostname} is not allowed (see WEBHOOK_ALLOWED_HOSTS)")
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
+    ipaddress.ip_address(address)
+    for address in (
+        "169.254.169.254",  # AWS, Google Cloud, Azure, OpenStack, DigitalOcean, Oracle
+        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.170.23",  # AWS EKS pod identity
+        "100.100.100.200",  # Alibaba Cloud
+        "fd00:ec2::254",  # AWS over IPv6
+        "fd00:ec2::23",  # AWS EKS pod identity over IPv6
+    )
+)
+"""Cloud instance metadata services (credentials for the asking): refused even where a private
+network is allowed."""
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one reaches: IPv4-mapped, 6to4 or NAT64 (RFC 6052)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def address_refusal(address: IPAddress, allowed_private: Sequence[IPNetwork] = ()) -> str | None:
+    """Why a webhook must not connect to `address`, or None when it may.
+
+    Only public (globally routable) unicast addresses are called. `allowed_private` lets an
+    operator open given loopback, private, link-local or reserved networks (development and tests
+    deliver to receivers on 127.0.0.1); cloud metadata, multicast and unspecified addresses stay
+    refused whatever it says.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            refused = address_refusal(embedded, allowed_private)
+            return f"{address} reaches {refused}" if refused else None
+    if address in METADATA_ADDRESSES:
+        return f"{address}, a cloud metadata address"
+    if address.is_multicast or address.is_unspecified:
+        return f"{address}, {'a multicast' if address.is_multicast else 'an unspecified'} address"
+    if address.is_global and not (address.is_private or address.is_reserved):
+        return None
+    if any(address in network for network in allowed_private):
+        return None
+    kind = next(
+        name
+        for name, flag in (
+            ("a loopback", address.is_loopback),
+            ("a link-local", address.is_link_local),
+            ("a reserved", address.is_reserved),
+            ("a private", address.is_private),
+            ("a non-public", True),
+        )
+        if flag
+    )
+    return f"{address}, {kind} address (see WEBHOOK_ALLOWED_PRIVATE_NETWORKS)"
 
 
 # --- presentation ----------------------------------------------------------------------------

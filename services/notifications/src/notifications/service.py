@@ -5,11 +5,13 @@ themselves) and the emails and webhooks still to send. Sending is the delivery w
 (`delivery`), so nothing slow ever runs inside the consumer's transaction.
 """
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from microcred_events import (
@@ -27,13 +29,16 @@ from microcred_events import (
 )
 from microcred_runtime import Connection, Principal, Problem, Role, decode_cursor, encode_cursor
 
-from . import domain, messages, repository
-from .domain import Audience, Channel, DeliveryState, Notice, Preferences, Scope, ScopeKind
+from . import domain, egress, messages, repository
+from .domain import Audience, Channel, DeliveryState, IPNetwork, Notice, Preferences, Scope, ScopeKind
 from .repository import Attempt, Delivery, Notification, Subscription
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How long a subscription waits for its host to resolve before accepting it unchecked.
+_RESOLVE_SECONDS = 5.0
 
 # --- reacting to events ----------------------------------------------------------------------
 
@@ -239,16 +244,14 @@ async def subscribe(
     event_types: list[str],
     description: str | None,
     allowed_hosts: list[str],
+    allowed_private: list[IPNetwork],
 ) -> Subscription:
     """Register a subscriber; the returned subscription holds the signing secret, shown this once."""
     if not may_subscribe(staff, scope):
         raise Problem(
             403, "scope-forbidden", f"you may not subscribe to the scope {scope.kind}", scope=scope.kind
         )
-    try:
-        domain.check_webhook_url(url, allowed_hosts)
-    except domain.WebhookUrlRefused as exc:
-        raise Problem(422, "webhook-url-refused", str(exc), url=url) from None
+    await _check_destination(url, allowed_hosts, allowed_private)
     unknown = sorted(set(event_types) - domain.WEBHOOK_EVENT_TYPES)
     if unknown:
         raise Problem(
@@ -270,6 +273,23 @@ async def subscribe(
     )
     await repository.insert_subscription(conn, subscription)
     return subscription
+
+
+async def _check_destination(url: str, allowed_hosts: list[str], allowed_private: list[IPNetwork]) -> None:
+    """Refuse (422) a URL to a host that is not allowed, or that resolves to an address webhooks
+    must not reach. A host that does not resolve (yet) is accepted: every delivery resolves and
+    checks again, on the address it connects to."""
+    try:
+        domain.check_webhook_url(url, allowed_hosts)
+        parts = urlsplit(url)
+        assert parts.hostname is not None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        async with asyncio.timeout(_RESOLVE_SECONDS):
+            await egress.checked_addresses(parts.hostname, port, allowed_private)
+    except (domain.WebhookUrlRefused, egress.AddressRefused) as exc:
+        raise Problem(422, "webhook-url-refused", str(exc), url=url) from None
+    except (OSError, UnicodeError, TimeoutError) as exc:
+        log.info("a webhook host does not resolve (yet): %s", exc, extra={"url": url})
 
 
 async def list_subscriptions(

@@ -2,7 +2,7 @@ import enum
 from email.utils import parseaddr
 from typing import Self
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 
 from microcred_runtime import ServiceSettings
 
@@ -42,7 +42,16 @@ class Settings(ServiceSettings):
         description=(
             "Host patterns (`*` wildcards, e.g. `*.partner.example`) webhook URLs may point at. The "
             "default allows only this machine, for local runs; in production list the subscribers' "
-            "hosts, so nobody can aim the service at internal systems."
+            "hosts, so nobody can aim the service at internal systems. A bare `*` (any host) is refused."
+        ),
+    )
+    webhook_allowed_private_networks: list[IPvAnyNetwork] = Field(
+        default=[],
+        description=(
+            "For development and tests only: networks (CIDR, e.g. `127.0.0.0/8`) webhooks may reach "
+            "although they are loopback, private, link-local or reserved. Empty by default: a webhook "
+            "host must resolve to public addresses only. Cloud metadata, multicast and unspecified "
+            "addresses are refused whatever this says."
         ),
     )
 
@@ -77,6 +86,12 @@ class Settings(ServiceSettings):
     def _patterns(cls, patterns: list[str]) -> list[str]:
         if any(not pattern.strip() for pattern in patterns):
             raise ValueError("host patterns must not be empty")
+        for pattern in patterns:
+            if not pattern.strip("*?.[]!"):
+                raise ValueError(
+                    f"WEBHOOK_ALLOWED_HOSTS must name the subscribers' hosts, not {pattern!r}, which "
+                    "allows any host: list them (e.g. `*.partner.example`)"
+                )
         return patterns
 
     @model_validator(mode="after")
