@@ -32,6 +32,7 @@ from microcred_runtime import (
 from . import pages, service
 from .domain import REASON_MAX_LENGTH, Credential, DisplayStatus
 from .keys import did_document, jwks
+from .proof_workers import ProofWorkers, VerifierBusy
 from .service import Platform
 from .settings import Settings
 from .verification import Check, DatabaseRecords, Fetch, Outcome, Trust, Verdict, Verifier
@@ -67,9 +68,15 @@ def _fetch(request: Request) -> Fetch:
     return fetch
 
 
+def _proof_workers(request: Request) -> ProofWorkers:
+    workers: ProofWorkers = request.app.state.proof_workers
+    return workers
+
+
 PlatformDep = Annotated[Platform, Depends(_platform)]
 TrustDep = Annotated[Trust, Depends(_trust)]
 FetchDep = Annotated[Fetch, Depends(_fetch)]
+ProofWorkersDep = Annotated[ProofWorkers, Depends(_proof_workers)]
 
 credentials = APIRouter(prefix="/credentials", tags=["credentials"])
 learners = APIRouter(prefix="/me", tags=["credentials"])
@@ -448,16 +455,38 @@ _VERIFY_BODY: dict[str, Any] = {
         "VERIFY_TRUSTED_HOSTS; what cannot be checked is `unknown`, never `passed`."
     ),
     openapi_extra=_VERIFY_BODY,
-    responses=_problems({413: "The body is larger than VERIFY_MAX_BODY_BYTES.", 422: "Not a credential."}),
+    responses=_problems(
+        {
+            413: "The body is larger than VERIFY_MAX_BODY_BYTES.",
+            422: "Not a credential.",
+            503: "VERIFY_MAX_CONCURRENT verifications are under way (`verifier-busy`); see Retry-After.",
+        }
+    ),
 )
 @max_body_bytes(_verify_max_body_bytes)
 async def verify(
-    request: Request, runtime: RuntimeDep, platform: PlatformDep, trust: TrustDep, fetch: FetchDep
+    request: Request,
+    runtime: RuntimeDep,
+    platform: PlatformDep,
+    trust: TrustDep,
+    fetch: FetchDep,
+    workers: ProofWorkersDep,
 ) -> VerificationOut:
+    # Admitted once the body is in: a client that sends it slowly holds no verification's turn.
     body = await request.body()
     presented = _presented(body, request.headers.get("content-type", ""))
     now = _now()
-    report = await Verifier(platform, trust, DatabaseRecords(runtime.pool), fetch, now).verify(presented)
+    records = DatabaseRecords(runtime.pool)
+    try:
+        with workers.admitted():
+            report = await Verifier(platform, trust, records, fetch, now, workers.check).verify(presented)
+    except VerifierBusy:
+        raise Problem(
+            503,
+            "verifier-busy",
+            "too many verifications are under way; try again shortly",
+            headers={"Retry-After": "1"},
+        ) from None
     credential = report.credential or {}
     issuer = credential.get("issuer")
     issuer_id = issuer.get("id") if isinstance(issuer, dict) else issuer

@@ -9,6 +9,7 @@ from microcred_runtime import Service, load_settings
 
 from . import api, subscribers, sweeper
 from .keys import load_keyring
+from .proof_workers import ProofWorkers
 from .service import Platform
 from .settings import Settings
 from .verification import Trust, http_fetcher
@@ -28,13 +29,17 @@ class IssuanceService(Service[Settings]):
             settings.verify_fetch_timeout_seconds,
             settings.verify_fetch_max_bytes,
         )
+        workers = ProofWorkers(settings.verify_workers, settings.verify_max_concurrent)
         bound = dataclasses.replace(
-            self, subscriptions=subscribers.subscriptions(platform), background=[sweeper.sweeping(platform)]
+            self,
+            subscriptions=subscribers.subscriptions(platform),
+            background=[sweeper.sweeping(platform), workers.running],
         )
         app = Service.create_app(bound, settings)
         app.state.platform = platform
         app.state.trust = trust
         app.state.fetch = http_fetcher(trust)
+        app.state.proof_workers = workers
         return app
 
 

@@ -42,6 +42,24 @@ class Settings(ServiceSettings):
     verify_max_body_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Largest credential POST /verify accepts."
     )
+    verify_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description=(
+            "Processes that check the proofs POST /verify is sent, off the event loop: each takes one "
+            "CPU while it works, and some 100 MB."
+        ),
+    )
+    verify_max_concurrent: int = Field(
+        default=8,
+        ge=1,
+        le=10_000,
+        description=(
+            "Verifications admitted at once (checking, or waiting for a worker); one more is refused "
+            "with a 503 `verifier-busy` and Retry-After."
+        ),
+    )
     issuance_sweep_interval_seconds: float = Field(
         default=30.0,
         ge=1,

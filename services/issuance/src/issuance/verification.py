@@ -193,6 +193,34 @@ class _Key:
     controller: str
 
 
+def check_proof(secured: dict[str, Any], public_key: Ed25519PublicKey | bytes, method: str) -> Check:
+    """The signature check of a credential with a single proof by `public_key` (the key itself or
+    its 32 raw bytes, as a worker process gets it), named `method`: CPU work, all of it."""
+    if isinstance(public_key, bytes):
+        public_key = Ed25519PublicKey.from_public_bytes(public_key)
+    try:
+        valid = proofs.verify(secured, public_key)
+    except ContextNotAvailable as exc:
+        return unknown(f"not checked: {exc}")
+    except CanonicalizationError as exc:
+        return failed(f"the credential cannot be canonicalized: {exc}")
+    except Exception:
+        log.exception("proof verification raised")
+        return unknown("the proof could not be checked")
+    if not valid:
+        return failed("the signature does not match the credential: it was changed, or signed by another key")
+    return passed(f"signed by {method}")
+
+
+CheckProof = Callable[[dict[str, Any], Ed25519PublicKey, str], Awaitable[Check]]
+"""`check_proof`, run where it does not hold the event loop (`proof_workers.ProofWorkers.check`)."""
+
+
+async def check_proof_here(secured: dict[str, Any], public_key: Ed25519PublicKey, method: str) -> Check:
+    """`check_proof` on the caller's thread: for tests, where nothing else waits for the loop."""
+    return check_proof(secured, public_key, method)
+
+
 @dataclass
 class Verifier:
     platform: Platform
@@ -200,6 +228,7 @@ class Verifier:
     records: Records
     fetch: Fetch
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    proof_checker: CheckProof = check_proof_here
 
     async def verify(self, presented: dict[str, Any] | str) -> Report:
         """Check a credential (a JSON object with an embedded proof, or a VC-JWT string)."""
@@ -254,21 +283,7 @@ class Verifier:
         resolved = await self._resolve(method, _issuer_id(credential))
         if isinstance(resolved, Check):
             return resolved
-        secured = {**credential, "proof": single}
-        try:
-            valid = proofs.verify(secured, resolved.public_key)
-        except ContextNotAvailable as exc:
-            return unknown(f"not checked: {exc}")
-        except CanonicalizationError as exc:
-            return failed(f"the credential cannot be canonicalized: {exc}")
-        except Exception:
-            log.exception("proof verification raised")
-            return unknown("the proof could not be checked")
-        if not valid:
-            return failed(
-                "the signature does not match the credential: it was changed, or signed by another key"
-            )
-        return passed(f"signed by {method}")
+        return await self.proof_checker({**credential, "proof": single}, resolved.public_key, method)
 
     async def _jwt(self, token: str) -> tuple[dict[str, Any] | None, Check]:
         kid = _jwt_kid(token)
