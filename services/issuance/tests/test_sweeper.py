@@ -264,7 +264,7 @@ async def test_one_replica_at_a_time_looks_at_every_learner(pool: asyncpg.Pool, 
     left = await left_behind_two_hours_ago(pool, platform)
     sweeper = Sweeper(pool, platform, lookback_seconds=900)
 
-    async with pool.acquire() as other, other.transaction():
+    async with pool.acquire() as other:
         assert await repository.try_lock_full_sweep(other)  # another replica's full pass
         swept = await sweeper.sweep(full=True)
         assert (swept.full, swept.complete, swept.finished["pathway"]) == (False, True, 0)
@@ -274,18 +274,28 @@ async def test_one_replica_at_a_time_looks_at_every_learner(pool: asyncpg.Pool, 
     assert await pathway_credentials(pool, left) == 1
 
 
-async def test_a_pass_that_reaches_its_limit_is_not_complete(
+async def test_finds_that_keep_failing_do_not_keep_a_pass_from_the_others(
     pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for _ in range(2):
-        await leave_behind(pool, platform)
-    monkeypatch.setattr(sweeper_module, "_PASS_LIMIT", 1)
+    left = [await leave_behind(pool, platform) for _ in range(3)]
+    # The first of each kind, in the order pages are read, fills a page on its own and always fails.
+    monkeypatch.setattr(sweeper_module, "_PAGE_SIZE", 1)
+    failing_learner = min(each.learner.learner_id for each in left)
+    failing_parked = min(each.parked.enrollment_id for each in left)
+    fail_for(monkeypatch, "finish_pathway", failing_learner, RuntimeError("a bug"))
+    fail_for(monkeypatch, "finish_parked_completion", failing_parked, ValueError("cannot sign"))
     sweeper = Sweeper(pool, platform, lookback_seconds=900)
 
-    swept = [await sweeper.sweep() for _ in range(3)]
+    swept = await sweeper.sweep()
 
-    assert [each.finished["pathway"] for each in swept] == [1, 1, 0]
-    assert [each.complete for each in swept] == [False, False, True]
+    assert (swept.finished, swept.complete) == ({"parked": 2, "pathway": 2}, True)
+    assert [await pathway_credentials(pool, each) for each in left] == [
+        each.learner.learner_id != failing_learner for each in left
+    ]
+    assert [await parked_credentials(pool, each) for each in left] == [
+        each.parked.enrollment_id != failing_parked for each in left
+    ]
+    assert (await sweeper.sweep()).finished == {"parked": 0, "pathway": 0}
 
 
 async def test_the_background_sweeper_is_full_first_until_complete_then_every_full_interval(
@@ -295,12 +305,17 @@ async def test_the_background_sweeper_is_full_first_until_complete_then_every_fu
     looked_since: list[datetime | None] = []
 
     async def first_unavailable(
-        conn: asyncpg.Connection, now: datetime, *, issued_since: datetime | None, limit: int
+        conn: asyncpg.Connection,
+        now: datetime,
+        *,
+        issued_since: datetime | None,
+        after: tuple[UUID, UUID] | None,
+        limit: int,
     ) -> list[tuple[UUID, UUID]]:
         looked_since.append(issued_since)
         if len(looked_since) == 1:
             raise ConnectionRefusedError("connection refused")
-        return await find(conn, now, issued_since=issued_since, limit=limit)
+        return await find(conn, now, issued_since=issued_since, after=after, limit=limit)
 
     monkeypatch.setattr(repository, "missing_pathway_credentials", first_unavailable)
 
@@ -345,8 +360,8 @@ async def test_the_background_sweeper_stays_full_while_another_replica_holds_the
 
     monkeypatch.setattr(sweeper, "sweep", recorded)
 
-    async with pool.acquire() as other, sweeper.running(0.05, full_interval_seconds=3600):
-        async with other.transaction():
+    async with sweeper.running(0.05, full_interval_seconds=3600):
+        async with pool.acquire() as other:
             assert await repository.try_lock_full_sweep(other)  # another replica's full pass
             await until(lambda: len(passes) >= 2)
         held = len(passes)

@@ -102,9 +102,10 @@ async def _lock(conn: Connection, function: str, keys: set[int]) -> None:
 
 
 async def try_lock_full_sweep(conn: Connection) -> bool:
-    """Take the lock of the sweeper's full pass unless another transaction holds it (another
-    replica's full pass): True when taken."""
-    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key("sweep", "full")))
+    """Take the lock of the sweeper's full pass for the connection's session unless another session
+    holds it (another replica's full pass): True when taken. Held until the session releases it, or
+    ends; a pooled connection's reset releases it (asyncpg's `Connection.reset`)."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key("sweep", "full")))
 
 
 # --- the catalog read model ------------------------------------------------------------------
@@ -200,8 +201,11 @@ async def take_parked_completions(conn: Connection, course_id: UUID, version: in
     return [CourseCompleted.model_validate_json(row["completion"]) for row in rows]
 
 
-async def parked_with_known_version(conn: Connection, limit: int) -> list[tuple[UUID, UUID]]:
-    """Parked completions whose course version is held: (enrollment id, course id), oldest first.
+async def parked_with_known_version(
+    conn: Connection, *, after: tuple[UUID, UUID] | None, limit: int
+) -> list[tuple[UUID, UUID]]:
+    """Parked completions whose course version is held: (enrollment id, course id), in that order,
+    those after `after` (None: from the first).
 
     Recording a version takes what waited for it in the same transaction, so any row found here
     was left behind."""
@@ -209,9 +213,12 @@ async def parked_with_known_version(conn: Connection, limit: int) -> list[tuple[
         """
         SELECT a.enrollment_id, a.course_id FROM awaiting_course_version a
         JOIN course_versions v ON v.course_id = a.course_id AND v.version = a.course_version
-        ORDER BY a.parked_at, a.enrollment_id
-        LIMIT $1
+        WHERE $1::uuid IS NULL OR (a.enrollment_id, a.course_id) > ($1, $2::uuid)
+        ORDER BY a.enrollment_id, a.course_id
+        LIMIT $3
         """,
+        after[0] if after else None,
+        after[1] if after else None,
         limit,
     )
     return [(row["enrollment_id"], row["course_id"]) for row in rows]
@@ -427,10 +434,16 @@ _EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 async def missing_pathway_credentials(
-    conn: Connection, now: datetime, *, issued_since: datetime | None, limit: int
+    conn: Connection,
+    now: datetime,
+    *,
+    issued_since: datetime | None,
+    after: tuple[UUID, UUID] | None,
+    limit: int,
 ) -> list[tuple[UUID, UUID]]:
-    """(learner id, pathway id) of learners missing a pathway credential, among those holding a
-    course credential of the pathway issued since `issued_since` (None: every learner).
+    """(learner id, pathway id) of learners missing a pathway credential, in that order, among those
+    holding a course credential of the pathway issued since `issued_since` (None: every learner),
+    those after `after` (None: from the first).
 
     Minting a course credential or recording a pathway mints the pathway credentials it completes
     in the same transaction, so whatever is found here was left behind."""
@@ -440,14 +453,17 @@ async def missing_pathway_credentials(
             SELECT DISTINCT c.learner_id, p.pathway_id, p.course_ids
             FROM credentials c JOIN pathways p ON c.course_id = ANY (p.course_ids)
             WHERE c.kind = 'course' AND c.issued_at >= $2
+              AND ($3::uuid IS NULL OR (c.learner_id, p.pathway_id) > ($3, $4::uuid))
         )
         SELECT r.learner_id, r.pathway_id FROM r
         {_MISSING_PATHWAY}
         ORDER BY r.learner_id, r.pathway_id
-        LIMIT $3
+        LIMIT $5
         """,
         now,
         issued_since or _EARLIEST,
+        after[0] if after else None,
+        after[1] if after else None,
         limit,
     )
     return [(row["learner_id"], row["pathway_id"]) for row in rows]

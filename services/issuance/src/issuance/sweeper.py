@@ -16,16 +16,19 @@ PostgreSQL being unavailable ends the pass instead, with one warning: every find
 
 Each pass looks at the parked completions (few: recording a version takes them). For pathways, a
 full pass looks at every learner: a process's first, then one every
-`ISSUANCE_SWEEP_FULL_INTERVAL_SECONDS`, one replica at a time (a transaction-level try lock; a
-replica that finds it taken makes an ordinary pass, and tries again at its next until it has made a
-complete full pass itself). An ordinary pass looks only at learners with
-a course credential issued since the start of this sweeper's last complete pass (it ran to its end
-and found fewer than its limit) less `ISSUANCE_SWEEP_LOOKBACK_SECONDS`: a race leaves a pathway
+`ISSUANCE_SWEEP_FULL_INTERVAL_SECONDS`, one replica at a time (a try lock, held by a connection of
+the pass until it ends; a replica that finds it taken makes an ordinary pass, and tries again at its
+next until it has made a complete full pass itself). An ordinary pass looks only at learners with
+a course credential issued since the start of this sweeper's last complete pass (it ran to its end)
+less `ISSUANCE_SWEEP_LOOKBACK_SECONDS`: a race leaves a pathway
 behind only while its last course credential is being minted, and `issued_at` is taken up to a
 consumer batch's length before the commit. A pass cut short by an outage moves nothing, however
 long the outage. A find that failed on its own does not hold the window back either (a lasting
 failure would widen every pass to everything): the passes of the lookback after it and the next
 full pass find it again.
+
+A pass takes its finds in pages, in key order, each page after the last find of the one before,
+to the end: finds that keep failing, however many, do not keep a pass from the others.
 """
 
 import asyncio
@@ -50,23 +53,26 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Most finds of each kind one pass takes on; the rest wait for the next pass.
-_PASS_LIMIT = 500
+# Finds of one kind read at a time; a pass reads page after page until one is not full.
+_PAGE_SIZE = 500
 
 _Finish = Callable[[Connection, Platform, UUID, UUID], Awaitable[bool]]
+# A page of finds of one kind, each two ids, in key order: those after `after` (None: from the start).
+_Find = Callable[[Connection, tuple[UUID, UUID] | None], Awaitable[list[tuple[UUID, UUID]]]]
 
 # What a find of each kind means, as logged when it is finished.
 _FOUND = {
     "parked": "a parked completion was left behind by a race: minted it now",
     "pathway": "a pathway credential was left behind by a race: minted it now",
 }
+# What the two ids of a find of each kind are, as logged.
+_IDS = {"parked": ("enrollment_id", "course_id"), "pathway": ("learner_id", "pathway_id")}
 
 
 @dataclass
 class Pass:
     """What one pass found and finished, of each kind; whether it looked at every learner
-    (`full`), and whether it is `complete`: it ran to its end (PostgreSQL stayed available) and
-    found fewer missing pathway credentials than its limit (none were left for later)."""
+    (`full`), and whether it is `complete`: it ran to its end (PostgreSQL stayed available)."""
 
     finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_FOUND, 0))
     full: bool = False
@@ -109,35 +115,56 @@ class Sweeper:
     async def sweep(self, *, full: bool = False) -> Pass:
         """One pass. `full`: every learner, unless another replica's full pass is looking."""
         swept = Pass()
+        started = datetime.now(UTC)
         try:
-            async with self._acquire() as conn:
-                parked = await repository.parked_with_known_version(conn, _PASS_LIMIT)
-            for enrollment_id, course_id in parked:
-                context = {"enrollment_id": str(enrollment_id), "course_id": str(course_id)}
-                await self._finish(
-                    swept, "parked", service.finish_parked_completion, enrollment_id, course_id, context
+            await self._sweep_pages(
+                swept,
+                "parked",
+                lambda conn, after: repository.parked_with_known_version(conn, after=after, limit=_PAGE_SIZE),
+                service.finish_parked_completion,
+            )
+            async with self._full_pass(full) as swept.full:
+                since = None if swept.full else (self._covered_until or started) - self._lookback
+                await self._sweep_pages(
+                    swept,
+                    "pathway",
+                    lambda conn, after: repository.missing_pathway_credentials(
+                        conn, started, issued_since=since, after=after, limit=_PAGE_SIZE
+                    ),
+                    service.finish_pathway,
                 )
-
-            started = datetime.now(UTC)
-            async with self._acquire() as conn, conn.transaction():
-                # Held until this query's transaction ends: the query is what costs a full pass.
-                swept.full = full and await repository.try_lock_full_sweep(conn)
-                since = (self._covered_until or started) - self._lookback
-                missing = await repository.missing_pathway_credentials(
-                    conn, started, issued_since=None if swept.full else since, limit=_PASS_LIMIT
-                )
-            for learner_id, pathway_id in missing:
-                context = {"learner_id": str(learner_id), "pathway_id": str(pathway_id)}
-                await self._finish(swept, "pathway", service.finish_pathway, learner_id, pathway_id, context)
         except _Unavailable as exc:
             log.warning(
                 "PostgreSQL is unavailable: this sweep ends here, the next one goes on: %s", exc.__cause__
             )
             return swept
-        swept.complete = len(missing) < _PASS_LIMIT
-        if swept.complete:
-            self._covered_until = started
+        swept.complete = True
+        self._covered_until = started
         return swept
+
+    async def _sweep_pages(self, swept: Pass, kind: str, find: _Find, finish: _Finish) -> None:
+        after: tuple[UUID, UUID] | None = None
+        while True:
+            async with self._acquire() as conn:
+                page = await find(conn, after)
+            for first, second in page:
+                context = dict(zip(_IDS[kind], (str(first), str(second)), strict=True))
+                await self._finish(swept, kind, finish, first, second, context)
+            if len(page) < _PAGE_SIZE:
+                return
+            after = page[-1]
+
+    @contextlib.asynccontextmanager
+    async def _full_pass(self, full: bool) -> AsyncIterator[bool]:
+        """Whether this pass looks at every learner: `full` asked for, and no other replica's full
+        pass looking (its lock, held by a connection of its own until the pass ends)."""
+        if not full:
+            yield False
+            return
+        # Released when the connection goes back to the pool (its reset releases advisory locks),
+        # or with its session.
+        async with self._acquire() as conn:
+            yield await repository.try_lock_full_sweep(conn)
 
     @contextlib.asynccontextmanager
     async def _acquire(self) -> AsyncIterator[Connection]:
