@@ -21,6 +21,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.message import FAKE_CONSUMER
+from faststream.kafka.message import KafkaMessage as FastStreamKafkaMessage
 from faststream.middlewares import AckPolicy
 from opentelemetry import propagate, trace
 
@@ -220,7 +222,7 @@ def subscribe(
         session_timeout_ms=membership.session_timeout_ms,
         heartbeat_interval_ms=membership.heartbeat_interval_ms,
         max_poll_interval_ms=membership.max_poll_interval_ms,
-        parser=_tolerant_parser,
+        parser=_batch_of_records,
         decoder=_raw_body,
     )
 
@@ -228,13 +230,21 @@ def subscribe(
         records: tuple[ConsumerRecord[bytes, bytes], ...] = message.raw_message
         # None only under FastStream's TestKafkaBroker, which delivers without a Kafka consumer.
         client = subscriber.consumer
-        settled = await consumer.process_batch(
-            records, assigned=None if client is None else client.assignment
-        )
-        if client is not None:
-            # FastStream cancels a batch that outlives the shutdown grace (then stops the client),
-            # and a commit cut short would have settled records come again: the commit goes on.
-            await _uncancellable(commit_settled(client, records, settled))
+        try:
+            settled = await consumer.process_batch(
+                records, assigned=None if client is None else client.assignment
+            )
+            if client is not None:
+                # FastStream cancels a batch that outlives the shutdown grace (then stops the
+                # client), and a commit cut short would have settled records come again: the
+                # commit goes on.
+                await _uncancellable(commit_settled(client, records, settled))
+        except Exception:
+            # FastStream logs what escapes and goes on polling from past the batch, and the next
+            # batch's commit would pass it: it comes again instead, what it settled as duplicates.
+            if client is not None:
+                rewind(client, records)
+            raise
 
     subscriber(consume)
 
@@ -251,6 +261,17 @@ async def _uncancellable(work: Coroutine[Any, Any, None]) -> None:
     await asyncio.shield(task)
 
 
+def rewind(client: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+    """Leave each partition of `records` that this member still holds at its first record there."""
+    first: dict[TopicPartition, int] = {}
+    for record in records:
+        first.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+    assigned = client.assignment()
+    for partition, offset in first.items():
+        if partition in assigned:
+            client.seek(partition, offset)
+
+
 async def commit_settled(
     client: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, bytes]], settled: int
 ) -> None:
@@ -263,16 +284,11 @@ async def commit_settled(
     commit, and what this batch applied of it again is a duplicate in the inbox.
     """
     done: dict[TopicPartition, int] = {}
-    rewind: dict[TopicPartition, int] = {}
     for record in records[:settled]:
         done[TopicPartition(record.topic, record.partition)] = record.offset + 1
-    for record in records[settled:]:
-        rewind.setdefault(TopicPartition(record.topic, record.partition), record.offset)
-    assigned = client.assignment()
     # Rewound first: whatever the commit does, the next poll starts at the first unsettled records.
-    for partition, offset in rewind.items():
-        if partition in assigned:
-            client.seek(partition, offset)
+    rewind(client, records[settled:])
+    assigned = client.assignment()
     owned = {partition: offset for partition, offset in done.items() if partition in assigned}
     if not owned:
         return
@@ -285,33 +301,28 @@ async def commit_settled(
         log.warning("offsets not committed: %s", exc)
 
 
-async def _tolerant_parser(records: Any, original: Any) -> Any:
-    """FastStream decodes every header as UTF-8 text, and crashes on a header that is not (a
-    poison message's bytes, or a header without a value: Kafka allows null ones); a batch whose
-    parsing fails never reaches the handler, is not rewound, and the next batch's commit passes it.
+async def _batch_of_records(
+    records: tuple[ConsumerRecord[bytes, bytes], ...],
+) -> FastStreamKafkaMessage:
+    """FastStream's message for a batch, as its own parser builds it but without its headers.
 
-    On any failure, let it parse a copy of the headers as text (lossy, null as empty) instead; the
-    handler reads the untouched records: `decode` rejects what the event needs with a reason, so
-    such a message is dead-lettered rather than lost or redelivered forever.
+    Its parser decodes every header as UTF-8 text, and fails on one that is not (a poison
+    message's bytes, or a header without a value: Kafka allows null ones); a batch whose parsing
+    fails never reaches `consume`, which could rewind it, and the next batch's commit passes it.
+    The runtime reads the raw records (`raw_message`) itself, so FastStream is given no headers.
     """
-    try:
-        return await original(records)
-    except Exception:
-        kept = [record.headers for record in records]
-        for record in records:
-            record.headers = [
-                (name, (value or b"").decode("utf-8", "replace").encode()) for name, value in record.headers
-            ]
-        try:
-            return await original(records)
-        finally:
-            for record, headers in zip(records, kept, strict=True):
-                record.headers = headers
+    first, last = records[0], records[-1]
+    return FastStreamKafkaMessage(
+        body=[record.value or b"" for record in records],  # what FastStream's metrics measure
+        raw_message=records,
+        message_id=f"{first.offset}-{last.offset}-{first.timestamp}",
+        consumer=FAKE_CONSUMER,  # acknowledging is the runtime's (commit_settled), never FastStream's
+    )
 
 
-async def _raw_body(message: Any) -> bytes:
+async def _raw_body(message: Any) -> list[bytes]:
     # Decoding is ours (CloudEvents + pydantic), with reasons; FastStream's JSON guess would raise.
-    body: bytes = message.body
+    body: list[bytes] = message.body
     return body
 
 
