@@ -589,6 +589,51 @@ async def test_an_email_waits_for_the_learners_address_then_goes(system: Notific
     )
 
 
+async def test_events_read_before_their_course_reach_its_partner_once_the_course_is_known(
+    system: Notifications,
+) -> None:
+    """Topics are read independently: here the payment comes first, then the enrollment, then the
+    course (as after an outage). The partner's subscription gets both once the course says whose
+    it is; another partner's gets neither; the learner's own subscription has them at once."""
+    partner, other = uuid.uuid4(), uuid.uuid4()
+    learner = uuid.uuid4()
+    subscriptions = {}
+    for name, scope in (
+        ("partner", {"kind": "partner", "id": str(partner)}),
+        ("other", {"kind": "partner", "id": str(other)}),
+        ("learner", {"kind": "learner", "id": str(learner)}),
+    ):
+        created = await system.api.post(
+            "/webhooks/subscriptions",
+            json={"url": system.receiver.url, "scope": scope},
+            headers=system.staff(),
+        )
+        assert created.status_code == 201, created.text
+        subscriptions[name] = uuid.UUID(created.json()["subscription_id"])
+
+    async def delivered(name: str) -> list[str]:
+        rows = await system.db.fetch(
+            "SELECT event_type FROM deliveries WHERE subscription_id = $1 ORDER BY event_type",
+            subscriptions[name],
+        )
+        return [row["event_type"] for row in rows]
+
+    course = CourseSnapshot.model_validate(
+        {**example_data(CourseSnapshot), "course_id": str(uuid.uuid4()), "delivery_partner_id": str(partner)}
+    )
+    enrollment = enrollment_created(learner, course_id=course.course_id)
+    await system.consumed(await system.send(payment_settled(enrollment)))
+    await system.consumed(await system.send(enrollment))
+    assert await delivered("partner") == []
+    assert await delivered("learner") == sorted([EnrollmentCreated.TYPE, PaymentSettled.TYPE])
+
+    await system.consumed(await system.send(CoursePublished(course=course, published_at=datetime.now(UTC))))
+
+    assert await delivered("partner") == sorted([EnrollmentCreated.TYPE, PaymentSettled.TYPE])
+    assert await delivered("other") == []
+    assert await system.db.fetchval("SELECT count(*) FROM webhooks_awaiting_course") == 0
+
+
 async def test_staff_manage_subscriptions_and_unsafe_urls_are_refused(system: Notifications) -> None:
     async def create(body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
         scoped = {"scope": {"kind": "learner", "id": str(uuid.uuid4())}, **body}
@@ -731,3 +776,59 @@ async def test_subscriptions_of_before_scopes_are_disabled_and_their_pending_del
         ]
     finally:
         await db.close()
+
+
+async def test_the_sweep_releases_a_webhook_that_a_race_left_waiting_for_a_known_course(
+    new_database: Callable[[], Any],
+    make_settings: Callable[..., Any],
+    serve: Any,
+    bearer: Callable[..., dict[str, str]],
+    wait_for: Callable[..., Any],
+) -> None:
+    """Two replicas: one parked an event as its course was unknown to it, while the other recorded
+    the course and looked for waiting events before the first committed. The sweep finds it."""
+    database = await new_database()
+    partner, course_id = uuid.uuid4(), uuid.uuid4()
+    async with smtp_server(Handler(MailStore()), port=0) as smtp_port:
+        settings = settings_for(make_settings, database, smtp_port).model_copy(
+            update={"delivery_poll_interval_seconds": 0.2}
+        )
+        async with serve(notifications.main.create_app(settings)) as api:
+            created = await api.post(
+                "/webhooks/subscriptions",
+                json={"url": "http://127.0.0.1:9/hook", "scope": {"kind": "partner", "id": str(partner)}},
+                headers=bearer("staff-1", "staff"),
+            )
+            assert created.status_code == 201, created.text
+            subscription_id = uuid.UUID(created.json()["subscription_id"])
+            db = await asyncpg.connect(database)
+            try:
+                await db.execute(
+                    "INSERT INTO courses (course_id, version, title, issuer_id, delivery_partner_id)"
+                    " VALUES ($1, 1, 'Raced', $2, $3)",
+                    course_id,
+                    uuid.uuid4(),
+                    partner,
+                )
+                await db.execute(
+                    "INSERT INTO webhooks_awaiting_course"
+                    " (event_key, event_type, body, learner_id, course_id)"
+                    " VALUES ('raced-key', $1, '{}', $2, $3)",
+                    EnrollmentCreated.TYPE,
+                    uuid.uuid4(),
+                    course_id,
+                )
+
+                async def released() -> bool:
+                    return bool(
+                        await db.fetchval(
+                            "SELECT count(*) = 1 FROM deliveries"
+                            " WHERE subscription_id = $1 AND event_key = 'raced-key'",
+                            subscription_id,
+                        )
+                    )
+
+                assert await wait_for(released, timeout=10)
+                assert await db.fetchval("SELECT count(*) FROM webhooks_awaiting_course") == 0
+            finally:
+                await db.close()

@@ -6,6 +6,9 @@ attempt has a timeout. A worker claims due rows (`repository.claim`: FOR UPDATE 
 replicas share the work) for a lease, sends, and records the outcome: delivered, retried after a
 backoff with full jitter, or parked as `dead` after the last attempt.
 
+A sweep fans out, every poll interval, the webhooks that waited for their course to be known
+(`service.release_waiting_webhooks`) and that the consumer did not release itself.
+
 Workers wake at once when a transaction that recorded deliveries commits (LISTEN/NOTIFY), when
 a retry falls due, or at the latest every poll interval. On shutdown a worker stops claiming,
 gives attempts in flight `delivery_drain_seconds` to finish, and hands the others back (due at
@@ -430,8 +433,35 @@ async def workers(runtime: Runtime[Any]) -> AsyncIterator[list[Worker]]:
         ]
         for worker in running:
             worker.start()
+        sweep = asyncio.create_task(
+            sweep_waiting_webhooks(runtime.pool, settings.delivery_poll_interval_seconds),
+            name="notifications-waiting-webhooks",
+        )
         try:
             yield running
         finally:
+            sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweep
             await asyncio.gather(*(worker.stop() for worker in running))
             connections.close()
+
+
+async def sweep_waiting_webhooks(pool: asyncpg.Pool, interval: float) -> None:
+    """Every `interval`, fan out the webhooks that waited for a course now known.
+
+    The consumer releases them itself when the enrollment or course arrives; but two replicas
+    reading the waiting event and the one it waits for side by side each miss what the other has
+    not committed yet, and this finds what they left behind.
+    """
+    while True:
+        released = 0
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                released = await service.release_waiting_webhooks(conn)
+        except _DB_ERRORS as exc:
+            log.warning("cannot release the webhooks waiting for their course: %s", exc)
+        if released:
+            log.info("released %d webhooks that waited for their course", released)
+        else:
+            await asyncio.sleep(interval)

@@ -127,21 +127,74 @@ async def audience(
     course_id: UUID | None,
     enrollment_id: UUID | None,
     credential_id: UUID | None,
-) -> Audience:
+    attested_by: UUID | None = None,
+) -> tuple[Audience, UUID | None]:
     """Whom an event is about, from the course it names directly, through its enrollment or
-    through its credential; the issuer and partner stay unknown while the course is."""
+    through its credential, and that course; the issuer and the course's partner stay unknown
+    while the course is (and the course too, while the enrollment is)."""
     row = await conn.fetchrow(
-        "SELECT c.issuer_id, c.delivery_partner_id FROM courses c WHERE c.course_id = coalesce("
-        " $1, (SELECT course_id FROM enrollments WHERE enrollment_id = $2),"
-        " (SELECT course_id FROM credentials WHERE credential_id = $3))",
+        "SELECT ref.course_id, c.issuer_id, c.delivery_partner_id FROM (SELECT coalesce($1::uuid,"
+        " (SELECT course_id FROM enrollments WHERE enrollment_id = $2),"
+        " (SELECT course_id FROM credentials WHERE credential_id = $3)) AS course_id) ref"
+        " LEFT JOIN courses c ON c.course_id = ref.course_id",
         course_id,
         enrollment_id,
         credential_id,
     )
-    if row is None:
-        return Audience(learner_id)
-    partners = frozenset({row["delivery_partner_id"]} - {None})
-    return Audience(learner_id, row["issuer_id"], partners)
+    assert row is not None  # the subquery always gives one row
+    partners = frozenset({row["delivery_partner_id"], attested_by} - {None})
+    return Audience(learner_id, row["issuer_id"], partners), row["course_id"]
+
+
+@dataclass(frozen=True)
+class WaitingWebhook:
+    """An event's webhook body that waits for its course to reach issuer and partner subscribers."""
+
+    event_key: str
+    event_type: str
+    body: str
+    learner_id: UUID
+    course_id: UUID | None
+    enrollment_id: UUID | None
+    attested_by: UUID | None
+    parked_at: datetime | None = None
+
+
+async def park_webhook(conn: Connection, waiting: WaitingWebhook) -> None:
+    await conn.execute(
+        "INSERT INTO webhooks_awaiting_course"
+        " (event_key, event_type, body, learner_id, course_id, enrollment_id, attested_by)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_key) DO NOTHING",
+        waiting.event_key,
+        waiting.event_type,
+        waiting.body,
+        waiting.learner_id,
+        waiting.course_id,
+        waiting.enrollment_id,
+        waiting.attested_by,
+    )
+
+
+async def take_ready_webhooks(
+    conn: Connection, *, course_id: UUID | None = None, enrollment_id: UUID | None = None, limit: int
+) -> list[WaitingWebhook]:
+    """Remove and return waiting webhooks whose course and issuer are known now (those of
+    `course_id` or `enrollment_id` only, when given). Rows another transaction is taking are
+    skipped."""
+    rows = await conn.fetch(
+        "DELETE FROM webhooks_awaiting_course WHERE event_key IN ("
+        "  SELECT w.event_key FROM webhooks_awaiting_course w JOIN courses c ON c.course_id = coalesce("
+        "  w.course_id, (SELECT course_id FROM enrollments e WHERE e.enrollment_id = w.enrollment_id))"
+        "  WHERE c.issuer_id IS NOT NULL AND ($1::uuid IS NULL OR c.course_id = $1)"
+        "  AND ($2::uuid IS NULL OR w.enrollment_id = $2)"
+        "  ORDER BY w.parked_at LIMIT $3 FOR UPDATE OF w SKIP LOCKED)"
+        " RETURNING event_key, event_type, body, learner_id, course_id, enrollment_id, attested_by,"
+        " parked_at",
+        course_id,
+        enrollment_id,
+        limit,
+    )
+    return [WaitingWebhook(**dict(row)) for row in rows]
 
 
 # --- preferences -----------------------------------------------------------------------------

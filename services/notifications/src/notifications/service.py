@@ -53,6 +53,7 @@ async def record_course(conn: Connection, event: CoursePublished | CourseUpdated
         course.issuer.issuer_id,
         course.delivery_partner_id,
     )
+    await release_waiting_webhooks(conn, course_id=course.course_id)
 
 
 async def notify(conn: Connection, event: Event) -> None:
@@ -66,43 +67,95 @@ async def notify(conn: Connection, event: Event) -> None:
     notice = domain.notice_for(event)
     if notice.for_learner:
         await _notify_learner(conn, notice, event)
-    audience = await _audience(conn, notice, event)
+    body = domain.webhook_body(notice, event)
+    enrollment_id = getattr(event, "enrollment_id", None)
+    # The partner that attested a completion hears of it, whether or not it delivers the course.
+    attested_by = event.partner_id if isinstance(event, CourseCompleted) else None
+    audience, course_id = await repository.audience(
+        conn,
+        notice.learner_id,
+        course_id=getattr(event, "course_id", None),
+        enrollment_id=enrollment_id,
+        credential_id=getattr(event, "credential_id", None),
+        attested_by=attested_by,
+    )
+    await _fan_out(conn, notice.event_key, notice.event_type, body, audience)
+    if audience.issuer_id is None and (course_id or enrollment_id):
+        # Its course is not known yet: issuer and partner subscribers hear of it once it is.
+        await repository.park_webhook(
+            conn,
+            repository.WaitingWebhook(
+                notice.event_key,
+                notice.event_type,
+                body,
+                notice.learner_id,
+                course_id,
+                enrollment_id,
+                attested_by,
+            ),
+        )
+
+
+async def release_waiting_webhooks(
+    conn: Connection, *, course_id: UUID | None = None, enrollment_id: UUID | None = None, limit: int = 500
+) -> int:
+    """Fan out the webhooks that waited for their course (of `course_id` or `enrollment_id` only,
+    when given), now that it is known; how many. Subscriptions made since an event was read do
+    not get it, as they would not have had it read in order."""
+    ready = await repository.take_ready_webhooks(
+        conn, course_id=course_id, enrollment_id=enrollment_id, limit=limit
+    )
+    for waiting in ready:
+        audience, _ = await repository.audience(
+            conn,
+            waiting.learner_id,
+            course_id=waiting.course_id,
+            enrollment_id=waiting.enrollment_id,
+            credential_id=None,
+            attested_by=waiting.attested_by,
+        )
+        await _fan_out(
+            conn, waiting.event_key, waiting.event_type, waiting.body, audience, before=waiting.parked_at
+        )
+    return len(ready)
+
+
+async def _fan_out(
+    conn: Connection,
+    event_key: str,
+    event_type: str,
+    body: str,
+    audience: Audience,
+    *,
+    before: datetime | None = None,
+) -> None:
+    """One webhook per subscription whose scope covers `audience` and which takes `event_type`
+    (subscribed `before` then, when given); one that was recorded already is not recorded again."""
     for subscription in await repository.active_subscriptions(conn):
         if (
             subscription.scope is not None
             and subscription.scope.covers(audience)
-            and domain.subscribed(subscription.event_types, notice.event_type)
+            and domain.subscribed(subscription.event_types, event_type)
+            and (before is None or subscription.created_at <= before)
         ):
             await repository.insert_webhook(
                 conn,
-                event_key=notice.event_key,
-                event_type=notice.event_type,
+                event_key=event_key,
+                event_type=event_type,
                 subscription_id=subscription.subscription_id,
-                body=domain.webhook_body(notice, event),
+                body=body,
             )
-
-
-async def _audience(conn: Connection, notice: Notice, event: Event) -> Audience:
-    known = await repository.audience(
-        conn,
-        notice.learner_id,
-        course_id=getattr(event, "course_id", None),
-        enrollment_id=getattr(event, "enrollment_id", None),
-        credential_id=getattr(event, "credential_id", None),
-    )
-    if isinstance(event, CourseCompleted) and event.partner_id is not None:
-        # The partner that attested the completion, whether or not it delivers the course.
-        return Audience(known.learner_id, known.issuer_id, known.partner_ids | {event.partner_id})
-    return known
 
 
 async def _update_read_models(conn: Connection, event: Event) -> None:
     if isinstance(event, EnrollmentActivated | EnrollmentCancelled):
         await repository.remember_enrollment(conn, event.enrollment_id, event.learner_id, event.course_id)
+        await release_waiting_webhooks(conn, enrollment_id=event.enrollment_id)
     elif isinstance(event, EnrollmentCreated | CourseCompleted):
         await repository.remember_enrollment(
             conn, event.enrollment_id, event.learner.learner_id, event.course_id
         )
+        await release_waiting_webhooks(conn, enrollment_id=event.enrollment_id)
         at = event.created_at if isinstance(event, EnrollmentCreated) else event.completed_at
         await repository.remember_learner(conn, event.learner, at)
         # Emails of billing or issuance events read before the learner's address was known.
