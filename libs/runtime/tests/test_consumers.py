@@ -1,3 +1,4 @@
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -787,6 +788,50 @@ async def test_a_batch_takes_no_new_step_once_a_rebalance_took_one_of_its_partit
     assert settled == 1
     assert course_ids(handler) == [1]
     assert conn.inbox == {(SOURCE, "evt-0")}
+    assert dead_letters.records == []
+
+
+async def test_a_failing_event_is_not_retried_or_dead_lettered_once_a_rebalance_took_its_partition() -> None:
+    assigned = {TopicPartition("catalog.course.v1", 1)}
+
+    class FailingRevoked(Handler):
+        """Fails; during its second attempt, the group takes the event's partition from this member."""
+
+        async def __call__(self, conn: Connection, event: Any) -> None:
+            if self.events:
+                assigned.clear()
+            await super().__call__(conn, event)
+
+    handler, dead_letters = FailingRevoked(failures=10), DeadLetters()
+    conn = InboxConnection()
+
+    settled = await consumer(handler, FakePool(conn), dead_letters).process_batch(
+        batch(1), assigned=lambda: assigned
+    )
+
+    # Left to the partition's new owner: neither a third attempt nor a dead letter here.
+    assert settled == 0
+    assert course_ids(handler) == [1, 1]
+    assert dead_letters.records == []
+
+
+async def test_a_failing_event_is_not_retried_or_dead_lettered_once_the_batch_budget_is_spent() -> None:
+    class SlowToFail(Handler):
+        """Fails at once the first time, then only after the batch's budget is spent."""
+
+        async def __call__(self, conn: Connection, event: Any) -> None:
+            if self.events:
+                await asyncio.sleep(0.2)
+            await super().__call__(conn, event)
+
+    handler, dead_letters = SlowToFail(failures=10), DeadLetters()
+    conn = InboxConnection()
+
+    spent = consumer(handler, FakePool(conn), dead_letters, budget_seconds=0.1)
+
+    # Its third attempt and its dead letter wait for the next poll, which brings it again.
+    assert await spent.process_batch(batch(1)) == 0
+    assert course_ids(handler) == [1, 1]
     assert dead_letters.records == []
 
 

@@ -19,9 +19,10 @@ What a service relies on:
 - Records come in batches (what a poll returns): consecutive events share one transaction, one
   inbox INSERT and one offset commit (`process_batch`); what a failing handler changes is the
   batch's shape, never the guarantees above. A batch that has run for its budget (half the
-  consumer group's poll interval) takes no further step and leaves the rest to the next poll, so
-  a member retrying a slow batch is not taken for dead; nor does a batch of which a rebalance
-  took a partition (the consumer's assignment, asked before each step). Each event's handler
+  consumer group's poll interval) takes no further step (a transaction, an attempt at a failed
+  event, a dead letter) and leaves the rest to the next poll, so a member retrying a slow batch
+  is not taken for dead; nor does a batch of which a rebalance took a partition (the consumer's
+  assignment, asked before each step). Each event's handler
   runs in a CONSUMER span of the trace its record carries, so a journey keeps one trace.
 - A subscription can take a topic's records as they are (`Subscriptions.raw`), for messages that
   are judged on more than their decoded event (a partner's signature). The service reads each
@@ -354,10 +355,16 @@ class EventConsumer:
         await self._dead_letter(record, reason, detail, attempts=0)
         self._count(record, Outcome.DEAD_LETTERED)
 
-    async def _settle(self, item: "_Pending", *, failed: Exception | None = None) -> Outcome:
+    async def _settle(
+        self, item: "_Pending", progress: "_Progress", *, failed: Exception | None = None
+    ) -> Outcome:
         """Applies the item (one transaction) until it succeeds, retrying a failure with backoff up
         to the policy's attempts; then, or at once for `Rejected`, dead-letters its record. An
-        outage is raised. `failed`: how a first attempt, made already, went."""
+        outage is raised. `failed`: how a first attempt, made already, went.
+
+        The caller has taken the first attempt's step; each later attempt and the dead letter
+        take one of their own (`progress.step`), so a retried event neither outlives the batch's
+        budget nor goes on once a rebalance took its partition: it is left unsettled."""
         assert item.handler is not None  # only an item with a handler is applied
         record, context = item.record, _log_context(item.record, item.inbound)
         attempt, conflicts = 1, 0
@@ -371,6 +378,7 @@ class EventConsumer:
                         raise
                     failed = exc
             if isinstance(failed, Rejected):
+                progress.step()
                 await self._dead_letter(record, failed.reason, failed.detail, attempts=attempt)
                 return Outcome.DEAD_LETTERED
             if isinstance(failed, asyncpg.TransactionRollbackError) and conflicts < _CONFLICT_RETRIES:
@@ -380,11 +388,13 @@ class EventConsumer:
                 conflicts += 1
                 log.info("transaction lost a conflict, again: %s", failed, extra=context)
                 await asyncio.sleep(self._retry.delay(1))
+                progress.step()
                 failed = None
                 continue
             self._metrics.handler_failures.labels(record.topic, item.inbound.type).inc()
             if attempt >= self._retry.max_attempts:
                 log.error("handler failed for good", exc_info=failed, extra=context)
+                progress.step()
                 await self._dead_letter(
                     record, "handler_failed", f"{type(failed).__name__}: {failed}", attempts=attempt
                 )
@@ -397,6 +407,7 @@ class EventConsumer:
                 extra=context,
             )
             await asyncio.sleep(self._retry.delay(attempt))
+            progress.step()
             attempt += 1
             failed = None
 
@@ -423,7 +434,7 @@ class EventConsumer:
                 log.warning("applying %d events together failed, one by one instead: %s", len(run), error)
                 for item in run:
                     progress.step()
-                    outcome = Outcome.IGNORED if item.handler is None else await self._settle(item)
+                    outcome = Outcome.IGNORED if item.handler is None else await self._settle(item, progress)
                     self._count(item.record, outcome)
                     progress.settled = item.index + 1
                 return
@@ -432,7 +443,7 @@ class EventConsumer:
                 await self._apply_run(run[:position], progress)
             failed = run[position]
             progress.step()
-            outcome = await self._settle(failed, failed=error)
+            outcome = await self._settle(failed, progress, failed=error)
             self._count(failed.record, outcome)
             progress.settled = failed.index + 1
             run = run[position + 1 :]
@@ -596,11 +607,11 @@ class _Progress:
     steps: int = 0
 
     def step(self) -> None:
-        """Called before each unit of work (a transaction, a retried event, a dead letter): none
-        once a rebalance took a partition of the batch (its new owner applies the partition from
-        the last commit, and two members applying it at once could apply its events out of
-        order); none once the budget is spent either, but always a first, so that every batch
-        makes progress."""
+        """Called before each unit of work: a transaction of events, each attempt at a failed
+        event (a retry, a conflict's retry) and each dead letter. None once a rebalance took a
+        partition of the batch (its new owner applies the partition from the last commit, and two
+        members applying it at once could apply its events out of order); none once the budget is
+        spent either, but always a first, so that every batch makes progress."""
         if not self.owned():
             raise _Revoked
         if self.steps and time.monotonic() - self.started >= self.budget:
