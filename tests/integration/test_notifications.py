@@ -786,7 +786,8 @@ async def test_the_sweep_releases_a_webhook_that_a_race_left_waiting_for_a_known
     wait_for: Callable[..., Any],
 ) -> None:
     """Two replicas: one parked an event as its course was unknown to it, while the other recorded
-    the course and looked for waiting events before the first committed. The sweep finds it."""
+    the course and looked for waiting events before the first committed. The sweep finds it, and
+    forgets one whose course never came."""
     database = await new_database()
     partner, course_id = uuid.uuid4(), uuid.uuid4()
     async with smtp_server(Handler(MailStore()), port=0) as smtp_port:
@@ -828,7 +829,18 @@ async def test_the_sweep_releases_a_webhook_that_a_race_left_waiting_for_a_known
                         )
                     )
 
+                # One whose course never came is given up on after WAITING_WEBHOOK_RETENTION.
+                await db.execute(
+                    "INSERT INTO webhooks_awaiting_course"
+                    " (event_key, event_type, body, learner_id, course_id, parked_at)"
+                    " VALUES ('stale-key', $1, '{}', $2, $3, now() - interval '8 days')",
+                    EnrollmentCreated.TYPE,
+                    uuid.uuid4(),
+                    uuid.uuid4(),
+                )
+
                 assert await wait_for(released, timeout=10)
-                assert await db.fetchval("SELECT count(*) FROM webhooks_awaiting_course") == 0
+                waiting = "SELECT count(*) = 0 FROM webhooks_awaiting_course"
+                assert await wait_for(lambda: db.fetchval(waiting), timeout=10)
             finally:
                 await db.close()

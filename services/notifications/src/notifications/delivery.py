@@ -459,6 +459,8 @@ async def sweep_waiting_webhooks(pool: asyncpg.Pool, interval: float) -> None:
         try:
             async with pool.acquire() as conn, conn.transaction():
                 released = await service.release_waiting_webhooks(conn)
+                if not released:
+                    await service.drop_stale_waiting_webhooks(conn)
         except _DB_ERRORS as exc:
             log.warning("cannot release the webhooks waiting for their course: %s", exc)
         if released:

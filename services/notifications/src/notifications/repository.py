@@ -3,7 +3,7 @@
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
 import asyncpg
@@ -195,6 +195,15 @@ async def take_ready_webhooks(
         limit,
     )
     return [WaitingWebhook(**dict(row)) for row in rows]
+
+
+async def drop_stale_waiting_webhooks(conn: Connection, older_than: timedelta) -> int:
+    """Forget webhooks that waited longer than `older_than` for their course; how many."""
+    dropped = await conn.fetch(
+        "DELETE FROM webhooks_awaiting_course WHERE parked_at < now() - $1::interval RETURNING 1",
+        older_than,
+    )
+    return len(dropped)
 
 
 # --- preferences -----------------------------------------------------------------------------

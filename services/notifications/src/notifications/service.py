@@ -9,7 +9,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -96,6 +96,11 @@ async def notify(conn: Connection, event: Event) -> None:
         )
 
 
+WAITING_WEBHOOK_RETENTION = timedelta(days=7)
+"""How long an event waits for its course before issuer and partner subscribers are given up on:
+a course known from before migration 005 has no issuer until the catalog's next event for it."""
+
+
 async def release_waiting_webhooks(
     conn: Connection, *, course_id: UUID | None = None, enrollment_id: UUID | None = None, limit: int = 500
 ) -> int:
@@ -118,6 +123,17 @@ async def release_waiting_webhooks(
             conn, waiting.event_key, waiting.event_type, waiting.body, audience, before=waiting.parked_at
         )
     return len(ready)
+
+
+async def drop_stale_waiting_webhooks(conn: Connection) -> int:
+    dropped = await repository.drop_stale_waiting_webhooks(conn, WAITING_WEBHOOK_RETENTION)
+    if dropped:
+        log.warning(
+            "%d webhooks waited %s for their course and are given up on for issuer and partner subscribers",
+            dropped,
+            WAITING_WEBHOOK_RETENTION,
+        )
+    return dropped
 
 
 async def _fan_out(
