@@ -1,16 +1,34 @@
 import asyncio
+import errno
 import logging
+import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import uvicorn
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import (
+    InvalidReplicationFactorError,
+    KafkaConnectionError,
+    PolicyViolationError,
+    TopicAuthorizationFailedError,
+)
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel
 
-from microcred_runtime import Db, Runtime, Service, ServiceSettings, max_body_bytes, problem_doc, service
+from microcred_runtime import (
+    Db,
+    Runtime,
+    Service,
+    ServiceSettings,
+    kafka,
+    max_body_bytes,
+    problem_doc,
+    service,
+)
 from microcred_runtime.metrics import Metrics
 from microcred_runtime.outbox import OutboxRelay, RelaySettings
 from microcred_runtime.problems import PROBLEM_JSON
@@ -254,6 +272,62 @@ async def test_a_start_up_step_failing_for_another_reason_than_an_outage_ends_th
     with pytest.raises(ValueError, match="changed after it was applied"):
         await service.Startup().step("the migrations", migrate, per_try=None)
     assert tries == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate"),
+        PermissionError(13, "Permission denied"),
+        FileNotFoundError(2, "No such file or directory: '/run/secrets/ca.pem'"),
+        kafka.TopicsNotCreated(
+            "cannot create Kafka topics: t: TopicAuthorizationFailedError", [TopicAuthorizationFailedError]
+        ),
+        kafka.TopicsNotCreated("cannot create Kafka topics: t: PolicyViolationError", [PolicyViolationError]),
+    ],
+    ids=["certificate", "permission", "missing-file", "topic-authorization", "topic-policy"],
+)
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_start_up_step_failing_for_good_ends_the_start_though_it_is_an_os_or_kafka_error(
+    error: Exception,
+) -> None:
+    tries = 0
+
+    async def connect() -> None:
+        nonlocal tries
+        tries += 1
+        raise error
+
+    with pytest.raises(type(error)):
+        async with asyncio.timeout(5):  # not tried again for ever
+            await service.Startup().step("Kafka at kafka:9093 to start the producer", connect, per_try=1)
+    assert tries == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        socket.gaierror(-2, "Name or service not known"),
+        OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 5432, 0, 0), [Errno 111] ..."),
+        OSError(errno.EHOSTUNREACH, "No route to host"),
+        TimeoutError(),
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        kafka.TopicsNotCreated(
+            "cannot create Kafka topics: t: InvalidReplicationFactorError", [InvalidReplicationFactorError]
+        ),
+    ],
+    ids=["dns", "every-address-refused", "no-route", "timeout", "postgres-starting", "too-few-brokers"],
+)
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_start_up_step_tries_again_after_a_network_or_starting_error(error: Exception) -> None:
+    errors = [error]
+
+    async def connect() -> str:
+        if errors:
+            raise errors.pop()
+        return "connected"
+
+    assert await service.Startup().step("PostgreSQL at db:5432/catalog", connect, per_try=1) == "connected"
 
 
 async def test_while_the_service_starts_it_is_live_not_ready_and_says_what_it_waits_for() -> None:

@@ -18,7 +18,13 @@ from typing import Any, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    InvalidReplicationFactorError,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.message import FAKE_CONSUMER
@@ -124,7 +130,18 @@ async def publish_one(producer: AIOKafkaProducer, record: KafkaRecord, *, prefix
 
 class TopicsNotCreated(RuntimeError):
     """The brokers refused to create topics, e.g. with fewer brokers up than the replication
-    factor: the message names each topic and the brokers' reason."""
+    factor: the message names each topic and the brokers' reason, `errors` their errors."""
+
+    def __init__(self, message: str, errors: Sequence[type[KafkaError]]) -> None:
+        super().__init__(message)
+        self.errors = tuple(errors)
+
+    @property
+    def transient(self) -> bool:
+        """Whether asking again later may succeed: the brokers are not all up yet (too few of them
+        for the replication factor, no controller, no answer), rather than refusing for good
+        (not authorised, against a policy, an invalid name or setting)."""
+        return all(error.retriable or error is InvalidReplicationFactorError for error in self.errors)
 
 
 async def ensure_topics(
@@ -163,13 +180,17 @@ async def ensure_topics(
                 ]
             )
         # aiokafka reports per-topic errors in the response instead of raising them.
-        failures = [
-            f"{name}: {kafka_errors.for_code(code).__name__} {' '.join(filter(None, message))}".strip()
+        refused = [
+            (name, kafka_errors.for_code(code), " ".join(filter(None, message)))
             for name, code, *message in response.topic_errors
             if code not in (0, TopicAlreadyExistsError.errno)  # another replica may create them first
         ]
-        if failures:
-            raise TopicsNotCreated("cannot create Kafka topics: " + "; ".join(failures))
+        if refused:
+            raise TopicsNotCreated(
+                "cannot create Kafka topics: "
+                + "; ".join(f"{name}: {error.__name__} {text}".strip() for name, error, text in refused),
+                [error for _, error, _ in refused],
+            )
         log.info("created topics", extra={"topics": missing})
     finally:
         await admin.close()

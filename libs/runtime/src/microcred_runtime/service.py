@@ -12,9 +12,12 @@ restart would not help) and /health/ready 503, naming the step and its last erro
 
 import asyncio
 import contextlib
+import errno
 import functools
 import itertools
 import logging
+import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from typing import Annotated, Any, Generic, TypeVar
 import asyncpg
 import uvicorn
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import BrokerNotAvailableError, KafkaError, KafkaTimeoutError, ReplicaNotAvailableError
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -40,7 +44,7 @@ from microcred_events import Topic, dead_letter_topic
 from . import kafka
 from .auth import AuthConfig, Authenticator
 from .body_limit import BodySizeLimit
-from .consumers import DEAD_LETTER_TOPIC_MAX_BYTES, EventConsumer, RetryPolicy, Subscriptions, is_outage
+from .consumers import DEAD_LETTER_TOPIC_MAX_BYTES, EventConsumer, RetryPolicy, Subscriptions
 from .db import Connection
 from .metrics import Metrics
 from .migrations import migrate
@@ -92,8 +96,9 @@ class Startup:
 
     async def step(self, what: str, attempt: Callable[[], Awaitable[T]], *, per_try: float | None) -> T:
         """`attempt()`, each try bounded by `per_try` seconds (None: a step that takes what it
-        takes, e.g. a migration) and tried again while PostgreSQL or Kafka is unavailable; any
-        other error is the start's failure. A try undoes what it started before it fails."""
+        takes, e.g. a migration) and tried again while PostgreSQL or Kafka is unavailable
+        (`_transient_at_start`); any other error is the start's failure. A try undoes what it
+        started before it fails."""
         self.waiting_for, self.last_error = what, None
         pause = _RETRY_FIRST_SECONDS
         tries = 0
@@ -103,7 +108,7 @@ class Startup:
                 async with _saying_still_waiting(what), asyncio.timeout(per_try) as deadline:
                     return await attempt()
             except Exception as exc:
-                if not (is_outage(exc) or isinstance(exc, kafka.TopicsNotCreated)):
+                if not _transient_at_start(exc):
                     raise
                 if deadline.expired():
                     self.last_error = f"no answer within {per_try:g} s"
@@ -118,6 +123,52 @@ class Startup:
             )
             await asyncio.sleep(pause)
             pause = min(pause * 2, _RETRY_MAX_SECONDS)
+
+
+# What says, at start, that PostgreSQL or Kafka is not there yet. Narrower than the consumers'
+# is_outage (any OSError): an error that a retry cannot mend (a certificate that does not verify,
+# a permission denied, a password refused) must end the start with its reason, not keep the
+# process live and unready for ever.
+_TRANSIENT_AT_START: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    socket.gaierror,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    KafkaTimeoutError,
+    BrokerNotAvailableError,
+    ReplicaNotAvailableError,
+)
+# Network errors that OSError itself carries, e.g. asyncio's "Multiple exceptions: [Errno 111] ..."
+# when every address of a host refused.
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTUNREACH,
+        errno.EHOSTDOWN,
+        errno.ETIMEDOUT,
+    }
+)
+
+
+def _transient_at_start(error: BaseException) -> bool:
+    if isinstance(error, ssl.SSLError):  # an OSError, and a configuration's fault
+        return False
+    if isinstance(error, kafka.TopicsNotCreated):
+        return error.transient
+    if isinstance(error, KafkaError):
+        return error.retriable or isinstance(error, _TRANSIENT_AT_START)
+    if type(error) is OSError:
+        return error.errno in _TRANSIENT_ERRNOS or str(error).startswith("Multiple exceptions: ")
+    return isinstance(error, _TRANSIENT_AT_START)
 
 
 def _describe(error: BaseException) -> str:
