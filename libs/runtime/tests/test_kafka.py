@@ -418,6 +418,27 @@ async def test_a_commit_that_fails_is_logged_and_the_partitions_stay_rewound(err
     assert client.events == [("seek", {P0: 11}), ("seek", {P1: 20}), ("commit", {P0: 11})]
 
 
+class NeverAnswering(FakeClient):
+    """Commits as aiokafka's consumer does while no group coordinator is available: never."""
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.events.append(("commit", offsets))
+        await asyncio.Event().wait()
+
+
+async def test_a_commit_no_coordinator_answers_is_given_up_and_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(kafka, "_COMMIT_TIMEOUT", 0.05)
+    client = NeverAnswering({P0, P1})
+
+    async with asyncio.timeout(5):  # not waited on for ever
+        await kafka.commit_settled(client, polled(), 1)
+
+    assert client.events == [("seek", {P0: 11}), ("seek", {P1: 20}), ("commit", {P0: 11})]
+    assert "offsets not committed: no group coordinator answered within 0.05 s" in caplog.messages
+
+
 class FakeSubscriber:
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options

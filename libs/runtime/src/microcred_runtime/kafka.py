@@ -293,6 +293,10 @@ def rewind(client: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, byt
             client.seek(partition, offset)
 
 
+# As long as one request of aiokafka's consumer may take (its default request_timeout_ms).
+_COMMIT_TIMEOUT = 40.0
+
+
 async def commit_settled(
     client: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, bytes]], settled: int
 ) -> None:
@@ -314,7 +318,12 @@ async def commit_settled(
     if not owned:
         return
     try:
-        await client.commit(owned)
+        # aiokafka asks again, without end, for a group coordinator that is not available, even
+        # once the client is stopping; this commit runs on past its batch's cancellation.
+        async with asyncio.timeout(_COMMIT_TIMEOUT):
+            await client.commit(owned)
+    except TimeoutError:
+        log.warning("offsets not committed: no group coordinator answered within %g s", _COMMIT_TIMEOUT)
     except (CommitFailedError, IllegalStateError) as exc:
         log.info("offsets not committed, the group rebalanced meanwhile: %s", exc)
     except KafkaError as exc:
