@@ -217,8 +217,8 @@ def probe_latencies(
 async def test_verify_does_not_hold_the_event_loop(platform: Platform) -> None:
     """The liveness probe answers about as fast while large credentials are verified as alone:
     verification runs in worker processes, not on the loop that serves the probes."""
-    # Some 230 KiB each, each of its own shape (nothing a cache could have seen).
-    documents = [credential(2_150, f"loop-{index}") for index in range(VERIFY_MAX_CONCURRENT)]
+    # Some 230 KiB each, each of its own length: a shape no cache has seen.
+    documents = [credential(2_150 + index, f"loop-{index}") for index in range(VERIFY_MAX_CONCURRENT)]
 
     async def verify(index: int, document: dict[str, Any]) -> float:
         async with from_address(platform, "issuance", f"198.51.100.{50 + index}") as client:
@@ -251,7 +251,7 @@ async def test_verify_does_not_hold_the_event_loop(platform: Platform) -> None:
 async def test_verifications_past_the_bound_are_refused_with_503_and_retry_after(
     platform: Platform,
 ) -> None:
-    documents = [credential(1_000, f"busy-{index}") for index in range(2 * VERIFY_MAX_CONCURRENT)]
+    documents = [credential(1_000 + index, f"busy-{index}") for index in range(2 * VERIFY_MAX_CONCURRENT)]
 
     async def verify(index: int, document: dict[str, Any]) -> httpx.Response:
         async with from_address(platform, "issuance", f"198.51.100.{100 + index}") as client:

@@ -48,7 +48,7 @@ class Settings(ServiceSettings):
         le=64,
         description=(
             "Processes that check the proofs POST /verify is sent, off the event loop: each takes one "
-            "CPU while it works, and some 100 MB."
+            "CPU while it works, and some 150 MB."
         ),
     )
     verify_max_concurrent: int = Field(
