@@ -3,10 +3,12 @@
 It holds an RSA signing key generated on first use under `.local/dev-issuer/` (git-ignored,
 never committed), publishes the public half as a JWKS, and mints bearer tokens for any subject
 and roles. Run it with `python scripts/dev_issuer.py` (the run command does); tests import
-`DevIssuer` and use it in-process.
+`DevIssuer` and use it in-process. A staff token names the issuers (institutions) it acts for:
 
     curl -s -X POST localhost:8000/token -H 'content-type: application/json' \\
          -d '{"sub": "learner-1", "roles": ["learner"], "email": "ada@example.org"}'
+    curl -s -X POST localhost:8000/token -H 'content-type: application/json' \\
+         -d '{"sub": "sam", "roles": ["staff"], "issuers": ["bf5780e1-3f49-4e91-a3f5-6d631f62dbab"]}'
 """
 
 import base64
@@ -98,6 +100,11 @@ def main() -> None:
         email: str | None = Field(default=None, examples=["ada@example.org"])
         name: str | None = Field(default=None, examples=["Ada Lovelace"])
         ttl: int = Field(default=3600, gt=0, le=86_400)
+        issuers: list[str] | None = Field(
+            default=None,
+            examples=[["bf5780e1-3f49-4e91-a3f5-6d631f62dbab"]],
+            description="A staff role's scope.",
+        )
 
     @app.get("/.well-known/openid-configuration")
     async def discovery() -> dict[str, Any]:
@@ -113,8 +120,9 @@ def main() -> None:
 
     @app.post("/token")
     async def token(request: TokenRequest) -> dict[str, Any]:
+        scope = {"issuers": request.issuers} if request.issuers is not None else {}
         access = issuer.token(
-            request.sub, request.roles, email=request.email, name=request.name, ttl=request.ttl
+            request.sub, request.roles, email=request.email, name=request.name, ttl=request.ttl, **scope
         )
         return {"access_token": access, "token_type": "Bearer", "expires_in": request.ttl}
 

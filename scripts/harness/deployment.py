@@ -22,6 +22,7 @@ import asyncpg
 from dev_issuer import DevIssuer
 
 from issuance import keys
+from microcred_events import Issuer, example_data
 
 from . import processes, sinks
 from .balancer import Balancer, Replicas
@@ -62,7 +63,9 @@ class Deployment:
         return [*replicas, self.sink, self.simulator]
 
     def token(self, subject: str, role: str, email: str, name: str | None) -> str:
-        return self.issuer.token(subject, [role], email=email, name=name, ttl=24 * 3600)
+        # Staff act for the institution the workload's courses are issued by (the example one).
+        scope = {"issuers": [str(example_data(Issuer)["issuer_id"])]} if role == "staff" else {}
+        return self.issuer.token(subject, [role], email=email, name=name, ttl=24 * 3600, **scope)
 
 
 def prefix(run_id: str) -> str:

@@ -14,7 +14,7 @@ import os
 import sys
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
 from fastapi import FastAPI
 
+from microcred_events import Issuer, example_data
 from microcred_runtime import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -247,11 +248,25 @@ def make_settings(infrastructure: Infrastructure, topic_prefix: str, jwks_file: 
     return make
 
 
+# The institution the contract's example course is issued by, and so the tests' courses: a staff
+# token acts for it unless the test names other `issuers` (staff roles are scoped to issuers).
+EXAMPLE_ISSUER_ID = str(example_data(Issuer)["issuer_id"])
+
+
+def staff_scope(roles: Sequence[str], claims: dict[str, Any]) -> dict[str, Any]:
+    """The claims, with the example issuer as a staff token's scope unless they name one."""
+    if "staff" in roles and "issuers" not in claims:
+        return {**claims, "issuers": [EXAMPLE_ISSUER_ID]}
+    return claims
+
+
 @pytest.fixture
 def bearer(issuer: Any) -> Callable[..., dict[str, str]]:
-    """Authorization headers for a caller with the given subject and roles."""
+    """Authorization headers for a caller with the given subject and roles (staff act for the
+    example issuer unless `issuers` says otherwise)."""
 
     def headers(subject: str, *roles: str, **claims: Any) -> dict[str, str]:
-        return {"Authorization": f"Bearer {issuer.token(subject, list(roles or ('learner',)), **claims)}"}
+        granted = list(roles or ("learner",))
+        return {"Authorization": f"Bearer {issuer.token(subject, granted, **staff_scope(granted, claims))}"}
 
     return headers

@@ -37,6 +37,8 @@ from microcred_events import (
     encode,
 )
 
+from .conftest import EXAMPLE_ISSUER_ID
+
 SECRET = "whsec_integration_3f9a1c7e5b2d4f6a8c0e"
 PRICE = Money(amount_minor=4900, currency="EUR")
 PROBLEM_JSON = "application/problem+json"
@@ -68,6 +70,7 @@ class Billing:
             price=PRICE if requires_payment else Money(amount_minor=0, currency="EUR"),
             requires_payment=requires_payment,
             created_at=datetime.now(UTC),
+            issuer_id=uuid.UUID(EXAMPLE_ISSUER_ID),
         )
         await self.send(event, event_id)
         return event
@@ -384,9 +387,11 @@ async def test_staff_refund_a_settled_payment_in_parts_never_beyond_what_was_pai
         "SELECT amount_minor, issued_by, provider_refund_id FROM refunds ORDER BY issued_at"
     )
     assert [(row["amount_minor"], row["issued_by"]) for row in recorded] == [
-        (1500, "staff-1"),
-        (3400, "staff-1"),
+        (1500, "staff:staff-1"),
+        (3400, "staff:staff-1"),
     ]
+    assert [event.issued_by for event in issued] == ["staff:staff-1", "staff:staff-1"]
+    assert part.json()["issued_by"] == "staff:staff-1"
     assert all(row["provider_refund_id"].startswith("re_") for row in recorded)
 
 

@@ -46,7 +46,7 @@ def completed() -> Enrollment:
 
 
 def cancelled() -> Enrollment:
-    return domain.cancel(pending(), by_staff=False, detail=None, now=T0).enrollment
+    return domain.cancel(pending(), by_staff=False, detail=None, now=T0, actor="learner:ada").enrollment
 
 
 def free_active() -> Enrollment:
@@ -273,7 +273,9 @@ def test_retirement_leaves_other_enrollments_alone(state: State, why: Ignored) -
 @pytest.mark.parametrize("state", [pending, active])
 def test_learner_cancels_before_completion(state: State) -> None:
     before = state()
-    transition = domain.cancel(before, by_staff=False, detail="Schedule conflict.", now=LATER)
+    transition = domain.cancel(
+        before, by_staff=False, detail="Schedule conflict.", now=LATER, actor="learner:ada"
+    )
     assert transition.enrollment.status is EnrollmentStatus.CANCELLED
     assert transition.enrollment.cancellation_detail == "Schedule conflict."
     (event,) = transition.events
@@ -282,7 +284,7 @@ def test_learner_cancels_before_completion(state: State) -> None:
 
 
 def test_staff_cancellation_says_so() -> None:
-    (event,) = domain.cancel(active(), by_staff=True, detail=None, now=LATER).events
+    (event,) = domain.cancel(active(), by_staff=True, detail=None, now=LATER, actor="learner:ada").events
     assert isinstance(event, EnrollmentCancelled)
     assert event.reason is CancellationReason.STAFF_ACTION
 
@@ -290,13 +292,15 @@ def test_staff_cancellation_says_so() -> None:
 def test_cancelling_twice_changes_nothing() -> None:
     before = cancelled()
     assert_unchanged(
-        domain.cancel(before, by_staff=False, detail=None, now=LATER), before, Ignored.ALREADY_CANCELLED
+        domain.cancel(before, by_staff=False, detail=None, now=LATER, actor="learner:ada"),
+        before,
+        Ignored.ALREADY_CANCELLED,
     )
 
 
 def test_a_completed_enrollment_cannot_be_cancelled() -> None:
     with pytest.raises(domain.EnrollmentRuleViolated, match="completed"):
-        domain.cancel(completed(), by_staff=True, detail=None, now=LATER)
+        domain.cancel(completed(), by_staff=True, detail=None, now=LATER, actor="learner:ada")
 
 
 # --- completion ------------------------------------------------------------------------------

@@ -152,6 +152,7 @@ def test_an_active_enrollment_completes_as_the_partner_reports() -> None:
         completed_by=CompletedBy.PARTNER,
         partner_id=PARTNER.partner_id,
         partner_report_id=reported.report_id,
+        recorded_by=PARTNER.source,
     )
 
 
@@ -184,7 +185,10 @@ def test_another_report_for_a_completed_enrollment_is_refused() -> None:
         pytest.param(lambda: [], id="none"),
         pytest.param(lambda: [pending()], id="waiting-for-payment"),
         pytest.param(
-            lambda: [domain.cancel(active(), by_staff=False, detail=None, now=T0).enrollment], id="cancelled"
+            lambda: [
+                domain.cancel(active(), by_staff=False, detail=None, now=T0, actor="learner:ada").enrollment
+            ],
+            id="cancelled",
         ),
         pytest.param(
             lambda: [active(course=Course(uuid.uuid4(), 1, CourseStatus.PUBLISHED, PRICE))], id="other-course"
@@ -198,7 +202,7 @@ def test_without_an_active_enrollment_in_the_course_nothing_completes(candidates
 
 
 def test_the_live_enrollment_is_preferred_to_an_earlier_cancelled_one() -> None:
-    cancelled = domain.cancel(active(), by_staff=False, detail=None, now=T0).enrollment
+    cancelled = domain.cancel(active(), by_staff=False, detail=None, now=T0, actor="learner:ada").enrollment
     current = replace(active(), created_at=T0 - timedelta(days=1))
 
     result = domain.complete_for_partner(PARTNER, report(), [cancelled, current], NOW)

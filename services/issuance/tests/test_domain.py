@@ -274,10 +274,11 @@ def record(**changes: Any) -> Credential:
 
 
 LATER = T0 + timedelta(days=1)
+STAFF = "staff:staff-1"
 
 
 def test_revoking_is_final_and_announced_with_its_reason() -> None:
-    revoked, event = domain.revoke(record(), "  recorded in error ", LATER)
+    revoked, event = domain.revoke(record(), "  recorded in error ", LATER, STAFF)
 
     assert (revoked.revoked_at, revoked.revocation_reason) == (LATER, "recorded in error")
     assert revoked.status(LATER) is DisplayStatus.REVOKED
@@ -288,34 +289,34 @@ def test_revoking_is_final_and_announced_with_its_reason() -> None:
         LATER,
     )
     with pytest.raises(StatusChangeRefused, match="already revoked"):
-        domain.revoke(revoked, "again", LATER)
+        domain.revoke(revoked, "again", LATER, STAFF)
     with pytest.raises(StatusChangeRefused, match="revocation is final"):
-        domain.suspend(revoked, "why not", LATER)
+        domain.suspend(revoked, "why not", LATER, STAFF)
     with pytest.raises(StatusChangeRefused, match="revocation is final"):
-        domain.reinstate(revoked, LATER)
+        domain.reinstate(revoked, LATER, STAFF)
 
 
 def test_suspension_is_lifted_by_reinstatement_and_superseded_by_revocation() -> None:
-    suspended, event = domain.suspend(record(), "under review", LATER)
+    suspended, event = domain.suspend(record(), "under review", LATER, STAFF)
     assert suspended.status(LATER) is DisplayStatus.SUSPENDED
     assert event.status_purpose is StatusPurpose.SUSPENSION
     with pytest.raises(StatusChangeRefused, match="already suspended"):
-        domain.suspend(suspended, "twice", LATER)
+        domain.suspend(suspended, "twice", LATER, STAFF)
 
-    reinstated, lifted = domain.reinstate(suspended, LATER)
+    reinstated, lifted = domain.reinstate(suspended, LATER, STAFF)
     assert reinstated.status(LATER) is DisplayStatus.VALID
     assert (reinstated.suspended_at, reinstated.suspension_reason) == (None, None)
     assert (lifted.credential_id, lifted.reinstated_at) == (suspended.credential_id, LATER)
     with pytest.raises(StatusChangeRefused, match="not suspended"):
-        domain.reinstate(reinstated, LATER)
+        domain.reinstate(reinstated, LATER, STAFF)
 
-    revoked, _ = domain.revoke(suspended, "fraud confirmed", LATER)
+    revoked, _ = domain.revoke(suspended, "fraud confirmed", LATER, STAFF)
     assert (revoked.suspended_at, revoked.status(LATER)) == (None, DisplayStatus.REVOKED)
 
 
 def test_a_status_change_needs_a_reason() -> None:
     with pytest.raises(StatusChangeRefused, match="reason"):
-        domain.revoke(record(), "   ", LATER)
+        domain.revoke(record(), "   ", LATER, STAFF)
 
 
 def test_expiry_shows_after_valid_until_but_revocation_and_suspension_come_first() -> None:
@@ -323,8 +324,8 @@ def test_expiry_shows_after_valid_until_but_revocation_and_suspension_come_first
     assert expiring.status(LATER - timedelta(seconds=1)) is DisplayStatus.VALID
     assert expiring.status(LATER) is DisplayStatus.EXPIRED
     assert not expiring.counts_towards_pathways(LATER)
-    assert domain.suspend(expiring, "x", T0)[0].status(LATER) is DisplayStatus.SUSPENDED
-    assert domain.revoke(expiring, "x", T0)[0].status(LATER) is DisplayStatus.REVOKED
+    assert domain.suspend(expiring, "x", T0, STAFF)[0].status(LATER) is DisplayStatus.SUSPENDED
+    assert domain.revoke(expiring, "x", T0, STAFF)[0].status(LATER) is DisplayStatus.REVOKED
 
 
 def test_the_issued_event_describes_a_course_or_a_pathway_credential() -> None:

@@ -11,8 +11,11 @@ from issuance import service
 from issuance.service import Platform
 from issuance.sweeper import Sweeper
 from microcred_events import CourseCompleted, CourseSnapshot, PathwayPublished, PathwaySnapshot
+from microcred_runtime import Principal, Role
 
 from .conftest import a_completion, a_course, a_learner, a_pathway, published
+
+ADMIN = Principal("admin-1", frozenset({Role.ADMIN}))
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +50,7 @@ class Revoked:
                 await service.issue_course_credential(conn, self.platform, completion)
         (stacked,) = await self.pathway_credentials()
         async with self.pool.acquire() as conn, conn.transaction():
-            await service.revoke_credential(conn, self.platform, stacked, "awarded by mistake")
+            await service.revoke_credential(conn, self.platform, ADMIN, stacked, "awarded by mistake")
         return stacked
 
     async def publish(self, pathway: PathwaySnapshot) -> None:
@@ -107,9 +110,9 @@ async def test_reinstating_a_course_credential_does_not_mint_a_revoked_pathway_c
     stacked = await revoked.stack_and_revoke()
     first = await course_credential(revoked.pool, revoked.completions[0])
     async with revoked.pool.acquire() as conn, conn.transaction():
-        await service.suspend_credential(conn, first, "checking the completion")
+        await service.suspend_credential(conn, ADMIN, first, "checking the completion")
     async with revoked.pool.acquire() as conn, conn.transaction():
-        await service.reinstate_credential(conn, revoked.platform, first)
+        await service.reinstate_credential(conn, revoked.platform, ADMIN, first)
 
     assert await revoked.stands(stacked)
 

@@ -43,7 +43,7 @@ from microcred_events import CourseSnapshot, example_data
 from microcred_runtime import ServiceSettings
 from notifications.smtp_sink import Handler, MailStore, smtp_server
 
-from ..conftest import Infrastructure, eventually, serving
+from ..conftest import Infrastructure, eventually, serving, staff_scope
 
 S = TypeVar("S", bound=ServiceSettings)
 # The integration suite's poller, typed loosely as its `wait_for` fixture is.
@@ -98,7 +98,9 @@ class Platform:
         return self.clients["notifications"]
 
     def bearer(self, subject: str, *roles: str, **claims: Any) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.issuer.token(subject, list(roles), **claims)}"}
+        """Staff act for the example issuer (the courses' own) unless `issuers` says otherwise."""
+        token = self.issuer.token(subject, list(roles), **staff_scope(roles, claims))
+        return {"Authorization": f"Bearer {token}"}
 
     def learner(self, name: str) -> dict[str, str]:
         return self.bearer(name, "learner", email=f"{name}@example.org", name=name.title())

@@ -445,6 +445,7 @@ STAFF_OPERATIONS = [
     ),
     Operation("catalog", "POST", "/pathways/{pathway_id}/publish"),
     Operation("enrollment", "POST", "/enrollments/{enrollment_id}/completion", {"score": 100}),
+    Operation("enrollment", "GET", "/enrollments/{enrollment_id}/audit"),
     Operation("enrollment", "GET", "/partners"),
     Operation("enrollment", "GET", "/partners/{partner_id}"),
     Operation("enrollment", "POST", "/partners", {"display_name": "Learner University"}, admin_only=True),
@@ -468,6 +469,7 @@ STAFF_OPERATIONS = [
     Operation("issuance", "POST", "/credentials/{credential_id}/revocation", {"reason": "a learner said so"}),
     Operation("issuance", "POST", "/credentials/{credential_id}/suspension", {"reason": "a learner said so"}),
     Operation("issuance", "DELETE", "/credentials/{credential_id}/suspension"),
+    Operation("issuance", "GET", "/credentials/{credential_id}/audit"),
     Operation(
         "notifications",
         "POST",

@@ -24,6 +24,10 @@ UtcDateTime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 """A timezone-aware instant, normalised to UTC (serialised with a `Z`); naive datetimes are refused."""
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+# Who acted, for the audit trail: `<role>:<token subject>` for a person (`staff:auth0|sam`), a
+# partner's `urn:microcred:partner:<id>`, or the context whose event caused the change (`billing`).
+Actor = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+ACTOR_EXAMPLE = "staff:auth0|5f2b8c1e"
 
 EmailAddress = Annotated[str, StringConstraints(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
 

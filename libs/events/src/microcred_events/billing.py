@@ -10,7 +10,7 @@ from uuid import UUID
 
 from pydantic import Field
 
-from microcred_events.base import Event, Money, NonEmptyStr, UtcDateTime, example_data
+from microcred_events.base import ACTOR_EXAMPLE, Actor, Event, Money, NonEmptyStr, UtcDateTime, example_data
 from microcred_events.topics import Topic
 
 _PAYMENT_ID = "9c3e5a7b-1d2f-4b8a-9e64-0f7c2d1a3b85"
@@ -102,6 +102,11 @@ class RefundIssued(Event):
             "refund. Absent from producers older than this field: read absent as true."
         ),
         examples=[True],
+    )
+    issued_by: Actor | None = Field(
+        default=None,
+        description="Who refunded (`<role>:<subject>`). Absent from older producers.",
+        examples=[ACTOR_EXAMPLE],
     )
 
 

@@ -11,7 +11,9 @@ from uuid import UUID
 from pydantic import Field, HttpUrl, model_validator
 
 from microcred_events.base import (
+    ACTOR_EXAMPLE,
     INT64_MAX,
+    Actor,
     ContractModel,
     EmailAddress,
     Event,
@@ -90,6 +92,14 @@ class EnrollmentCreated(Event):
     created_at: UtcDateTime = Field(
         description="When the learner enrolled.", examples=["2025-03-20T10:15:00Z"]
     )
+    issuer_id: UUID | None = Field(
+        default=None,
+        description=(
+            "The institution that issues the course's credential, whose staff may act on the "
+            "enrollment and its payment. Absent from older producers."
+        ),
+        examples=["8a0d6c3b-2f4e-4b91-a7c5-1e9f3d2b6a40"],
+    )
 
 
 class EnrollmentActivated(Event):
@@ -135,6 +145,14 @@ class EnrollmentCancelled(Event):
         examples=["Schedule conflict with work."],
     )
     cancelled_at: UtcDateTime = Field(description="When it was cancelled.", examples=["2025-03-22T08:00:00Z"])
+    cancelled_by: Actor | None = Field(
+        default=None,
+        description=(
+            "Who cancelled it: the learner or staff member (`<role>:<subject>`), the refund's issuer, "
+            "or the context whose event did (`billing`, `catalog`). Absent from older producers."
+        ),
+        examples=["learner:auth0|ada"],
+    )
 
 
 class CourseCompleted(Event):
@@ -177,6 +195,14 @@ class CourseCompleted(Event):
         default=None,
         description="The partner's `CompletionReported` this follows from, if any; only for `partner`.",
         examples=["6f4a2c8e-9b1d-4a53-8c7e-2d0b5f9a1c36"],
+    )
+    recorded_by: Actor | None = Field(
+        default=None,
+        description=(
+            "Who attested it: the staff member (`<role>:<subject>`) or the partner's URN. Absent "
+            "from older producers."
+        ),
+        examples=[ACTOR_EXAMPLE],
     )
 
     @model_validator(mode="after")

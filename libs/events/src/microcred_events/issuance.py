@@ -11,7 +11,7 @@ from uuid import UUID
 
 from pydantic import Field, HttpUrl, model_validator
 
-from microcred_events.base import Event, NonEmptyStr, UtcDateTime
+from microcred_events.base import ACTOR_EXAMPLE, Actor, Event, NonEmptyStr, UtcDateTime
 from microcred_events.topics import Topic
 
 _CREDENTIAL_ID = "7e2b9d4c-5a1f-4c36-b8e0-6d3a2f9c1e47"
@@ -118,6 +118,11 @@ class CredentialRevoked(Event):
     revoked_at: UtcDateTime = Field(
         description="When the status took effect.", examples=["2025-06-10T12:00:00Z"]
     )
+    revoked_by: Actor | None = Field(
+        default=None,
+        description="Who revoked or suspended it (`<role>:<subject>`). Absent from older producers.",
+        examples=[ACTOR_EXAMPLE],
+    )
 
 
 class CredentialReinstated(Event):
@@ -135,6 +140,11 @@ class CredentialReinstated(Event):
     learner_id: UUID = Field(description="The holder.", examples=[_LEARNER_ID])
     reinstated_at: UtcDateTime = Field(
         description="When the suspension was lifted.", examples=["2025-06-12T09:00:00Z"]
+    )
+    reinstated_by: Actor | None = Field(
+        default=None,
+        description="Who lifted the suspension (`<role>:<subject>`). Absent from older producers.",
+        examples=[ACTOR_EXAMPLE],
     )
 
 

@@ -1,6 +1,7 @@
 """The shared service runtime: only what every microcred service needs."""
 
 from . import journeys, outbox
+from .audit import AuditEntry
 from .auth import Admin, Caller, Principal, Role, Staff, Viewer
 from .body_limit import max_body_bytes
 from .consumers import Outcome, Rejected, Subscriptions
@@ -14,6 +15,7 @@ from .settings import ConfigurationError, ServiceSettings, load_settings
 __all__ = [
     "PROBLEM_JSON",
     "Admin",
+    "AuditEntry",
     "Caller",
     "ConfigurationError",
     "Connection",

@@ -4,6 +4,10 @@ The token's signature is verified with the issuer's JSON Web Key Set (from a URL
 a token names a key id we have not seen, or from a file); the algorithm list is pinned by
 configuration, so a token cannot choose `none` or HS256-with-the-public-key; `exp`, `iss`, `aud`
 and `sub` are required. Roles come from a claim (`roles` by default): learner, staff, admin.
+
+Staff act for institutions, not for the platform: the `issuers` claim lists the issuer
+(institution) ids a staff member may act for, and `Principal.may_act_for` is what every staff
+action checks. A staff token without the claim acts for no issuer. Admins act for every issuer.
 """
 
 import asyncio
@@ -45,6 +49,8 @@ class Principal:
     roles: frozenset[Role]
     email: str | None = None
     name: str | None = None
+    # The issuers (institutions) a staff role acts for; admins act for all of them.
+    issuers: frozenset[uuid.UUID] = frozenset()
 
     @property
     def learner_id(self) -> uuid.UUID:
@@ -59,6 +65,30 @@ class Principal:
     def is_staff(self) -> bool:
         return bool(self.roles & {Role.STAFF, Role.ADMIN})
 
+    @property
+    def is_admin(self) -> bool:
+        return Role.ADMIN in self.roles
+
+    @property
+    def actor(self) -> str:
+        """Who acted, as the audit trail records it: the role and the token's subject."""
+        role = Role.ADMIN if self.is_admin else Role.STAFF if Role.STAFF in self.roles else Role.LEARNER
+        return f"{role}:{self.subject}"
+
+    def may_act_for(self, issuer_id: uuid.UUID | None) -> bool:
+        """Whether the caller may act as staff for what `issuer_id` issues (None: an unknown issuer,
+        which only admins act for)."""
+        if self.is_admin:
+            return True
+        return Role.STAFF in self.roles and issuer_id is not None and issuer_id in self.issuers
+
+    def require_issuer(self, issuer_id: uuid.UUID | None) -> None:
+        """403 unless the caller may act for `issuer_id`."""
+        if not self.may_act_for(issuer_id):
+            raise Problem(
+                403, "issuer-scope", f"the token's staff role does not cover the issuer {issuer_id}"
+            )
+
 
 @dataclass(frozen=True)
 class AuthConfig:
@@ -68,6 +98,7 @@ class AuthConfig:
     jwks_url: str | None = None
     jwks_file: Path | None = None
     roles_claim: str = "roles"
+    issuers_claim: str = "issuers"
 
 
 class KeySet:
@@ -146,12 +177,29 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             raise _unauthorized(f"the token is not valid: {exc}") from None
         raw_roles = claims.get(self._config.roles_claim, [])
+        if not isinstance(raw_roles, list):
+            raise _unauthorized(f"the token's `{self._config.roles_claim}` claim is not a list")
         roles = frozenset(Role(role) for role in raw_roles if role in Role.__members__.values())
         if not roles:
             raise Problem(403, "forbidden", "the token grants no microcred role")
         return Principal(
-            subject=str(claims["sub"]), roles=roles, email=claims.get("email"), name=claims.get("name")
+            subject=str(claims["sub"]),
+            roles=roles,
+            email=claims.get("email"),
+            name=claims.get("name"),
+            issuers=self._issuers(claims.get(self._config.issuers_claim, [])),
         )
+
+    def _issuers(self, raw: Any) -> frozenset[uuid.UUID]:
+        claim = self._config.issuers_claim
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise _unauthorized(f"the token's `{claim}` claim is not a list of issuer ids")
+        try:
+            return frozenset(uuid.UUID(item) for item in raw)
+        except ValueError:
+            raise _unauthorized(
+                f"the token's `{claim}` claim holds something other than issuer ids"
+            ) from None
 
 
 _bearer = HTTPBearer(auto_error=False)

@@ -252,6 +252,7 @@ class Service(Generic[SettingsT]):
                 jwks_url=str(settings.auth_jwks_url) if settings.auth_jwks_url else None,
                 jwks_file=settings.auth_jwks_file,
                 roles_claim=settings.auth_roles_claim,
+                issuers_claim=settings.auth_issuers_claim,
             )
         )
         app.state.rate_limiter = RateLimiter(self.name, settings)

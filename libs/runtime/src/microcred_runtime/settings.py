@@ -75,6 +75,10 @@ class ServiceSettings(BaseSettings):
         default=["RS256"], min_length=1, description="Signing algorithms accepted; asymmetric only."
     )
     auth_roles_claim: str = Field(default="roles", description="The claim listing the caller's roles.")
+    auth_issuers_claim: str = Field(
+        default="issuers",
+        description="The claim listing the issuer (institution) ids a staff role acts for (admins: all).",
+    )
 
     db_pool_min_size: int = Field(default=1, ge=0)
     db_pool_max_size: int = Field(default=10, ge=1)

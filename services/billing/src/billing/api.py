@@ -116,6 +116,9 @@ class RefundOut(BaseModel):
     amount: Money = Field(examples=[_MONEY])
     reason: str
     issued_at: datetime
+    issued_by: str | None = Field(
+        description="Who refunded: `<role>:<token subject>`.", examples=["staff:auth0|5f2b8c1e"]
+    )
     payment: PaymentOut
 
     @classmethod
@@ -125,6 +128,7 @@ class RefundOut(BaseModel):
             amount=refund.amount,
             reason=refund.reason,
             issued_at=refund.issued_at,
+            issued_by=refund.issued_by,
             payment=PaymentOut.of(payment),
         )
 
@@ -184,7 +188,7 @@ async def check_out(payment_id: UUID, db: Db, learner: LimitedCaller, provider: 
     status_code=201,
     summary="Refund a settled payment, in full or in part (staff)",
     responses={
-        403: _problem("Only staff refund."),
+        403: _problem("Only staff of the course's issuer, and admins, refund."),
         404: _problem("No such payment."),
         409: _problem("Not settled, already refunded in full, or more than is left to refund."),
         502: _problem("The payment provider could not be reached or refused."),

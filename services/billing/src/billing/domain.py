@@ -70,6 +70,9 @@ class Payment:
     # The provider's id of the charge that settled the payment; refunds are made against it.
     provider_reference: str | None = None
     settled_at: datetime | None = None
+    # The institution that issues the course paid for: its staff may refund. None for payments
+    # opened before enrollment named it (admins refund those).
+    issuer_id: UUID | None = None
 
     @property
     def refunded(self) -> Money:
@@ -99,6 +102,7 @@ def payment_for(event: EnrollmentCreated, payment_id: UUID, now: datetime) -> Pa
         refunded_minor=0,
         created_at=now,
         updated_at=now,
+        issuer_id=event.issuer_id,
     )
 
 
@@ -185,7 +189,13 @@ def void(payment: Payment, now: datetime) -> Payment:
 
 
 def refund(
-    payment: Payment, *, refund_id: UUID, amount: Money | None, reason: str, issued_at: datetime
+    payment: Payment,
+    *,
+    refund_id: UUID,
+    amount: Money | None,
+    reason: str,
+    issued_at: datetime,
+    issued_by: str | None = None,
 ) -> tuple[Payment, RefundIssued]:
     """Return `amount` (all that is left when None) of a settled payment, never more than was paid."""
     if payment.status is PaymentStatus.REFUNDED:
@@ -220,4 +230,5 @@ def refund(
         reason=reason,
         issued_at=issued_at,
         fully_refunded=status is PaymentStatus.REFUNDED,
+        issued_by=issued_by,
     )

@@ -12,7 +12,8 @@ from .domain import DiscrepancyReason, NoticeOutcome, Payment, PaymentStatus
 
 _COLUMNS = (
     "payment_id, enrollment_id, learner_id, amount_minor, currency, status, refunded_minor,"
-    " checkout_session_id, checkout_url, provider, provider_reference, created_at, updated_at, settled_at"
+    " checkout_session_id, checkout_url, provider, provider_reference, created_at, updated_at, settled_at,"
+    " issuer_id"
 )
 
 
@@ -31,6 +32,7 @@ def _payment(row: asyncpg.Record) -> Payment:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         settled_at=row["settled_at"],
+        issuer_id=row["issuer_id"],
     )
 
 
@@ -38,7 +40,7 @@ async def insert(conn: Connection, payment: Payment) -> bool:
     """Store a new payment; False when its enrollment already has one."""
     inserted = await conn.fetchval(
         f"INSERT INTO payments ({_COLUMNS})"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
         " ON CONFLICT (enrollment_id) DO NOTHING RETURNING true",
         payment.payment_id,
         payment.enrollment_id,
@@ -54,6 +56,7 @@ async def insert(conn: Connection, payment: Payment) -> bool:
         payment.created_at,
         payment.updated_at,
         payment.settled_at,
+        payment.issuer_id,
     )
     return bool(inserted)
 

@@ -117,10 +117,12 @@ async def refund_payment(
     amount: Money | None,
     reason: str | None,
 ) -> tuple[Payment, RefundIssued]:
-    """Return money of a settled payment to the learner at the provider: all that is left, or `amount`."""
+    """Return money of a settled payment to the learner at the provider: all that is left, or
+    `amount`. Staff refund payments for what their issuer issues; admins any."""
     payment = await repository.get(conn, payment_id, for_update=True)
     if payment is None:
         raise _not_found(payment_id)
+    staff.require_issuer(payment.issuer_id)
     try:
         refunded, event = domain.refund(
             payment,
@@ -128,6 +130,7 @@ async def refund_payment(
             amount=amount,
             reason=reason or DEFAULT_REFUND_REASON,
             issued_at=datetime.now(UTC),
+            issued_by=staff.actor,
         )
     except PaymentRuleViolated as exc:
         raise _conflict(exc) from None
@@ -147,9 +150,7 @@ async def refund_payment(
         )
     )
     await repository.save(conn, refunded)
-    await repository.insert_refund(
-        conn, event, provider_refund_id=provider_refund_id, issued_by=staff.subject
-    )
+    await repository.insert_refund(conn, event, provider_refund_id=provider_refund_id, issued_by=staff.actor)
     await outbox.add(conn, event)
     return refunded, event
 

@@ -62,7 +62,10 @@ Responses = dict[int | str, dict[str, Any]]
 
 
 _UNAUTHORIZED: Responses = {401: problem_doc("No bearer token, or one that is not valid.")}
-_STAFF_ONLY: Responses = {**_UNAUTHORIZED, 403: problem_doc("The caller is neither staff nor admin.")}
+_STAFF_ONLY: Responses = {
+    **_UNAUTHORIZED,
+    403: problem_doc("The caller is neither staff nor admin, or changes what another issuer issues."),
+}
 _PRECONDITION: Responses = {412: problem_doc("`If-Match` names a version the item is no longer at.")}
 _ETAG = {"ETag": {"description": "The item's version, for `If-Match`.", "schema": {"type": "string"}}}
 _CACHE_CONTROL = {
@@ -298,10 +301,10 @@ async def get_course(course_id: UUID, db: Db, viewer: Viewer, response: Response
     summary="Create a draft course",
     responses={201: {"headers": _ETAG}, **_STAFF_ONLY},
 )
-async def create_course(details: CourseDetails, db: Db, _: Staff, response: Response) -> CourseOut:
+async def create_course(details: CourseDetails, db: Db, staff: Staff, response: Response) -> CourseOut:
     """A new course, as a draft at version 1: only staff see it until it is published."""
     async with db.acquire() as conn, conn.transaction():
-        course = await service.create_course(conn, details)
+        course = await service.create_course(conn, details, by=staff)
     response.headers["Location"] = f"{courses.prefix}/{course.course_id}"
     _tag(response, course.version)
     return CourseOut.of(course)
@@ -321,7 +324,7 @@ async def update_course(
     course_id: UUID,
     details: CourseDetails,
     db: Db,
-    _: Staff,
+    staff: Staff,
     if_match: Precondition,
     response: Response,
     pages: Pages,
@@ -333,7 +336,7 @@ async def update_course(
     nothing. Learners already enrolled keep the price and version they enrolled with.
     """
     async with db.acquire() as conn, conn.transaction():
-        course = await service.update_course(conn, course_id, details, if_match=if_match)
+        course = await service.update_course(conn, course_id, details, by=staff, if_match=if_match)
     pages.clear()
     _tag(response, course.version)
     return CourseOut.of(course)
@@ -351,11 +354,11 @@ async def update_course(
     },
 )
 async def publish_course(
-    course_id: UUID, db: Db, _: Staff, if_match: Precondition, response: Response, pages: Pages
+    course_id: UUID, db: Db, staff: Staff, if_match: Precondition, response: Response, pages: Pages
 ) -> CourseOut:
     """Publish a draft, or bring back a retired course; announced with `CoursePublished`."""
     async with db.acquire() as conn, conn.transaction():
-        course = await service.publish_course(conn, course_id, if_match=if_match)
+        course = await service.publish_course(conn, course_id, by=staff, if_match=if_match)
     pages.clear()
     _tag(response, course.version)
     return CourseOut.of(course)
@@ -375,7 +378,7 @@ async def publish_course(
 async def retire_course(
     course_id: UUID,
     db: Db,
-    _: Staff,
+    staff: Staff,
     if_match: Precondition,
     response: Response,
     pages: Pages,
@@ -385,7 +388,7 @@ async def retire_course(
     and the course may be published again later."""
     reason = retirement.reason if retirement else None
     async with db.acquire() as conn, conn.transaction():
-        course = await service.retire_course(conn, course_id, reason, if_match=if_match)
+        course = await service.retire_course(conn, course_id, reason, by=staff, if_match=if_match)
     pages.clear()
     _tag(response, course.version)
     return CourseOut.of(course)
@@ -448,10 +451,10 @@ async def get_pathway(pathway_id: UUID, db: Db, viewer: Viewer, response: Respon
         422: problem_doc("The request is not valid, or names courses the catalog does not have."),
     },
 )
-async def create_pathway(details: PathwayDetails, db: Db, _: Staff, response: Response) -> PathwayOut:
+async def create_pathway(details: PathwayDetails, db: Db, staff: Staff, response: Response) -> PathwayOut:
     """A new pathway of at least two distinct existing courses, as a draft at version 1."""
     async with db.acquire() as conn, conn.transaction():
-        pathway = await service.create_pathway(conn, details)
+        pathway = await service.create_pathway(conn, details, by=staff)
     response.headers["Location"] = f"{pathways.prefix}/{pathway.pathway_id}"
     _tag(response, pathway.version)
     return PathwayOut.of(pathway)
@@ -469,10 +472,10 @@ async def create_pathway(details: PathwayDetails, db: Db, _: Staff, response: Re
     },
 )
 async def publish_pathway(
-    pathway_id: UUID, db: Db, _: Staff, if_match: Precondition, response: Response
+    pathway_id: UUID, db: Db, staff: Staff, if_match: Precondition, response: Response
 ) -> PathwayOut:
     """Announce a pathway with `PathwayPublished`; every course in it must be published."""
     async with db.acquire() as conn, conn.transaction():
-        pathway = await service.publish_pathway(conn, pathway_id, if_match=if_match)
+        pathway = await service.publish_pathway(conn, pathway_id, by=staff, if_match=if_match)
     _tag(response, pathway.version)
     return PathwayOut.of(pathway)

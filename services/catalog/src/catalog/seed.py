@@ -26,7 +26,7 @@ from microcred_events import (
     Money,
     SkillAlignment,
 )
-from microcred_runtime import ConfigurationError, Connection, load_settings
+from microcred_runtime import ConfigurationError, Connection, Principal, Role, load_settings
 
 from . import main, repository, service
 from .domain import CourseDetails, PathwayDetails
@@ -300,6 +300,10 @@ PATHWAYS: Mapping[UUID, PathwayDetails] = {
 }
 
 
+# The seed speaks for every institution of the launch catalog, as an admin would.
+_SEEDER = Principal("catalog-seed", frozenset({Role.ADMIN}))
+
+
 @dataclass(frozen=True)
 class Seeded:
     """What one run created (and published); empty when everything was there already."""
@@ -314,14 +318,14 @@ async def seed(conn: Connection) -> Seeded:
     courses = []
     for course_id, details in COURSES.items():
         if await repository.get_course(conn, course_id) is None:
-            await service.create_course(conn, details, course_id=course_id)
-            await service.publish_course(conn, course_id)
+            await service.create_course(conn, details, by=_SEEDER, course_id=course_id)
+            await service.publish_course(conn, course_id, by=_SEEDER)
             courses.append(course_id)
     pathways = []
     for pathway_id, pathway in PATHWAYS.items():
         if await repository.get_pathway(conn, pathway_id) is None:
-            await service.create_pathway(conn, pathway, pathway_id=pathway_id)
-            await service.publish_pathway(conn, pathway_id)
+            await service.create_pathway(conn, pathway, by=_SEEDER, pathway_id=pathway_id)
+            await service.publish_pathway(conn, pathway_id, by=_SEEDER)
             pathways.append(pathway_id)
     return Seeded(courses, pathways)
 

@@ -3,13 +3,16 @@
 A change reads its course or pathway `FOR UPDATE`, so concurrent changes of one aggregate take
 turns and every version is used once; `if_match` (the versions the caller read, from the HTTP
 `If-Match` header) turns a change based on a stale read into a 412 instead of a lost update.
+Every change is made `by` someone who may act for the issuer of what it changes (staff of that
+institution, or an admin): checked on the locked row, so a concurrent change of issuer cannot slip
+past it.
 """
 
 import uuid
 from datetime import UTC, datetime
 from uuid import UUID
 
-from microcred_runtime import Connection, Problem, outbox
+from microcred_runtime import Connection, Principal, Problem, outbox
 
 from . import domain, repository
 from .domain import (
@@ -27,16 +30,20 @@ IfMatch = frozenset[int] | None
 """The versions a change may apply to; None when the caller sets no precondition."""
 
 
-async def create_course(conn: Connection, details: CourseDetails, *, course_id: UUID | None = None) -> Course:
+async def create_course(
+    conn: Connection, details: CourseDetails, *, by: Principal, course_id: UUID | None = None
+) -> Course:
+    by.require_issuer(details.issuer.issuer_id)
     course = domain.draft_course(course_id or uuid.uuid4(), details, _now())
     await repository.insert_course(conn, course)
     return course
 
 
 async def update_course(
-    conn: Connection, course_id: UUID, details: CourseDetails, *, if_match: IfMatch = None
+    conn: Connection, course_id: UUID, details: CourseDetails, *, by: Principal, if_match: IfMatch = None
 ) -> Course:
-    course = await _course_to_change(conn, course_id, if_match)
+    course = await _course_to_change(conn, course_id, if_match, by)
+    by.require_issuer(details.issuer.issuer_id)
     updated, event = domain.update(course, details, _now())
     if updated is not course:
         await repository.save_course(conn, updated)
@@ -45,8 +52,10 @@ async def update_course(
     return updated
 
 
-async def publish_course(conn: Connection, course_id: UUID, *, if_match: IfMatch = None) -> Course:
-    course = await _course_to_change(conn, course_id, if_match)
+async def publish_course(
+    conn: Connection, course_id: UUID, *, by: Principal, if_match: IfMatch = None
+) -> Course:
+    course = await _course_to_change(conn, course_id, if_match, by)
     try:
         published, event = domain.publish(course, _now())
     except domain.CourseRuleViolated as exc:
@@ -57,9 +66,9 @@ async def publish_course(conn: Connection, course_id: UUID, *, if_match: IfMatch
 
 
 async def retire_course(
-    conn: Connection, course_id: UUID, reason: str | None, *, if_match: IfMatch = None
+    conn: Connection, course_id: UUID, reason: str | None, *, by: Principal, if_match: IfMatch = None
 ) -> Course:
-    course = await _course_to_change(conn, course_id, if_match)
+    course = await _course_to_change(conn, course_id, if_match, by)
     try:
         retired, event = domain.retire(course, reason, _now())
     except domain.CourseRuleViolated as exc:
@@ -86,8 +95,9 @@ async def list_courses(
 
 
 async def create_pathway(
-    conn: Connection, details: PathwayDetails, *, pathway_id: UUID | None = None
+    conn: Connection, details: PathwayDetails, *, by: Principal, pathway_id: UUID | None = None
 ) -> Pathway:
+    by.require_issuer(details.issuer.issuer_id)
     existing = await repository.course_statuses(conn, details.course_ids)
     try:
         pathway = domain.draft_pathway(pathway_id or uuid.uuid4(), details, existing, _now())
@@ -99,10 +109,13 @@ async def create_pathway(
     return pathway
 
 
-async def publish_pathway(conn: Connection, pathway_id: UUID, *, if_match: IfMatch = None) -> Pathway:
+async def publish_pathway(
+    conn: Connection, pathway_id: UUID, *, by: Principal, if_match: IfMatch = None
+) -> Pathway:
     pathway = await repository.get_pathway(conn, pathway_id, for_update=True)
     if pathway is None:
         raise _pathway_not_found(pathway_id)
+    by.require_issuer(pathway.details.issuer.issuer_id)
     _check_version("pathway", pathway.version, if_match)
     statuses = await repository.course_statuses(conn, pathway.details.course_ids, lock=True)
     try:
@@ -130,10 +143,11 @@ async def list_pathways(
     return pathways[:limit], len(pathways) > limit
 
 
-async def _course_to_change(conn: Connection, course_id: UUID, if_match: IfMatch) -> Course:
+async def _course_to_change(conn: Connection, course_id: UUID, if_match: IfMatch, by: Principal) -> Course:
     course = await repository.get_course(conn, course_id, for_update=True)
     if course is None:
         raise _course_not_found(course_id)
+    by.require_issuer(course.details.issuer.issuer_id)
     _check_version("course", course.version, if_match)
     return course
 

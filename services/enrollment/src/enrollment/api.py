@@ -25,6 +25,7 @@ from microcred_events.partner import RejectionReason
 from microcred_events.topics import partner_rejection_topic
 from microcred_runtime import (
     Admin,
+    AuditEntry,
     Caller,
     Connection,
     Cursor,
@@ -243,10 +244,15 @@ async def get_enrollment(enrollment_id: UUID, caller: Caller, db: Db) -> Enrollm
     summary="Cancel an enrollment",
     description=(
         "The learner cancels their own enrollment before completion (reason `learner_request`); "
-        "staff may cancel anyone's (`staff_action`). Cancelling a cancelled enrollment changes nothing."
+        "staff of the course's issuer (and admins) may cancel anyone's (`staff_action`). Cancelling a "
+        "cancelled enrollment changes nothing."
     ),
     responses=_problems(
-        {404: "No such enrollment, or it is someone else's.", 409: "The enrollment is completed."}
+        {
+            403: "Staff of another issuer (`issuer-scope`).",
+            404: "No such enrollment, or it is someone else's.",
+            409: "The enrollment is completed.",
+        }
     ),
 )
 async def cancel_enrollment(
@@ -265,7 +271,8 @@ async def cancel_enrollment(
     status_code=201,
     summary="Record a completion (staff)",
     description=(
-        "Staff attest that the learner completed the course; issuance then issues the credential. "
+        "Staff of the course's issuer (or an admin) attest that the learner completed the course; "
+        "issuance then issues the credential. Nobody records their own completion. "
         "Only an active enrollment can be completed. Recording it again answers 200 with the "
         "existing completion and changes nothing."
     ),
@@ -273,7 +280,8 @@ async def cancel_enrollment(
         200: {"model": CompletionOut, "description": "Already completed: the existing completion."},
         **_problems(
             {
-                403: "The caller is not staff.",
+                403: "The caller is not staff, is staff of another issuer (`issuer-scope`), or is "
+                "the enrolled learner (`own-enrollment`).",
                 404: "No such enrollment.",
                 409: "The enrollment is not active (waiting for payment, or cancelled).",
             }
@@ -296,6 +304,20 @@ async def complete_enrollment(
     if not completed_now:
         response.status_code = 200
     return CompletionOut.of(enrollment)
+
+
+@router.get(
+    "/{enrollment_id}/audit",
+    summary="Who did what to an enrollment (staff)",
+    description=(
+        "The enrollment's changes, oldest first: what, when, who (the actor) and through which "
+        "context (the source). For staff of the issuer of the enrollment's course, and admins."
+    ),
+    responses=_problems({403: "Not staff, or staff of another issuer.", 404: "No such enrollment."}),
+)
+async def audit_enrollment(enrollment_id: UUID, staff: Staff, db: Db) -> list[AuditEntry]:
+    async with db.acquire() as conn:
+        return await service.audit_enrollment(conn, staff, enrollment_id)
 
 
 # --- the partner registry (staff and admins) -------------------------------------------------

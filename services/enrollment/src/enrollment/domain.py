@@ -33,6 +33,7 @@ from microcred_events import (
     Money,
 )
 from microcred_events.partner import RejectionReason
+from microcred_runtime import AuditEntry
 
 
 class EnrollmentStatus(enum.StrEnum):
@@ -58,6 +59,8 @@ class Course:
     price: Money | None
     # The partner institution the catalog says delivers the course; it may report completions.
     delivery_partner_id: UUID | None = None
+    # The institution that issues its credential; its staff act on the course's enrollments.
+    issuer_id: UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class Enrollment:
     cancelled_at: datetime | None = None
     cancellation_reason: CancellationReason | None = None
     cancellation_detail: str | None = None
+    # Who cancelled it (an actor: `learner:<subject>`, `staff:<subject>`, the refund's issuer) or
+    # the context whose event did (`billing`, `catalog`); None for cancellations recorded before.
+    cancelled_by: str | None = None
     completion: Completion | None = None
 
     @property
@@ -157,6 +163,7 @@ def enroll(enrollment_id: UUID, learner: Learner, course: Course, now: datetime)
         price=course.price,
         requires_payment=enrollment.requires_payment,
         created_at=now,
+        issuer_id=course.issuer_id,
     )
     if enrollment.requires_payment:
         return Transition(enrollment, (created,))
@@ -202,11 +209,17 @@ def fail_payment(enrollment: Enrollment, reason: str, now: datetime) -> Transiti
     """
     if enrollment.status is not EnrollmentStatus.PENDING_PAYMENT:
         return _unchanged(enrollment, _settled_state(enrollment.status))
-    return _cancelled(enrollment, CancellationReason.PAYMENT_FAILED, reason, now)
+    return _cancelled(enrollment, CancellationReason.PAYMENT_FAILED, reason, now, by="billing")
 
 
 def refund(
-    enrollment: Enrollment, payment_id: UUID, reason: str, now: datetime, *, in_full: bool = True
+    enrollment: Enrollment,
+    payment_id: UUID,
+    reason: str,
+    now: datetime,
+    *,
+    in_full: bool = True,
+    issued_by: str | None = None,
 ) -> Transition:
     """The payment that activated the enrollment was refunded in full: the enrollment is cancelled.
 
@@ -226,7 +239,7 @@ def refund(
         return _unchanged(enrollment, Ignored.NOT_ACTIVATING_PAYMENT)
     if not in_full:
         return _unchanged(enrollment, Ignored.PARTIAL_REFUND)
-    return _cancelled(enrollment, CancellationReason.REFUNDED, reason, now)
+    return _cancelled(enrollment, CancellationReason.REFUNDED, reason, now, by=issued_by or "billing")
 
 
 def retire_course(enrollment: Enrollment, now: datetime) -> Transition:
@@ -236,21 +249,23 @@ def retire_course(enrollment: Enrollment, now: datetime) -> Transition:
     """
     if enrollment.status is not EnrollmentStatus.PENDING_PAYMENT:
         return _unchanged(enrollment, _settled_state(enrollment.status))
-    return _cancelled(enrollment, CancellationReason.COURSE_RETIRED, None, now)
+    return _cancelled(enrollment, CancellationReason.COURSE_RETIRED, None, now, by="catalog")
 
 
-def cancel(enrollment: Enrollment, *, by_staff: bool, detail: str | None, now: datetime) -> Transition:
+def cancel(
+    enrollment: Enrollment, *, by_staff: bool, detail: str | None, now: datetime, actor: str
+) -> Transition:
     """The learner (or staff) cancels an enrollment not yet completed; cancelling twice is a no-op."""
     if enrollment.status is EnrollmentStatus.COMPLETED:
         raise EnrollmentRuleViolated("a completed enrollment cannot be cancelled")
     if enrollment.status is EnrollmentStatus.CANCELLED:
         return _unchanged(enrollment, Ignored.ALREADY_CANCELLED)
     reason = CancellationReason.STAFF_ACTION if by_staff else CancellationReason.LEARNER_REQUEST
-    return _cancelled(enrollment, reason, detail, now)
+    return _cancelled(enrollment, reason, detail, now, by=actor)
 
 
 def _cancelled(
-    enrollment: Enrollment, reason: CancellationReason, detail: str | None, now: datetime
+    enrollment: Enrollment, reason: CancellationReason, detail: str | None, now: datetime, *, by: str
 ) -> Transition:
     cancelled = replace(
         enrollment,
@@ -258,6 +273,7 @@ def _cancelled(
         cancelled_at=now,
         cancellation_reason=reason,
         cancellation_detail=detail,
+        cancelled_by=by,
         updated_at=now,
     )
     event = EnrollmentCancelled(
@@ -267,6 +283,7 @@ def _cancelled(
         reason=reason,
         detail=detail,
         cancelled_at=now,
+        cancelled_by=by,
     )
     return Transition(cancelled, (event,))
 
@@ -309,8 +326,53 @@ def _completed(enrollment: Enrollment, completion: Completion, now: datetime) ->
         completed_by=completion.completed_by,
         partner_id=completion.partner_id,
         partner_report_id=completion.partner_report_id,
+        recorded_by=completion.recorded_by,
     )
     return Transition(completed, (event,))
+
+
+_CANCELLATION_SOURCES = {
+    CancellationReason.LEARNER_REQUEST: "enrollment",
+    CancellationReason.STAFF_ACTION: "enrollment",
+    CancellationReason.PAYMENT_FAILED: "billing",
+    CancellationReason.REFUNDED: "billing",
+    CancellationReason.COURSE_RETIRED: "catalog",
+}
+
+
+def audit_trail(enrollment: Enrollment) -> list[AuditEntry]:
+    """The enrollment's changes in order, from what the enrollment itself records."""
+    learner = f"learner:{enrollment.learner.learner_id}"
+    entries = [AuditEntry(change="created", at=enrollment.created_at, actor=learner, source="enrollment")]
+    if enrollment.activated_at is not None:
+        paid = enrollment.payment_id is not None
+        entries.append(
+            AuditEntry(
+                change="activated",
+                at=enrollment.activated_at,
+                actor=f"payment:{enrollment.payment_id}" if paid else learner,
+                source="billing" if paid else "enrollment",
+            )
+        )
+    if enrollment.cancelled_at is not None and enrollment.cancellation_reason is not None:
+        entries.append(
+            AuditEntry(
+                change="cancelled",
+                at=enrollment.cancelled_at,
+                actor=enrollment.cancelled_by,
+                source=_CANCELLATION_SOURCES[enrollment.cancellation_reason],
+            )
+        )
+    if (completion := enrollment.completion) is not None:
+        entries.append(
+            AuditEntry(
+                change="completed",
+                at=completion.completed_at,
+                actor=completion.recorded_by,
+                source=partner_source(completion.partner_id) if completion.partner_id else "enrollment",
+            )
+        )
+    return entries
 
 
 def _settled_state(status: EnrollmentStatus) -> Ignored:

@@ -86,7 +86,8 @@ async def get_course(conn: Connection, course_id: UUID) -> Course | None:
     then sees (and cancels) it if it is still pending."""
     row = await conn.fetchrow(
         "SELECT course_id, version, status, price_minor, currency,"
-        " (snapshot ->> 'delivery_partner_id')::uuid AS delivery_partner_id"
+        " (snapshot ->> 'delivery_partner_id')::uuid AS delivery_partner_id,"
+        " (snapshot -> 'issuer' ->> 'issuer_id')::uuid AS issuer_id"
         " FROM courses WHERE course_id = $1 FOR SHARE",
         course_id,
     )
@@ -98,8 +99,21 @@ async def get_course(conn: Connection, course_id: UUID) -> Course | None:
         else None
     )
     return Course(
-        row["course_id"], row["version"], CourseStatus(row["status"]), price, row["delivery_partner_id"]
+        row["course_id"],
+        row["version"],
+        CourseStatus(row["status"]),
+        price,
+        row["delivery_partner_id"],
+        row["issuer_id"],
     )
+
+
+async def course_issuer(conn: Connection, course_id: UUID) -> UUID | None:
+    """The institution that issues the course's credential, as the read model last saw it."""
+    issuer_id: UUID | None = await conn.fetchval(
+        "SELECT (snapshot -> 'issuer' ->> 'issuer_id')::uuid FROM courses WHERE course_id = $1", course_id
+    )
+    return issuer_id
 
 
 # --- enrollments -----------------------------------------------------------------------------
@@ -121,6 +135,7 @@ _COLUMN_NAMES = (
     "cancelled_at",
     "cancellation_reason",
     "cancellation_detail",
+    "cancelled_by",
     "completed_at",
     "completed_by",
     "score",
@@ -163,6 +178,7 @@ def _enrollment(row: asyncpg.Record) -> Enrollment:
         cancelled_at=row["cancelled_at"],
         cancellation_reason=CancellationReason(reason) if reason else None,
         cancellation_detail=row["cancellation_detail"],
+        cancelled_by=row["cancelled_by"],
         completion=completion,
     )
 
@@ -187,6 +203,7 @@ def _values(enrollment: Enrollment) -> tuple[Any, ...]:
         enrollment.cancelled_at,
         enrollment.cancellation_reason,
         enrollment.cancellation_detail,
+        enrollment.cancelled_by,
         completion.completed_at if completion else None,
         completion.completed_by if completion else None,
         completion.score if completion else None,
@@ -243,7 +260,7 @@ async def save_enrollment(conn: Connection, enrollment: Enrollment) -> None:
             status = $2, updated_at = $3, activated_at = $4, payment_id = $5, cancelled_at = $6,
             cancellation_reason = $7, cancellation_detail = $8, completed_at = $9, completed_by = $10,
             score = $11, evidence_url = $12, completion_recorded_by = $13, partner_id = $14,
-            partner_report_id = $15
+            partner_report_id = $15, cancelled_by = $16
         WHERE enrollment_id = $1
         """,
         enrollment.enrollment_id,
@@ -261,6 +278,7 @@ async def save_enrollment(conn: Connection, enrollment: Enrollment) -> None:
         completion.recorded_by if completion else None,
         completion.partner_id if completion else None,
         completion.partner_report_id if completion else None,
+        enrollment.cancelled_by,
     )
 
 

@@ -27,6 +27,7 @@ from microcred_events import (
 from microcred_events.partner import CompletionRejected, RejectionReason
 from microcred_events.topics import partner_rejection_topic
 from microcred_runtime import (
+    AuditEntry,
     Connection,
     Principal,
     Problem,
@@ -154,11 +155,16 @@ async def list_enrollments(
 async def cancel_enrollment(
     conn: Connection, caller: Principal, enrollment_id: UUID, detail: str | None
 ) -> Enrollment:
-    """The learner cancels their own enrollment; staff may cancel anyone's (reason staff_action)."""
+    """The learner cancels their own enrollment; staff may cancel one of a course their issuer
+    issues (reason staff_action)."""
     enrollment = await _visible(conn, caller, enrollment_id, for_update=True)
     by_staff = enrollment.learner.learner_id != caller.learner_id
+    if by_staff:
+        caller.require_issuer(await repository.course_issuer(conn, enrollment.course_id))
     try:
-        transition = domain.cancel(enrollment, by_staff=by_staff, detail=detail, now=_now())
+        transition = domain.cancel(
+            enrollment, by_staff=by_staff, detail=detail, now=_now(), actor=caller.actor
+        )
     except domain.EnrollmentRuleViolated as exc:
         raise Problem(409, "enrollment-state", str(exc), enrollment_status=enrollment.status.value) from None
     await _apply(conn, transition)
@@ -173,17 +179,28 @@ async def complete_enrollment(
     score: float | None,
     evidence_url: str | None,
 ) -> tuple[Enrollment, bool]:
-    """Staff record a completion; returns the enrollment and whether this call completed it."""
+    """Staff of the course's issuer record a completion; returns the enrollment and whether this
+    call completed it. Nobody completes their own enrollment: that would mint their own credential."""
     enrollment = await _visible(conn, staff, enrollment_id, for_update=True)
+    if enrollment.learner.learner_id == staff.learner_id:
+        raise Problem(403, "own-enrollment", "nobody records the completion of their own enrollment")
+    staff.require_issuer(await repository.course_issuer(conn, enrollment.course_id))
     try:
         transition = domain.complete(
-            enrollment, score=score, evidence_url=evidence_url, recorded_by=staff.subject, now=_now()
+            enrollment, score=score, evidence_url=evidence_url, recorded_by=staff.actor, now=_now()
         )
     except domain.EnrollmentRuleViolated as exc:
         raise Problem(409, "enrollment-state", str(exc), enrollment_status=enrollment.status.value) from None
     async with journeys.resume(conn, enrollment_id, "enrollment completion"):
         await _apply(conn, transition)
     return transition.enrollment, transition.changed
+
+
+async def audit_enrollment(conn: Connection, staff: Principal, enrollment_id: UUID) -> list[AuditEntry]:
+    """Who did what to an enrollment, in order: for staff of the course's issuer and admins."""
+    enrollment = await _visible(conn, staff, enrollment_id)
+    staff.require_issuer(await repository.course_issuer(conn, enrollment.course_id))
+    return domain.audit_trail(enrollment)
 
 
 # --- billing ---------------------------------------------------------------------------------
@@ -231,7 +248,12 @@ async def refund_payment(conn: Connection, event: RefundIssued) -> None:
         conn,
         event.enrollment_id,
         lambda enrollment: domain.refund(
-            enrollment, event.payment_id, event.reason, _now(), in_full=event.fully_refunded is not False
+            enrollment,
+            event.payment_id,
+            event.reason,
+            _now(),
+            in_full=event.fully_refunded is not False,
+            issued_by=event.issued_by,
         ),
         payment_id=event.payment_id,
     )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from microcred_events import CredentialKind
 from microcred_runtime import (
+    AuditEntry,
     Caller,
     Cursor,
     Db,
@@ -278,11 +279,32 @@ async def list_credentials(
 _STATUS_PROBLEMS = _problems(
     {
         401: "No valid bearer token.",
-        403: "Not staff.",
+        403: "Not staff, staff of another issuer (`issuer-scope`), or the credential's holder "
+        "(`own-credential`).",
         404: "No such credential.",
         409: "The change does not apply (already revoked, already suspended, not suspended).",
     }
 )
+
+
+@credentials.get(
+    "/{credential_id}/audit",
+    summary="Who did what to a credential (staff)",
+    description=(
+        "The credential's history, oldest first: its issuance, then every revocation, suspension "
+        "and reinstatement with who made it and when. For staff of the credential's issuer, and admins."
+    ),
+    responses=_problems(
+        {
+            401: "No valid bearer token.",
+            403: "Not staff, or staff of another issuer.",
+            404: "No such credential.",
+        }
+    ),
+)
+async def audit_credential(credential_id: UUID, staff: Staff, db: Db) -> list[AuditEntry]:
+    async with db.acquire() as conn:
+        return await service.audit_credential(conn, staff, credential_id)
 
 
 @credentials.post(
@@ -299,7 +321,7 @@ async def revoke(
     credential_id: UUID, request: StatusChange, staff: Staff, db: Db, platform: PlatformDep
 ) -> CredentialOut:
     async with db.acquire() as conn, conn.transaction():
-        credential = await service.revoke_credential(conn, platform, credential_id, request.reason)
+        credential = await service.revoke_credential(conn, platform, staff, credential_id, request.reason)
     return CredentialOut.of(credential, platform, _now())
 
 
@@ -316,7 +338,7 @@ async def suspend(
     credential_id: UUID, request: StatusChange, staff: Staff, db: Db, platform: PlatformDep
 ) -> CredentialOut:
     async with db.acquire() as conn, conn.transaction():
-        credential = await service.suspend_credential(conn, credential_id, request.reason)
+        credential = await service.suspend_credential(conn, staff, credential_id, request.reason)
     return CredentialOut.of(credential, platform, _now())
 
 
@@ -328,7 +350,7 @@ async def suspend(
 )
 async def reinstate(credential_id: UUID, staff: Staff, db: Db, platform: PlatformDep) -> CredentialOut:
     async with db.acquire() as conn, conn.transaction():
-        credential = await service.reinstate_credential(conn, platform, credential_id)
+        credential = await service.reinstate_credential(conn, platform, staff, credential_id)
     return CredentialOut.of(credential, platform, _now())
 
 

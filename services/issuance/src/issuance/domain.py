@@ -33,6 +33,7 @@ from microcred_events import (
     SkillAlignment,
     StatusPurpose,
 )
+from microcred_runtime import AuditEntry
 
 from .jsonld import OB_V3, VC_V2
 
@@ -265,7 +266,9 @@ def _reason(reason: str) -> str:
     return reason
 
 
-def revoke(credential: Credential, reason: str, now: datetime) -> tuple[Credential, CredentialRevoked]:
+def revoke(
+    credential: Credential, reason: str, now: datetime, actor: str
+) -> tuple[Credential, CredentialRevoked]:
     """Revoke for good: the credential's bit is set in its revocation list and never cleared."""
     if credential.revoked_at is not None:
         raise StatusChangeRefused(f"the credential was already revoked at {timestamp(credential.revoked_at)}")
@@ -276,10 +279,12 @@ def revoke(credential: Credential, reason: str, now: datetime) -> tuple[Credenti
         suspended_at=None,
         suspension_reason=None,
     )
-    return revoked, _revoked_event(revoked, StatusPurpose.REVOCATION, revoked.revocation_reason, now)
+    return revoked, _revoked_event(revoked, StatusPurpose.REVOCATION, revoked.revocation_reason, now, actor)
 
 
-def suspend(credential: Credential, reason: str, now: datetime) -> tuple[Credential, CredentialRevoked]:
+def suspend(
+    credential: Credential, reason: str, now: datetime, actor: str
+) -> tuple[Credential, CredentialRevoked]:
     """Suspend until reinstated; a revoked credential cannot be suspended (it is already final)."""
     if credential.revoked_at is not None:
         raise StatusChangeRefused("the credential is revoked; revocation is final")
@@ -288,10 +293,12 @@ def suspend(credential: Credential, reason: str, now: datetime) -> tuple[Credent
             f"the credential is already suspended since {timestamp(credential.suspended_at)}"
         )
     suspended = replace(credential, suspended_at=now, suspension_reason=_reason(reason))
-    return suspended, _revoked_event(suspended, StatusPurpose.SUSPENSION, suspended.suspension_reason, now)
+    return suspended, _revoked_event(
+        suspended, StatusPurpose.SUSPENSION, suspended.suspension_reason, now, actor
+    )
 
 
-def reinstate(credential: Credential, now: datetime) -> tuple[Credential, CredentialReinstated]:
+def reinstate(credential: Credential, now: datetime, actor: str) -> tuple[Credential, CredentialReinstated]:
     """Lift a suspension."""
     if credential.revoked_at is not None:
         raise StatusChangeRefused("the credential is revoked; revocation is final")
@@ -299,13 +306,16 @@ def reinstate(credential: Credential, now: datetime) -> tuple[Credential, Creden
         raise StatusChangeRefused("the credential is not suspended")
     reinstated = replace(credential, suspended_at=None, suspension_reason=None)
     event = CredentialReinstated(
-        credential_id=credential.credential_id, learner_id=credential.learner.learner_id, reinstated_at=now
+        credential_id=credential.credential_id,
+        learner_id=credential.learner.learner_id,
+        reinstated_at=now,
+        reinstated_by=actor,
     )
     return reinstated, event
 
 
 def _revoked_event(
-    credential: Credential, purpose: StatusPurpose, reason: str | None, now: datetime
+    credential: Credential, purpose: StatusPurpose, reason: str | None, now: datetime, actor: str
 ) -> CredentialRevoked:
     assert reason is not None
     return CredentialRevoked(
@@ -314,7 +324,33 @@ def _revoked_event(
         status_purpose=purpose,
         reason=reason,
         revoked_at=now,
+        revoked_by=actor,
     )
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """A recorded change of a credential's status: revoked, suspended or reinstated."""
+
+    change: str
+    reason: str | None
+    actor: str
+    at: datetime
+
+
+def audit_trail(credential: Credential, changes: Iterable[StatusChange]) -> list[AuditEntry]:
+    """The credential's history in order: its issuance (by this service, for an enrollment's
+    completion or a pathway the learner's credentials complete), then each status change."""
+    issued = AuditEntry(
+        change="issued",
+        at=credential.issued_at,
+        actor="issuance",
+        source="enrollment" if credential.kind is CredentialKind.COURSE else "issuance",
+    )
+    return [
+        issued,
+        *(AuditEntry(change=c.change, at=c.at, actor=c.actor, source="issuance") for c in changes),
+    ]
 
 
 def issued_event(credential: Credential, credential_url: str) -> CredentialIssued:

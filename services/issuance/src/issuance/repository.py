@@ -17,7 +17,7 @@ from microcred_events import (
 )
 from microcred_runtime import Connection
 
-from .domain import Credential
+from .domain import Credential, StatusChange
 
 # --- serialization: transaction-level advisory locks -----------------------------------------
 #
@@ -359,6 +359,30 @@ async def save_status(conn: Connection, credential: Credential) -> None:
         credential.suspended_at,
         credential.suspension_reason,
     )
+
+
+async def record_status_change(
+    conn: Connection, credential_id: UUID, change: str, reason: str | None, actor: str, at: datetime
+) -> None:
+    await conn.execute(
+        "INSERT INTO credential_status_changes (credential_id, change, reason, actor, changed_at)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        credential_id,
+        change,
+        reason,
+        actor,
+        at,
+    )
+
+
+async def status_changes(conn: Connection, credential_id: UUID) -> list[StatusChange]:
+    """A credential's status changes, oldest first."""
+    rows = await conn.fetch(
+        "SELECT change, reason, actor, changed_at FROM credential_status_changes"
+        " WHERE credential_id = $1 ORDER BY id",
+        credential_id,
+    )
+    return [StatusChange(row["change"], row["reason"], row["actor"], row["changed_at"]) for row in rows]
 
 
 async def list_credentials(

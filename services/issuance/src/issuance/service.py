@@ -52,7 +52,7 @@ from microcred_events import (
     PathwayPublished,
     PathwaySnapshot,
 )
-from microcred_runtime import Connection, Problem, decode_cursor, encode_cursor, outbox
+from microcred_runtime import AuditEntry, Connection, Principal, Problem, decode_cursor, encode_cursor, outbox
 
 from . import domain, proofs, repository, status_list
 from .domain import Credential, Issuance, StatusChangeRefused
@@ -348,49 +348,60 @@ async def finish_pathway(conn: Connection, platform: Platform, learner_id: UUID,
 
 
 async def revoke_credential(
-    conn: Connection, platform: Platform, credential_id: UUID, reason: str
+    conn: Connection, platform: Platform, staff: Principal, credential_id: UUID, reason: str
 ) -> Credential:
     """Revoke for good: set the credential's bit and re-sign its status list, in this transaction."""
-    credential = await _credential_for_update(conn, credential_id)
+    credential = await _credential_for_change(conn, staff, credential_id)
     now = _now()
     try:
-        revoked, event = domain.revoke(credential, reason, now)
+        revoked, event = domain.revoke(credential, reason, now, staff.actor)
     except StatusChangeRefused as exc:
         raise Problem(
             409, "credential-status", str(exc), credential_status=credential.status(now).value
         ) from None
     await repository.save_status(conn, revoked)
+    await repository.record_status_change(
+        conn, credential_id, "revoked", revoked.revocation_reason, staff.actor, now
+    )
     await _set_status_bit(conn, platform, revoked, now)
     await outbox.add(conn, event)
     return revoked
 
 
-async def suspend_credential(conn: Connection, credential_id: UUID, reason: str) -> Credential:
+async def suspend_credential(
+    conn: Connection, staff: Principal, credential_id: UUID, reason: str
+) -> Credential:
     """Suspend until reinstated; verification reports the credential as suspended meanwhile."""
-    credential = await _credential_for_update(conn, credential_id)
+    credential = await _credential_for_change(conn, staff, credential_id)
     now = _now()
     try:
-        suspended, event = domain.suspend(credential, reason, now)
+        suspended, event = domain.suspend(credential, reason, now, staff.actor)
     except StatusChangeRefused as exc:
         raise Problem(
             409, "credential-status", str(exc), credential_status=credential.status(now).value
         ) from None
     await repository.save_status(conn, suspended)
+    await repository.record_status_change(
+        conn, credential_id, "suspended", suspended.suspension_reason, staff.actor, now
+    )
     await outbox.add(conn, event)
     return suspended
 
 
-async def reinstate_credential(conn: Connection, platform: Platform, credential_id: UUID) -> Credential:
+async def reinstate_credential(
+    conn: Connection, platform: Platform, staff: Principal, credential_id: UUID
+) -> Credential:
     """Lift a suspension; a pathway the credential completes is then minted if it was not yet."""
-    credential = await _credential_for_update(conn, credential_id)
+    credential = await _credential_for_change(conn, staff, credential_id)
     now = _now()
     try:
-        reinstated, event = domain.reinstate(credential, now)
+        reinstated, event = domain.reinstate(credential, now, staff.actor)
     except StatusChangeRefused as exc:
         raise Problem(
             409, "credential-status", str(exc), credential_status=credential.status(now).value
         ) from None
     await repository.save_status(conn, reinstated)
+    await repository.record_status_change(conn, credential_id, "reinstated", None, staff.actor, now)
     await outbox.add(conn, event)
     if reinstated.course_id is not None and reinstated.counts_towards_pathways(now):
         await repository.lock_courses(conn, [reinstated.course_id], exclusive=False)
@@ -410,10 +421,15 @@ async def _set_status_bit(
     await repository.save_status_list(conn, credential.revocation_list_id, bytes(updated), document, now)
 
 
-async def _credential_for_update(conn: Connection, credential_id: UUID) -> Credential:
+async def _credential_for_change(conn: Connection, staff: Principal, credential_id: UUID) -> Credential:
+    """The credential, locked, when `staff` may change its status: staff of its issuer (or an
+    admin), and never its holder."""
     credential = await repository.get_credential(conn, credential_id, for_update=True)
     if credential is None:
         raise _not_found(credential_id)
+    if credential.learner.learner_id == staff.learner_id:
+        raise Problem(403, "own-credential", "nobody changes the status of their own credential")
+    staff.require_issuer(credential.issuer_id)
     return credential
 
 
@@ -425,6 +441,13 @@ async def get_credential(conn: Connection, credential_id: UUID) -> Credential:
     if credential is None:
         raise _not_found(credential_id)
     return credential
+
+
+async def audit_credential(conn: Connection, staff: Principal, credential_id: UUID) -> list[AuditEntry]:
+    """Who did what to a credential, in order: for staff of its issuer and admins."""
+    credential = await get_credential(conn, credential_id)
+    staff.require_issuer(credential.issuer_id)
+    return domain.audit_trail(credential, await repository.status_changes(conn, credential_id))
 
 
 async def list_credentials(
