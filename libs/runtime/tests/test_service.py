@@ -330,6 +330,50 @@ async def test_a_start_up_step_tries_again_after_a_network_or_starting_error(err
     assert await service.Startup().step("PostgreSQL at db:5432/catalog", connect, per_try=1) == "connected"
 
 
+async def test_what_a_failed_try_started_is_stopped_to_its_end_though_the_try_is_cut_short() -> None:
+    stopped = asyncio.Event()
+
+    async def stop() -> None:
+        await asyncio.sleep(0.2)  # e.g. a consumer leaving its group
+        stopped.set()
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):  # the step's deadline, firing during the undo
+            await service._undo("the producer", stop)
+
+    await asyncio.wait_for(stopped.wait(), timeout=5)
+
+
+def test_a_service_whose_start_fails_for_good_exits_1(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in {
+        "DATABASE_URL": "postgresql://catalog:secret@db:5432/catalog",
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
+        "AUTH_ISSUER": "https://id.microcred.example",
+        "AUTH_JWKS_URL": "https://id.microcred.example/jwks.json",
+        "HTTP_PORT": str(port),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(service, "configure_logging", lambda name, level: None)
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate")
+
+    monkeypatch.setattr(service.asyncpg, "create_pool", refused)
+
+    with caplog.at_level(logging.ERROR, logger=service.__name__), pytest.raises(SystemExit) as exited:
+        catalog().run()
+
+    assert exited.value.code == 1
+    (failed,) = [record for record in caplog.records if record.name == service.__name__]
+    assert failed.getMessage() == "start-up failed at PostgreSQL at db:5432/catalog"
+    assert isinstance(failed.exc_info and failed.exc_info[1], ssl.SSLCertVerificationError)
+
+
 async def test_while_the_service_starts_it_is_live_not_ready_and_says_what_it_waits_for() -> None:
     router = APIRouter()
 

@@ -259,7 +259,7 @@ def subscribe(
                 # FastStream cancels a batch that outlives the shutdown grace (then stops the
                 # client), and a commit cut short would have settled records come again: the
                 # commit goes on.
-                await _uncancellable(commit_settled(client, records, settled))
+                await uncancellable(commit_settled(client, records, settled))
         except Exception:
             # FastStream logs what escapes and goes on polling from past the batch, and the next
             # batch's commit would pass it: it comes again instead, what it settled as duplicates.
@@ -274,7 +274,7 @@ def subscribe(
 _running_on: set[asyncio.Task[None]] = set()
 
 
-async def _uncancellable(work: Coroutine[Any, Any, None]) -> None:
+async def uncancellable(work: Coroutine[Any, Any, None]) -> None:
     """Runs `work` to its end even when the caller is cancelled (which then goes on at once)."""
     task = asyncio.create_task(work)
     _running_on.add(task)

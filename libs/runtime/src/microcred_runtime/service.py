@@ -353,7 +353,10 @@ class Service(Generic[SettingsT]):
         finally:
             stopping.set()
             if not hasattr(app.state, "runtime"):
-                task.cancel()  # still starting: nothing runs yet that needs a graceful stop
+                # Still starting: the start is cut short where it is, and `_running`'s exit stack
+                # stops what it started already (by the background work's step, the relay and
+                # the consumers too) as the cancellation unwinds it.
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -522,13 +525,19 @@ async def _undo(what: str, stop: Callable[[], Awaitable[None]]) -> None:
     """Stop what a failed try of a start-up step started, before it is tried again.
 
     A consumer stops once its group's coordinator has answered the join under way, or the
-    request timed out (aiokafka's 40 s); past the step's own bound it is left to itself.
+    request timed out (aiokafka's 40 s); past the step's own bound it is left to itself. The stop
+    runs to its end even when the try is cut short meanwhile (its deadline, or the service
+    stopping): a client stopped halfway would keep its connections and tasks.
     """
-    try:
-        async with asyncio.timeout(_JOIN_TIMEOUT):
-            await stop()
-    except Exception:
-        log.warning("could not stop %s after a failed start", what, exc_info=True)
+
+    async def bounded() -> None:
+        try:
+            async with asyncio.timeout(_JOIN_TIMEOUT):
+                await stop()
+        except Exception:
+            log.warning("could not stop %s after a failed start", what, exc_info=True)
+
+    await kafka.uncancellable(bounded())
 
 
 def _with_body_problems(openapi: Callable[[], dict[str, Any]], limit: int) -> Callable[[], dict[str, Any]]:
