@@ -363,7 +363,7 @@ def test_a_service_whose_start_fails_for_good_exits_1(
     async def refused(*args: object, **kwargs: object) -> None:
         raise ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate")
 
-    monkeypatch.setattr(service.asyncpg, "create_pool", refused)
+    monkeypatch.setattr(asyncpg, "create_pool", refused)
 
     with caplog.at_level(logging.ERROR, logger=service.__name__), pytest.raises(SystemExit) as exited:
         catalog().run()
