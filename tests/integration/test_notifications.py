@@ -606,7 +606,7 @@ async def test_events_read_before_their_course_reach_its_partner_once_the_course
         created = await system.api.post(
             "/webhooks/subscriptions",
             json={"url": system.receiver.url, "scope": scope},
-            headers=system.staff(),
+            headers=system.admin(),
         )
         assert created.status_code == 201, created.text
         subscriptions[name] = uuid.UUID(created.json()["subscription_id"])
@@ -636,7 +636,7 @@ async def test_events_read_before_their_course_reach_its_partner_once_the_course
 
 async def test_staff_manage_subscriptions_and_unsafe_urls_are_refused(system: Notifications) -> None:
     async def create(body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
-        scoped = {"scope": {"kind": "learner", "id": str(uuid.uuid4())}, **body}
+        scoped = {"scope": {"kind": "issuer", "id": str(uuid.uuid4())}, **body}
         return await system.api.post(
             "/webhooks/subscriptions", json=scoped, headers=headers or system.staff()
         )
@@ -798,7 +798,7 @@ async def test_the_sweep_releases_a_webhook_that_a_race_left_waiting_for_a_known
             created = await api.post(
                 "/webhooks/subscriptions",
                 json={"url": "http://127.0.0.1:9/hook", "scope": {"kind": "partner", "id": str(partner)}},
-                headers=bearer("staff-1", "staff"),
+                headers=bearer("admin-1", "admin"),
             )
             assert created.status_code == 201, created.text
             subscription_id = uuid.UUID(created.json()["subscription_id"])

@@ -1080,7 +1080,7 @@ async def test_api7_only_allowed_webhook_hosts_are_subscribed(platform: Platform
         "/webhooks/subscriptions",
         json={
             "url": "https://crm.partner.example/hooks",
-            "scope": {"kind": "partner", "id": str(uuid.uuid4())},
+            "scope": {"kind": "issuer", "id": str(uuid.uuid4())},
         },
         headers=platform.staff(),
     )

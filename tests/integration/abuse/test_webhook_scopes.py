@@ -41,7 +41,7 @@ async def test_a_partners_subscription_never_receives_another_partners_learners(
             platform,
             f"https://lms-{name}.partner.example/hooks",
             {"kind": "partner", "id": str(partner)},
-            platform.staff(),
+            platform.admin(),
         )
         assert created.status_code == 201, created.text
         assert created.json()["scope"] == {"kind": "partner", "id": str(partner)}
@@ -81,8 +81,11 @@ async def test_a_partners_subscription_never_receives_another_partners_learners(
 @pytest.mark.parametrize(
     ("who", "scope", "status", "kind"),
     [
-        # Staff are not admins: never every learner's events.
+        # Staff are not admins: never every learner's events, nor a partner's or a learner's,
+        # which span issuers.
         ("staff", {"kind": "all"}, 403, "urn:microcred:problem:scope-forbidden"),
+        ("staff", {"kind": "partner", "id": str(uuid.uuid4())}, 403, "urn:microcred:problem:scope-forbidden"),
+        ("staff", {"kind": "learner", "id": str(uuid.uuid4())}, 403, "urn:microcred:problem:scope-forbidden"),
         # Learners subscribe nobody: webhooks are for institutions' systems, registered by staff.
         ("learner", {"kind": "learner", "id": str(uuid.uuid4())}, 403, "urn:microcred:problem:forbidden"),
         ("learner", {"kind": "partner", "id": str(uuid.uuid4())}, 403, "urn:microcred:problem:forbidden"),
@@ -113,10 +116,14 @@ async def test_nobody_subscribes_to_a_scope_they_do_not_own(
     assert await platform.fetchval("notifications", "SELECT count(*) FROM webhook_subscriptions") == before
 
 
-async def test_an_admin_subscribes_to_every_event(platform: Platform) -> None:
+async def test_an_admin_subscribes_to_every_event_and_staff_to_an_issuers(platform: Platform) -> None:
     created = await _subscribe(
         platform, "https://warehouse.partner.example/hooks", {"kind": "all"}, platform.admin()
     )
+    issuer = {"kind": "issuer", "id": str(uuid.uuid4())}
+    by_staff = await _subscribe(platform, "https://lms.partner.example/hooks", issuer, platform.staff())
 
     assert created.status_code == 201, created.text
     assert created.json()["scope"] == {"kind": "all", "id": None}
+    assert by_staff.status_code == 201, by_staff.text
+    assert by_staff.json()["scope"] == issuer

@@ -266,7 +266,7 @@ class SubscriptionCreated(SubscriptionOut):
         "base64-decoded part of the secret after `whsec_`. Any 2xx answer is success; anything else "
         "is retried with exponential backoff and jitter, then parked as `dead`.\n\n"
         "A subscription receives only the events within its `scope`. Admins may subscribe to any "
-        "scope; staff to an issuer, a partner or a learner, not to `all`."
+        "scope; staff to an issuer's events only."
     ),
     responses=_problems(
         {

@@ -295,13 +295,16 @@ async def set_preferences(conn: Connection, caller: Principal, preferences: Pref
 
 
 def may_subscribe(caller: Principal, scope: Scope) -> bool:
-    """Who may subscribe whom: admins to anything; staff to one issuer, partner or learner, never
-    to every event. (Staff are not yet tied to an institution in the token, so a staff member may
-    scope a subscription to any issuer or partner; partners have no token role at all, so staff
-    register theirs.)"""
+    """Who may subscribe whom: admins to any scope; staff to an issuer's events only.
+
+    A partner's or a learner's events span issuers, so only admins subscribe to them (partners
+    are registered by admins too: enrollment's `POST /partners`), and to every event. Staff are
+    not yet tied to an institution in the token: until they are, a staff member may subscribe to
+    any one issuer's events.
+    """
     if Role.ADMIN in caller.roles:
         return True
-    return Role.STAFF in caller.roles and scope.kind is not ScopeKind.ALL
+    return Role.STAFF in caller.roles and scope.kind is ScopeKind.ISSUER
 
 
 async def subscribe(
