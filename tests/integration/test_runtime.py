@@ -18,12 +18,17 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from microcred_events import CourseSnapshot, CourseUpdated, Topic, decode, encode, example_data
 from microcred_runtime import Connection, Rejected, Service, ServiceSettings, Subscriptions, outbox
+from microcred_runtime.consumers import DEAD_LETTER_TOPIC_MAX_BYTES
 from microcred_runtime.migrations import MigrationError, migrate
+
+from .conftest import Infrastructure
 
 COURSE = example_data(CourseSnapshot)
 
@@ -84,6 +89,7 @@ async def send(producer: AIOKafkaProducer, prefix: str, event: CourseUpdated) ->
 
 
 async def test_failure_policy(
+    infrastructure: Infrastructure,
     migrations: Path,
     probe_settings: ServiceSettings,
     producer: AIOKafkaProducer,
@@ -130,6 +136,27 @@ async def test_failure_policy(
     ]
     assert b"always fails" in failures[0][1]["dlq_detail"]
     assert failures[0][1]["dlq_topic"] == (topic_prefix + Topic.CATALOG_COURSE).encode()
+    # Created by the service to take a dead letter of the size the consumers allow one, whatever
+    # the broker's own limit: set on the topic, not the broker's default.
+    max_bytes = await topic_config(infrastructure, topic_prefix + "probe.dlq", "max.message.bytes")
+    assert max_bytes == (str(DEAD_LETTER_TOPIC_MAX_BYTES), TOPIC_CONFIG)
+
+
+TOPIC_CONFIG = 1  # where a setting comes from: the topic's own (DescribeConfigs v1+)
+
+
+async def topic_config(infrastructure: Infrastructure, topic: str, name: str) -> tuple[str, int]:
+    """The topic's setting `name`: its value, and where it comes from."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=infrastructure.kafka_bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    ((*_, entries),) = response.resources
+    # (name, value, read only, source, ...)
+    values: dict[str, tuple[str, int]] = {entry[0]: (entry[1], entry[3]) for entry in entries}
+    return values[name]
 
 
 def _title(headers: list[tuple[str, bytes]], value: bytes) -> str:
