@@ -49,6 +49,8 @@ from microcred_runtime.outbox import event_source
 from notifications.settings import Settings
 from notifications.smtp_sink import CaughtMail, Handler, MailStore, smtp_server
 
+from .conftest import EXAMPLE_ISSUER_ID
+
 MAX_ATTEMPTS = 4
 PROBLEM_JSON = "application/problem+json"
 
@@ -197,7 +199,7 @@ class Notifications:
         return [mail for mail in self.sink.messages() if containing in mail.subject]
 
     async def deliveries(self, **params: Any) -> list[dict[str, Any]]:
-        response = await self.api.get("/webhooks/deliveries", params=params, headers=self.staff())
+        response = await self.api.get("/webhooks/deliveries", params=params, headers=self.admin())
         assert response.status_code == 200, response.text
         items: list[dict[str, Any]] = response.json()["items"]
         return items
@@ -399,7 +401,7 @@ async def test_a_receiver_that_fails_three_times_then_succeeds_gets_the_event_on
 
     (delivery,) = await system.wait_for(lambda: system.deliveries(state="delivered"))
     detail = (
-        await system.api.get(f"/webhooks/deliveries/{delivery['delivery_id']}", headers=system.staff())
+        await system.api.get(f"/webhooks/deliveries/{delivery['delivery_id']}", headers=system.admin())
     ).json()
     assert [(attempt["outcome"], attempt["status_code"]) for attempt in detail["attempt_log"]] == [
         ("failed", 500),
@@ -437,7 +439,7 @@ async def test_a_dead_receiver_parks_the_delivery_and_a_replay_delivers_it_once_
 
     system.receiver.down = False
     replayed = await system.api.post(
-        f"/webhooks/deliveries/{dead['delivery_id']}/replay", headers=system.staff()
+        f"/webhooks/deliveries/{dead['delivery_id']}/replay", headers=system.admin()
     )
     assert replayed.status_code == 200, replayed.text
     assert replayed.json()["state"] in ("pending", "sending", "delivered")
@@ -447,19 +449,19 @@ async def test_a_dead_receiver_parks_the_delivery_and_a_replay_delivers_it_once_
     (delivered,) = await system.wait_for(lambda: system.deliveries(state="delivered"))
     assert delivered["delivery_id"] == dead["delivery_id"]
     detail = (
-        await system.api.get(f"/webhooks/deliveries/{dead['delivery_id']}", headers=system.staff())
+        await system.api.get(f"/webhooks/deliveries/{dead['delivery_id']}", headers=system.admin())
     ).json()
     assert [attempt["outcome"] for attempt in detail["attempt_log"]] == ["failed"] * MAX_ATTEMPTS + [
         "delivered"
     ]
 
     again = await system.api.post(
-        f"/webhooks/deliveries/{dead['delivery_id']}/replay", headers=system.staff()
+        f"/webhooks/deliveries/{dead['delivery_id']}/replay", headers=system.admin()
     )
     assert again.status_code == 409
     assert again.json()["type"] == "urn:microcred:problem:delivery-not-dead"
     assert len(system.receiver.accepted()) == 1
-    unknown = await system.api.post(f"/webhooks/deliveries/{uuid.uuid4()}/replay", headers=system.staff())
+    unknown = await system.api.post(f"/webhooks/deliveries/{uuid.uuid4()}/replay", headers=system.admin())
     assert unknown.status_code == 404
 
 
@@ -636,7 +638,8 @@ async def test_events_read_before_their_course_reach_its_partner_once_the_course
 
 async def test_staff_manage_subscriptions_and_unsafe_urls_are_refused(system: Notifications) -> None:
     async def create(body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
-        scoped = {"scope": {"kind": "issuer", "id": str(uuid.uuid4())}, **body}
+        # The issuer the test's staff act for.
+        scoped = {"scope": {"kind": "issuer", "id": EXAMPLE_ISSUER_ID}, **body}
         return await system.api.post(
             "/webhooks/subscriptions", json=scoped, headers=headers or system.staff()
         )

@@ -46,6 +46,7 @@ import notifications.main
 from issuance import keys, proofs, status_list
 from microcred_runtime import Service
 
+from ..conftest import EXAMPLE_ISSUER_ID
 from .conftest import COURSE, PROBLEM_JSON, SERVICES, Platform, on_loopback, wait_for
 
 UNAUTHORIZED = "urn:microcred:problem:unauthorized"
@@ -153,8 +154,11 @@ async def targets(platform: Platform, victim: Victim) -> Targets:
     assert partner.status_code == 201, partner.text
     subscription = await platform.notifications.post(
         "/webhooks/subscriptions",
-        json={"url": "https://hooks.employer.example/microcred", "scope": {"kind": "all"}},
-        headers=platform.admin(),
+        json={
+            "url": "https://hooks.employer.example/microcred",
+            "scope": {"kind": "issuer", "id": EXAMPLE_ISSUER_ID},
+        },
+        headers=platform.staff(),
     )
     assert subscription.status_code == 201, subscription.text
     return Targets(
@@ -1080,7 +1084,7 @@ async def test_api7_only_allowed_webhook_hosts_are_subscribed(platform: Platform
         "/webhooks/subscriptions",
         json={
             "url": "https://crm.partner.example/hooks",
-            "scope": {"kind": "issuer", "id": str(uuid.uuid4())},
+            "scope": {"kind": "issuer", "id": EXAMPLE_ISSUER_ID},
         },
         headers=platform.staff(),
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ..conftest import EXAMPLE_ISSUER_ID
 from .conftest import PROBLEM_JSON, Platform, wait_for
 
 
@@ -86,6 +87,8 @@ async def test_a_partners_subscription_never_receives_another_partners_learners(
         ("staff", {"kind": "all"}, 403, "urn:microcred:problem:scope-forbidden"),
         ("staff", {"kind": "partner", "id": str(uuid.uuid4())}, 403, "urn:microcred:problem:scope-forbidden"),
         ("staff", {"kind": "learner", "id": str(uuid.uuid4())}, 403, "urn:microcred:problem:scope-forbidden"),
+        # Staff act for their own institutions only.
+        ("staff", {"kind": "issuer", "id": str(uuid.uuid4())}, 403, "urn:microcred:problem:scope-forbidden"),
         # Learners subscribe nobody: webhooks are for institutions' systems, registered by staff.
         ("learner", {"kind": "learner", "id": str(uuid.uuid4())}, 403, "urn:microcred:problem:forbidden"),
         ("learner", {"kind": "partner", "id": str(uuid.uuid4())}, 403, "urn:microcred:problem:forbidden"),
@@ -116,14 +119,57 @@ async def test_nobody_subscribes_to_a_scope_they_do_not_own(
     assert await platform.fetchval("notifications", "SELECT count(*) FROM webhook_subscriptions") == before
 
 
-async def test_an_admin_subscribes_to_every_event_and_staff_to_an_issuers(platform: Platform) -> None:
+async def test_an_admin_subscribes_to_every_event_and_staff_to_their_issuers(platform: Platform) -> None:
     created = await _subscribe(
         platform, "https://warehouse.partner.example/hooks", {"kind": "all"}, platform.admin()
     )
-    issuer = {"kind": "issuer", "id": str(uuid.uuid4())}
+    issuer = {"kind": "issuer", "id": EXAMPLE_ISSUER_ID}  # the one the platform's staff act for
     by_staff = await _subscribe(platform, "https://lms.partner.example/hooks", issuer, platform.staff())
 
     assert created.status_code == 201, created.text
     assert created.json()["scope"] == {"kind": "all", "id": None}
     assert by_staff.status_code == 201, by_staff.text
     assert by_staff.json()["scope"] == issuer
+
+
+async def test_staff_see_and_manage_only_their_issuers_subscriptions(platform: Platform) -> None:
+    mine = await _subscribe(
+        platform,
+        "https://mine.partner.example/hooks",
+        {"kind": "issuer", "id": EXAMPLE_ISSUER_ID},
+        platform.staff(),
+    )
+    partners = await _subscribe(
+        platform,
+        "https://theirs.partner.example/hooks",
+        {"kind": "partner", "id": str(uuid.uuid4())},
+        platform.admin(),
+    )
+    assert mine.status_code == partners.status_code == 201
+    other_staff = platform.bearer("staff-of-another", "staff", issuers=[str(uuid.uuid4())])
+
+    for staff, visible, hidden in (
+        (platform.staff(), mine.json(), partners.json()),
+        (other_staff, None, mine.json()),
+    ):
+        listed = await platform.notifications.get("/webhooks/subscriptions?limit=100", headers=staff)
+        ids = {item["subscription_id"] for item in listed.json()["items"]}
+        assert hidden["subscription_id"] not in ids
+        if visible is not None:
+            assert visible["subscription_id"] in ids
+        path = f"/webhooks/subscriptions/{hidden['subscription_id']}"
+        for method in ("GET", "DELETE"):
+            response = await platform.notifications.request(method, path, headers=staff)
+            assert response.status_code == 404, (method, response.text)
+            assert response.headers["content-type"] == PROBLEM_JSON
+        deliveries = await platform.notifications.get(
+            f"/webhooks/deliveries?subscription_id={hidden['subscription_id']}", headers=staff
+        )
+        assert deliveries.json()["items"] == []
+
+    # Neither was disabled by those who may not.
+    for created in (mine, partners):
+        shown = await platform.notifications.get(
+            f"/webhooks/subscriptions/{created.json()['subscription_id']}", headers=platform.admin()
+        )
+        assert shown.json()["disabled_at"] is None

@@ -297,7 +297,8 @@ async def create_subscription(
 @webhooks.get(
     "/subscriptions",
     summary="Webhook subscribers (staff)",
-    description="Newest first; disabled ones only with `include_disabled=true`. Secrets are not shown.",
+    description="Newest first; disabled ones only with `include_disabled=true`. Secrets are not shown. "
+    "Staff see the subscriptions to the events of issuers they act for; admins every one.",
     responses=_problems({400: "The cursor is not one this API returned.", 403: "The caller is not staff."}),
 )
 async def list_subscriptions(
@@ -305,7 +306,7 @@ async def list_subscriptions(
 ) -> Page[SubscriptionOut]:
     async with db.acquire() as conn:
         items, next_cursor = await service.list_subscriptions(
-            conn, include_disabled=include_disabled, limit=limit, cursor=cursor
+            conn, staff, include_disabled=include_disabled, limit=limit, cursor=cursor
         )
     return Page(items=[SubscriptionOut.of(item) for item in items], next_cursor=next_cursor)
 
@@ -313,12 +314,17 @@ async def list_subscriptions(
 @webhooks.get(
     "/subscriptions/{subscription_id}",
     summary="One webhook subscriber (staff)",
-    responses=_problems({403: "The caller is not staff.", 404: "No such subscription."}),
+    responses=_problems(
+        {
+            403: "The caller is not staff.",
+            404: "No such subscription, or not one to an issuer the caller acts for.",
+        }
+    ),
 )
 async def get_subscription(subscription_id: UUID, staff: Staff, db: Db) -> SubscriptionOut:
     """The subscription, without its secret."""
     async with db.acquire() as conn:
-        return SubscriptionOut.of(await service.get_subscription(conn, subscription_id))
+        return SubscriptionOut.of(await service.get_subscription(conn, staff, subscription_id))
 
 
 @webhooks.delete(
@@ -326,11 +332,16 @@ async def get_subscription(subscription_id: UUID, staff: Staff, db: Db) -> Subsc
     summary="Disable a webhook subscriber (staff)",
     description="Nothing more is delivered to it, and what it still had to receive is cancelled. "
     "The subscription and its deliveries stay on record; disabling it again changes nothing.",
-    responses=_problems({403: "The caller is not staff.", 404: "No such subscription."}),
+    responses=_problems(
+        {
+            403: "The caller is not staff.",
+            404: "No such subscription, or not one to an issuer the caller acts for.",
+        }
+    ),
 )
 async def disable_subscription(subscription_id: UUID, staff: Staff, db: Db) -> SubscriptionOut:
     async with db.acquire() as conn, conn.transaction():
-        return SubscriptionOut.of(await service.disable_subscription(conn, subscription_id))
+        return SubscriptionOut.of(await service.disable_subscription(conn, staff, subscription_id))
 
 
 # --- webhook deliveries ----------------------------------------------------------------------
@@ -396,7 +407,8 @@ class DeliveryDetail(DeliveryOut):
 @webhooks.get(
     "/deliveries",
     summary="Webhook deliveries (staff)",
-    description="Newest first; `state=dead` lists those that ran out of attempts, to replay.",
+    description="Newest first; `state=dead` lists those that ran out of attempts, to replay. Staff see "
+    "the deliveries to subscriptions to the events of issuers they act for; admins every one.",
     responses=_problems({400: "The cursor is not one this API returned.", 403: "The caller is not staff."}),
 )
 async def list_deliveries(
@@ -409,7 +421,7 @@ async def list_deliveries(
 ) -> Page[DeliveryOut]:
     async with db.acquire() as conn:
         items, next_cursor = await service.list_deliveries(
-            conn, state=state, subscription_id=subscription_id, limit=limit, cursor=cursor
+            conn, staff, state=state, subscription_id=subscription_id, limit=limit, cursor=cursor
         )
     return Page(items=[DeliveryOut.of(item) for item in items], next_cursor=next_cursor)
 
@@ -417,12 +429,17 @@ async def list_deliveries(
 @webhooks.get(
     "/deliveries/{delivery_id}",
     summary="One webhook delivery and its attempts (staff)",
-    responses=_problems({403: "The caller is not staff.", 404: "No such delivery."}),
+    responses=_problems(
+        {
+            403: "The caller is not staff.",
+            404: "No such delivery, or not one to an issuer the caller acts for.",
+        }
+    ),
 )
 async def get_delivery(delivery_id: UUID, staff: Staff, db: Db) -> DeliveryDetail:
     """The delivery, with every attempt made: when, how long, the outcome and the receiver's answer."""
     async with db.acquire() as conn:
-        delivery, attempts = await service.get_delivery(conn, delivery_id)
+        delivery, attempts = await service.get_delivery(conn, staff, delivery_id)
     return DeliveryDetail(
         **DeliveryOut.of(delivery).model_dump(), attempt_log=[AttemptOut.of(item) for item in attempts]
     )
@@ -436,11 +453,11 @@ async def get_delivery(delivery_id: UUID, staff: Staff, db: Db) -> DeliveryDetai
     responses=_problems(
         {
             403: "The caller is not staff.",
-            404: "No such delivery.",
+            404: "No such delivery, or not one to an issuer the caller acts for.",
             409: "It is not dead (`delivery-not-dead`), or its subscription is disabled.",
         }
     ),
 )
 async def replay_delivery(delivery_id: UUID, staff: Staff, db: Db) -> DeliveryOut:
     async with db.acquire() as conn, conn.transaction():
-        return DeliveryOut.of(await service.replay_delivery(conn, delivery_id))
+        return DeliveryOut.of(await service.replay_delivery(conn, staff, delivery_id))

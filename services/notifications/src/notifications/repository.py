@@ -404,18 +404,26 @@ async def subscription(
 
 
 async def subscriptions_page(
-    conn: Connection, *, include_disabled: bool, after: tuple[datetime, UUID] | None, limit: int
+    conn: Connection,
+    *,
+    include_disabled: bool,
+    issuers: Sequence[UUID] | None,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
 ) -> list[Subscription]:
+    """Newest first; only those scoped to one of `issuers`, unless it is None (every one)."""
     after_created, after_id = after or (None, None)
     rows = await conn.fetch(
         f"SELECT {_SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions"
         " WHERE ($1 OR disabled_at IS NULL)"
         " AND ($2::timestamptz IS NULL OR (created_at, subscription_id) < ($2, $3::uuid))"
+        " AND ($5::uuid[] IS NULL OR (scope_kind = 'issuer' AND scope_id = ANY($5::uuid[])))"
         " ORDER BY created_at DESC, subscription_id DESC LIMIT $4",
         include_disabled,
         after_created,
         after_id,
         limit,
+        None if issuers is None else list(issuers),
     )
     return [_subscription(row) for row in rows]
 
@@ -649,14 +657,18 @@ async def deliveries_page(
     *,
     state: DeliveryState | None,
     subscription_id: UUID | None,
+    issuers: Sequence[UUID] | None,
     after: tuple[datetime, UUID] | None,
     limit: int,
 ) -> list[Delivery]:
+    """Newest first; only those to subscriptions scoped to one of `issuers`, unless it is None."""
     after_created, after_id = after or (None, None)
     rows = await conn.fetch(
         f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE channel = $1"
         " AND ($2::text IS NULL OR state = $2) AND ($3::uuid IS NULL OR subscription_id = $3)"
         " AND ($4::timestamptz IS NULL OR (created_at, delivery_id) < ($4, $5::uuid))"
+        " AND ($7::uuid[] IS NULL OR subscription_id IN (SELECT subscription_id FROM webhook_subscriptions"
+        "  WHERE scope_kind = 'issuer' AND scope_id = ANY($7::uuid[])))"
         " ORDER BY created_at DESC, delivery_id DESC LIMIT $6",
         channel,
         state,
@@ -664,6 +676,7 @@ async def deliveries_page(
         after_created,
         after_id,
         limit,
+        None if issuers is None else list(issuers),
     )
     return [_delivery(row) for row in rows]
 

@@ -27,7 +27,7 @@ from microcred_events import (
     EnrollmentCreated,
     Event,
 )
-from microcred_runtime import Connection, Principal, Problem, Role, decode_cursor, encode_cursor
+from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor
 
 from . import domain, egress, messages, repository
 from .domain import Audience, Channel, DeliveryState, IPNetwork, Notice, Preferences, Scope, ScopeKind
@@ -295,16 +295,12 @@ async def set_preferences(conn: Connection, caller: Principal, preferences: Pref
 
 
 def may_subscribe(caller: Principal, scope: Scope) -> bool:
-    """Who may subscribe whom: admins to any scope; staff to an issuer's events only.
+    """Who may subscribe whom: admins to any scope; staff to the events of an issuer they act for.
 
     A partner's or a learner's events span issuers, so only admins subscribe to them (partners
-    are registered by admins too: enrollment's `POST /partners`), and to every event. Staff are
-    not yet tied to an institution in the token: until they are, a staff member may subscribe to
-    any one issuer's events.
+    are registered by admins too: enrollment's `POST /partners`), and to every event.
     """
-    if Role.ADMIN in caller.roles:
-        return True
-    return Role.STAFF in caller.roles and scope.kind is ScopeKind.ISSUER
+    return caller.is_admin or (scope.kind is ScopeKind.ISSUER and caller.may_act_for(scope.id))
 
 
 async def subscribe(
@@ -364,32 +360,51 @@ async def _check_destination(url: str, allowed_hosts: list[str], allowed_private
         log.info("a webhook host does not resolve (yet): %s", exc, extra={"url": url})
 
 
+def _managed_issuers(caller: Principal) -> list[UUID] | None:
+    """The issuers whose subscriptions `caller` manages: None for an admin (every subscription)."""
+    return None if caller.is_admin else sorted(caller.issuers)
+
+
+def _manages(caller: Principal, subscription: Subscription) -> bool:
+    # A subscription made before scopes (no scope) is an admin's to look after.
+    return caller.is_admin or (subscription.scope is not None and may_subscribe(caller, subscription.scope))
+
+
 async def list_subscriptions(
-    conn: Connection, *, include_disabled: bool, limit: int, cursor: str | None
+    conn: Connection, caller: Principal, *, include_disabled: bool, limit: int, cursor: str | None
 ) -> tuple[list[Subscription], str | None]:
+    """Staff see the subscriptions to their issuers' events; admins every one."""
     key = decode_cursor(cursor, 2)
     items = await repository.subscriptions_page(
-        conn, include_disabled=include_disabled, after=_sort_key(key) if key else None, limit=limit + 1
+        conn,
+        include_disabled=include_disabled,
+        issuers=_managed_issuers(caller),
+        after=_sort_key(key) if key else None,
+        limit=limit + 1,
     )
     return _paged(items, limit, lambda item: [item.created_at.isoformat(), str(item.subscription_id)])
 
 
-async def get_subscription(conn: Connection, subscription_id: UUID) -> Subscription:
-    subscription = await repository.subscription(conn, subscription_id)
-    if subscription is None:
+async def get_subscription(
+    conn: Connection, caller: Principal, subscription_id: UUID, *, for_update: bool = False
+) -> Subscription:
+    subscription = await repository.subscription(conn, subscription_id, for_update=for_update)
+    # Another institution's subscription is as unknown as one that does not exist, as in listings.
+    if subscription is None or not _manages(caller, subscription):
         raise Problem(404, "subscription-not-found", f"no webhook subscription {subscription_id}")
     return subscription
 
 
-async def disable_subscription(conn: Connection, subscription_id: UUID) -> Subscription:
+async def disable_subscription(conn: Connection, caller: Principal, subscription_id: UUID) -> Subscription:
+    await get_subscription(conn, caller, subscription_id, for_update=True)
     subscription = await repository.disable_subscription(conn, subscription_id)
-    if subscription is None:
-        raise Problem(404, "subscription-not-found", f"no webhook subscription {subscription_id}")
+    assert subscription is not None  # locked above
     return subscription
 
 
 async def list_deliveries(
     conn: Connection,
+    caller: Principal,
     *,
     state: DeliveryState | None,
     subscription_id: UUID | None,
@@ -402,22 +417,28 @@ async def list_deliveries(
         Channel.WEBHOOK,
         state=state,
         subscription_id=subscription_id,
+        issuers=_managed_issuers(caller),
         after=_sort_key(key) if key else None,
         limit=limit + 1,
     )
     return _paged(items, limit, lambda item: [item.created_at.isoformat(), str(item.delivery_id)])
 
 
-async def get_delivery(conn: Connection, delivery_id: UUID) -> tuple[Delivery, list[Attempt]]:
+async def get_delivery(
+    conn: Connection, caller: Principal, delivery_id: UUID
+) -> tuple[Delivery, list[Attempt]]:
     delivery = await repository.delivery(conn, delivery_id, Channel.WEBHOOK)
-    if delivery is None:
+    subscription = None
+    if delivery is not None and delivery.subscription_id is not None:
+        subscription = await repository.subscription(conn, delivery.subscription_id)
+    if delivery is None or subscription is None or not _manages(caller, subscription):
         raise Problem(404, "delivery-not-found", f"no webhook delivery {delivery_id}")
     return delivery, await repository.attempts(conn, delivery_id)
 
 
-async def replay_delivery(conn: Connection, delivery_id: UUID) -> Delivery:
+async def replay_delivery(conn: Connection, caller: Principal, delivery_id: UUID) -> Delivery:
     """Send a dead webhook again, with a fresh budget of attempts (same `webhook-id` and body)."""
-    delivery, _ = await get_delivery(conn, delivery_id)
+    delivery, _ = await get_delivery(conn, caller, delivery_id)
     assert delivery.subscription_id is not None
     subscription = await repository.subscription(conn, delivery.subscription_id, for_update=True)
     if subscription is None or subscription.disabled_at is not None:
