@@ -77,7 +77,9 @@ class DevIssuer:
             **({"name": name} if name else {}),
             **claims,
         }
-        return jwt.encode(payload, self._private_key, algorithm="RS256", headers={"kid": self.key_id})
+        # An RFC 9068 access token: services refuse another JWT type (RFC 8725 3.11).
+        headers = {"kid": self.key_id, "typ": "at+jwt"}
+        return jwt.encode(payload, self._private_key, algorithm="RS256", headers=headers)
 
 
 def _thumbprint(jwk: dict[str, Any]) -> str:

@@ -234,6 +234,9 @@ def make_settings(infrastructure: Infrastructure, topic_prefix: str, jwks_file: 
             "kafka_topic_prefix": topic_prefix,
             "auth_issuer": "https://issuer.test",
             "auth_jwks_file": jwks_file,
+            # Tests name a learner by their id in the token's subject (bearer(str(learner_id))), as
+            # an issuer whose subjects are learner ids would; the abuse suite runs with the default.
+            "auth_uuid_subjects_are_learner_ids": True,
             "consumer_retry_backoff_seconds": 0.05,
             "outbox_poll_interval_seconds": 0.2,
             "shutdown_grace_seconds": 5,

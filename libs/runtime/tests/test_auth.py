@@ -6,6 +6,7 @@ import hmac
 import json
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 
-from microcred_runtime import Caller, Principal, Staff
+from microcred_runtime import Caller, Principal, Role, Staff
 from microcred_runtime.auth import AuthConfig, Authenticator
 from microcred_runtime.problems import install_problem_handlers
 
@@ -154,8 +155,114 @@ async def test_a_token_without_a_microcred_role_is_forbidden(
     assert response.status_code == 403
 
 
-def test_learner_id_is_stable_and_uses_a_uuid_subject_as_is() -> None:
+def test_learner_id_is_stable_and_derived_even_from_a_uuid_subject() -> None:
     uuid_subject = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
-    assert str(Principal(uuid_subject, frozenset()).learner_id) == uuid_subject
+    # Otherwise a subject that is the text of another learner's id would be that learner.
+    assert str(Principal(uuid_subject, frozenset()).learner_id) != uuid_subject
+    vouched = Principal(uuid_subject, frozenset(), subject_is_learner_id=True)
+    assert str(vouched.learner_id) == uuid_subject
     assert Principal("auth0|ada", frozenset()).learner_id == Principal("auth0|ada", frozenset()).learner_id
     assert Principal("auth0|ada", frozenset()).learner_id != Principal("auth0|bob", frozenset()).learner_id
+
+
+def _with_typ(issuer: DevIssuer, typ: str | None, **claims: Any) -> str:
+    """A token the issuer signs, with the header `typ` given (None: no `typ` at all)."""
+    now = int(time.time())
+    payload = {
+        "iss": ISSUER,
+        "aud": "microcred",
+        "sub": "ada",
+        "roles": ["learner"],
+        "exp": now + 60,
+        **claims,
+    }
+    private = serialization.load_pem_private_key(
+        (issuer.key_dir / "signing-key.pem").read_bytes(), password=None
+    )
+    # PyJWT leaves `typ` out of the header when it is given as None.
+    headers: dict[str, Any] = {"kid": issuer.key_id, "typ": typ}
+    return jwt.encode(payload, private, algorithm="RS256", headers=headers)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "id_token+jwt", "dpop+jwt", None])
+async def test_a_token_of_another_type_is_refused_with_401(
+    client: httpx.AsyncClient, issuer: DevIssuer, typ: str | None
+) -> None:
+    # An ID token (or any other JWT) of the same issuer is not an access token (RFC 8725 3.11).
+    response = await client.get("/me", headers=bearer(_with_typ(issuer, typ)))
+    assert response.status_code == 401, typ
+    assert "typ" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("typ", ["at+jwt", "AT+JWT", "application/at+jwt"])
+async def test_an_access_token_is_accepted_however_its_type_is_spelled(
+    client: httpx.AsyncClient, issuer: DevIssuer, typ: str
+) -> None:
+    assert (await client.get("/me", headers=bearer(_with_typ(issuer, typ)))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"roles": "admin"},
+        {"roles": {"admin": True}},
+        {"roles": 7},
+        {"roles": ["staff"], "issuers": "8a0d6c3b-2f4e-4b91-a7c5-1e9f3d2b6a40"},
+        {"roles": ["staff"], "issuers": ["not an issuer id"]},
+        {"roles": ["staff"], "issuers": [7]},
+    ],
+    ids=[
+        "roles a string",
+        "roles an object",
+        "roles a number",
+        "issuers a string",
+        "issuers not ids",
+        "issuers numbers",
+    ],
+)
+async def test_a_malformed_roles_or_issuers_claim_is_refused_with_401(
+    client: httpx.AsyncClient, issuer: DevIssuer, claims: dict[str, Any]
+) -> None:
+    response = await client.get("/me", headers=bearer(_with_typ(issuer, "at+jwt", **claims)))
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_staff_act_for_the_issuers_their_token_names_and_admins_for_all() -> None:
+    mine, theirs = uuid.uuid4(), uuid.uuid4()
+    staff = Principal("sam", frozenset({Role.STAFF}), issuers=frozenset({mine}))
+    assert staff.may_act_for(mine)
+    assert not staff.may_act_for(theirs)
+    assert not staff.may_act_for(None)
+    assert not Principal("sam", frozenset({Role.STAFF})).may_act_for(mine), "no scope is no issuer"
+    assert not Principal("ada", frozenset({Role.LEARNER}), issuers=frozenset({mine})).may_act_for(mine)
+    admin = Principal("root", frozenset({Role.ADMIN}))
+    assert admin.may_act_for(theirs)
+    assert admin.may_act_for(None)
+    assert (staff.actor, admin.actor, Principal("ada", frozenset({Role.LEARNER})).actor) == (
+        "staff:sam",
+        "admin:root",
+        "learner:ada",
+    )
+
+
+@pytest.mark.parametrize("vouched", [False, True])
+async def test_a_uuid_subject_is_the_learner_id_only_when_the_operator_says_so(
+    issuer: DevIssuer, tmp_path: Path, vouched: bool
+) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    config = AuthConfig(
+        issuer=ISSUER,
+        audience="microcred",
+        algorithms=("RS256",),
+        jwks_file=jwks,
+        uuid_subjects_are_learner_ids=vouched,
+    )
+    subject = str(uuid.uuid4())
+
+    principal = await Authenticator(config).principal(issuer.token(subject, ["learner"]))
+    named = await Authenticator(config).principal(issuer.token("auth0|ada", ["learner"]))
+
+    assert (principal.learner_id == uuid.UUID(subject)) is vouched
+    assert named.learner_id == Principal("auth0|ada", frozenset()).learner_id

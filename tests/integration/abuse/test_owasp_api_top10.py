@@ -224,6 +224,25 @@ async def test_api1_a_learner_cannot_read_or_cancel_another_learners_enrollment(
     assert own.json()["status"] == "pending_payment", "Alice's attempt changed Bob's enrollment"
 
 
+async def test_api1_a_subject_that_spells_another_learners_id_is_not_that_learner(
+    platform: Platform, victim: Victim
+) -> None:
+    # Bob's id is derived from his subject; a token whose subject is that id (an account at the
+    # issuer named so) must not be taken for Bob.
+    mallory = platform.bearer(victim.learner_id, "learner", email="mallory@example.org")
+    missing = str(uuid.uuid4())
+
+    assert_same_as_missing(
+        await platform.enrollment.get(f"/enrollments/{victim.enrollment_id}", headers=mallory),
+        victim.enrollment_id,
+        await platform.enrollment.get(f"/enrollments/{missing}", headers=mallory),
+        missing,
+    )
+    assert (await platform.enrollment.get("/enrollments", headers=mallory)).json()["items"] == []
+    assert (await platform.billing.get("/payments", headers=mallory)).json()["items"] == []
+    assert (await platform.issuance.get("/me/credentials", headers=mallory)).json()["items"] == []
+
+
 async def test_api1_a_learner_cannot_see_or_check_out_another_learners_payment(
     platform: Platform, victim: Victim
 ) -> None:
@@ -337,6 +356,15 @@ def _signed_by_another_key(issuer: Any) -> str:
     return jwt.encode(_claims(), stranger, algorithm="RS256", headers={"kid": issuer.key_id})
 
 
+def _typed(issuer: Any, typ: str) -> str:
+    """Signed by the issuer itself, but of another JWT type than an access token (an ID token)."""
+    private = serialization.load_pem_private_key(
+        (Path(issuer.key_dir) / "signing-key.pem").read_bytes(), None
+    )
+    headers = {"kid": issuer.key_id, "typ": typ}
+    return jwt.encode(_claims(), private, algorithm="RS256", headers=headers)  # type: ignore[arg-type]
+
+
 def _signature_stripped(issuer: Any) -> str:
     header, payload, _ = issuer.token("mallory", ["admin"]).split(".")
     return f"{header}.{payload}."
@@ -361,6 +389,9 @@ ATTACKS: dict[str, Callable[[Any], str | None]] = {
     "not valid yet": lambda issuer: issuer.token("mallory", ["admin"], nbf=int(time.time()) + 3600),
     "wrong audience": lambda issuer: issuer.token("mallory", ["admin"], aud="another-api"),
     "wrong issuer": lambda issuer: issuer.token("mallory", ["admin"], iss="https://evil.test"),
+    "an ID token of the issuer (typ JWT)": lambda issuer: _typed(issuer, "JWT"),
+    "roles an object": lambda issuer: issuer.token("mallory", {"admin": True}),
+    "roles a number": lambda issuer: issuer.token("mallory", 7),
     "Basic credentials": lambda issuer: "Basic " + base64.b64encode(b"admin:admin").decode(),
 }
 # A protected route of each service, staff-only where the service has one: the forged tokens claim admin.

@@ -3,7 +3,14 @@
 The token's signature is verified with the issuer's JSON Web Key Set (from a URL, refreshed when
 a token names a key id we have not seen, or from a file); the algorithm list is pinned by
 configuration, so a token cannot choose `none` or HS256-with-the-public-key; `exp`, `iss`, `aud`
-and `sub` are required. Roles come from a claim (`roles` by default): learner, staff, admin.
+and `sub` are required, and the header's `typ` must be an accepted type (RFC 8725 3.11: `at+jwt`,
+an RFC 9068 access token, by default), so another JWT of the same issuer (an ID token) is not taken
+for an access token. Roles come from a claim (`roles` by default): learner, staff, admin.
+
+A learner's id is derived from the token's subject (UUIDv5), a UUID-shaped subject included: only
+when the operator says the issuer's subjects are learner ids (AUTH_UUID_SUBJECTS_ARE_LEARNER_IDS)
+is a UUID subject taken as the id itself, since otherwise anyone whose subject is the text of
+another learner's id would be that learner.
 
 Staff act for institutions, not for the platform: the `issuers` claim lists the issuer
 (institution) ids a staff member may act for, and `Principal.may_act_for` is what every staff
@@ -51,15 +58,17 @@ class Principal:
     name: str | None = None
     # The issuers (institutions) a staff role acts for; admins act for all of them.
     issuers: frozenset[uuid.UUID] = frozenset()
+    # Set when the issuer's subjects are learner ids and this one is a UUID (checked on the token).
+    subject_is_learner_id: bool = False
 
     @property
     def learner_id(self) -> uuid.UUID:
-        """The caller's id in microcred events: the subject itself when it is a UUID, else derived
-        from it (UUIDv5), so every service maps one subject to the same learner without a lookup."""
-        try:
+        """The caller's id in microcred events: derived from the subject (UUIDv5), so every service
+        maps one subject to the same learner without a lookup; the subject itself only when it is
+        vouched for as a learner id (`subject_is_learner_id`)."""
+        if self.subject_is_learner_id:
             return uuid.UUID(self.subject)
-        except ValueError:
-            return uuid.uuid5(_LEARNER_NAMESPACE, self.subject)
+        return uuid.uuid5(_LEARNER_NAMESPACE, self.subject)
 
     @property
     def is_staff(self) -> bool:
@@ -99,6 +108,10 @@ class AuthConfig:
     jwks_file: Path | None = None
     roles_claim: str = "roles"
     issuers_claim: str = "issuers"
+    # RFC 8725 3.11 explicit typing: the header `typ` values accepted (compared without case and
+    # without an `application/` prefix, RFC 7515 4.1.9).
+    token_types: tuple[str, ...] = ("at+jwt",)
+    uuid_subjects_are_learner_ids: bool = False
 
 
 class KeySet:
@@ -145,6 +158,21 @@ class KeySet:
             return fetched
 
 
+def _media_type(typ: object) -> str | None:
+    if not isinstance(typ, str):
+        return None
+    typ = typ.lower()
+    return typ.removeprefix("application/")
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _unauthorized(detail: str) -> Problem:
     return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
@@ -161,6 +189,10 @@ class Authenticator:
             raise _unauthorized("the bearer token is not a JWT") from None
         if header.get("alg") not in self._config.algorithms:
             raise _unauthorized("the token's signing algorithm is not accepted")
+        if _media_type(header.get("typ")) not in {_media_type(typ) for typ in self._config.token_types}:
+            raise _unauthorized(
+                f"the token's type (`typ`) is not one accepted: {', '.join(self._config.token_types)}"
+            )
         key = await self._keys.key(header.get("kid"))
         if key is None:
             raise _unauthorized("the token was signed with an unknown key")
@@ -182,12 +214,14 @@ class Authenticator:
         roles = frozenset(Role(role) for role in raw_roles if role in Role.__members__.values())
         if not roles:
             raise Problem(403, "forbidden", "the token grants no microcred role")
+        subject = str(claims["sub"])
         return Principal(
-            subject=str(claims["sub"]),
+            subject=subject,
             roles=roles,
             email=claims.get("email"),
             name=claims.get("name"),
             issuers=self._issuers(claims.get(self._config.issuers_claim, [])),
+            subject_is_learner_id=self._config.uuid_subjects_are_learner_ids and _is_uuid(subject),
         )
 
     def _issuers(self, raw: Any) -> frozenset[uuid.UUID]:

@@ -253,6 +253,8 @@ class Service(Generic[SettingsT]):
                 jwks_file=settings.auth_jwks_file,
                 roles_claim=settings.auth_roles_claim,
                 issuers_claim=settings.auth_issuers_claim,
+                token_types=tuple(settings.auth_token_types),
+                uuid_subjects_are_learner_ids=settings.auth_uuid_subjects_are_learner_ids,
             )
         )
         app.state.rate_limiter = RateLimiter(self.name, settings)

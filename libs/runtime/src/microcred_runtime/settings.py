@@ -79,6 +79,18 @@ class ServiceSettings(BaseSettings):
         default="issuers",
         description="The claim listing the issuer (institution) ids a staff role acts for (admins: all).",
     )
+    auth_token_types: list[str] = Field(
+        default=["at+jwt"],
+        min_length=1,
+        description="Header `typ` values a bearer token may have (RFC 8725 3.11; RFC 9068 access tokens).",
+    )
+    auth_uuid_subjects_are_learner_ids: bool = Field(
+        default=False,
+        description=(
+            "Take a UUID subject as the learner's id itself, not derive one from it: only for an "
+            "issuer whose subjects are learner ids, since a chosen subject could name another learner."
+        ),
+    )
 
     db_pool_min_size: int = Field(default=1, ge=0)
     db_pool_max_size: int = Field(default=10, ge=1)
