@@ -192,9 +192,15 @@ def test_ports_and_healthchecks_agree_with_the_service(
     compose: Compose, settings_specs: Mapping[str, SettingsSpec], service: str
 ) -> None:
     container = compose["services"][service]
-    port = int(environment(container)["HTTP_PORT"])
+    given = environment(container)
+    port = int(given["HTTP_PORT"])
     assert port == settings_specs[service].default_port, "the same port as `make up` and the README"
-    assert container["ports"] == [f"127.0.0.1:{port}:{port}"]
+    # /metrics on a port of its own, published apart (9101 catalog ... 9105 notifications, as the
+    # README says).
+    metrics = int(given["METRICS_PORT"])
+    assert metrics != port
+    host_metrics = 9101 + SERVICES.index(service)
+    assert container["ports"] == [f"127.0.0.1:{port}:{port}", f"127.0.0.1:{host_metrics}:{metrics}"]
     probe = " ".join(container["healthcheck"]["test"])
     assert "os.environ['HTTP_PORT']" in probe
     assert "/health/ready" in probe

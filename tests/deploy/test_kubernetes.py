@@ -301,8 +301,8 @@ def test_each_service_gets_the_settings_it_reads(
     assert not unknown, f"{service} reads no {sorted(unknown)} (a typo?)"
     assert container["args"] == ["python", "-m", service]
     assert given["HTTP_HOST"] == ALL_INTERFACES
-    (port,) = container["ports"]
-    assert (port["name"], port["containerPort"]) == ("http", int(given["HTTP_PORT"]))
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": int(given["HTTP_PORT"]), "metrics": int(given["METRICS_PORT"])}
     assert int(given["HTTP_PORT"]) == spec.default_port
     (kubernetes_service,) = (
         s for s in _of_kind(objects, "Service").values() if s["metadata"]["name"] == service
@@ -409,7 +409,35 @@ def test_network_policies_deny_by_default_and_open_only_ports(
     for service in SERVICES:
         ingress = policies[f"{service}-ingress"]["spec"]
         assert ingress["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": service}
-        assert [port["port"] for rule in ingress["ingress"] for port in rule["ports"]] == ["http"]
+        opened = {
+            _namespace_label(rule): [port["port"] for port in rule["ports"]] for rule in ingress["ingress"]
+        }
+        assert opened == {"microcred.org/ingress": ["http"], "microcred.org/monitoring": ["metrics"]}
+
+
+def _namespace_label(rule: Object) -> str:
+    """The one namespace label an ingress rule admits its clients by."""
+    (source,) = rule["from"]
+    (label,) = source["namespaceSelector"]["matchLabels"]
+    assert isinstance(label, str)
+    return label
+
+
+@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_are_scraped_on_a_port_of_their_own_that_the_service_does_not_expose(
+    rendered: dict[str, list[Object]], overlay: str, service: str
+) -> None:
+    objects = rendered[overlay]
+    given = environment(objects, _service_container(objects, service))
+    assert given["METRICS_PORT"] != given["HTTP_PORT"]
+    annotations = _of_kind(objects, "Deployment")[service]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == given["METRICS_PORT"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+    (kubernetes_service,) = (
+        s for s in _of_kind(objects, "Service").values() if s["metadata"]["name"] == service
+    )
+    assert [port["targetPort"] for port in kubernetes_service["spec"]["ports"]] == ["http"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -92,6 +92,13 @@ def app() -> FastAPI:
     return catalog().create_app(settings())
 
 
+def free_port() -> int:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port: int = free.getsockname()[1]
+        return port
+
+
 async def get(app: FastAPI, path: str, **options: Any) -> httpx.Response:
     # httpx does not run the lifespan, which would connect to PostgreSQL and Kafka.
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -347,9 +354,7 @@ async def test_what_a_failed_try_started_is_stopped_to_its_end_though_the_try_is
 def test_a_service_whose_start_fails_for_good_exits_1(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     for name, value in {
         "DATABASE_URL": "postgresql://catalog:secret@db:5432/catalog",
         "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
@@ -479,3 +484,61 @@ async def test_a_body_that_is_not_utf8_is_a_documented_400_problem() -> None:
     assert (response.status_code, response.headers["content-type"]) == (400, PROBLEM_JSON)
     assert response.json()["detail"] == "There was an error parsing the body"
     assert "400" in app.openapi()["paths"]["/courses"]["post"]["responses"]
+
+
+async def test_metrics_are_on_the_api_port_unless_metrics_port_is_set() -> None:
+    response = await get(catalog().create_app(settings()), "/metrics")
+
+    assert response.status_code == 200
+    assert "microcred_outbox_backlog" in response.text
+
+
+async def test_with_a_metrics_port_metrics_are_served_there_while_the_service_runs_and_not_on_the_api_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def waits(*args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()  # PostgreSQL does not answer: the service is still starting
+
+    monkeypatch.setattr(asyncpg, "create_pool", waits)
+    port = free_port()
+    app = catalog().create_app(settings(http_host="127.0.0.1", metrics_port=port))
+    app.state.give_up = lambda: None  # as `run()` does: the start goes on beside the lifespan
+
+    async with app.router.lifespan_context(app), httpx.AsyncClient() as client:
+        scraped = await client.get(f"http://127.0.0.1:{port}/metrics")
+        on_the_api = await get(app, "/metrics")
+
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain")
+    assert "microcred_outbox_backlog" in scraped.text
+    assert on_the_api.status_code == 404
+    assert on_the_api.headers["content-type"] == PROBLEM_JSON
+    with pytest.raises(httpx.ConnectError):  # stopped with the service
+        async with httpx.AsyncClient() as client:
+            await client.get(f"http://127.0.0.1:{port}/metrics")
+
+
+def test_a_metrics_port_taken_by_the_api_is_refused() -> None:
+    with pytest.raises(ValueError, match="METRICS_PORT must differ from HTTP_PORT"):
+        settings(http_port=8001, metrics_port=8001)
+
+
+def test_a_service_whose_metrics_port_is_taken_does_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for name, value in {
+            "DATABASE_URL": "postgresql://catalog:secret@db:5432/catalog",
+            "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
+            "AUTH_ISSUER": "https://id.microcred.example",
+            "AUTH_JWKS_URL": "https://id.microcred.example/jwks.json",
+            "HTTP_PORT": str(free_port()),
+            "METRICS_PORT": str(taken.getsockname()[1]),
+        }.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(service, "configure_logging", lambda name, level: None)
+
+        with pytest.raises(SystemExit) as exited:
+            catalog().run()
+
+    assert exited.value.code == 3  # uvicorn's own for a start that failed

@@ -5,7 +5,11 @@ Each app gets its own registry (served at `/metrics`), so several apps in one pr
 never collide, and a scrape sees exactly the service it asked.
 """
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 
 class Metrics:
@@ -46,3 +50,20 @@ class Metrics:
             ["topic", "partition"],
             registry=self.registry,
         )
+
+
+@contextlib.asynccontextmanager
+async def serving(registry: CollectorRegistry, host: str, port: int) -> AsyncIterator[None]:
+    """Serve `registry` on a port of its own while the context lasts (METRICS_PORT).
+
+    prometheus_client's own server, in a thread: a scrape is answered even while the event loop
+    is busy, and the series are thread-safe.
+    """
+    server, thread = start_http_server(port, host, registry)
+    try:
+        yield
+    finally:
+        # shutdown() waits for the serving loop to notice (up to half a second): not on the loop.
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        thread.join()

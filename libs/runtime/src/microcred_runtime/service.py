@@ -47,6 +47,7 @@ from .body_limit import BodySizeLimit
 from .consumers import DEAD_LETTER_TOPIC_MAX_BYTES, EventConsumer, RetryPolicy, Subscriptions
 from .db import Connection
 from .metrics import Metrics
+from .metrics import serving as serving_metrics
 from .migrations import migrate
 from .outbox import OutboxRelay, RelaySettings
 from .problems import Problem, install_problem_handlers, problem_doc, problem_response
@@ -229,13 +230,21 @@ class Service(Generic[SettingsT]):
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             give_up: Callable[[], None] | None = getattr(app.state, "give_up", None)
-            if give_up is None:
-                async with self._running(settings, metrics, startup) as runtime:
-                    app.state.runtime = runtime
-                    yield
-            else:
-                async with self._started_beside(app, settings, metrics, startup, give_up):
-                    yield
+            async with contextlib.AsyncExitStack() as stack:
+                if settings.metrics_port is not None:
+                    # From the first instant, like the probes: a start that waits is seen too.
+                    await stack.enter_async_context(
+                        serving_metrics(metrics.registry, settings.http_host, settings.metrics_port)
+                    )
+                if give_up is None:
+                    app.state.runtime = await stack.enter_async_context(
+                        self._running(settings, metrics, startup)
+                    )
+                else:
+                    await stack.enter_async_context(
+                        self._started_beside(app, settings, metrics, startup, give_up)
+                    )
+                yield
 
         app = FastAPI(
             title=f"microcred {self.name}",
@@ -267,7 +276,8 @@ class Service(Generic[SettingsT]):
                 allow_headers=["*"],
             )
         app.include_router(_health_router())
-        app.include_router(_metrics_router(metrics))
+        if settings.metrics_port is None:
+            app.include_router(_metrics_router(metrics))
         Instrumentator(registry=metrics.registry, excluded_handlers=["/health/.*", "/metrics"]).instrument(
             app
         )

@@ -37,6 +37,15 @@ class ServiceSettings(BaseSettings):
     ]
     http_host: str = Field(default="127.0.0.1", description="Interface the HTTP API listens on.")
     http_port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP API listens on.")
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description=(
+            "Port of a server of its own for /metrics, on HTTP_HOST; the API's port then has no "
+            "/metrics. Unset: /metrics is on the API's port."
+        ),
+    )
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     cors_origins: list[str] = Field(default_factory=list, description="Browser origins allowed by CORS.")
     http_max_body_bytes: int = Field(
@@ -209,6 +218,8 @@ class ServiceSettings(BaseSettings):
     def _consistent(self) -> Self:
         if (self.auth_jwks_url is None) == (self.auth_jwks_file is None):
             raise ValueError("set exactly one of AUTH_JWKS_URL and AUTH_JWKS_FILE")
+        if self.metrics_port == self.http_port:
+            raise ValueError("METRICS_PORT must differ from HTTP_PORT (or be unset)")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("DB_POOL_MIN_SIZE must not exceed DB_POOL_MAX_SIZE")
         if self.consumer_heartbeat_interval_seconds * 3 > self.consumer_session_timeout_seconds:
