@@ -16,10 +16,11 @@ import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI
 
 import billing.main
 from billing import api, simulator
-from billing.provider import SimulatorProvider
+from billing.provider import CheckoutSession, ProviderError, ProviderRefused, SimulatorProvider
 from billing.settings import Settings
 from billing.webhooks import SIGNATURE_HEADER, signature
 from microcred_events import (
@@ -53,6 +54,8 @@ class Billing:
     topic_prefix: str
     bearer: Callable[..., dict[str, str]]
     wait_for: Callable[..., Any]
+    app: FastAPI
+    provider: SimulatorProvider
 
     async def enroll(
         self,
@@ -144,16 +147,17 @@ async def system(
         webhook_transport=httpx.ASGITransport(app=app),
     )
     to_simulator = httpx.ASGITransport(app=simulator_app)
-    app.dependency_overrides[api.payment_provider] = lambda: SimulatorProvider(
-        "http://simulator", SECRET, transport=to_simulator
-    )
+    provider = SimulatorProvider("http://simulator", SECRET, transport=to_simulator)
+    app.dependency_overrides[api.payment_provider] = lambda: provider
     async with (
         serve(app) as client,
         httpx.AsyncClient(transport=to_simulator, base_url="http://simulator") as simulator_client,
     ):
         db = await asyncpg.connect(database)
         try:
-            yield Billing(client, simulator_client, db, producer, topic_prefix, bearer, wait_for)
+            yield Billing(
+                client, simulator_client, db, producer, topic_prefix, bearer, wait_for, app, provider
+            )
         finally:
             await db.close()
 
@@ -450,3 +454,114 @@ async def test_cancelling_the_enrollment_voids_a_payment_still_due(system: Billi
     )
     assert checkout.status_code == 409
     assert await system.outbox(payment["payment_id"]) == []
+
+
+class LockProbingProvider:
+    """The simulator adapter, but before each call it tries to lock the payment row from a connection
+    of its own, and looks for a billing session left idle inside a transaction: what it finds while
+    billing waits for the provider."""
+
+    def __init__(self, inner: SimulatorProvider, db: asyncpg.Connection, payment_id: str) -> None:
+        self._inner = inner
+        self._db = db
+        self._payment_id = uuid.UUID(payment_id)
+        self.name = inner.name
+        self.parse_webhook = inner.parse_webhook
+        self.found: list[str] = []
+
+    async def _probe(self, call: str) -> None:
+        try:
+            async with self._db.transaction():
+                await self._db.execute(
+                    "SELECT 1 FROM payments WHERE payment_id = $1 FOR UPDATE NOWAIT", self._payment_id
+                )
+        except asyncpg.LockNotAvailableError:
+            self.found.append(f"{call}: the payment row is locked")
+        idle = await self._db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+        )
+        if idle:
+            self.found.append(f"{call}: {idle} billing session(s) idle in a transaction")
+
+    async def create_checkout(
+        self, *, amount: Money, reference: str, idempotency_key: str
+    ) -> CheckoutSession:
+        await self._probe("checkout")
+        return await self._inner.create_checkout(
+            amount=amount, reference=reference, idempotency_key=idempotency_key
+        )
+
+    async def refund(self, *, charge_id: str, amount: Money, idempotency_key: str) -> str:
+        await self._probe("refund")
+        return await self._inner.refund(charge_id=charge_id, amount=amount, idempotency_key=idempotency_key)
+
+
+async def test_no_lock_or_transaction_is_held_while_the_provider_is_called(system: Billing) -> None:
+    # A slow provider must not hold the payment row (and a pooled connection mid-transaction) hostage:
+    # the webhook settling the payment, and every other request about it, would wait behind the call.
+    learner = uuid.uuid4()
+    payment = await system.payment_due(await system.enroll(learner))
+    probing = LockProbingProvider(system.provider, system.db, payment["payment_id"])
+    system.app.dependency_overrides[api.payment_provider] = lambda: probing
+
+    await system.pay((await system.check_out(payment, learner))["session_id"])
+    refund = await system.api.post(
+        f"/payments/{payment['payment_id']}/refunds",
+        json={"amount": {"amount_minor": 900, "currency": "EUR"}},
+        headers=system.staff(),
+    )
+    assert refund.status_code == 201, refund.text
+
+    assert probing.found == []
+    view = (await system.api.get(f"/payments/{payment['payment_id']}", headers=system.staff())).json()
+    assert view["refunded"] == {"amount_minor": 900, "currency": "EUR"}
+
+
+class FailingRefunds:
+    """The simulator adapter, but its refunds fail with `error` before reaching the simulator."""
+
+    def __init__(self, inner: SimulatorProvider, error: ProviderError) -> None:
+        self.name = inner.name
+        self.create_checkout = inner.create_checkout
+        self.parse_webhook = inner.parse_webhook
+        self._error = error
+
+    async def refund(self, *, charge_id: str, amount: Money, idempotency_key: str) -> str:
+        raise self._error
+
+
+async def test_a_refused_refund_is_forgotten_and_one_with_a_lost_answer_stays_reserved(
+    system: Billing,
+) -> None:
+    learner = uuid.uuid4()
+    payment = await system.payment_due(await system.enroll(learner))
+    await system.pay((await system.check_out(payment, learner))["session_id"])
+    refunds = f"/payments/{payment['payment_id']}/refunds"
+    part = {"amount": {"amount_minor": 4000, "currency": "EUR"}}
+
+    system.app.dependency_overrides[api.payment_provider] = lambda: FailingRefunds(
+        system.provider, ProviderRefused("the payment provider answered 409")
+    )
+    refused = await system.api.post(refunds, json=part, headers=system.staff())
+    assert refused.status_code == 502
+    assert refused.json()["type"] == "urn:microcred:problem:payment-provider-error"
+    assert await system.db.fetchval("SELECT count(*) FROM refunds") == 0
+
+    system.app.dependency_overrides[api.payment_provider] = lambda: FailingRefunds(
+        system.provider, ProviderError("the payment provider is unreachable")
+    )
+    lost = await system.api.post(refunds, json=part, headers=system.staff())
+    assert lost.status_code == 502
+    assert await system.db.fetchval("SELECT status FROM refunds") == "requested"
+
+    system.app.dependency_overrides[api.payment_provider] = lambda: system.provider
+    # The provider may have returned those 4000 already: they are not refunded a second time.
+    beyond = await system.api.post(refunds, json=part, headers=system.staff())
+    assert beyond.status_code == 409
+    assert beyond.json()["type"] == "urn:microcred:problem:refund-exceeds-payment"
+    rest = await system.api.post(refunds, headers=system.staff())
+    assert rest.status_code == 201, rest.text
+    assert rest.json()["amount"] == {"amount_minor": 900, "currency": "EUR"}
+    assert rest.json()["payment"]["refunded"] == {"amount_minor": 900, "currency": "EUR"}
+    assert rest.json()["payment"]["status"] == "settled"

@@ -175,6 +175,24 @@ def test_partial_refunds_add_up_to_at_most_what_was_paid() -> None:
     assert event.fully_refunded is True
 
 
+def test_refunds_requested_and_not_answered_yet_are_not_left_to_refund() -> None:
+    with pytest.raises(PaymentRuleViolated) as too_much:
+        domain.refund(
+            settled(),
+            refund_id=uuid.uuid4(),
+            amount=eur(3401),
+            reason="r",
+            issued_at=LATER,
+            requested_minor=1500,
+        )
+    assert too_much.value.code == "refund-exceeds-payment"
+
+    _, event = domain.refund(
+        settled(), refund_id=uuid.uuid4(), amount=None, reason="r", issued_at=LATER, requested_minor=1500
+    )
+    assert event.amount == eur(3400)
+
+
 @pytest.mark.parametrize(
     ("amount", "code"),
     [

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from billing.provider import ChargeFailed, ChargeSucceeded, ProviderError, SimulatorProvider
+from billing.provider import ChargeFailed, ChargeSucceeded, ProviderError, ProviderRefused, SimulatorProvider
 from billing.simulator import SimulatorSettings, create_app
 from billing.webhooks import SIGNATURE_HEADER, InvalidWebhook, signature
 from microcred_events import Money
@@ -141,7 +141,8 @@ async def test_refunds_at_the_simulator_never_exceed_the_charge(
     refund_id = await provider.refund(charge_id=charge_id, amount=part, idempotency_key="r0")
     assert refund_id.startswith("re_")
     assert await provider.refund(charge_id=charge_id, amount=part, idempotency_key="r0") == refund_id
-    with pytest.raises(ProviderError, match="409"):
+    # A refusal is told apart: billing may then forget the refund it asked for.
+    with pytest.raises(ProviderRefused, match="409"):
         await provider.refund(charge_id=charge_id, amount=part, idempotency_key="r4000")
 
 
@@ -150,8 +151,10 @@ async def test_an_unreachable_provider_is_a_provider_error() -> None:
         raise httpx.ConnectError("connection refused", request=request)
 
     provider = SimulatorProvider("http://simulator", SECRET, transport=httpx.MockTransport(refuse))
-    with pytest.raises(ProviderError, match="unreachable"):
+    with pytest.raises(ProviderError, match="unreachable") as raised:
         await provider.create_checkout(amount=PRICE, reference=REFERENCE, idempotency_key="k")
+    # Whether the request had an effect is unknown: not a refusal.
+    assert not isinstance(raised.value, ProviderRefused)
 
 
 def signed(event: dict[str, object]) -> tuple[dict[str, str], bytes]:

@@ -1,4 +1,7 @@
-"""Billing's HTTP API: parse, call the use case in a transaction, answer."""
+"""Billing's HTTP API: parse, call the use case in a transaction, answer.
+
+Checkout and refund call the payment provider: their use cases run short transactions of their own.
+"""
 
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -176,8 +179,8 @@ async def get_payment(payment_id: UUID, db: Db, caller: Caller) -> PaymentOut:
     },
 )
 async def check_out(payment_id: UUID, db: Db, learner: LimitedCaller, provider: Provider) -> CheckoutOut:
-    async with db.acquire() as conn, conn.transaction():
-        session = await service.check_out(conn, provider, learner, payment_id)
+    # Not in a transaction of ours: the use case must not hold one while the provider is called.
+    session = await service.check_out(db, provider, learner, payment_id)
     return CheckoutOut(
         payment_id=payment_id, session_id=session.session_id, checkout_url=session.checkout_url
     )
@@ -198,10 +201,9 @@ async def refund_payment(
     payment_id: UUID, db: Db, staff: Staff, provider: Provider, refund: RefundIn | None = None
 ) -> RefundOut:
     refund = refund or RefundIn()
-    async with db.acquire() as conn, conn.transaction():
-        payment, issued = await service.refund_payment(
-            conn, provider, staff, payment_id, amount=refund.amount, reason=refund.reason
-        )
+    payment, issued = await service.refund_payment(
+        db, provider, staff, payment_id, amount=refund.amount, reason=refund.reason
+    )
     return RefundOut.of(payment, issued)
 
 

@@ -196,15 +196,22 @@ def refund(
     reason: str,
     issued_at: datetime,
     issued_by: str | None = None,
+    requested_minor: int = 0,
 ) -> tuple[Payment, RefundIssued]:
-    """Return `amount` (all that is left when None) of a settled payment, never more than was paid."""
+    """Return `amount` (all that is left when None) of a settled payment, never more than was paid.
+
+    `requested_minor` is what refunds already requested at the provider, and not answered yet, will
+    return: it is not left to refund.
+    """
     if payment.status is PaymentStatus.REFUNDED:
         raise PaymentRuleViolated("payment-already-refunded", "the payment has been refunded in full")
     if payment.status is not PaymentStatus.SETTLED:
         raise PaymentRuleViolated(
             "payment-not-settled", f"the payment is {payment.status}; only a settled one is refunded"
         )
-    remaining = payment.refundable
+    remaining = Money(
+        amount_minor=payment.refundable.amount_minor - requested_minor, currency=payment.amount.currency
+    )
     amount = amount or remaining
     if amount.currency != remaining.currency:
         raise PaymentRuleViolated(

@@ -66,6 +66,10 @@ class ProviderError(Exception):
     """The provider could not be reached, or refused a request billing made."""
 
 
+class ProviderRefused(ProviderError):
+    """The provider answered, and refused: the request certainly had no effect there."""
+
+
 class PaymentProvider(Protocol):
     @property
     def name(self) -> str:
@@ -198,6 +202,10 @@ class SimulatorProvider:
                 response = await client.post(path, json=body, headers={"Idempotency-Key": idempotency_key})
         except httpx.HTTPError as exc:
             raise ProviderError(f"the payment provider is unreachable: {exc!r}") from exc
+        if response.is_client_error:
+            raise ProviderRefused(
+                f"the payment provider answered {response.status_code}: {response.text[:500]}"
+            )
         if not response.is_success:
             raise ProviderError(
                 f"the payment provider answered {response.status_code}: {response.text[:500]}"

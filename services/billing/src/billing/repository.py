@@ -109,21 +109,44 @@ async def page(
     return [_payment(row) for row in rows]
 
 
-async def insert_refund(
-    conn: Connection, refund: RefundIssued, *, provider_refund_id: str, issued_by: str
-) -> None:
+async def insert_requested_refund(conn: Connection, refund: RefundIssued, *, issued_by: str) -> None:
+    """Record a refund about to be asked of the provider; its amount is reserved from now on."""
     await conn.execute(
-        "INSERT INTO refunds (refund_id, payment_id, amount_minor, currency, reason, provider_refund_id,"
-        " issued_by, issued_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO refunds (refund_id, payment_id, amount_minor, currency, reason, issued_by, issued_at,"
+        " status) VALUES ($1, $2, $3, $4, $5, $6, $7, 'requested')",
         refund.refund_id,
         refund.payment_id,
         refund.amount.amount_minor,
         refund.amount.currency,
         refund.reason,
-        provider_refund_id,
         issued_by,
         refund.issued_at,
     )
+
+
+async def requested_refunds_minor(conn: Connection, payment_id: UUID) -> int:
+    """What the payment's refunds requested at the provider, and not answered yet, will return."""
+    total = await conn.fetchval(
+        "SELECT coalesce(sum(amount_minor), 0) FROM refunds WHERE payment_id = $1 AND status = 'requested'",
+        payment_id,
+    )
+    return int(total)
+
+
+async def mark_refund_issued(conn: Connection, refund_id: UUID, *, provider_refund_id: str) -> bool:
+    """The provider made the requested refund; False when it was no longer requested."""
+    issued = await conn.fetchval(
+        "UPDATE refunds SET status = 'issued', provider_refund_id = $2"
+        " WHERE refund_id = $1 AND status = 'requested' RETURNING true",
+        refund_id,
+        provider_refund_id,
+    )
+    return bool(issued)
+
+
+async def delete_requested_refund(conn: Connection, refund_id: UUID) -> None:
+    """The provider refused the refund: nothing was returned, its amount is free again."""
+    await conn.execute("DELETE FROM refunds WHERE refund_id = $1 AND status = 'requested'", refund_id)
 
 
 async def claim_provider_event(conn: Connection, provider: str, event_id: str, kind: str) -> bool:

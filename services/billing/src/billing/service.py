@@ -1,10 +1,18 @@
 """Billing use cases: each runs in its entrypoint's transaction and queues the events it causes.
 
-Checkout and refund call the payment provider inside that transaction. The payment row is locked
-first, so concurrent requests about one payment take turns: one checkout session, never a refund
-counted twice. The call is bounded by the adapter's timeout and carries an idempotency key derived
-from the payment's state, so a retry after a rolled-back transaction gets the provider's first
-answer instead of a second session or a second refund.
+Checkout and refund call the payment provider, and no transaction is open and no row locked while
+they wait for it: a slow provider would otherwise hold the payment (and its webhook) hostage. They
+run their own short transactions around the call instead: the first checks the rules and records
+what is asked of the provider; the call goes out with an idempotency key, so asking again can never
+open a second session or return money twice; the second applies the answer, re-reading the payment,
+which may have changed meanwhile.
+
+A checkout needs no record of its intent: its key, `<payment_id>:checkout`, gets the same session
+however often it is asked, so a checkout interrupted before its session was stored is finished by
+asking again. A refund is recorded `requested` first, which reserves its amount against concurrent
+refunds, and becomes issued with the provider's answer; a definite refusal deletes it. One left
+`requested` (billing stopped mid-call, or the provider's answer was lost) keeps its amount reserved
+until someone asks the provider again with its key, `<payment_id>:refund:<refund_id>`, which is safe.
 """
 
 import logging
@@ -14,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 from uuid import UUID
+
+import asyncpg
 
 from microcred_events import EnrollmentCancelled, EnrollmentCreated, Money, RefundIssued
 from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor, journeys, outbox
@@ -27,6 +37,7 @@ from .provider import (
     PaymentProvider,
     ProviderError,
     ProviderNotice,
+    ProviderRefused,
 )
 
 log = logging.getLogger(__name__)
@@ -83,16 +94,11 @@ async def list_payments(
 
 
 async def check_out(
-    conn: Connection, provider: PaymentProvider, learner: Principal, payment_id: UUID
+    db: asyncpg.Pool, provider: PaymentProvider, learner: Principal, payment_id: UUID
 ) -> CheckoutSession:
     """Where the learner pays their due payment; the same session every time it is asked for."""
-    payment = await repository.get(conn, payment_id, for_update=True)
-    if payment is None or payment.learner_id != learner.learner_id:
-        raise _not_found(payment_id)
-    try:
-        domain.require_due(payment)
-    except PaymentRuleViolated as exc:
-        raise _conflict(exc) from None
+    async with db.acquire() as conn:
+        payment = await _due_for(conn, learner, payment_id)
     if payment.checkout_session_id is not None and payment.checkout_url is not None:
         return CheckoutSession(payment.checkout_session_id, payment.checkout_url)
     session = await _at_provider(
@@ -102,14 +108,32 @@ async def check_out(
             idempotency_key=f"{payment.payment_id}:checkout",
         )
     )
-    await repository.save(
-        conn, domain.attach_checkout(payment, session.session_id, session.checkout_url, datetime.now(UTC))
-    )
+    async with db.acquire() as conn, conn.transaction():
+        # Voided meanwhile: 409. Checked out concurrently: the same key made the same session.
+        payment = await _due_for(conn, learner, payment_id, for_update=True)
+        if payment.checkout_session_id is None:
+            await repository.save(
+                conn,
+                domain.attach_checkout(payment, session.session_id, session.checkout_url, datetime.now(UTC)),
+            )
     return session
 
 
+async def _due_for(
+    conn: Connection, learner: Principal, payment_id: UUID, *, for_update: bool = False
+) -> Payment:
+    payment = await repository.get(conn, payment_id, for_update=for_update)
+    if payment is None or payment.learner_id != learner.learner_id:
+        raise _not_found(payment_id)
+    try:
+        domain.require_due(payment)
+    except PaymentRuleViolated as exc:
+        raise _conflict(exc) from None
+    return payment
+
+
 async def refund_payment(
-    conn: Connection,
+    db: asyncpg.Pool,
     provider: PaymentProvider,
     staff: Principal,
     payment_id: UUID,
@@ -119,18 +143,67 @@ async def refund_payment(
 ) -> tuple[Payment, RefundIssued]:
     """Return money of a settled payment to the learner at the provider: all that is left, or
     `amount`. Staff refund payments for what their issuer issues; admins any."""
+    async with db.acquire() as conn, conn.transaction():
+        charge_id, requested = await _request_refund(conn, provider, staff, payment_id, amount, reason)
+    try:
+        provider_refund_id = await provider.refund(
+            charge_id=charge_id,
+            amount=requested.amount,
+            idempotency_key=f"{payment_id}:refund:{requested.refund_id}",
+        )
+    except ProviderRefused as exc:
+        async with db.acquire() as conn:
+            await repository.delete_requested_refund(conn, requested.refund_id)
+        raise Problem(502, "payment-provider-error", str(exc)) from None
+    except ProviderError as exc:
+        # Whether the provider returned the money is unknown: the refund stays requested, reserved.
+        log.warning("refund %s left requested: %s", requested.refund_id, exc)
+        raise Problem(502, "payment-provider-error", str(exc)) from None
+    async with db.acquire() as conn, conn.transaction():
+        payment = await repository.get(conn, payment_id, for_update=True)
+        assert payment is not None, "payments are never deleted"
+        if not await repository.mark_refund_issued(
+            conn, requested.refund_id, provider_refund_id=provider_refund_id
+        ):
+            # Applied by someone who asked the provider again with the same key.
+            return payment, requested
+        # Against the payment as it is now (other refunds may have been issued meanwhile); the
+        # reservation made sure this one still fits.
+        refunded, event = domain.refund(
+            payment,
+            refund_id=requested.refund_id,
+            amount=requested.amount,
+            reason=requested.reason,
+            issued_at=requested.issued_at,
+            issued_by=requested.issued_by,
+        )
+        await repository.save(conn, refunded)
+        await outbox.add(conn, event)
+    return refunded, event
+
+
+async def _request_refund(
+    conn: Connection,
+    provider: PaymentProvider,
+    staff: Principal,
+    payment_id: UUID,
+    amount: Money | None,
+    reason: str | None,
+) -> tuple[str, RefundIssued]:
+    """Check the refund and record it requested; the charge to refund, and the refund."""
     payment = await repository.get(conn, payment_id, for_update=True)
     if payment is None:
         raise _not_found(payment_id)
     staff.require_issuer(payment.issuer_id)
     try:
-        refunded, event = domain.refund(
+        _, requested = domain.refund(
             payment,
             refund_id=uuid.uuid4(),
             amount=amount,
             reason=reason or DEFAULT_REFUND_REASON,
             issued_at=datetime.now(UTC),
             issued_by=staff.actor,
+            requested_minor=await repository.requested_refunds_minor(conn, payment_id),
         )
     except PaymentRuleViolated as exc:
         raise _conflict(exc) from None
@@ -141,18 +214,8 @@ async def refund_payment(
             "refund-at-other-provider",
             f"the payment was settled through {payment.provider}; refund it there",
         )
-    provider_refund_id = await _at_provider(
-        provider.refund(
-            charge_id=payment.provider_reference,
-            amount=event.amount,
-            # Unique per refund of this payment (the total refunded before it grows with each one).
-            idempotency_key=f"{payment.payment_id}:refund:{payment.refunded_minor}",
-        )
-    )
-    await repository.save(conn, refunded)
-    await repository.insert_refund(conn, event, provider_refund_id=provider_refund_id, issued_by=staff.actor)
-    await outbox.add(conn, event)
-    return refunded, event
+    await repository.insert_requested_refund(conn, requested, issued_by=staff.actor)
+    return payment.provider_reference, requested
 
 
 @dataclass(frozen=True)
