@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import sys
 import time
 import uuid
@@ -27,7 +28,8 @@ from microcred_events import CompletionReported, Topic
 ISSUER = "http://127.0.0.1:8000"
 CATALOG, ENROLLMENT, BILLING, ISSUANCE = (f"http://127.0.0.1:{port}" for port in (8001, 8002, 8003, 8004))
 SIMULATOR, MAIL = "http://127.0.0.1:8090", "http://127.0.0.1:8025"
-KAFKA = "127.0.0.1:9092"
+# The broker `make up` started: infra's port, moved by MICROCRED_KAFKA_PORT as it is there.
+KAFKA = f"127.0.0.1:{os.environ.get('MICROCRED_KAFKA_PORT', '').strip() or 9092}"
 COURSE = "Durable Skills - Communication"
 T = TypeVar("T")
 
