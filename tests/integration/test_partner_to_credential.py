@@ -201,7 +201,7 @@ async def test_a_signed_partner_report_becomes_one_credential_one_email_one_webh
         "partner_id": partner_id,
         "course_id": str(course.course_id),
         "learner_id": enrolled.json()["learner"]["learner_id"],
-        "completed_at": "2026-11-20T16:45:00Z",
+        "completed_at": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         "score": 93,
     }
     await world.publish_signed_report(partner_id, issued_secret["secret"], report)

@@ -127,7 +127,7 @@ class Harness:
             "partner_id": partner.partner_id,
             "course_id": enrollment["course_id"],
             "learner_id": enrollment["learner"]["learner_id"],
-            "completed_at": "2025-05-02T16:45:00Z",
+            "completed_at": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
             "score": 91.5,
             "evidence_url": "https://northwind.example.edu/portfolio/final-project",
             **changes,
@@ -518,7 +518,7 @@ async def test_a_signed_report_on_the_partner_topic_completes_the_enrollment_onc
     assert completed.completed_by is CompletedBy.PARTNER
     assert str(completed.partner_id) == partner.partner_id
     assert str(completed.partner_report_id) == report["report_id"]
-    assert completed.completed_at == datetime(2025, 5, 2, 16, 45, tzinfo=UTC)
+    assert completed.completed_at == datetime.fromisoformat(report["completed_at"])
     assert completed.score == 91.5
     assert str(completed.evidence_url) == report["evidence_url"]
     assert str(completed.learner.learner_id) == ada["learner"]["learner_id"]

@@ -156,6 +156,19 @@ def test_an_active_enrollment_completes_as_the_partner_reports() -> None:
     )
 
 
+def test_a_completion_dated_before_the_enrollment_is_refused_beyond_clock_skew() -> None:
+    enrollment = active()  # created at T0
+    within_skew = report(completed_at=T0 - timedelta(minutes=4))
+    before = report(completed_at=T0 - timedelta(days=1))
+
+    assert isinstance(domain.complete_for_partner(PARTNER, within_skew, [enrollment], NOW), Transition)
+    refused = domain.complete_for_partner(PARTNER, before, [enrollment], NOW)
+
+    assert refusal_of(refused) is RejectionReason.MALFORMED_REPORT
+    assert isinstance(refused, Refusal)
+    assert "before enrollment" in refused.detail
+
+
 def test_the_same_report_again_changes_nothing() -> None:
     reported = report()
     first = domain.complete_for_partner(PARTNER, reported, [active()], NOW)

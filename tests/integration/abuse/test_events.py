@@ -259,7 +259,7 @@ def report(partner: Partner, enrollment: dict[str, Any], **changes: Any) -> dict
         "partner_id": partner.partner_id,
         "course_id": enrollment["course_id"],
         "learner_id": enrollment["learner"]["learner_id"],
-        "completed_at": "2026-05-02T16:45:00Z",
+        "completed_at": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         "score": 88,
         **changes,
     }

@@ -810,7 +810,7 @@ async def test_api4_a_partner_batch_over_1000_reports_is_refused_even_when_signe
         "partner_id": targets.partner_id,
         "course_id": victim.free_course_id,
         "learner_id": victim.learner_id,
-        "completed_at": "2026-05-02T16:45:00Z",
+        "completed_at": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
     }
     batch = json.dumps([{**report, "report_id": str(uuid.uuid4())} for _ in range(1001)]).encode()
     path = f"/partners/{targets.partner_id}/completions"

@@ -521,6 +521,13 @@ def complete_for_partner(
         return Refusal(
             RejectionReason.NO_ACTIVE_ENROLLMENT, f"enrollment {chosen.enrollment_id} was cancelled"
         )
+    if report.completed_at < chosen.created_at - CLOCK_SKEW:
+        # A course cannot be completed before it was enrolled in: a mistyped or forged date.
+        return Refusal(
+            RejectionReason.MALFORMED_REPORT,
+            f"completed_at {report.completed_at.isoformat()} is before enrollment"
+            f" {chosen.enrollment_id} was created ({chosen.created_at.isoformat()})",
+        )
     completion = Completion(
         completed_at=report.completed_at,
         completed_by=CompletedBy.PARTNER,
