@@ -355,6 +355,7 @@ async def _flow(
         pathway_id=setup.catalog.pathway_id,
         pathway_courses=set(setup.catalog.pathway_courses),
     )
+    result.sweeper = accounting.sweeper_finds(deployed.workdir / "logs")
     result.timings["account"] = time.monotonic() - counting
 
 

@@ -14,11 +14,13 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from issuance.sweeper import FOUND
 from microcred_events import Topic
 from microcred_events.topics import partner_rejection_topic
 
@@ -117,6 +119,7 @@ class Result:
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)  # "topic: reason" -> count
     dead_letter_details: dict[str, str] = field(default_factory=dict)  # "topic: reason" -> a detail
     rejections: dict[str, int] = field(default_factory=dict)
+    sweeper: dict[str, dict[str, int]] = field(default_factory=dict)  # replica -> kind or "failed" -> finds
     outbox_backlog: dict[str, int] = field(default_factory=dict)
     deliveries: dict[str, int] = field(default_factory=dict)  # "channel/state" -> count
     faults: list[FaultRecord] = field(default_factory=list)
@@ -197,6 +200,14 @@ class Result:
     def ok(self) -> bool:
         return not self.failures
 
+    def _sweeper(self) -> str:
+        if not self.sweeper:
+            return "no issuance log read"
+        return "; ".join(
+            f"{replica}: " + ", ".join(f"{kind} {count}" for kind, count in finds.items())
+            for replica, finds in sorted(self.sweeper.items())
+        )
+
     def render(self) -> str:
         backlog = ", ".join(f"{name} {count}" for name, count in self.outbox_backlog.items())
         deliveries = ", ".join(f"{key} {count}" for key, count in sorted(self.deliveries.items()))
@@ -241,6 +252,7 @@ class Result:
             f"  rejected       {sum(self.rejections.values()):>8}  on the partner's rejection topic"
             + (f" ({rejections})" if rejections else ""),
             f"  outbox backlog  {backlog}",
+            f"  sweeper found   {self._sweeper()}",
             f"  deliveries      {deliveries}",
             "",
             "faults, one at a time (at: seconds since the first report was published; ready: from the",
@@ -445,3 +457,24 @@ async def account(
         for record in await read_topic(bootstrap, rejection_topic):
             reason = str(json.loads(record.value).get("reason"))
             result.rejections[reason] = result.rejections.get(reason, 0) + 1
+
+
+def sweeper_finds(logs: Path) -> dict[str, dict[str, int]]:
+    """What each issuance replica's sweeper found and finished, by kind, and the finds it could not
+    finish ("failed"), from its log: a counter at /metrics starts again at each restart, the log is
+    appended to across them."""
+    found = {message: kind for kind, message in FOUND.items()}
+    finds: dict[str, dict[str, int]] = {}
+    for path in sorted(logs.glob("issuance-*.log")):
+        counts = finds[path.stem] = {**dict.fromkeys(FOUND, 0), "failed": 0}
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if '"issuance.sweeper"' not in line:
+                    continue
+                record = json.loads(line)
+                message = record.get("message", "")
+                if message in found:
+                    counts[found[message]] += 1
+                elif message.startswith("could not finish a find"):
+                    counts["failed"] += 1
+    return finds

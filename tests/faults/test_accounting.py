@@ -3,7 +3,9 @@ run from one that lost or doubled something, or a green fault run would prove no
 
 import collections
 import dataclasses
+import io
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,11 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from harness.accounting import FaultRecord, Result
+from harness.accounting import FaultRecord, Result, sweeper_finds
 from harness.sinks import MailJournal, WebhookJournal
+
+from issuance.sweeper import FOUND
+from microcred_runtime.telemetry import configure_logging
 
 HEADER = [
     "replicas per consuming service: 2",
@@ -181,3 +186,36 @@ def test_the_webhook_journal_keeps_only_correctly_signed_deliveries_by_credentia
     journal.refresh()
     assert journal.by_credential["c4"] == collections.Counter({"w4": 1})
     assert journal.received == 5
+
+
+def test_the_sweepers_finds_are_counted_per_replica_from_the_service_logs(tmp_path: Path) -> None:
+    """Lines as the service writes them (its own JSON logging), a restart's banner between them."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    log = logging.getLogger("issuance.sweeper")
+    try:
+        configure_logging("issuance", "INFO")
+        for replica, finds in (("issuance-1", ["pathway", "pathway", "parked"]), ("issuance-2", [])):
+            out = io.StringIO("\n=== harness: starting issuance at 2026-12-06T00:00:00+00:00\n")
+            out.seek(0, io.SEEK_END)
+            root.handlers[0].setStream(out)  # type: ignore[attr-defined]
+            for kind in finds:
+                log.warning(FOUND[kind], extra={"learner_id": "l", "pathway_id": "p"})
+            log.warning("could not finish a find, the next pass tries again: %s", "deadlock detected")
+            log.info("PostgreSQL is unavailable: this sweep ends here, the next one goes on")
+            (tmp_path / f"{replica}.log").write_text(out.getvalue())
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+
+    result = clean()
+    result.sweeper = sweeper_finds(tmp_path)
+
+    assert result.sweeper == {
+        "issuance-1": {"parked": 1, "pathway": 2, "failed": 1},
+        "issuance-2": {"parked": 0, "pathway": 0, "failed": 1},
+    }
+    assert (
+        "sweeper found   issuance-1: parked 1, pathway 2, failed 1; issuance-2: parked 0, pathway 0, failed 1"
+        in result.render()
+    )

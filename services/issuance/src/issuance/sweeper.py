@@ -60,8 +60,8 @@ _Finish = Callable[[Connection, Platform, UUID, UUID], Awaitable[bool]]
 # A page of finds of one kind, each two ids, in key order: those after `after` (None: from the start).
 _Find = Callable[[Connection, tuple[UUID, UUID] | None], Awaitable[list[tuple[UUID, UUID]]]]
 
-# What a find of each kind means, as logged when it is finished.
-_FOUND = {
+# What a find of each kind means, as logged when it is finished (the fault run counts these lines).
+FOUND = {
     "parked": "a parked completion was left behind by a race: minted it now",
     "pathway": "a pathway credential was left behind by a race: minted it now",
 }
@@ -74,7 +74,7 @@ class Pass:
     """What one pass found and finished, of each kind; whether it looked at every learner
     (`full`), and whether it is `complete`: it ran to its end (PostgreSQL stayed available)."""
 
-    finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_FOUND, 0))
+    finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FOUND, 0))
     full: bool = False
     complete: bool = False
 
@@ -199,7 +199,7 @@ class Sweeper:
             if finished:
                 swept.finished[kind] += 1
                 self.found.labels(kind=kind).inc()
-                log.warning(_FOUND[kind], extra=context)
+                log.warning(FOUND[kind], extra=context)
 
     @contextlib.asynccontextmanager
     async def running(self, interval_seconds: float, full_interval_seconds: float) -> AsyncIterator[None]:
