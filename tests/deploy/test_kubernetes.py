@@ -18,6 +18,7 @@ from packaging.version import Version
 
 from issuance.keys import generate_key
 from microcred_events import Topic, dead_letter_topic
+from microcred_events.topics import CONFIGS as TOPIC_CONFIGS
 from tests.deploy.conftest import ROOT, SDK_VARIABLES, SERVICES, LoadSettings, SettingsSpec
 
 OVERLAYS = ("dev", "prod")
@@ -183,6 +184,20 @@ def test_every_topic_of_the_contract_is_declared(rendered: dict[str, list[Object
     declared = {topic["spec"]["topicName"] for topic in _of_kind(rendered[overlay], "KafkaTopic").values()}
     expected = {str(topic) for topic in Topic} | {dead_letter_topic(service) for service in SERVICES}
     assert declared == expected
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_topics_carry_the_settings_the_services_create_them_with(
+    rendered: dict[str, list[Object]], overlay: str
+) -> None:
+    """E.g. the partner topic's LogAppendTime, which enrollment's freshness check relies on."""
+    declared = {
+        topic["spec"]["topicName"]: topic["spec"]
+        for topic in _of_kind(rendered[overlay], "KafkaTopic").values()
+    }
+    assert TOPIC_CONFIGS
+    for topic, config in TOPIC_CONFIGS.items():
+        assert config.items() <= declared[topic]["config"].items(), topic
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -140,6 +140,11 @@ async def test_failure_policy(
     # the broker's own limit: set on the topic, not the broker's default.
     max_bytes = await topic_config(infrastructure, topic_prefix + "probe.dlq", "max.message.bytes")
     assert max_bytes == (str(DEAD_LETTER_TOPIC_MAX_BYTES), TOPIC_CONFIG)
+    # The broker stamps the partners' records: their ce_time is judged against that.
+    stamped = await topic_config(
+        infrastructure, topic_prefix + Topic.PARTNER_COMPLETION, "message.timestamp.type"
+    )
+    assert stamped == ("LogAppendTime", TOPIC_CONFIG)
 
 
 TOPIC_CONFIG = 1  # where a setting comes from: the topic's own (DescribeConfigs v1+)
@@ -231,6 +236,30 @@ async def test_one_relay_publishes_among_replicas_and_shutdown_flushes(
     assert len(messages) == 50
     ids = {decode(message.headers, message.value).id for message in messages}
     assert len(ids) == 50
+
+
+async def test_the_inbox_forgets_events_older_than_its_retention(
+    migrations: Path, probe_settings: ServiceSettings, serve: Any, wait_for: Any
+) -> None:
+    settings = probe_settings.model_copy(update={"inbox_retention_hours": 2})
+    probe = Probe()
+    async with serve(probe_app(probe, migrations, settings)):
+        pass
+    conn = await asyncpg.connect(str(settings.database_url))
+    try:
+        await conn.executemany(
+            'INSERT INTO inbox (consumer, source, event_id, event_type, topic, partition, "offset",'
+            " processed_at) VALUES ('probe', 'urn:test', $1, 'type', 'topic', 0, 0,"
+            " now() - make_interval(mins => $2))",
+            [("old-1", 121), ("old-2", 60 * 24 * 30), ("recent", 119)],
+        )
+        async with serve(probe_app(probe, migrations, settings)):
+            assert await wait_for(
+                lambda: conn.fetchval("SELECT count(*) = 1 FROM inbox WHERE source = 'urn:test'")
+            ), "the relay did not apply the inbox retention"
+        assert await conn.fetchval("SELECT event_id FROM inbox WHERE source = 'urn:test'") == "recent"
+    finally:
+        await conn.close()
 
 
 async def test_migrations_apply_once_under_concurrency(

@@ -67,6 +67,8 @@ def test_missing_variables_are_each_named() -> None:
         ("RATE_LIMIT_PER_SUBJECT", "30 a minute"),
         ("RATE_LIMIT_STORAGE_URI", "memcached://cache:11211"),
         ("RATE_LIMIT_STORAGE_URI", "redis://cache:6379"),
+        # Less than an hour would forget partner messages still inside their ce_time window.
+        ("INBOX_RETENTION_HOURS", "0"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(

@@ -215,15 +215,16 @@ async def on_loopback(app: FastAPI) -> AsyncIterator[int]:
 
 
 def ce_headers(
-    event_type: str, *, key: str, source: str, event_id: str | None = None
+    event_type: str, *, key: str, source: str, event_id: str | None = None, at: datetime | None = None
 ) -> list[tuple[str, bytes]]:
-    """CloudEvents binary-mode headers, written out by hand as any Kafka client could."""
+    """CloudEvents binary-mode headers, written out by hand as any Kafka client could; `ce_time`
+    is `at`, or now."""
     return [
         ("ce_specversion", b"1.0"),
         ("ce_id", (event_id or str(uuid.uuid4())).encode()),
         ("ce_type", event_type.encode()),
         ("ce_source", source.encode()),
-        ("ce_time", datetime.now(UTC).isoformat().replace("+00:00", "Z").encode()),
+        ("ce_time", (at or datetime.now(UTC)).isoformat().replace("+00:00", "Z").encode()),
         ("ce_subject", key.encode()),
         ("content-type", b"application/json"),
     ]

@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -227,13 +227,19 @@ def sign(secret: str, message_id: str, at: str, body: bytes) -> str:
 
 
 def signed(
-    report_id: str, body: bytes, *, secret: str, source: str, event_type: str = CompletionReported.TYPE
+    report_id: str,
+    body: bytes,
+    *,
+    secret: str,
+    source: str,
+    event_type: str = CompletionReported.TYPE,
+    at: datetime | None = None,
 ) -> tuple[str, list[tuple[str, bytes]]]:
-    """A partner's message id and CloudEvents headers, `ce_signature` included."""
+    """A partner's message id and CloudEvents headers, `ce_signature` included; `ce_time` `at`, or now."""
     message_id = str(uuid.uuid4())
-    headers = ce_headers(event_type, key=report_id, source=source, event_id=message_id)
-    at = dict(headers)["ce_time"].decode()
-    return message_id, [*headers, ("ce_signature", sign(secret, message_id, at, body).encode())]
+    headers = ce_headers(event_type, key=report_id, source=source, event_id=message_id, at=at)
+    time_text = dict(headers)["ce_time"].decode()
+    return message_id, [*headers, ("ce_signature", sign(secret, message_id, time_text, body).encode())]
 
 
 @pytest.fixture(scope="module")
@@ -272,14 +278,19 @@ async def enrollment_status(platform: Platform, enrollment_id: str) -> str:
     return status
 
 
-async def completions_queued(platform: Platform, enrollment_id: str) -> int:
+async def queued(platform: Platform, event_type: str, key: str) -> int:
+    """Events of `event_type` and `key` in enrollment's outbox."""
     count: int = await platform.fetchval(
         "enrollment",
         "SELECT count(*) FROM outbox WHERE event_type = $1 AND message_key = $2",
-        CourseCompleted.TYPE,
-        enrollment_id.encode(),
+        event_type,
+        key.encode(),
     )
     return count
+
+
+async def completions_queued(platform: Platform, enrollment_id: str) -> int:
+    return await queued(platform, CourseCompleted.TYPE, enrollment_id)
 
 
 async def rejections(platform: Platform, partner: Partner, message_ids: set[str]) -> dict[str, str]:
@@ -381,7 +392,17 @@ async def test_a_partner_cannot_speak_for_another_partner(platform: Platform, pa
     )
 
     assert await rejections(platform, northwind, {mismatch_id}) == {mismatch_id: "partner_mismatch"}
-    assert await rejections(platform, contoso, {impostor_id}) == {impostor_id: "bad_signature"}
+    # Not told on Contoso's topic (whoever can write to the partner topic could fill it in
+    # Contoso's name): dead-lettered, for microcred's operators.
+    (letter,) = await records_where(
+        platform.kafka_bootstrap,
+        platform.prefix + dead_letter_topic(PARTNER_REPORTS_GROUP),
+        lambda record: header(record, "ce_id") == impostor_id,
+        count=1,
+    )
+    assert header(letter, "dlq_reason") == "bad_signature"
+    assert contoso.partner_id in (header(letter, "dlq_detail") or "")
+    assert await queued(platform, CompletionRejected.TYPE, impostor_id) == 0, "nothing queued for Contoso"
     assert over_http_as_contoso.status_code == 401, over_http_as_contoso.text
     assert over_http_as_contoso.headers["content-type"] == "application/problem+json"
     assert over_http_for_contoso.status_code == 200, over_http_for_contoso.text
@@ -389,6 +410,46 @@ async def test_a_partner_cannot_speak_for_another_partner(platform: Platform, pa
     assert (result["status"], result["reason"]) == ("refused", "partner_mismatch")
     assert await enrollment_status(platform, enrollment["enrollment_id"]) == "active"
     assert await completions_queued(platform, enrollment["enrollment_id"]) == 0
+
+
+async def test_a_partner_message_outside_the_time_window_is_refused_and_changes_nothing(
+    platform: Platform, partners: Partners
+) -> None:
+    """`ce_time` is judged against the broker's time for the record (the partner topic is
+    LogAppendTime), like the HTTP path's webhook-timestamp: a message captured and replayed once
+    the inbox may have forgotten it is refused, and so is one dated ahead."""
+    northwind = partners.northwind
+    topic = platform.prefix + Topic.PARTNER_COMPLETION
+    now = datetime.now(UTC)
+    sent: dict[str, tuple[str, dict[str, Any]]] = {}
+    for case, at in (("old", now - timedelta(minutes=6)), ("ahead", now + timedelta(minutes=6))):
+        enrollment = await platform.enroll(f"time-{case}", partners.course_id)
+        body = json.dumps(report(northwind, enrollment)).encode()
+        message_id, headers = signed(
+            str(uuid.uuid4()), body, secret=northwind.secret, source=northwind.source, at=at
+        )
+        await platform.producer.send_and_wait(topic, body, key=message_id.encode(), headers=headers)
+        sent[case] = message_id, enrollment
+    # Inside the window (4 minutes old): taken.
+    fresh = await platform.enroll("time-fresh", partners.course_id)
+    body = json.dumps(report(northwind, fresh)).encode()
+    fresh_id, headers = signed(
+        str(uuid.uuid4()),
+        body,
+        secret=northwind.secret,
+        source=northwind.source,
+        at=now - timedelta(minutes=4),
+    )
+    await platform.producer.send_and_wait(topic, body, key=fresh_id.encode(), headers=headers)
+
+    told = await rejections(platform, northwind, {message_id for message_id, _ in sent.values()})
+
+    assert told == {message_id: "stale_message" for message_id, _ in sent.values()}
+    for _, enrollment in sent.values():
+        assert await enrollment_status(platform, enrollment["enrollment_id"]) == "active"
+        assert await completions_queued(platform, enrollment["enrollment_id"]) == 0
+    assert await wait_for(lambda: in_inbox(platform, "enrollment", PARTNER_REPORTS_GROUP, [fresh_id]))
+    assert await enrollment_status(platform, fresh["enrollment_id"]) == "completed"
 
 
 async def post_reports(platform: Platform, partner_id: str, payload: Any, secret: str) -> Any:

@@ -77,8 +77,10 @@ class CompletionReported(Event):
 class RejectionReason(StrEnum):
     """Why enrollment refused a partner's report; stable to branch on.
 
-    `unknown_partner` never reaches a rejection topic (an unregistered sender has none): it is
-    the reason such a message is dead-lettered, and the HTTP endpoint answers it as a 404.
+    `unknown_partner` and `bad_signature` never reach a rejection topic: they are the reasons such
+    messages are dead-lettered (an unregistered sender has no topic, and an unverified message
+    may come from anyone: telling the partner it names would let anyone write to that partner's
+    topic). Over HTTP they are answered 404 and 401.
     """
 
     UNKNOWN_PARTNER = "unknown_partner"
@@ -90,6 +92,7 @@ class RejectionReason(StrEnum):
     NO_ACTIVE_ENROLLMENT = "no_active_enrollment"
     LEARNER_MISMATCH = "learner_mismatch"
     ALREADY_COMPLETED = "already_completed"
+    STALE_MESSAGE = "stale_message"
 
 
 # Not in the registry (see `EVENTS`): the registry's topic map cannot express per-partner topics.
@@ -100,8 +103,8 @@ class CompletionRejected(Event):
     own topic, `partner.<partner_id>.rejections.v1`, so each partner reads only its own refusals.
     One per refused message: a redelivery of the same message (same `ce_source` and `ce_id`) is
     not refused twice. A report refused for a reason that can change (`no_active_enrollment`,
-    `course_not_allowed`, `partner_suspended`, `bad_signature`) may be sent again under the same
-    `report_id`.
+    `course_not_allowed`, `partner_suspended`, `stale_message`) may be sent again under the same
+    `report_id` (a `stale_message` under a new `ce_id` and a current `ce_time`).
     """
 
     TYPE: ClassVar[str] = "org.microcred.partner.completion.rejected.v1"

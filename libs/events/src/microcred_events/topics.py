@@ -40,6 +40,15 @@ DESCRIPTIONS: Mapping[Topic, str] = MappingProxyType(
     }
 )
 
+CONFIGS: Mapping[Topic, Mapping[str, str]] = MappingProxyType(
+    {
+        # The broker stamps each record with the time it appended it, which no sender can set and
+        # no consumer lag ages: enrollment judges a partner message's `ce_time` against it.
+        Topic.PARTNER_COMPLETION: MappingProxyType({"message.timestamp.type": "LogAppendTime"}),
+    }
+)
+"""Topic-level settings a topic is created with, beyond partitions and replicas."""
+
 _KAFKA_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _KAFKA_TOPIC_MAX_LENGTH = 249
 

@@ -36,6 +36,8 @@ MAX_EVENT_BYTES = 900_000
 # The backlog gauges are scraped seconds apart: probing them at most this often, rather than after
 # every drain (up to hundreds a second under load), spares PostgreSQL a query per drain.
 OBSERVE_INTERVAL_SECONDS = 1.0
+# Inbox rows deleted per statement when the retention is applied.
+_INBOX_PURGE_SLICE = 10_000
 
 _INSERT = (
     """
@@ -97,6 +99,8 @@ class RelaySettings:
     batch_size: int = 500
     poll_interval: float = 1.0
     retention_hours: int = 168
+    # The inbox's rows, older than this, are forgotten by the same leader (see `_purge`).
+    inbox_retention_hours: int = 336
     # Advisory-lock key for leader election; distinct per service database is not required
     # (locks are per database) but a fixed value keeps it recognisable in pg_locks.
     lock_key: int = 0x6D6372_6F7574  # "mcr" "out"
@@ -243,3 +247,15 @@ class OutboxRelay:
             "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)",
             self._settings.retention_hours,
         )
+        # In slices, so that a backlog of days (a first purge, a long outage) neither holds the
+        # relay nor makes one huge transaction; at 1,000 events/s a minute brings 6 slices.
+        while not self._stopped.is_set():
+            purged = await conn.fetchval(
+                "WITH gone AS (DELETE FROM inbox WHERE ctid = ANY(ARRAY("
+                " SELECT ctid FROM inbox WHERE processed_at < now() - make_interval(hours => $1)"
+                " LIMIT $2)) RETURNING 1) SELECT count(*) FROM gone",
+                self._settings.inbox_retention_hours,
+                _INBOX_PURGE_SLICE,
+            )
+            if purged < _INBOX_PURGE_SLICE:
+                return

@@ -40,6 +40,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from microcred_events import Topic, dead_letter_topic
+from microcred_events.topics import CONFIGS as TOPIC_CONFIGS
 
 from . import kafka
 from .auth import AuthConfig, Authenticator
@@ -431,8 +432,11 @@ class Service(Generic[SettingsT]):
                     # Whatever the broker's own limit, a dead letter of the size the consumers
                     # allow one is taken.
                     configs={
-                        topic: {"max.message.bytes": str(DEAD_LETTER_TOPIC_MAX_BYTES)}
-                        for topic in dead_letter_topics
+                        **{prefix + topic: config for topic, config in TOPIC_CONFIGS.items()},
+                        **{
+                            topic: {"max.message.bytes": str(DEAD_LETTER_TOPIC_MAX_BYTES)}
+                            for topic in dead_letter_topics
+                        },
                     },
                 ),
                 per_try=None,  # ensure_topics bounds itself
@@ -455,6 +459,7 @@ class Service(Generic[SettingsT]):
                     batch_size=settings.outbox_batch_size,
                     poll_interval=settings.outbox_poll_interval_seconds,
                     retention_hours=settings.outbox_retention_hours,
+                    inbox_retention_hours=settings.inbox_retention_hours,
                 ),
                 metrics,
             )

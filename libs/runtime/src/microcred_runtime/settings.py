@@ -164,6 +164,14 @@ class ServiceSettings(BaseSettings):
     outbox_retention_hours: int = Field(
         default=168, ge=0, description="How long published outbox rows are kept for inspection."
     )
+    inbox_retention_hours: int = Field(
+        default=336,
+        ge=1,
+        description="How long the inbox remembers an applied event, so that a redelivery or a replay "
+        "of it is ignored: at least as long as the topics keep records (14 days in deploy/k8s). "
+        "It also bounds the replay protection of a partner's messages, whose ce_time window is "
+        "minutes, so an hour is the least it may be.",
+    )
     shutdown_grace_seconds: float = Field(
         default=20.0, gt=0, description="Time in-flight messages get to finish on SIGTERM."
     )

@@ -481,14 +481,18 @@ class PartnerMessage:
     signed_content: bytes
     signature: str | None
     report: Report
+    sent_at: datetime  # its `ce_time`
+    # When the broker appended it (a topic with LogAppendTime); None: judged when it is applied.
+    appended_at: datetime | None = None
 
 
 async def take_partner_message(conn: Connection, message: PartnerMessage) -> ReportOutcome:
     """Apply a report from the partner topic; a refusal is queued for the partner's rejection
     topic in this same transaction, so it is told exactly once.
 
-    Raises `Rejected` (the message is dead-lettered) when `ce_source` names a partner that is not
-    registered: there is no rejection topic to answer on.
+    Raises `Rejected` (the message is dead-lettered) when there is no partner to tell: `ce_source`
+    names a partner that is not registered, or the signature is not that partner's (anyone may
+    name a partner; only what it signed is told on its topic).
     """
     partner = await repository.get_partner(conn, message.partner_id)
     if partner is None:
@@ -498,6 +502,11 @@ async def take_partner_message(conn: Connection, message: PartnerMessage) -> Rep
         )
     now = _now()
     refusal = _authenticate(partner, message.signed_content, message.signature)
+    if refusal is not None and refusal.reason is RejectionReason.BAD_SIGNATURE:
+        raise Rejected(refusal.reason, f"ce_source names partner {partner.partner_id}: {refusal.detail}")
+    if refusal is None:
+        # After the signature: the time is only worth judging once it is known to be the partner's.
+        refusal = _stale(message.sent_at, message.appended_at or now)
     if refusal is not None:
         outcome = _refused(message.report, refusal)
     else:
@@ -522,10 +531,27 @@ async def take_partner_message(conn: Connection, message: PartnerMessage) -> Rep
     return outcome
 
 
+TIMESTAMP_TOLERANCE = timedelta(minutes=5)
+"""How far a partner's message time (`ce_time`, `webhook-timestamp`) may be from when it reached us."""
+
+
+def _stale(sent_at: datetime, appended_at: datetime) -> Refusal | None:
+    """Why a message whose `ce_time` is `sent_at` is refused, if it reached the topic more than the
+    tolerance after or before that. A replay inside the window is caught by the inbox, which
+    remembers a message longer (INBOX_RETENTION_HOURS, an hour at least); one after it, here."""
+    if abs(appended_at - sent_at) <= TIMESTAMP_TOLERANCE:
+        return None
+    return Refusal(
+        RejectionReason.STALE_MESSAGE,
+        f"ce_time {sent_at.isoformat()} is more than {TIMESTAMP_TOLERANCE.seconds // 60} minutes from "
+        f"when the message reached the topic ({appended_at.isoformat()}); sign it again with the "
+        "current time under a new ce_id",
+    )
+
+
 # --- ... and by HTTP ---
 
 
-WEBHOOK_TOLERANCE = timedelta(minutes=5)
 _UNIX_SECONDS = re.compile(r"[0-9]{1,12}")
 
 
@@ -554,11 +580,11 @@ async def authenticate_request(conn: Connection, partner_id: UUID, request: Sign
     if not _UNIX_SECONDS.fullmatch(request.timestamp):
         raise Problem(401, "bad-signature", "webhook-timestamp is not a time in Unix seconds")
     # Compared as numbers: a timestamp centuries away must be refused, not overflow a datetime.
-    if abs(_now().timestamp() - int(request.timestamp)) > WEBHOOK_TOLERANCE.total_seconds():
+    if abs(_now().timestamp() - int(request.timestamp)) > TIMESTAMP_TOLERANCE.total_seconds():
         raise Problem(
             401,
             "stale-timestamp",
-            f"webhook-timestamp is more than {WEBHOOK_TOLERANCE.seconds // 60} minutes from our clock",
+            f"webhook-timestamp is more than {TIMESTAMP_TOLERANCE.seconds // 60} minutes from our clock",
         )
     content = signatures.signed_content(request.webhook_id, request.timestamp, request.body)
     refusal = _authenticate(partner, content, request.signature)
@@ -569,7 +595,7 @@ async def authenticate_request(conn: Connection, partner_id: UUID, request: Sign
     # Kept twice the tolerance: a request accepted with a timestamp up to 5 minutes ahead stays
     # recorded until its timestamp is too old to pass the check above.
     if not await repository.record_webhook_id(
-        conn, partner_id, request.webhook_id, keep=2 * WEBHOOK_TOLERANCE
+        conn, partner_id, request.webhook_id, keep=2 * TIMESTAMP_TOLERANCE
     ):
         raise Problem(
             409,

@@ -9,6 +9,7 @@ report is told back to the partner rather than dead-lettered.
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -68,6 +69,8 @@ async def on_refund_issued(conn: Connection, event: RefundIssued) -> None:
 PARTNER_REPORTS_GROUP = "enrollment-partners"
 """The partner topic's consumer group; its dead letters go to `enrollment-partners.dlq`."""
 SIGNATURE_HEADER = "ce_signature"
+# `ConsumerRecord.timestamp_type` of a record the broker stamped (the topic's LogAppendTime).
+_LOG_APPEND_TIME = 1
 # What `decode` refuses in the body, after every envelope header checked out.
 _BODY_ERRORS = ("malformed_body", "schema_violation")
 
@@ -81,9 +84,10 @@ class Undeliverable:
 
 
 def read_partner_message(
-    headers: Sequence[tuple[str, bytes]], value: bytes
+    headers: Sequence[tuple[str, bytes]], value: bytes, appended_at: datetime | None = None
 ) -> service.PartnerMessage | Undeliverable:
-    """What a message from the partner topic says, before anything is looked up.
+    """What a message from the partner topic says, before anything is looked up; `appended_at`:
+    when the broker took it, if the topic stamps records so (else it is judged when applied).
 
     An envelope that does not decode, or a `ce_source` that is not a partner's URN, cannot be
     answered: there is no partner to tell. A body that is not a valid report can be, once the
@@ -117,6 +121,9 @@ def read_partner_message(
         signed_content=signed_content(message_id, time, value),
         signature=_header(headers, SIGNATURE_HEADER, join=True),
         report=report,
+        # `decode` parsed it before the body, so it is an RFC 3339 time with an offset.
+        sent_at=datetime.fromisoformat(time).astimezone(UTC),
+        appended_at=appended_at,
     )
 
 
@@ -138,7 +145,12 @@ def _header(headers: Sequence[tuple[str, bytes]], name: str, *, join: bool = Fal
 def read_partner_record(record: ConsumerRecord[bytes, bytes]) -> Inbound:
     """A partner-topic record as the runtime applies it: in the inbox by the partner's source and
     `ce_id`; `Rejected` (dead-lettered) when there is no partner to answer."""
-    message = read_partner_message(record.headers, record.value or b"")
+    appended_at = (
+        datetime.fromtimestamp(record.timestamp / 1000, UTC)
+        if record.timestamp_type == _LOG_APPEND_TIME
+        else None  # a topic created before it was configured so: its producers' times are theirs
+    )
+    message = read_partner_message(record.headers, record.value or b"", appended_at)
     if isinstance(message, Undeliverable):
         raise Rejected(message.reason, message.detail)
     return Inbound(partner_source(message.partner_id), message.message_id, CompletionReported.TYPE, message)
