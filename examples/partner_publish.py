@@ -4,7 +4,9 @@ A plain Kafka client (aiokafka) and the standard library only: no microcred code
 `CompletionReported` report, wraps it in the CloudEvents binary envelope, signs
 `<ce_id>.<ce_time>.<body>` with the partner's HMAC secret (or Ed25519 key), publishes it to the
 partner topic, and then watches the partner's rejection topic for a while: a refusal is told
-there, with its reason; an accepted report (or a duplicate of one) is not. See docs/partners.md.
+there, with its reason; an accepted report (or a duplicate of one) is not, and neither is a
+message whose signature is not the partner's (it is dead-lettered: anyone may name a partner).
+So no rejection means accepted only once the signing is known to be right. See docs/partners.md.
 
     python examples/partner_publish.py --bootstrap 127.0.0.1:9092 \\
         --partner-id b3d5f7a9-2c4e-4e61-9a83-5f1b7d3c9e20 --secret "$PARTNER_SECRET" \\
@@ -12,7 +14,8 @@ there, with its reason; an accepted report (or a duplicate of one) is not. See d
 
 The secret may also come from the PARTNER_SECRET environment variable (better than the command
 line, which other users of the machine can see). Exit status: 0 when no rejection arrived while
-watching, 1 when the report was refused, 2 for bad arguments.
+watching (accepted, or a signature that is not the partner's), 1 when the report was refused, 2
+for bad arguments.
 """
 
 import argparse
@@ -175,7 +178,7 @@ async def main(argv: list[str] | None = None) -> int:
         return 0
     rejection = await watch_rejections(args, message_id)
     if rejection is None:
-        print(f"not refused within {args.wait:g}s")
+        print(f"not refused within {args.wait:g}s (nor told, if the secret or key is not the partner's)")
         return 0
     print(f"refused: {rejection['reason']}: {rejection['detail']}")
     return 1

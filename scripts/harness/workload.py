@@ -393,8 +393,9 @@ class _Batch:
 
 class Publisher:
     """Publishes what it is given, in order, retrying until Kafka has acknowledged every record
-    (a resend keeps its `ce_id`, so it is a duplicate at worst). `put` returns a future that is
-    done once all of that batch is acknowledged."""
+    (a resend keeps its `ce_id`, so it is a duplicate at worst; one more than 5 minutes after its
+    `ce_time` would be refused as stale, unless its report was accepted already). `put` returns
+    a future that is done once all of that batch is acknowledged."""
 
     def __init__(self, bootstrap: str, topic: str, say: Callable[[str], None]) -> None:
         self._bootstrap = bootstrap

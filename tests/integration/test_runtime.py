@@ -238,6 +238,12 @@ async def test_one_relay_publishes_among_replicas_and_shutdown_flushes(
     assert len(ids) == 50
 
 
+APPLIED_MINUTES_AGO = (
+    'INSERT INTO inbox (consumer, source, event_id, event_type, topic, partition, "offset", processed_at)'
+    " VALUES ('probe', 'urn:test', $1, 'type', 'topic', 0, 0, now() - make_interval(mins => $2))"
+)
+
+
 async def test_the_inbox_forgets_events_older_than_its_retention(
     migrations: Path, probe_settings: ServiceSettings, serve: Any, wait_for: Any
 ) -> None:
@@ -248,16 +254,36 @@ async def test_the_inbox_forgets_events_older_than_its_retention(
     conn = await asyncpg.connect(str(settings.database_url))
     try:
         await conn.executemany(
-            'INSERT INTO inbox (consumer, source, event_id, event_type, topic, partition, "offset",'
-            " processed_at) VALUES ('probe', 'urn:test', $1, 'type', 'topic', 0, 0,"
-            " now() - make_interval(mins => $2))",
-            [("old-1", 121), ("old-2", 60 * 24 * 30), ("recent", 119)],
+            APPLIED_MINUTES_AGO, [("old-1", 121), ("old-2", 60 * 24 * 30), ("recent", 119)]
         )
         async with serve(probe_app(probe, migrations, settings)):
             assert await wait_for(
                 lambda: conn.fetchval("SELECT count(*) = 1 FROM inbox WHERE source = 'urn:test'")
             ), "the relay did not apply the inbox retention"
         assert await conn.fetchval("SELECT event_id FROM inbox WHERE source = 'urn:test'") == "recent"
+
+        # A backlog is taken a slice a round, between drains: events go out meanwhile.
+        await conn.executemany(APPLIED_MINUTES_AGO, [(f"backlog-{n}", 180) for n in range(5)])
+        await outbox.add(conn, course_update("published while purging"))
+        published: list[int] = []
+
+        async def publish(records: Any) -> list[None]:
+            published.append(len(records))
+            return [None] * len(records)
+
+        relay = outbox.OutboxRelay(
+            str(settings.database_url),
+            publish,
+            outbox.RelaySettings(poll_interval=0.01, inbox_retention_hours=2, inbox_purge_slice=2),
+        )
+        relay.start()
+        try:
+            assert await wait_for(
+                lambda: conn.fetchval("SELECT count(*) = 1 FROM inbox WHERE source = 'urn:test'")
+            ), "the relay did not purge the backlog"
+        finally:
+            await relay.stop()
+        assert published == [1]
     finally:
         await conn.close()
 

@@ -22,15 +22,21 @@ from microcred_runtime import Rejected
 PARTNER_ID = uuid.uuid4()
 
 
-def partner_record(source: str) -> ConsumerRecord[bytes, bytes]:
+SENT_AT = datetime(2025, 5, 2, tzinfo=UTC)
+CREATE_TIME, LOG_APPEND_TIME = 0, 1
+
+
+def partner_record(
+    source: str, *, timestamp: int = 0, timestamp_type: int = CREATE_TIME
+) -> ConsumerRecord[bytes, bytes]:
     report = CompletionReported.model_validate({**example_data(CompletionReported), "partner_id": PARTNER_ID})
-    record = encode(report, source=source, event_id="msg-1", time=datetime(2025, 5, 2, tzinfo=UTC))
+    record = encode(report, source=source, event_id="msg-1", time=SENT_AT)
     return ConsumerRecord(
         topic=Topic.PARTNER_COMPLETION,
         partition=0,
         offset=7,
-        timestamp=0,
-        timestamp_type=0,
+        timestamp=timestamp,
+        timestamp_type=timestamp_type,
         key=record.key,
         value=record.value,
         checksum=None,
@@ -73,3 +79,24 @@ def test_a_message_with_no_partner_to_answer_is_rejected_so_it_is_dead_lettered(
         read_partner_record(partner_record("urn:microcred:billing"))
 
     assert caught.value.reason == RejectionReason.UNKNOWN_PARTNER
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "timestamp_type", "appended_at"),
+    [
+        (1_746_204_360_000, LOG_APPEND_TIME, datetime(2025, 5, 2, 16, 46, tzinfo=UTC)),
+        # The producer's own time is the sender's to choose: a replay would carry its ce_time.
+        (int(SENT_AT.timestamp() * 1000), CREATE_TIME, None),
+        (-1, LOG_APPEND_TIME, None),
+    ],
+    ids=["broker-stamped", "producer-stamped", "no-timestamp"],
+)
+def test_a_partner_message_is_timed_by_the_broker_only(
+    timestamp: int, timestamp_type: int, appended_at: datetime | None
+) -> None:
+    record = partner_record(partner_source(PARTNER_ID), timestamp=timestamp, timestamp_type=timestamp_type)
+
+    message = read_partner_record(record).content
+
+    assert isinstance(message, service.PartnerMessage)
+    assert (message.sent_at, message.appended_at) == (SENT_AT, appended_at)

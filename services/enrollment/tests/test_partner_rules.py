@@ -9,6 +9,7 @@ import pytest
 
 from enrollment import domain
 from enrollment.domain import (
+    TIMESTAMP_TOLERANCE,
     Course,
     CourseStatus,
     Enrollment,
@@ -18,6 +19,7 @@ from enrollment.domain import (
     PartnerStatus,
     Refusal,
     Transition,
+    check_message_time,
 )
 from microcred_events import CompletedBy, CompletionReported, CourseCompleted, Learner, Money
 from microcred_events.partner import RejectionReason
@@ -262,3 +264,28 @@ def test_an_email_shared_by_two_enrolled_learners_is_not_guessed() -> None:
 
     assert refusal_of(result) is RejectionReason.LEARNER_MISMATCH
     assert "learner_id" in result.detail  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("offset", "refused"),
+    [
+        (timedelta(0), False),
+        (TIMESTAMP_TOLERANCE, False),
+        (-TIMESTAMP_TOLERANCE, False),
+        (TIMESTAMP_TOLERANCE + timedelta(milliseconds=1), True),
+        (-TIMESTAMP_TOLERANCE - timedelta(milliseconds=1), True),
+    ],
+    ids=["on-time", "at-the-limit-late", "at-the-limit-early", "late", "early"],
+)
+def test_a_message_is_taken_within_five_minutes_of_its_time_either_way(
+    offset: timedelta, refused: bool
+) -> None:
+    sent_at = datetime(2026, 12, 6, 12, tzinfo=UTC)
+
+    refusal = check_message_time(sent_at, sent_at + offset)
+
+    assert timedelta(minutes=5) == TIMESTAMP_TOLERANCE
+    assert (refusal is not None) == refused
+    if refusal is not None:
+        assert refusal.reason is RejectionReason.STALE_MESSAGE
+        assert "new ce_id" in refusal.detail

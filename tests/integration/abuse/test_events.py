@@ -403,6 +403,8 @@ async def test_a_partner_cannot_speak_for_another_partner(platform: Platform, pa
     assert header(letter, "dlq_reason") == "bad_signature"
     assert contoso.partner_id in (header(letter, "dlq_detail") or "")
     assert await queued(platform, CompletionRejected.TYPE, impostor_id) == 0, "nothing queued for Contoso"
+    # Nor was its ce_id taken from Contoso, which may still send under it.
+    assert not await in_inbox(platform, "enrollment", PARTNER_REPORTS_GROUP, [impostor_id])
     assert over_http_as_contoso.status_code == 401, over_http_as_contoso.text
     assert over_http_as_contoso.headers["content-type"] == "application/problem+json"
     assert over_http_for_contoso.status_code == 200, over_http_for_contoso.text
@@ -420,36 +422,40 @@ async def test_a_partner_message_outside_the_time_window_is_refused_and_changes_
     the inbox may have forgotten it is refused, and so is one dated ahead."""
     northwind = partners.northwind
     topic = platform.prefix + Topic.PARTNER_COMPLETION
-    now = datetime.now(UTC)
-    sent: dict[str, tuple[str, dict[str, Any]]] = {}
-    for case, at in (("old", now - timedelta(minutes=6)), ("ahead", now + timedelta(minutes=6))):
-        enrollment = await platform.enroll(f"time-{case}", partners.course_id)
-        body = json.dumps(report(northwind, enrollment)).encode()
+
+    async def send(enrollment: dict[str, Any], off_by: timedelta, **changes: Any) -> str:
+        body = json.dumps(report(northwind, enrollment, **changes)).encode()
         message_id, headers = signed(
-            str(uuid.uuid4()), body, secret=northwind.secret, source=northwind.source, at=at
+            str(uuid.uuid4()),
+            body,
+            secret=northwind.secret,
+            source=northwind.source,
+            at=datetime.now(UTC) + off_by,
         )
         await platform.producer.send_and_wait(topic, body, key=message_id.encode(), headers=headers)
-        sent[case] = message_id, enrollment
-    # Inside the window (4 minutes old): taken.
+        return message_id
+
+    refused = {}
+    for case, off_by in (("old", -timedelta(minutes=10)), ("ahead", timedelta(minutes=10))):
+        enrollment = await platform.enroll(f"time-{case}", partners.course_id)
+        refused[await send(enrollment, off_by)] = enrollment
+    # Inside the window: taken; and that report sent again late is a duplicate, not told.
     fresh = await platform.enroll("time-fresh", partners.course_id)
-    body = json.dumps(report(northwind, fresh)).encode()
-    fresh_id, headers = signed(
-        str(uuid.uuid4()),
-        body,
-        secret=northwind.secret,
-        source=northwind.source,
-        at=now - timedelta(minutes=4),
-    )
-    await platform.producer.send_and_wait(topic, body, key=fresh_id.encode(), headers=headers)
+    report_id = str(uuid.uuid4())
+    taken = await send(fresh, -timedelta(minutes=2), report_id=report_id)
+    assert await wait_for(lambda: in_inbox(platform, "enrollment", PARTNER_REPORTS_GROUP, [taken]))
+    late_again = await send(fresh, -timedelta(minutes=10), report_id=report_id)
 
-    told = await rejections(platform, northwind, {message_id for message_id, _ in sent.values()})
+    told = await rejections(platform, northwind, set(refused))
 
-    assert told == {message_id: "stale_message" for message_id, _ in sent.values()}
-    for _, enrollment in sent.values():
+    assert told == dict.fromkeys(refused, "stale_message")
+    for enrollment in refused.values():
         assert await enrollment_status(platform, enrollment["enrollment_id"]) == "active"
         assert await completions_queued(platform, enrollment["enrollment_id"]) == 0
-    assert await wait_for(lambda: in_inbox(platform, "enrollment", PARTNER_REPORTS_GROUP, [fresh_id]))
     assert await enrollment_status(platform, fresh["enrollment_id"]) == "completed"
+    assert await wait_for(lambda: in_inbox(platform, "enrollment", PARTNER_REPORTS_GROUP, [late_again]))
+    assert await queued(platform, CompletionRejected.TYPE, late_again) == 0
+    assert await completions_queued(platform, fresh["enrollment_id"]) == 1
 
 
 async def post_reports(platform: Platform, partner_id: str, payload: Any, secret: str) -> Any:

@@ -18,6 +18,7 @@ from typing import Any, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
@@ -194,6 +195,20 @@ async def ensure_topics(
         log.info("created topics", extra={"topics": missing})
     finally:
         await admin.close()
+
+
+async def topic_settings(bootstrap_servers: str, topic: str, *, within: float = 30.0) -> dict[str, str]:
+    """The topic's settings as the broker has them (its own and the defaults it inherits)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=round(within * 1000))
+    try:
+        async with asyncio.timeout(within):
+            await admin.start()
+            (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    ((*_, entries),) = response.resources
+    # Each entry: (name, value, read only, source, ...).
+    return {entry[0]: entry[1] for entry in entries}
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,7 @@ MAX_EVENT_BYTES = 900_000
 # The backlog gauges are scraped seconds apart: probing them at most this often, rather than after
 # every drain (up to hundreds a second under load), spares PostgreSQL a query per drain.
 OBSERVE_INTERVAL_SECONDS = 1.0
-# Inbox rows deleted per statement when the retention is applied.
-_INBOX_PURGE_SLICE = 10_000
+
 
 _INSERT = (
     """
@@ -99,8 +98,10 @@ class RelaySettings:
     batch_size: int = 500
     poll_interval: float = 1.0
     retention_hours: int = 168
-    # The inbox's rows, older than this, are forgotten by the same leader (see `_purge`).
+    # The inbox's rows, older than this, are forgotten by the same leader (see `_purge`), at most
+    # this many a round (at 1,000 events/s, a minute brings 6 slices).
     inbox_retention_hours: int = 336
+    inbox_purge_slice: int = 10_000
     # Advisory-lock key for leader election; distinct per service database is not required
     # (locks are per database) but a fixed value keeps it recognisable in pg_locks.
     lock_key: int = 0x6D6372_6F7574  # "mcr" "out"
@@ -120,6 +121,7 @@ class OutboxRelay:
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
+        self._inbox_behind = False  # the last inbox purge found more than a slice
         self._last_observed = 0.0
         self.is_leader = False
 
@@ -240,22 +242,22 @@ class OutboxRelay:
 
     async def _purge(self, conn: asyncpg.Connection) -> None:
         now = time.monotonic()
-        if now - self._last_purge < 60:
-            return
-        self._last_purge = now
-        await conn.execute(
-            "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)",
-            self._settings.retention_hours,
-        )
-        # In slices, so that a backlog of days (a first purge, a long outage) neither holds the
-        # relay nor makes one huge transaction; at 1,000 events/s a minute brings 6 slices.
-        while not self._stopped.is_set():
-            purged = await conn.fetchval(
-                "WITH gone AS (DELETE FROM inbox WHERE ctid = ANY(ARRAY("
-                " SELECT ctid FROM inbox WHERE processed_at < now() - make_interval(hours => $1)"
-                " LIMIT $2)) RETURNING 1) SELECT count(*) FROM gone",
-                self._settings.inbox_retention_hours,
-                _INBOX_PURGE_SLICE,
+        due = now - self._last_purge >= 60
+        if due:
+            self._last_purge = now
+            await conn.execute(
+                "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)",
+                self._settings.retention_hours,
             )
-            if purged < _INBOX_PURGE_SLICE:
-                return
+        if not (due or self._inbox_behind):
+            return
+        # The inbox one slice per round, oldest first, between drains: a backlog of weeks (the first
+        # purge after an upgrade) neither holds up publishing nor makes one huge transaction.
+        purged = await conn.fetchval(
+            "WITH gone AS (DELETE FROM inbox WHERE ctid = ANY(ARRAY("
+            " SELECT ctid FROM inbox WHERE processed_at < now() - make_interval(hours => $1)"
+            " ORDER BY processed_at LIMIT $2)) RETURNING 1) SELECT count(*) FROM gone",
+            self._settings.inbox_retention_hours,
+            self._settings.inbox_purge_slice,
+        )
+        self._inbox_behind = purged >= self._settings.inbox_purge_slice

@@ -523,7 +523,10 @@ class Service(Generic[SettingsT]):
                 await startup.step(
                     f"the background work {worker.__module__}.{name}",
                     functools.partial(_enter, stack, worker, runtime),
-                    per_try=_STEP_TIMEOUT,
+                    # Unbounded: a work bounds its own I/O, and a try cut short would start over what
+                    # it had half done. Issuance's proof workers, warming for a minute on a loaded
+                    # machine, were shut down and started again every 30 s and never got ready.
+                    per_try=None,
                 )
             log.info("service started", extra={"http_port": settings.http_port})
             yield runtime

@@ -465,6 +465,24 @@ class Refusal:
 
 # Partners' clocks are not ours: a completion a few minutes "in the future" is skew, not fiction.
 CLOCK_SKEW = timedelta(minutes=5)
+TIMESTAMP_TOLERANCE = timedelta(minutes=5)
+"""How far a partner's message time (`ce_time`, `webhook-timestamp`) may be from when it reached us."""
+
+
+def check_message_time(sent_at: datetime, appended_at: datetime) -> Refusal | None:
+    """Why a message whose `ce_time` is `sent_at` is refused, if it reached the topic more than the
+    tolerance after or before that. A replay inside the window is caught by the inbox, which
+    remembers a message longer (INBOX_RETENTION_HOURS, an hour at least); one after it, here."""
+    if abs(appended_at - sent_at) <= TIMESTAMP_TOLERANCE:
+        return None
+    return Refusal(
+        RejectionReason.STALE_MESSAGE,
+        f"ce_time {sent_at.isoformat()} is more than {TIMESTAMP_TOLERANCE.seconds // 60} minutes from "
+        f"when the message reached the topic ({appended_at.isoformat()}); sign it again with the "
+        "current time under a new ce_id",
+    )
+
+
 _LIVE = (EnrollmentStatus.PENDING_PAYMENT, EnrollmentStatus.ACTIVE)
 
 

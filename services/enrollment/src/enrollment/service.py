@@ -8,7 +8,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -40,6 +40,7 @@ from microcred_runtime import (
 
 from . import domain, repository, signatures
 from .domain import (
+    TIMESTAMP_TOLERANCE,
     CourseStatus,
     Credential,
     CredentialKind,
@@ -416,11 +417,10 @@ async def report_completion(
     if isinstance(report, MalformedReport):
         return _refused(report, Refusal(RejectionReason.MALFORMED_REPORT, report.detail))
     # Looked up first: an accepted report sent again is still a duplicate after its course grant
-    # or its enrollment moved on. (A report naming another partner is refused below instead.)
-    if report.partner_id == partner.partner_id:
-        accepted = await repository.enrollment_for_report(conn, partner.partner_id, report.report_id)
-        if accepted is not None:
-            return ReportOutcome(ReportStatus.DUPLICATE, report.report_id, accepted)
+    # or its enrollment moved on.
+    duplicate = await _accepted_before(conn, partner, report)
+    if duplicate is not None:
+        return duplicate
     course = await repository.get_course(conn, report.course_id)
     refusal = domain.check_report(partner, report, course, now)
     if refusal is not None:
@@ -433,6 +433,15 @@ async def report_completion(
         await _apply(conn, transition)
     status = ReportStatus.ACCEPTED if transition.changed else ReportStatus.DUPLICATE
     return ReportOutcome(status, report.report_id, transition.enrollment.enrollment_id)
+
+
+async def _accepted_before(conn: Connection, partner: Partner, report: Report) -> ReportOutcome | None:
+    """A duplicate, if the partner's report was accepted before. (A report naming another partner
+    is none of its own: it is refused as such.)"""
+    if isinstance(report, MalformedReport) or report.partner_id != partner.partner_id:
+        return None
+    accepted = await repository.enrollment_for_report(conn, partner.partner_id, report.report_id)
+    return None if accepted is None else ReportOutcome(ReportStatus.DUPLICATE, report.report_id, accepted)
 
 
 def _refused(report: Report, refusal: Refusal) -> ReportOutcome:
@@ -506,7 +515,13 @@ async def take_partner_message(conn: Connection, message: PartnerMessage) -> Rep
         raise Rejected(refusal.reason, f"ce_source names partner {partner.partner_id}: {refusal.detail}")
     if refusal is None:
         # After the signature: the time is only worth judging once it is known to be the partner's.
-        refusal = _stale(message.sent_at, message.appended_at or now)
+        refusal = domain.check_message_time(message.sent_at, message.appended_at or now)
+        if refusal is not None:
+            # An accepted report sent again late (a resend, a replay the inbox has forgotten) is
+            # a duplicate, as at any other time: nothing to tell.
+            duplicate = await _accepted_before(conn, partner, message.report)
+            if duplicate is not None:
+                return duplicate
     if refusal is not None:
         outcome = _refused(message.report, refusal)
     else:
@@ -529,24 +544,6 @@ async def take_partner_message(conn: Connection, message: PartnerMessage) -> Rep
             conn, rejected, source=REJECTION_SOURCE, topic=partner_rejection_topic(partner.partner_id)
         )
     return outcome
-
-
-TIMESTAMP_TOLERANCE = timedelta(minutes=5)
-"""How far a partner's message time (`ce_time`, `webhook-timestamp`) may be from when it reached us."""
-
-
-def _stale(sent_at: datetime, appended_at: datetime) -> Refusal | None:
-    """Why a message whose `ce_time` is `sent_at` is refused, if it reached the topic more than the
-    tolerance after or before that. A replay inside the window is caught by the inbox, which
-    remembers a message longer (INBOX_RETENTION_HOURS, an hour at least); one after it, here."""
-    if abs(appended_at - sent_at) <= TIMESTAMP_TOLERANCE:
-        return None
-    return Refusal(
-        RejectionReason.STALE_MESSAGE,
-        f"ce_time {sent_at.isoformat()} is more than {TIMESTAMP_TOLERANCE.seconds // 60} minutes from "
-        f"when the message reached the topic ({appended_at.isoformat()}); sign it again with the "
-        "current time under a new ce_id",
-    )
 
 
 # --- ... and by HTTP ---

@@ -7,6 +7,7 @@ report is told back to the partner rather than dead-lettered.
 """
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from microcred_events import (
     decode,
 )
 from microcred_events.partner import RejectionReason
+from microcred_events.topics import CONFIGS as TOPIC_CONFIGS
 from microcred_events.topics import partner_rejection_topic
 from microcred_runtime import Connection, Rejected, Runtime, ServiceSettings, Subscriptions, kafka
 from microcred_runtime.consumers import Inbound
@@ -35,6 +37,8 @@ from microcred_runtime.consumers import Inbound
 from . import repository, service
 from .domain import partner_of_source, partner_source
 from .signatures import signed_content
+
+log = logging.getLogger(__name__)
 
 subscriptions = Subscriptions()
 
@@ -69,7 +73,8 @@ async def on_refund_issued(conn: Connection, event: RefundIssued) -> None:
 PARTNER_REPORTS_GROUP = "enrollment-partners"
 """The partner topic's consumer group; its dead letters go to `enrollment-partners.dlq`."""
 SIGNATURE_HEADER = "ce_signature"
-# `ConsumerRecord.timestamp_type` of a record the broker stamped (the topic's LogAppendTime).
+# `ConsumerRecord.timestamp_type` of a record the broker stamped (the topic's LogAppendTime; the
+# record format's attribute bit, aiokafka's `DefaultRecordBase.LOG_APPEND_TIME`).
 _LOG_APPEND_TIME = 1
 # What `decode` refuses in the body, after every envelope header checked out.
 _BODY_ERRORS = ("malformed_body", "schema_violation")
@@ -147,8 +152,10 @@ def read_partner_record(record: ConsumerRecord[bytes, bytes]) -> Inbound:
     `ce_id`; `Rejected` (dead-lettered) when there is no partner to answer."""
     appended_at = (
         datetime.fromtimestamp(record.timestamp / 1000, UTC)
-        if record.timestamp_type == _LOG_APPEND_TIME
-        else None  # a topic created before it was configured so: its producers' times are theirs
+        if record.timestamp_type == _LOG_APPEND_TIME and record.timestamp >= 0
+        # A topic not configured so (see `ensuring_partner_topics`): the producer's time is the
+        # sender's to choose, so the message is judged when it is applied.
+        else None
     )
     message = read_partner_message(record.headers, record.value or b"", appended_at)
     if isinstance(message, Undeliverable):
@@ -185,4 +192,27 @@ async def ensuring_partner_topics(runtime: Runtime[Any]) -> AsyncIterator[None]:
     async with runtime.pool.acquire() as conn:
         partner_ids = await repository.partner_ids(conn)
     await ensure_partner_topics(runtime.settings, partner_ids)
+    await _check_partner_timestamps(runtime.settings)
     yield
+
+
+async def _check_partner_timestamps(settings: ServiceSettings) -> None:
+    """Say so when the partner topic does not stamp records with the broker's time (a topic made
+    before this was asked of it): ensure_topics leaves an existing topic's settings alone."""
+    topic = settings.kafka_topic_prefix + Topic.PARTNER_COMPLETION
+    wanted = TOPIC_CONFIGS[Topic.PARTNER_COMPLETION]["message.timestamp.type"]
+    found = (await kafka.topic_settings(settings.kafka_bootstrap_servers, topic)).get(
+        "message.timestamp.type"
+    )
+    if found != wanted:
+        log.error(
+            "%s has message.timestamp.type=%s: a partner's ce_time is judged when its message is "
+            "applied, so a consumer lag of 5 minutes refuses good reports as stale_message; set it "
+            "to %s (kafka-configs.sh --alter --entity-type topics --entity-name %s --add-config "
+            "message.timestamp.type=%s)",
+            topic,
+            found,
+            wanted,
+            topic,
+            wanted,
+        )

@@ -13,8 +13,12 @@ answer `unknown` and the next check starts a new pool.
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,9 +33,22 @@ from .verification import Check, check_proof, unknown
 
 log = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
 
 class VerifierBusy(Exception):
     """VERIFY_MAX_CONCURRENT verifications are under way already."""
+
+
+def _die_with(parent: int) -> None:
+    """A worker's first act: end when the service's process does, even by SIGKILL. Else it waits
+    for work for ever, and every restart of the service leaves its workers behind (outside a
+    container, whose end takes its processes along)."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def _warm() -> None:
@@ -78,7 +95,10 @@ class ProofWorkers:
             # spawn, not fork: the service's process has threads (Kafka, telemetry) a fork would copy
             # mid-flight.
             self._executor = ProcessPoolExecutor(
-                self._workers, mp_context=multiprocessing.get_context("spawn")
+                self._workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_die_with,
+                initargs=(os.getpid(),),
             )
         return self._executor
 
