@@ -276,7 +276,30 @@ class EventConsumer:
 
         A header without a value (Kafka allows null ones) is read, traced and dead-lettered as an
         empty one.
+
+        The batch has a span of its own, linked to the traces its events carry; each event's
+        span is in its own journey's trace.
         """
+        with _tracer.start_as_current_span(
+            f"{self.group} process batch",
+            kind=trace.SpanKind.CONSUMER,
+            links=[trace.Link(context) for context in map(_carried, records) if context.is_valid],
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "process",
+                "messaging.consumer.group.name": self.group,
+                "messaging.batch.message_count": len(records),
+            },
+        ) as span:
+            settled = await self._process_batch(records, assigned)
+            span.set_attribute("microcred.batch.settled_count", settled)
+            return settled
+
+    async def _process_batch(
+        self,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+        assigned: Callable[[], Collection[TopicPartition]] | None,
+    ) -> int:
         partitions = {TopicPartition(record.topic, record.partition) for record in records}
 
         def owned() -> bool:
@@ -667,10 +690,16 @@ async def _claim(conn: Connection, group: str, items: Sequence[_Pending]) -> set
     return {(row["source"], row["event_id"]) for row in rows}
 
 
+def _carried(record: ConsumerRecord[bytes, bytes]) -> trace.SpanContext:
+    """The span context the record's headers carry (an invalid one if none)."""
+    carrier = {name: (value or b"").decode("latin-1") for name, value in record.headers}
+    return trace.get_current_span(propagate.extract(carrier)).get_span_context()
+
+
 @contextlib.contextmanager
 def consuming(record: ConsumerRecord[bytes, bytes], group: str) -> Iterator[None]:
-    """A CONSUMER span in the trace the record carries, for the handler's SQL and the events it
-    queues (the outbox stores the context): a journey keeps one trace across every hop."""
+    """A CONSUMER span in the trace the record carries, for the handler and the events it queues
+    (the outbox stores the context): a journey keeps one trace across every hop."""
     carrier = {name: value.decode("latin-1") for name, value in record.headers}
     with _tracer.start_as_current_span(
         f"{record.topic} process",
