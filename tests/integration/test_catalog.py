@@ -274,6 +274,33 @@ async def test_the_published_list_is_kept_a_moment_and_staff_changes_show_at_onc
     assert "cache-control" not in drafts.headers
 
 
+async def test_a_client_holding_the_current_page_is_told_304_until_it_changes(
+    api: httpx.AsyncClient, staff: dict[str, str]
+) -> None:
+    await published_course(api, staff, title="A first")
+    listed = await api.get("/courses")
+    etag = listed.headers["etag"]
+
+    unchanged = await api.get("/courses", headers={"If-None-Match": etag})
+    other = await api.get("/courses", headers={"If-None-Match": '"not-this-page"'})
+    await published_course(api, staff, title="B second")
+    changed = await api.get("/courses", headers={"If-None-Match": etag})
+
+    assert (unchanged.status_code, unchanged.content) == (304, b"")
+    assert unchanged.headers["etag"] == etag
+    assert unchanged.headers["cache-control"] == "public, max-age=2"
+    assert (other.status_code, other.json()) == (200, listed.json())
+    assert changed.status_code == 200
+    assert [course["title"] for course in changed.json()["items"]] == ["A first", "B second"]
+    assert changed.headers["etag"] != etag
+    # Staff listings of drafts carry one too, though they are never kept.
+    drafts = await api.get("/courses", params={"status": "draft"}, headers=staff)
+    again = await api.get(
+        "/courses", params={"status": "draft"}, headers={**staff, "If-None-Match": drafts.headers["etag"]}
+    )
+    assert again.status_code == 304
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [

@@ -44,7 +44,7 @@ from .domain import (
     PathwayDetails,
     PathwayStatus,
 )
-from .listing import Pages
+from .listing import Pages, Rendered
 from .repository import SortKey
 from .service import IfMatch
 
@@ -68,6 +68,9 @@ _STAFF_ONLY: Responses = {
 }
 _PRECONDITION: Responses = {412: problem_doc("`If-Match` names a version the item is no longer at.")}
 _ETAG = {"ETag": {"description": "The item's version, for `If-Match`.", "schema": {"type": "string"}}}
+_PAGE_ETAG = {
+    "ETag": {"description": "The page's digest, for `If-None-Match`.", "schema": {"type": "string"}}
+}
 _CACHE_CONTROL = {
     "Cache-Control": {
         "description": "On the published catalog: how long it may be kept (a staff write shows at once).",
@@ -190,7 +193,11 @@ def _require_staff(viewer: Principal | None, what: str) -> None:
     summary="Browse and search courses",
     response_model=Page[CourseOut],
     responses={
-        200: {"headers": _CACHE_CONTROL},
+        200: {"headers": {**_CACHE_CONTROL, **_PAGE_ETAG}},
+        304: {
+            "description": "Not modified: the page `If-None-Match` names is current.",
+            "headers": _PAGE_ETAG,
+        },
         400: problem_doc("The cursor is not one this API returned."),
         **_STAFF_ONLY,
     },
@@ -235,11 +242,19 @@ async def list_courses(
     ] = None,
     limit: Limit = 20,
     cursor: Cursor = None,
+    if_none_match: Annotated[
+        str | None,
+        Header(
+            max_length=1024,
+            description="The `ETag` of the page you hold: `304 Not Modified` while it is the same.",
+        ),
+    ] = None,
 ) -> Response:
     """Published courses, by title, with filters that combine (all must match).
 
     Staff may ask for drafts and retired courses with `status`. Pages follow one another with
-    `next_cursor`; a course added meanwhile does not shift or repeat the pages.
+    `next_cursor`; a course added meanwhile does not shift or repeat the pages. Each page has an
+    `ETag`: send it back in `If-None-Match` to be told `304` while the page is unchanged.
     """
     try:
         where = CourseFilter(
@@ -260,8 +275,8 @@ async def list_courses(
     # The published catalog reads the same for everyone: kept a moment (see `listing`).
     shared = not where.shows_unpublished and pages.enabled
     key = (where, after, limit)
-    body = pages.get(key) if shared else None
-    if body is None:
+    rendered = pages.get(key) if shared else None
+    if rendered is None:
         generation = pages.generation
         async with db.acquire() as conn:
             found, more = await service.list_courses(conn, where, after=after, limit=limit)
@@ -269,11 +284,15 @@ async def list_courses(
             items=[CourseOut.of(course) for course in found],
             next_cursor=encode_cursor([found[-1].details.title, found[-1].course_id]) if more else None,
         )
-        body = page.model_dump_json().encode()
+        rendered = Rendered.of(page.model_dump_json().encode())
         if shared:
-            pages.put(key, body, generation)
-    headers = {"Cache-Control": f"public, max-age={int(pages.seconds)}"} if shared else None
-    return Response(body, media_type="application/json", headers=headers)
+            pages.put(key, rendered, generation)
+    headers = {"ETag": rendered.etag}
+    if shared:
+        headers["Cache-Control"] = f"public, max-age={int(pages.seconds)}"
+    if rendered.matches(if_none_match):
+        return Response(status_code=304, headers=headers)
+    return Response(rendered.body, media_type="application/json", headers=headers)
 
 
 @courses.get(

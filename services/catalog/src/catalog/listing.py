@@ -5,16 +5,40 @@ when staff publish, update or retire a course. Each process keeps the pages it r
 JSON, ready to send) for `COURSE_LIST_CACHE_SECONDS`: its own writes empty it at once, another
 replica's are seen within that time, the staleness `Cache-Control: max-age` announces anyway.
 Staff listings of drafts and retired courses are never kept.
+
+Every page carries an `ETag` (a digest of its bytes): a client that sends it back in
+`If-None-Match` is answered `304 Not Modified`, without the body, while the page is the same.
 """
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Self
 
 from fastapi import Depends, Request
 
 from microcred_runtime import RuntimeDep
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A page's JSON, ready to send, and its strong `ETag`."""
+
+    body: bytes
+    etag: str
+
+    @classmethod
+    def of(cls, body: bytes) -> Self:
+        return cls(body, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
+
+    def matches(self, if_none_match: str | None) -> bool:
+        """Whether `If-None-Match` names this page (RFC 9110 13.1.2: weak comparison, or `*`)."""
+        if if_none_match is None:
+            return False
+        tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+        return "*" in tags or self.etag in tags
 
 
 class PageCache:
@@ -26,7 +50,7 @@ class PageCache:
         self.seconds = seconds
         self._entries = entries
         self._clock = clock
-        self._pages: OrderedDict[Hashable, tuple[float, bytes]] = OrderedDict()
+        self._pages: OrderedDict[Hashable, tuple[float, Rendered]] = OrderedDict()
         self._generation = 0
 
     @property
@@ -38,20 +62,20 @@ class PageCache:
         """Read before querying, handed to `put`: a page read across a write is not kept."""
         return self._generation
 
-    def get(self, key: Hashable) -> bytes | None:
+    def get(self, key: Hashable) -> Rendered | None:
         entry = self._pages.get(key)
         if entry is None:
             return None
-        expires, body = entry
+        expires, page = entry
         if self._clock() >= expires:
             del self._pages[key]
             return None
-        return body
+        return page
 
-    def put(self, key: Hashable, body: bytes, generation: int) -> None:
+    def put(self, key: Hashable, page: Rendered, generation: int) -> None:
         if not self.enabled or generation != self._generation:
             return
-        self._pages[key] = (self._clock() + self.seconds, body)
+        self._pages[key] = (self._clock() + self.seconds, page)
         self._pages.move_to_end(key)
         # Bounded: every distinct search text is a key, and anyone can send those.
         while len(self._pages) > self._entries:
