@@ -23,9 +23,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from email.charset import QP, Charset
+from email.header import Header
 from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import parseaddr
+from email.message import EmailMessage, Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
+from email.utils import formataddr, formatdate, parseaddr
 from typing import Any
 
 import aiosmtplib
@@ -34,7 +38,7 @@ import httpx
 
 from microcred_runtime import Runtime
 
-from . import domain, egress, repository, service
+from . import domain, egress, messages, repository, service
 from .domain import AttemptOutcome, AttemptResult, Channel, DeliveryState, RetryPolicy
 from .repository import Delivery
 from .settings import Settings, SmtpSecurity
@@ -50,6 +54,10 @@ _LEASE_MARGIN_SECONDS = 60.0
 _MIN_WAIT_SECONDS = 0.05
 _ERROR_LIMIT = 1000
 # InternalClientError: a pooled connection that died mid-operation (PostgreSQL restarting).
+# UTF-8 bodies quoted-printable, as `EmailMessage` writes mostly-ASCII text: readable in the raw,
+# and lines of any length kept under SMTP's 998 octets.
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
@@ -244,7 +252,7 @@ class SmtpConnections:
         self._uses = uses  # then a new session: spreads the load over a pool of servers behind a name
         self._idle: list[tuple[aiosmtplib.SMTP, float, int]] = []  # client, idle since, emails sent
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: Message) -> None:
         client, sent = await self._take()
         try:
             await client.send_message(message)
@@ -287,6 +295,43 @@ class SmtpConnections:
         self._idle.clear()
 
 
+def mime_email(sender: str, name: str, address: str, email: messages.Email, message_id: str) -> Message:
+    """The email as MIME: a text and an HTML alternative, UTF-8.
+
+    Built with the `email` package's compat32 classes, which take headers as given: a third of
+    the cost of an `EmailMessage`, whose policy parses each header into objects and folds it
+    again (about 1 ms an email, a quarter of notifications' CPU). An address that is not ASCII
+    takes the `EmailMessage` path, which aiosmtplib sends with SMTPUTF8.
+    """
+    name = " ".join(name.split())  # a header is one line, whatever the learner's name holds
+    if not (address.isascii() and sender.isascii()):
+        modern = EmailMessage()
+        modern["From"] = sender
+        modern["To"] = Address(display_name=name, addr_spec=address)
+        modern["Subject"] = email.subject
+        modern["Message-ID"] = message_id
+        modern["Auto-Submitted"] = "auto-generated"
+        modern.set_content(email.text)
+        modern.add_alternative(email.html, subtype="html")
+        return modern
+    message = MIMEMultipart("alternative")
+    message["From"] = sender
+    message["To"] = formataddr((name, address), charset="utf-8")
+    message["Subject"] = email.subject if email.subject.isascii() else Header(email.subject, "utf-8").encode()
+    message["Message-ID"] = message_id
+    message["Date"] = formatdate(usegmt=True)
+    message["Auto-Submitted"] = "auto-generated"
+    message.attach(_text_part(email.text, "plain"))
+    message.attach(_text_part(email.html, "html"))
+    return message
+
+
+def _text_part(text: str, subtype: str) -> MIMENonMultipart:
+    part = MIMENonMultipart("text", subtype)
+    part.set_payload(text, _UTF8_QP)  # sets the charset parameter and the transfer encoding
+    return part
+
+
 def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnections) -> Send:
     _, sender = parseaddr(settings.smtp_from)
     message_domain = sender.rpartition("@")[2]
@@ -297,15 +342,9 @@ def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnec
         if composed is None:
             return AttemptResult(AttemptOutcome.FAILED, error="the learner's address is not known")
         email, address, name = composed
-        message = EmailMessage()
-        message["From"] = settings.smtp_from
-        message["To"] = Address(display_name=name, addr_spec=address)
-        message["Subject"] = email.subject
         # The same on every attempt, so a mail system can recognise a resend of the same email.
-        message["Message-ID"] = f"<{delivery.delivery_id}@{message_domain}>"
-        message["Auto-Submitted"] = "auto-generated"
-        message.set_content(email.text)
-        message.add_alternative(email.html, subtype="html")
+        message_id = f"<{delivery.delivery_id}@{message_domain}>"
+        message = mime_email(settings.smtp_from, name, address, email, message_id)
         try:
             await connections.send(message)
         except aiosmtplib.SMTPRecipientsRefused as exc:
