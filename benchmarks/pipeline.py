@@ -898,7 +898,7 @@ async def python_load(url: str, connections: int, seconds: int) -> HttpLoad:
 
 # Components by the file a sample's innermost frame is in (py-spy's --full-filenames); first match wins.
 CATEGORIES = (
-    ("OpenTelemetry (spans per message and per SQL query)", ("/opentelemetry/",)),
+    ("OpenTelemetry (spans per request, batch and message)", ("/opentelemetry/",)),
     (
         "signing: JSON-LD/RDFC, Ed25519",
         ("/pyld/", "/pyoxigraph/", "/issuance/jsonld.py", "/issuance/proofs.py", "/cryptography/"),

@@ -1,12 +1,15 @@
 """The email as sent: what a mail client reads back from the bytes is what the learner is owed."""
 
 import email
+import re
 from email import policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 
+import pytest
 from aiosmtplib.email import flatten_message
 
-from notifications.delivery import mime_email
+from notifications.delivery import _WIRE, mime_email
 from notifications.messages import Email
 
 SENDER = "microcred <no-reply@microcred.example>"
@@ -57,9 +60,49 @@ def test_every_line_stays_within_smtps_limit_however_long_the_text() -> None:
     assert max(len(line) for line in lines) <= 78
 
 
-def test_a_name_holding_a_line_break_cannot_add_a_header() -> None:
-    parsed = read_back("Zoë\r\nBcc: someone@example.net", "zoe@example.org")
+@pytest.mark.parametrize("name", ["Zoe\r\nBcc: someone@example.net", "Zoë\r\nBcc: someone@example.net"])
+def test_a_name_holding_a_line_break_cannot_add_a_header(name: str) -> None:
+    parsed = read_back(name, "zoe@example.org")
 
     assert parsed["Bcc"] is None
-    assert parsed["To"].addresses[0].addr_spec == "zoe@example.org"
-    assert len(parsed["To"].addresses) == 1
+    assert [address.addr_spec for address in parsed["To"].addresses] == ["zoe@example.org"]
+
+
+@pytest.mark.parametrize(
+    "address", ["root>,x<victim@evil.org", "u1>,<u2>,<x@d.org", "a,b@example.org", "a b@example.org"]
+)
+def test_an_address_that_would_read_as_more_than_one_is_refused(address: str) -> None:
+    with pytest.raises(ValueError, match="not a single plain address"):
+        mime_email(SENDER, "Zoe", address, CONTENT, "<d-1@microcred.example>")
+
+
+def test_long_names_and_subjects_are_folded_into_short_encoded_words() -> None:
+    content = Email(
+        subject=" ".join(["Votre certificat « Données et société » est prêt"] * 3),
+        text="x\n",
+        html="<p>x</p>",
+    )
+    name = "Александр Сергеевич Пушкин-Гончаров"
+    message = mime_email(SENDER, name, "a@example.org", content, "<d-1@microcred.example>")
+
+    raw = message.as_bytes(policy=_WIRE)
+    parsed = email.message_from_bytes(raw, policy=policy.default)
+
+    assert max(len(line) for line in raw.splitlines()) <= 78
+    assert all(len(word) <= 75 for word in re.findall(rb"=\?utf-8\?[qb]\?[^?]*\?=", raw))
+    assert parsed["Subject"] == content.subject
+    # Read as RFC 2047 says (the space between encoded words is not the name's); Python's address
+    # parser keeps it, mail clients do not.
+    to = email.message_from_bytes(raw)["To"]
+    assert str(make_header(decode_header(to))) == f"{name} <a@example.org>"
+
+
+def test_a_line_that_starts_with_from_is_sent_as_it_is() -> None:
+    content = Email(subject="x", text="Dear Zoe,\nFrom now on you hold it.\n", html="<p>x</p>")
+    message = mime_email(SENDER, "Zoe", "zoe@example.org", content, "<d-1@microcred.example>")
+
+    parsed = email.message_from_bytes(message.as_bytes(policy=_WIRE), policy=policy.default)
+    text = parsed.get_body(("plain",))
+
+    assert text is not None
+    assert text.get_content().replace("\r\n", "\n") == content.text

@@ -60,7 +60,7 @@ async def test_emails_share_one_session_when_sent_one_after_another(
     connections = SmtpConnections(settings(port))
     try:
         for _ in range(5):
-            await connections.send(email())
+            await connections.send(email(), "ada@example.org")
     finally:
         connections.close()
     assert len(handler.sessions) == 5
@@ -72,7 +72,7 @@ async def test_a_session_is_renewed_after_its_quota_of_emails(sink: tuple[Counti
     connections = SmtpConnections(settings(port), uses=2)
     try:
         for _ in range(5):
-            await connections.send(email())
+            await connections.send(email(), "ada@example.org")
     finally:
         connections.close()
     assert len(set(handler.sessions)) == 3  # 2 + 2 + 1
@@ -83,7 +83,7 @@ async def test_an_idle_session_is_not_reused(sink: tuple[CountingHandler, int]) 
     connections = SmtpConnections(settings(port), idle_seconds=0.0)
     try:
         for _ in range(3):
-            await connections.send(email())
+            await connections.send(email(), "ada@example.org")
     finally:
         connections.close()
     assert len(set(handler.sessions)) == 3
@@ -93,10 +93,10 @@ async def test_a_session_that_failed_is_dropped(sink: tuple[CountingHandler, int
     handler, port = sink
     connections = SmtpConnections(settings(port))
     try:
-        await connections.send(email())
+        await connections.send(email(), "ada@example.org")
         with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
-            await connections.send(email("nobody@example.org"))
-        await connections.send(email())
+            await connections.send(email("nobody@example.org"), "nobody@example.org")
+        await connections.send(email(), "ada@example.org")
     finally:
         connections.close()
     first, second = handler.sessions

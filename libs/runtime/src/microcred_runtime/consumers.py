@@ -280,7 +280,8 @@ class EventConsumer:
         The batch has a span of its own, linked to the traces its events carry; each event's
         span is in its own journey's trace.
         """
-        with _tracer.start_as_current_span(
+        # Not made current: what is logged of a record keeps its own journey's trace id.
+        span = _tracer.start_span(
             f"{self.group} process batch",
             kind=trace.SpanKind.CONSUMER,
             links=[trace.Link(context) for context in map(_carried, records) if context.is_valid],
@@ -290,15 +291,19 @@ class EventConsumer:
                 "messaging.consumer.group.name": self.group,
                 "messaging.batch.message_count": len(records),
             },
-        ) as span:
-            settled = await self._process_batch(records, assigned)
+        )
+        try:
+            settled = await self._process_batch(records, assigned, span)
             span.set_attribute("microcred.batch.settled_count", settled)
             return settled
+        finally:
+            span.end()
 
     async def _process_batch(
         self,
         records: Sequence[ConsumerRecord[bytes, bytes]],
         assigned: Callable[[], Collection[TopicPartition]] | None,
+        span: trace.Span,
     ) -> int:
         partitions = {TopicPartition(record.topic, record.partition) for record in records}
 
@@ -337,6 +342,8 @@ class EventConsumer:
                 len(records),
             )
         except Exception as exc:
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR, "rewound: redelivered after a pause")
             unsettled = len(records) - progress.settled
             if is_outage(exc):
                 log.warning(

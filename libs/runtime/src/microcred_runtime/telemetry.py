@@ -1,8 +1,8 @@
 """Traces and logs: one trace per journey across HTTP and Kafka; JSON logs carrying its id.
 
 Spans are per request, per consumed event and per consumed batch, not per SQL statement: a span
-for each of the dozens of statements an event costs took about 5% of a service's CPU for what
-the event's span and the database's own statistics already say."""
+for each of the statements an event costs took 10-11% of the consumers' samples (benchmarks/
+results/bench.txt, 2026-12-06) for what the event's span and the database's statistics say."""
 
 import logging
 import os

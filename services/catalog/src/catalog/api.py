@@ -73,7 +73,8 @@ _PAGE_ETAG = {
 }
 _CACHE_CONTROL = {
     "Cache-Control": {
-        "description": "On the published catalog: how long it may be kept (a staff write shows at once).",
+        "description": "The published catalog: how long it may be kept (a staff write shows at once); "
+        "a staff listing: `private, no-cache`.",
         "schema": {"type": "string"},
     }
 }
@@ -287,9 +288,12 @@ async def list_courses(
         rendered = Rendered.of(page.model_dump_json().encode())
         if shared:
             pages.put(key, rendered, generation)
-    headers = {"ETag": rendered.etag}
-    if shared:
-        headers["Cache-Control"] = f"public, max-age={int(pages.seconds)}"
+    # A staff listing is theirs alone, asked again each time (with its ETag: maybe a 304).
+    if where.shows_unpublished:
+        cache = "private, no-cache"
+    else:
+        cache = f"public, max-age={int(pages.seconds)}" if pages.enabled else "no-cache"
+    headers = {"ETag": rendered.etag, "Cache-Control": cache}
     if rendered.matches(if_none_match):
         return Response(status_code=304, headers=headers)
     return Response(rendered.body, media_type="application/json", headers=headers)

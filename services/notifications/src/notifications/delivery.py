@@ -19,6 +19,7 @@ is at least once, and receivers deduplicate on `webhook-id` (or the email's Mess
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,7 +30,8 @@ from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
-from email.utils import formataddr, formatdate, parseaddr
+from email.policy import compat32
+from email.utils import format_datetime, formataddr, parseaddr
 from typing import Any
 
 import aiosmtplib
@@ -58,6 +60,13 @@ _ERROR_LIMIT = 1000
 # and lines of any length kept under SMTP's 998 octets.
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
+# How a compat32 email goes on the wire: CRLF, and a line that starts with "From " left as it is
+# (compat32's ">From " is for mbox files).
+# Headers folded at 76: a continuation line's space and an encoded word of at most 75 (RFC 2047).
+_WIRE = compat32.clone(linesep="\r\n", mangle_from_=False, max_line_length=76)
+# One address and nothing else: no name, no list, no route, none of the characters that would
+# make a header or an envelope read it as more (the events' own pattern admits them).
+_PLAIN_ADDRESS = re.compile(r'[^\s<>(),;:"\[\]\\@]+@[^\s<>(),;:"\[\]\\@]+')
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
@@ -248,14 +257,19 @@ class SmtpConnections:
     def __init__(self, settings: Settings, *, idle_seconds: float = 30.0, uses: int = 100) -> None:
         self._settings = settings
         self._password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+        self._sender = parseaddr(settings.smtp_from)[1]
         self._idle_seconds = idle_seconds
         self._uses = uses  # then a new session: spreads the load over a pool of servers behind a name
         self._idle: list[tuple[aiosmtplib.SMTP, float, int]] = []  # client, idle since, emails sent
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message, recipient: str) -> None:
+        """Send `message` to `recipient` alone: the envelope is given, never read off the headers."""
         client, sent = await self._take()
         try:
-            await client.send_message(message)
+            if isinstance(message, EmailMessage):
+                await client.send_message(message, recipients=[recipient])
+            else:
+                await client.sendmail(self._sender, [recipient], message.as_bytes(policy=_WIRE))
         except BaseException:
             client.close()
             raise
@@ -304,22 +318,33 @@ def mime_email(sender: str, name: str, address: str, email: messages.Email, mess
     takes the `EmailMessage` path, which aiosmtplib sends with SMTPUTF8.
     """
     name = " ".join(name.split())  # a header is one line, whatever the learner's name holds
+    if not _PLAIN_ADDRESS.fullmatch(address):
+        raise ValueError(f"{address!r} is not a single plain address")
+    date = format_datetime(datetime.now(UTC))
     if not (address.isascii() and sender.isascii()):
         modern = EmailMessage()
         modern["From"] = sender
         modern["To"] = Address(display_name=name, addr_spec=address)
         modern["Subject"] = email.subject
         modern["Message-ID"] = message_id
+        modern["Date"] = date
         modern["Auto-Submitted"] = "auto-generated"
         modern.set_content(email.text)
         modern.add_alternative(email.html, subtype="html")
         return modern
     message = MIMEMultipart("alternative")
     message["From"] = sender
-    message["To"] = formataddr((name, address), charset="utf-8")
-    message["Subject"] = email.subject if email.subject.isascii() else Header(email.subject, "utf-8").encode()
+    if name.isascii():
+        message["To"] = formataddr((name, address))
+    else:
+        # Encoded words of at most 75 characters, folded (RFC 2047), then the address as is.
+        to = Header(name, "utf-8", header_name="To")
+        to.append(f"<{address}>", "us-ascii")
+        message["To"] = to  # type: ignore[assignment]  # compat32 takes a Header; typeshed says str
+    charset = "us-ascii" if email.subject.isascii() else "utf-8"
+    message["Subject"] = Header(email.subject, charset, header_name="Subject")  # type: ignore[assignment]
     message["Message-ID"] = message_id
-    message["Date"] = formatdate(usegmt=True)
+    message["Date"] = date
     message["Auto-Submitted"] = "auto-generated"
     message.attach(_text_part(email.text, "plain"))
     message.attach(_text_part(email.html, "html"))
@@ -344,9 +369,12 @@ def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnec
         email, address, name = composed
         # The same on every attempt, so a mail system can recognise a resend of the same email.
         message_id = f"<{delivery.delivery_id}@{message_domain}>"
-        message = mime_email(settings.smtp_from, name, address, email, message_id)
         try:
-            await connections.send(message)
+            message = mime_email(settings.smtp_from, name, address, email, message_id)
+        except ValueError as exc:
+            return AttemptResult(AttemptOutcome.REFUSED, error=str(exc))
+        try:
+            await connections.send(message, address)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [refusal.code for refusal in exc.recipients]
             # 5xx for the recipient (no such mailbox) will not change; a 4xx (greylisting) may.
