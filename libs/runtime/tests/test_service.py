@@ -192,6 +192,17 @@ async def test_cors_origins_from_the_settings_are_allowed() -> None:
     assert "access-control-allow-origin" not in other.headers
 
 
+async def test_a_browser_app_may_read_the_etag_location_and_retry_after() -> None:
+    app = catalog().create_app(settings(cors_origins=["https://learn.example.edu"]))
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        answer = await client.get("/health/live", headers={"origin": "https://learn.example.edu"})
+
+    exposed = {name.strip().lower() for name in answer.headers["access-control-expose-headers"].split(",")}
+    assert {"etag", "location", "retry-after"} <= exposed
+
+
 def test_run_refuses_to_start_without_a_database_url(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

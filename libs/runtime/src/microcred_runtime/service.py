@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 T = TypeVar("T")
 
+_EXPOSED_HEADERS = ("ETag", "Location", "Retry-After")
 _RUNTIME_MIGRATIONS = Path(str(files("microcred_runtime") / "migrations"))
 _READINESS_TIMEOUT = 2.0
 # Start-up. One try of a step that only connects, creates topics or starts a client.
@@ -275,6 +276,9 @@ class Service(Generic[SettingsT]):
                 allow_origins=settings.cors_origins,
                 allow_methods=["*"],
                 allow_headers=["*"],
+                # What a browser app must read to use the API: versions and page digests for
+                # If-Match / If-None-Match, where a created item is, when to try again.
+                expose_headers=list(_EXPOSED_HEADERS),
             )
         app.include_router(_health_router())
         if settings.metrics_port is None:

@@ -245,10 +245,7 @@ async def list_courses(
     cursor: Cursor = None,
     if_none_match: Annotated[
         str | None,
-        Header(
-            max_length=1024,
-            description="The `ETag` of the page you hold: `304 Not Modified` while it is the same.",
-        ),
+        Header(description="The `ETag` of the page you hold: `304 Not Modified` while it is the same."),
     ] = None,
 ) -> Response:
     """Published courses, by title, with filters that combine (all must match).

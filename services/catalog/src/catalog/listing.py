@@ -21,6 +21,8 @@ from fastapi import Depends, Request
 
 from microcred_runtime import RuntimeDep
 
+_MAX_IF_NONE_MATCH = 8192  # characters of If-None-Match compared at most
+
 
 @dataclass(frozen=True)
 class Rendered:
@@ -35,7 +37,8 @@ class Rendered:
 
     def matches(self, if_none_match: str | None) -> bool:
         """Whether `If-None-Match` names this page (RFC 9110 13.1.2: weak comparison, or `*`)."""
-        if if_none_match is None:
+        # One over-long is answered in full rather than refused: a client may collect many tags.
+        if if_none_match is None or len(if_none_match) > _MAX_IF_NONE_MATCH:
             return False
         tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
         return "*" in tags or self.etag in tags
