@@ -51,6 +51,7 @@ from aiokafka.errors import (
     ReplicaNotAvailableError,
 )
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 
 from microcred_events import Event, InvalidEvent, KafkaRecord, dead_letter_topic, decode
 
@@ -697,20 +698,23 @@ async def _claim(conn: Connection, group: str, items: Sequence[_Pending]) -> set
     return {(row["source"], row["event_id"]) for row in rows}
 
 
+def _journey(record: ConsumerRecord[bytes, bytes]) -> Context:
+    """The trace context the record's headers carry (an empty one if none)."""
+    return propagate.extract({name: (value or b"").decode("latin-1") for name, value in record.headers})
+
+
 def _carried(record: ConsumerRecord[bytes, bytes]) -> trace.SpanContext:
     """The span context the record's headers carry (an invalid one if none)."""
-    carrier = {name: (value or b"").decode("latin-1") for name, value in record.headers}
-    return trace.get_current_span(propagate.extract(carrier)).get_span_context()
+    return trace.get_current_span(_journey(record)).get_span_context()
 
 
 @contextlib.contextmanager
 def consuming(record: ConsumerRecord[bytes, bytes], group: str) -> Iterator[None]:
     """A CONSUMER span in the trace the record carries, for the handler and the events it queues
     (the outbox stores the context): a journey keeps one trace across every hop."""
-    carrier = {name: value.decode("latin-1") for name, value in record.headers}
     with _tracer.start_as_current_span(
         f"{record.topic} process",
-        context=propagate.extract(carrier),
+        context=_journey(record),
         kind=trace.SpanKind.CONSUMER,
         attributes={
             "messaging.system": "kafka",
