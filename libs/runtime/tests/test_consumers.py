@@ -3,7 +3,7 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +20,9 @@ from aiokafka.errors import (
     RequestTimedOutError,
 )
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from microcred_events import (
     CoursePublished,
@@ -28,9 +31,11 @@ from microcred_events import (
     Event,
     KafkaRecord,
     encode,
+    example_data,
 )
-from microcred_runtime import Connection, Outcome, Rejected, Subscriptions
+from microcred_runtime import Connection, Outcome, Rejected, Subscriptions, consumers
 from microcred_runtime.consumers import (
+    Delivery,
     EventConsumer,
     Inbound,
     RetryPolicy,
@@ -90,6 +95,17 @@ def consumer(
 ) -> EventConsumer:
     subscriptions = Subscriptions()
     subscriptions.on(handles)(handler)
+    return consumer_of(subscriptions, pool, dead_letters, metrics=metrics, budget_seconds=budget_seconds)
+
+
+def consumer_of(
+    subscriptions: Subscriptions,
+    pool: FakePool,
+    dead_letters: DeadLetters,
+    *,
+    metrics: Metrics | None = None,
+    budget_seconds: float = 60.0,
+) -> EventConsumer:
     (route,) = subscriptions.routes(GROUP)
     return EventConsumer(
         route,
@@ -645,6 +661,132 @@ async def test_a_rejected_event_in_a_batch_is_dead_lettered_after_its_one_attemp
     assert handler.failed == 1
     assert dead_letters.only_headers()["dlq_attempts"] == b"1"
     assert conn.inbox == {(SOURCE, "evt-1")}
+
+
+class Batched:
+    """A batch handler that fails every call including the event of course `poison` (at most
+    `failures` times, with `error`); remembers the courses of each call, and of each applied."""
+
+    def __init__(self, poison: int = 0, failures: int = 0, error: Exception | None = None) -> None:
+        self.poison, self.failures, self.failed = poison, failures, 0
+        self.error = error or RuntimeError("boom")
+        self.calls: list[list[int]] = []
+        self.spans: list[Any] = []
+
+    async def __call__(self, conn: Connection, deliveries: Sequence[Delivery]) -> None:
+        courses = [delivery.content.course.course_id.int for delivery in deliveries]
+        self.calls.append(courses)
+        self.spans.extend(delivery.span for delivery in deliveries)
+        if self.poison in courses and self.failed < self.failures:
+            self.failed += 1
+            raise self.error
+
+
+def batched_consumer(
+    handler: Batched, pool: FakePool, dead_letters: DeadLetters, *, each: Handler | None = None
+) -> EventConsumer:
+    """`handler` takes CourseUpdated together; `each`, if given, CoursePublished one at a time."""
+    subscriptions = Subscriptions()
+    subscriptions.on_batch(CourseUpdated)(handler)
+    if each is not None:
+        subscriptions.on(CoursePublished)(each)
+    return consumer_of(subscriptions, pool, dead_letters)
+
+
+async def test_a_batch_handler_gets_consecutive_events_together_in_one_transaction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(consumers, "_tracer", provider.get_tracer("test"))
+    handler, dead_letters = Batched(), DeadLetters()
+    conn = InboxConnection()
+    journeys = [f"00-{number + 1:032x}-{number + 1:016x}-01" for number in range(4)]
+    records = [
+        with_header(record, "traceparent", journey.encode())
+        for record, journey in zip(batch(4), journeys, strict=True)
+    ]
+
+    assert await batched_consumer(handler, FakePool(conn), dead_letters).process_batch(records) == 4
+
+    assert handler.calls == [[1, 2, 3, 4]]
+    assert conn.transactions == ["committed"]
+    assert conn.inbox == {(SOURCE, f"evt-{number}") for number in range(4)}
+    # Each event has a span of its own in its journey's trace, ended once its batch is applied.
+    assert [span.get_span_context().trace_id for span in handler.spans] == [1, 2, 3, 4]
+    ended = [span for span in exporter.get_finished_spans() if span.name == "catalog.course.v1 process"]
+    assert [span.parent.span_id for span in ended if span.parent] == [1, 2, 3, 4]
+    provider.shutdown()
+
+
+async def test_events_of_a_handler_of_one_event_split_a_batch_handlers_run_in_their_order() -> None:
+    handler, each, dead_letters = Batched(), Handler(), DeadLetters()
+    conn = InboxConnection()
+    records = batch(4)
+    published = encode(
+        CoursePublished.model_validate(example_data(CoursePublished)), source=SOURCE, event_id="evt-p"
+    )
+    records.insert(2, consumer_record(published, offset=99))
+    records.append(records[0])  # a duplicate is no event of the run: it does not split it
+
+    assert (
+        await batched_consumer(handler, FakePool(conn), dead_letters, each=each).process_batch(records) == 6
+    )
+
+    assert handler.calls == [[1, 2], [3, 4]]
+    assert [type(event) for event in each.events] == [CoursePublished]
+    assert conn.transactions == ["committed"]
+
+
+async def test_a_batch_handler_failing_for_one_event_finds_it_by_halves_and_applies_the_rest() -> None:
+    handler, dead_letters = Batched(poison=3, failures=99), DeadLetters()
+    conn = InboxConnection()
+
+    assert await batched_consumer(handler, FakePool(conn), dead_letters).process_batch(batch(8)) == 8
+
+    # All 8, then halves: 1-4 fail again, 5-8 apply; 1-2 apply, 3-4 fail; 3 alone fails, its
+    # retries too, and is dead-lettered; 4 applies.
+    assert handler.calls == [
+        [1, 2, 3, 4, 5, 6, 7, 8],
+        [1, 2, 3, 4],
+        [1, 2],
+        [3, 4],
+        [3],
+        [3],
+        [3],
+        [4],
+        [5, 6, 7, 8],
+    ]
+    headers = dead_letters.only_headers()
+    assert (headers["dlq_reason"], headers["dlq_attempts"], headers["dlq_offset"]) == (
+        b"handler_failed",
+        b"3",
+        b"2",
+    )
+    assert conn.inbox == {(SOURCE, f"evt-{number}") for number in range(8) if number != 2}
+
+
+async def test_a_batch_handler_rejecting_an_event_alone_dead_letters_it_at_once() -> None:
+    rejected = Rejected("unknown_course", "not in the catalog")
+    handler, dead_letters = Batched(poison=2, failures=99, error=rejected), DeadLetters()
+    conn = InboxConnection()
+
+    assert await batched_consumer(handler, FakePool(conn), dead_letters).process_batch(batch(2)) == 2
+
+    assert handler.calls == [[1, 2], [1], [2]]
+    assert dead_letters.only_headers()["dlq_reason"] == b"unknown_course"
+    assert conn.inbox == {(SOURCE, "evt-0")}
+
+
+async def test_a_batch_handler_that_fails_once_for_no_event_in_particular_applies_them_all() -> None:
+    handler, dead_letters = Batched(poison=1, failures=1), DeadLetters()
+    conn = InboxConnection()
+
+    assert await batched_consumer(handler, FakePool(conn), dead_letters).process_batch(batch(4)) == 4
+
+    assert handler.calls == [[1, 2, 3, 4], [1, 2], [3, 4]]
+    assert dead_letters.records == []
+    assert conn.inbox == {(SOURCE, f"evt-{number}") for number in range(4)}
 
 
 async def test_a_message_that_is_not_an_event_is_dead_lettered_in_its_place() -> None:

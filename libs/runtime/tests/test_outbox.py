@@ -35,8 +35,8 @@ def relay(publish: Publisher) -> OutboxRelay:
 
 
 def outbox_row(row_id: int, insert_args: tuple[Any, ...]) -> dict[str, Any]:
-    """The row that `outbox.add`'s insert would have stored."""
-    _, _, topic, key, payload, headers = insert_args
+    """The row that `outbox.add`'s insert (of one event) would have stored."""
+    _, _, (topic,), (key,), (payload,), (headers,) = insert_args
     return {"id": row_id, "topic": topic, "message_key": key, "payload": payload, "headers": headers}
 
 
@@ -64,7 +64,8 @@ async def test_add_inserts_one_row_with_the_encoded_event_and_the_current_trace(
     ((query, args),) = conn.executed
     assert "INSERT INTO outbox" in query
     assert "pg_notify" in query
-    row_event_id, event_type, topic, key, value, headers_json = args
+    # One statement for any number of events: a column of each.
+    (row_event_id,), (event_type,), (topic,), (key,), (value,), (headers_json,) = args
     assert isinstance(event_id, uuid.UUID)
     assert row_event_id == event_id
     assert (event_type, topic, key) == (event.TYPE, "catalog.course.v1", event.aggregate_id().encode())
@@ -85,9 +86,32 @@ async def test_add_outside_a_trace_stores_no_trace_context_and_takes_an_explicit
 
     await outbox.add(conn, course_updated(), source="urn:microcred:import")  # type: ignore[arg-type]  # a fake connection
 
-    headers = json.loads(conn.executed[0][1][5])
+    headers = json.loads(conn.executed[0][1][5][0])
     assert "traceparent" not in headers
     assert headers["ce_source"] == "urn:microcred:import"
+
+
+async def test_add_all_queues_events_in_one_statement_each_in_the_trace_it_was_prepared_in(
+    tracer: Tracer,
+) -> None:
+    conn = FakeConnection()
+    events = [course_updated(), course_updated()]
+    queued, spans = [], []
+    for event in events:
+        with tracer.start_as_current_span("apply one event of a batch") as span:
+            queued.append(outbox.prepare(event))
+            spans.append(span)
+
+    await outbox.add_all(conn, queued)  # type: ignore[arg-type]  # a fake connection
+    await outbox.add_all(conn, [])  # type: ignore[arg-type]  # a fake connection
+
+    ((_, args),) = conn.executed
+    event_ids, _, _, _, values, headers_json = args
+    assert event_ids == [item.event_id for item in queued]
+    for span, value, text in zip(spans, values, headers_json, strict=True):
+        headers = json.loads(text)
+        assert headers["traceparent"].split("-")[2] == f"{span.get_span_context().span_id:016x}"
+        assert decode({name: t.encode() for name, t in headers.items()}, value).event in events
 
 
 async def test_drain_publishes_pending_rows_in_id_order_and_marks_them_published() -> None:

@@ -57,7 +57,8 @@ def test_the_partner_topic_is_read_record_by_record_in_a_consumer_group_of_its_o
         True,
     )
     inbound, handler = partners.read(partner_record(partner_source(PARTNER_ID)))
-    assert handler is on_partner_report
+    assert handler is not None
+    assert handler.function is on_partner_report
     assert isinstance(inbound.content, service.PartnerMessage)
 
 

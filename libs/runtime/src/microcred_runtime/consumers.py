@@ -24,6 +24,10 @@ What a service relies on:
   is not taken for dead; nor does a batch of which a rebalance took a partition (the consumer's
   assignment, asked before each step). Each event's handler
   runs in a CONSUMER span of the trace its record carries, so a journey keeps one trace.
+- A handler takes one event (`Subscriptions.on`), or consecutive events of a batch at once
+  (`Subscriptions.on_batch`, a `BatchHandler`: set-based SQL instead of statements per event).
+  The guarantees are the same for both: a batch handler that raises is given fewer events at a
+  time (halves) until the one at fault is alone, and it alone is retried and dead-lettered.
 - A subscription can take a topic's records as they are (`Subscriptions.raw`), for messages that
   are judged on more than their decoded event (a partner's signature). The service reads each
   record into its inbox key and what its handler gets (`Inbound`); everything above holds for it.
@@ -35,7 +39,7 @@ import enum
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -65,6 +69,28 @@ Handler = Callable[[Connection, Any], Awaitable[None]]
 """`async def on_<event>(conn, event)`: applies one event (or what a raw record was read into)
 inside the consumer's transaction."""
 H = TypeVar("H", bound=Handler)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event of those a batch handler is given: what it applies (`content`), and the span of
+    its journey under which to queue the events it causes (`with delivery.current(): ...`)."""
+
+    content: Any
+    span: trace.Span
+
+    def current(self) -> contextlib.AbstractContextManager[trace.Span]:
+        """The event's span made current: what is queued in the outbox (`outbox.prepare`) and
+        logged inside it stays in the event's journey."""
+        return trace.use_span(self.span, end_on_exit=False)
+
+
+BatchHandler = Callable[[Connection, Sequence[Delivery]], Awaitable[None]]
+"""`async def on_<events>(conn, deliveries)`: applies consecutive events of a batch, in their
+order, inside the consumer's transaction, with set-based SQL rather than statements per event.
+Raising rolls them all back; the runtime then finds the failing event by applying fewer at a
+time, down to one alone (its retries, `Rejected` and dead letter as for any handler)."""
+B = TypeVar("B", bound=BatchHandler)
 
 # Errors that say the infrastructure is down, not that the message is bad.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -135,31 +161,55 @@ class Route:
 
     group: str
     topics: tuple[str, ...]
-    # The record's inbox key and handler (None: not for this service), or `Rejected`.
-    read: Callable[[ConsumerRecord[bytes, bytes]], tuple[Inbound, Handler | None]]
+    # The record's inbox key and how to apply it (None: not for this service), or `Rejected`.
+    read: Callable[[ConsumerRecord[bytes, bytes]], tuple[Inbound, "_Apply | None"]]
     # Each record in a transaction of its own, rather than consecutive ones together.
     one_by_one: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class _Apply:
+    """A registered handler and how it takes events: several at once (`batched`) or one."""
+
+    function: Handler | BatchHandler
+    batched: bool
+
+
 class Subscriptions:
     """The one place where a service lists what it consumes: the events it reacts to and the
-    handler for each (`on`), and any topic it takes record by record (`raw`)."""
+    handler for each (`on`, or `on_batch` for a handler of several at once), and any topic it
+    takes record by record (`raw`)."""
 
     def __init__(self) -> None:
-        self._handlers: dict[str, tuple[type[Event], Handler]] = {}
+        self._handlers: dict[str, tuple[type[Event], _Apply]] = {}
         self._raw: list[Route] = []
 
     def on(self, *event_types: type[Event]) -> Callable[[H], H]:
         def register(handler: H) -> H:
-            for event_type in event_types:
-                if event_type.TYPE in self._handlers:
-                    raise ValueError(f"{event_type.TYPE} already has a handler")
-                self._handlers[event_type.TYPE] = (event_type, handler)
+            self._register(event_types, _Apply(handler, batched=False))
             return handler
 
         return register
 
-    def raw(self, topic: str, *, group: str, read: Reader, one_by_one: bool = False) -> Callable[[H], H]:
+    def on_batch(self, *event_types: type[Event]) -> Callable[[B], B]:
+        """Register a `BatchHandler`: consecutive events of these types in a poll's batch are
+        given to it together."""
+
+        def register(handler: B) -> B:
+            self._register(event_types, _Apply(handler, batched=True))
+            return handler
+
+        return register
+
+    def _register(self, event_types: Sequence[type[Event]], apply: _Apply) -> None:
+        for event_type in event_types:
+            if event_type.TYPE in self._handlers:
+                raise ValueError(f"{event_type.TYPE} already has a handler")
+            self._handlers[event_type.TYPE] = (event_type, apply)
+
+    def raw(
+        self, topic: str, *, group: str, read: Reader, one_by_one: bool = False, batched: bool = False
+    ) -> Callable[[H], H]:
         """Hand the handler every record of `topic` as `read` makes of it, in a consumer group of
         its own (`group`; dead letters go to `<group>.dlq`).
 
@@ -167,15 +217,17 @@ class Subscriptions:
         transaction, retries, dead letters, outages, offsets. A record `read` raises `Rejected` for
         is dead-lettered at once, and so is one it fails on otherwise (`unreadable`): reading does
         no I/O, so it would fail again. `one_by_one`: each record in a transaction of its own.
+        `batched`: the handler is a `BatchHandler`, given consecutive records' contents together.
         """
 
         def register(handler: H) -> H:
             taken = [route for route in self._raw if route.group == group or topic in route.topics]
             if taken:
                 raise ValueError(f"{topic} or group {group} already has a raw subscription")
+            apply = _Apply(handler, batched=batched)
 
-            def read_record(record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, Handler | None]:
-                return read(record), handler
+            def read_record(record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, _Apply | None]:
+                return read(record), apply
 
             self._raw.append(Route(group, (topic,), read_record, one_by_one))
             return handler
@@ -187,9 +239,9 @@ class Subscriptions:
         """The topics of the events handled (`on`), read in the service's own consumer group."""
         return sorted({event_type.TOPIC for event_type, _ in self._handlers.values()})
 
-    def handler_for(self, type_: str) -> Handler | None:
+    def handler_for(self, type_: str) -> Handler | BatchHandler | None:
         entry = self._handlers.get(type_)
-        return entry[1] if entry else None
+        return entry[1].function if entry else None
 
     def routes(self, group: str) -> list[Route]:
         """The consumer groups to run: the events', named `group` (the service's), then each raw
@@ -199,14 +251,15 @@ class Subscriptions:
         events = [Route(group, tuple(self.topics), self._read_event)] if self._handlers else []
         return [*events, *self._raw]
 
-    def _read_event(self, record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, Handler | None]:
+    def _read_event(self, record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, _Apply | None]:
         try:
             envelope = decode(record.headers, record.value or b"")
         except InvalidEvent as exc:
             raise Rejected(exc.reason, exc.detail) from exc
         inbound = Inbound(envelope.source, envelope.id, envelope.type, envelope.event)
         # Topics carry every event type of their aggregate; this service needs only some.
-        return inbound, self.handler_for(envelope.type)
+        entry = self._handlers.get(envelope.type)
+        return inbound, entry[1] if entry else None
 
 
 PublishDeadLetter = Callable[[KafkaRecord], Awaitable[None]]
@@ -366,7 +419,7 @@ class EventConsumer:
     def _count(self, record: ConsumerRecord[bytes, bytes], outcome: Outcome) -> None:
         self._metrics.consumed.labels(record.topic, outcome).inc()
 
-    def _read(self, record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, Handler | None] | Exception:
+    def _read(self, record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, _Apply | None] | Exception:
         try:
             return self._route.read(record)
         except Exception as exc:
@@ -402,7 +455,7 @@ class EventConsumer:
         while True:
             if failed is None:
                 try:
-                    return await self._apply(item.record, item.inbound, item.handler)
+                    return await self._apply(item)
                 except Exception as exc:
                     if is_outage(exc):
                         # Redelivered after a pause rather than dead-lettered: see the module docstring.
@@ -442,15 +495,36 @@ class EventConsumer:
             attempt += 1
             failed = None
 
-    async def _apply(
-        self, record: ConsumerRecord[bytes, bytes], inbound: Inbound, handler: Handler
-    ) -> Outcome:
-        with consuming(record, self.group):
-            async with self._pool.acquire() as conn, conn.transaction():
-                if not await _first_delivery(conn, self.group, record, inbound):
-                    return Outcome.DUPLICATE
-                await handler(conn, inbound.content)
+    async def _apply(self, item: "_Pending") -> Outcome:
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await _first_delivery(conn, self.group, item.record, item.inbound):
+                return Outcome.DUPLICATE
+            await self._handle(conn, [item])
         return Outcome.APPLIED
+
+    async def _handle(self, conn: Connection, items: Sequence["_Pending"]) -> None:
+        """Runs the items' handler in the caller's transaction: a batch handler once for them all,
+        a handler of one event for its one. Each event has a CONSUMER span in the trace its
+        record carries."""
+        apply = items[0].handler
+        assert apply is not None  # only items with a handler are applied
+        if not apply.batched:
+            (item,) = items
+            with trace.use_span(_event_span(item.record, self.group), end_on_exit=True):
+                await apply.function(conn, item.inbound.content)
+            return
+        spans = [_event_span(item.record, self.group) for item in items]
+        deliveries = [Delivery(item.inbound.content, span) for item, span in zip(items, spans, strict=True)]
+        try:
+            await apply.function(conn, deliveries)
+        except Exception as exc:
+            for span in spans:
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR, "rolled back with its batch")
+            raise
+        finally:
+            for span in spans:
+                span.end()
 
     async def _apply_run(self, run: list["_Pending"], progress: "_Progress") -> None:
         while run:
@@ -459,8 +533,8 @@ class EventConsumer:
             if failure is None:
                 progress.settled = run[-1].index + 1
                 return
-            position, error = failure
-            if position is None:
+            failing, error = failure
+            if failing is None:
                 # Not a handler's failure but the batch's own statement: each on its own instead.
                 log.warning("applying %d events together failed, one by one instead: %s", len(run), error)
                 for item in run:
@@ -469,26 +543,36 @@ class EventConsumer:
                     self._count(item.record, outcome)
                     progress.settled = item.index + 1
                 return
-            if position:
+            start, end = failing
+            if start:
                 # Rolled back with the failure, though they did not fail: again, without it.
-                await self._apply_run(run[:position], progress)
-            failed = run[position]
-            progress.step()
-            outcome = await self._settle(failed, progress, failed=error)
-            self._count(failed.record, outcome)
-            progress.settled = failed.index + 1
-            run = run[position + 1 :]
+                await self._apply_run(run[:start], progress)
+            if end - start > 1:
+                # A batch handler failed for several events at once: halves, then halves of the
+                # half that fails again, find the one at fault in a few transactions.
+                middle = (start + end) // 2
+                await self._apply_run(run[start:middle], progress)
+                await self._apply_run(run[middle:end], progress)
+            else:
+                failed = run[start]
+                progress.step()
+                outcome = await self._settle(failed, progress, failed=error)
+                self._count(failed.record, outcome)
+                progress.settled = failed.index + 1
+            run = run[end:]
 
-    async def _apply_together(self, run: list["_Pending"]) -> tuple[int | None, Exception] | None:
-        """Applies the run in one transaction: None, or where a handler raised (None: no handler)
-        and what."""
+    async def _apply_together(self, run: list["_Pending"]) -> tuple[tuple[int, int] | None, Exception] | None:
+        """Applies the run in one transaction: None, or which items' handler raised (the run's
+        slice [start, end); None: no handler's, the run's own statements) and what."""
         outcomes: list[Outcome] = []
-        running: int | None = None
+        # Consecutive fresh events of one batch handler go to it together; every other one alone.
+        units: list[list[int]] = []
+        failing: tuple[int, int] | None = None
         async with self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
                     fresh = await _claim(conn, self.group, [item for item in run if item.handler])
-                    for item in run:
+                    for position, item in enumerate(run):
                         key = (item.inbound.source, item.inbound.id)
                         if item.handler is None:
                             outcomes.append(Outcome.IGNORED)
@@ -496,15 +580,20 @@ class EventConsumer:
                             outcomes.append(Outcome.DUPLICATE)
                         else:
                             fresh.discard(key)  # the same event again later in the run is a duplicate
-                            running = len(outcomes)
-                            with consuming(item.record, self.group):
-                                await item.handler(conn, item.inbound.content)
-                            running = None
                             outcomes.append(Outcome.APPLIED)
+                            last = run[units[-1][-1]].handler if units else None
+                            if item.handler.batched and last is item.handler:
+                                units[-1].append(position)
+                            else:
+                                units.append([position])
+                    for unit in units:
+                        failing = (unit[0], unit[-1] + 1)
+                        await self._handle(conn, [run[position] for position in unit])
+                    failing = None
             except Exception as exc:
                 if is_outage(exc):
                     raise
-                return running, exc
+                return failing, exc
         for item, outcome in zip(run, outcomes, strict=True):
             self._count(item.record, outcome)
         return None
@@ -657,7 +746,7 @@ class _Pending:
     index: int  # in the batch
     record: ConsumerRecord[bytes, bytes]
     inbound: Inbound
-    handler: Handler | None  # None: an event this service does not react to
+    handler: _Apply | None  # None: an event this service does not react to
 
 
 async def _first_delivery(
@@ -708,11 +797,10 @@ def _carried(record: ConsumerRecord[bytes, bytes]) -> trace.SpanContext:
     return trace.get_current_span(_journey(record)).get_span_context()
 
 
-@contextlib.contextmanager
-def consuming(record: ConsumerRecord[bytes, bytes], group: str) -> Iterator[None]:
-    """A CONSUMER span in the trace the record carries, for the handler and the events it queues
-    (the outbox stores the context): a journey keeps one trace across every hop."""
-    with _tracer.start_as_current_span(
+def _event_span(record: ConsumerRecord[bytes, bytes], group: str) -> trace.Span:
+    """A CONSUMER span for applying the record, in the trace it carries, for the handler and the
+    events it queues (the outbox stores the context): a journey keeps one trace across every hop."""
+    return _tracer.start_span(
         f"{record.topic} process",
         context=_journey(record),
         kind=trace.SpanKind.CONSUMER,
@@ -724,5 +812,4 @@ def consuming(record: ConsumerRecord[bytes, bytes], group: str) -> Iterator[None
             "messaging.kafka.offset": record.offset,
             "messaging.consumer.group.name": group,
         },
-    ):
-        yield
+    )

@@ -40,14 +40,18 @@ OBSERVE_INTERVAL_SECONDS = 1.0
 
 _INSERT = (
     """
-WITH row AS (
+WITH rows AS (
     INSERT INTO outbox (event_id, event_type, topic, message_key, payload, headers)
-    VALUES ($1, $2, $3, $4, $5, $6)
-    RETURNING id
+    SELECT event_id, event_type, topic, message_key, payload, headers
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::bytea[], $6::jsonb[])
+        WITH ORDINALITY AS queued (event_id, event_type, topic, message_key, payload, headers, position)
+    -- Ids in the callers' order: the relay publishes in id order, so per key in the order queued.
+    ORDER BY position
+    RETURNING 1
 )
 SELECT pg_notify('"""
     + CHANNEL
-    + """', '') FROM row
+    + """', '') FROM (SELECT count(*) FROM rows) AS inserted
 """
 )
 
@@ -58,15 +62,24 @@ def event_source(event: Event) -> str:
     return f"urn:microcred:{context}"
 
 
-async def add(
-    conn: Connection, event: Event, *, source: str | None = None, topic: str | None = None
-) -> uuid.UUID:
-    """Queue `event` for publication in the caller's transaction; returns its CloudEvents id.
+@dataclass(frozen=True)
+class Queued:
+    """An event encoded for the outbox, with the trace context that was current when it was made."""
 
-    The current trace context goes into the row, so the consumer's span joins this trace.
-    `topic` overrides the event's own topic, for the few events addressed to one party (e.g. a
-    partner's own rejection topic).
-    """
+    event_id: uuid.UUID
+    event_type: str
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: str  # JSON
+
+
+def prepare(event: Event, *, source: str | None = None, topic: str | None = None) -> Queued:
+    """Encode `event` for `add_all`, without I/O. The current trace context goes into it, so the
+    consumer's span joins this trace: a batch handler prepares each event under its own
+    delivery's span. `topic` overrides the event's own topic, for the few events addressed to one
+    party (e.g. a partner's own rejection topic). Raises `ValueError` for an event too large to
+    publish: refused in the writer's transaction, rather than stranded in the outbox forever."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     event_id = uuid.uuid4()
@@ -78,15 +91,37 @@ async def add(
         tracestate=carrier.get("tracestate"),
     )
     if len(record.value) > MAX_EVENT_BYTES:
-        # Refused here, inside the writer's transaction, rather than stranded in the outbox forever.
         raise ValueError(
             f"{event.TYPE} is {len(record.value)} bytes; events are limited to {MAX_EVENT_BYTES}"
         )
-    headers = {name: value.decode() for name, value in record.headers}
+    headers = json.dumps({name: value.decode() for name, value in record.headers})
+    return Queued(event_id, event.TYPE, topic or record.topic, record.key, record.value, headers)
+
+
+async def add_all(conn: Connection, queued: Sequence[Queued]) -> None:
+    """Queue prepared events for publication in the caller's transaction, in their order, with
+    one statement (and one NOTIFY for the relay) however many they are."""
+    if not queued:
+        return
     await conn.execute(
-        _INSERT, event_id, event.TYPE, topic or record.topic, record.key, record.value, json.dumps(headers)
+        _INSERT,
+        [item.event_id for item in queued],
+        [item.event_type for item in queued],
+        [item.topic for item in queued],
+        [item.key for item in queued],
+        [item.value for item in queued],
+        [item.headers for item in queued],
     )
-    return event_id
+
+
+async def add(
+    conn: Connection, event: Event, *, source: str | None = None, topic: str | None = None
+) -> uuid.UUID:
+    """Queue `event` for publication in the caller's transaction; returns its CloudEvents id.
+    See `prepare` for the trace context and `topic`."""
+    queued = prepare(event, source=source, topic=topic)
+    await add_all(conn, [queued])
+    return queued.event_id
 
 
 PublishBatch = Callable[[Sequence[KafkaRecord]], Awaitable[Sequence[BaseException | None]]]
