@@ -525,6 +525,49 @@ async def test_a_signed_report_on_the_partner_topic_completes_the_enrollment_onc
     assert await h.rejections_queued() == 0, "a duplicate is not a refusal"
 
 
+async def test_a_burst_of_reports_is_applied_together_each_once_and_a_forged_one_alone_is_dead_lettered(
+    harness: Harness,
+) -> None:
+    h = harness
+    partner = h.northwind
+    ada, bob, cy_pending, dee = [
+        await h.enrolled(name, course)
+        for name, course in (
+            ("ada", h.courses.delivered),
+            ("bob", h.courses.granted),
+            ("cy", h.courses.paid),
+            ("dee", h.courses.delivered),
+        )
+    ]
+    ada_report = h.report(partner, ada)
+    bob_report = h.report(partner, bob, learner_id=None, learner_email="BOB@example.org")
+
+    # Published back to back, so that the consumer takes them in few polls: a report and the same
+    # report again under a new message id (on its partition, after it), a forged message before a
+    # good one on the same partition, and a refusal among them.
+    sent = [
+        await h.publish_report(partner, ada_report),
+        await h.publish_report(partner, ada_report),
+        forged := await h.publish_report(partner, bob_report, signature=sign("not ours", "x", "y", b"z")),
+        await h.publish_report(partner, bob_report, ed25519=True),
+        refused := await h.publish_report(partner, h.report(partner, cy_pending)),
+        await h.publish_report(partner, h.report(partner, dee)),
+    ]
+    for message_id in sent:
+        if message_id != forged:
+            assert await h.consumed(message_id)
+
+    for learner in (ada, bob, dee):
+        assert await h.status_of(learner["enrollment_id"]) == "completed"
+        assert await h.completions_queued(learner["enrollment_id"]) == 1
+    assert await h.status_of(cy_pending["enrollment_id"]) == "pending_payment"
+    (rejection,) = (await h.rejections(partner, 1)).values()
+    assert (rejection.message_id, rejection.reason.value) == (refused, "no_active_enrollment")
+    assert await h.rejections_queued() == 1
+    letters = await h.dead_letters(1)
+    assert letters[forged]["dlq_reason"] == b"bad_signature"
+
+
 async def test_a_report_signed_with_ed25519_for_a_granted_course_by_email(harness: Harness) -> None:
     h = harness
     partner = h.northwind

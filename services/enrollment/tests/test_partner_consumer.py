@@ -11,7 +11,7 @@ from enrollment import service
 from enrollment.domain import partner_source
 from enrollment.subscribers import (
     PARTNER_REPORTS_GROUP,
-    on_partner_report,
+    on_partner_reports,
     read_partner_record,
     subscriptions,
 )
@@ -46,7 +46,7 @@ def partner_record(
     )
 
 
-def test_the_partner_topic_is_read_record_by_record_in_a_consumer_group_of_its_own() -> None:
+def test_the_partner_topic_is_read_in_batches_in_a_consumer_group_of_its_own() -> None:
     events, partners = subscriptions.routes("enrollment")
 
     assert events.group == "enrollment"
@@ -54,11 +54,11 @@ def test_the_partner_topic_is_read_record_by_record_in_a_consumer_group_of_its_o
     assert (partners.group, partners.topics, partners.one_by_one) == (
         PARTNER_REPORTS_GROUP,
         (Topic.PARTNER_COMPLETION,),
-        True,
+        False,
     )
     inbound, handler = partners.read(partner_record(partner_source(PARTNER_ID)))
     assert handler is not None
-    assert handler.function is on_partner_report
+    assert (handler.function, handler.batched) == (on_partner_reports, True)
     assert isinstance(inbound.content, service.PartnerMessage)
 
 

@@ -4,7 +4,7 @@ from . import journeys, outbox
 from .audit import AuditEntry
 from .auth import Admin, Caller, Principal, Role, Staff, Viewer
 from .body_limit import max_body_bytes
-from .consumers import Outcome, Rejected, Subscriptions
+from .consumers import Delivery, Outcome, Rejected, Subscriptions
 from .db import Connection
 from .pagination import Cursor, Limit, Page, decode_cursor, encode_cursor
 from .problems import PROBLEM_JSON, Problem, ProblemDetails, problem_doc
@@ -21,6 +21,7 @@ __all__ = [
     "Connection",
     "Cursor",
     "Db",
+    "Delivery",
     "Limit",
     "LimitedCaller",
     "Outcome",

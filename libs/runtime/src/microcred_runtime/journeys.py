@@ -8,9 +8,10 @@ journey's trace, linked to the request's own span so that neither is lost.
 """
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 
 from .db import Connection
 
@@ -35,19 +36,38 @@ async def remember(conn: Connection, aggregate_id: object) -> None:
 @contextlib.asynccontextmanager
 async def resume(conn: Connection, aggregate_id: object | None, step: str) -> AsyncIterator[None]:
     """Run the block in the journey's trace of `aggregate_id` (in the current one if none is known)."""
-    row = None
-    if aggregate_id is not None:
-        row = await conn.fetchrow(
-            "SELECT traceparent, tracestate FROM journeys WHERE aggregate_id = $1", str(aggregate_id)
+    known = await find(conn, [] if aggregate_id is None else [aggregate_id])
+    with continued(known.get(str(aggregate_id)), step):
+        yield
+
+
+async def find(conn: Connection, aggregate_ids: Iterable[object]) -> dict[str, Context]:
+    """The journeys recorded of these aggregates, by the aggregate's id as text; one query."""
+    wanted = sorted({str(aggregate_id) for aggregate_id in aggregate_ids})
+    if not wanted:
+        return {}
+    rows = await conn.fetch(
+        "SELECT aggregate_id, traceparent, tracestate FROM journeys WHERE aggregate_id = ANY($1::text[])",
+        wanted,
+    )
+    return {
+        row["aggregate_id"]: propagate.extract(
+            {
+                "traceparent": row["traceparent"],
+                **({"tracestate": row["tracestate"]} if row["tracestate"] else {}),
+            }
         )
-    if row is None:
+        for row in rows
+    }
+
+
+@contextlib.contextmanager
+def continued(journey: Context | None, step: str) -> Iterator[None]:
+    """Run the block as `step` of `journey` (found by `find`), linked to the current span; in the
+    current trace when there is no journey."""
+    if journey is None:
         yield
         return
-    carrier = {
-        "traceparent": row["traceparent"],
-        **({"tracestate": row["tracestate"]} if row["tracestate"] else {}),
-    }
-    journey = propagate.extract(carrier)
     here = trace.get_current_span().get_span_context()
     links = [trace.Link(here)] if here.is_valid else []
     with tracer.start_as_current_span(step, context=journey, links=links):

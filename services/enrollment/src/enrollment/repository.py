@@ -1,6 +1,7 @@
 """Enrollment's tables, as plain SQL."""
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -84,15 +85,22 @@ async def retire_course(conn: Connection, course_id: UUID, version: int, at: dat
 async def get_course(conn: Connection, course_id: UUID) -> Course | None:
     """The course, share-locked: a retirement waits for the enrollment being made to commit, and
     then sees (and cancels) it if it is still pending."""
-    row = await conn.fetchrow(
+    return (await courses(conn, [course_id])).get(course_id)
+
+
+async def courses(conn: Connection, course_ids: Iterable[UUID]) -> dict[UUID, Course]:
+    """The courses known of these, share-locked (see `get_course`), in id order."""
+    rows = await conn.fetch(
         "SELECT course_id, version, status, price_minor, currency,"
         " (snapshot ->> 'delivery_partner_id')::uuid AS delivery_partner_id,"
         " (snapshot -> 'issuer' ->> 'issuer_id')::uuid AS issuer_id"
-        " FROM courses WHERE course_id = $1 FOR SHARE",
-        course_id,
+        " FROM courses WHERE course_id = ANY($1::uuid[]) ORDER BY course_id FOR SHARE",
+        sorted(set(course_ids)),
     )
-    if row is None:
-        return None
+    return {row["course_id"]: _course(row) for row in rows}
+
+
+def _course(row: asyncpg.Record) -> Course:
     price = (
         Money(amount_minor=row["price_minor"], currency=row["currency"])
         if row["price_minor"] is not None
@@ -253,8 +261,12 @@ async def get_enrollment(
 
 async def save_enrollment(conn: Connection, enrollment: Enrollment) -> None:
     """Write an enrollment's state back; the learner, course and price never change."""
-    completion = enrollment.completion
-    await conn.execute(
+    await save_enrollments(conn, [enrollment])
+
+
+async def save_enrollments(conn: Connection, enrollments: Sequence[Enrollment]) -> None:
+    """`save_enrollment` of each, in one round trip."""
+    await conn.executemany(
         """
         UPDATE enrollments SET
             status = $2, updated_at = $3, activated_at = $4, payment_id = $5, cancelled_at = $6,
@@ -263,6 +275,13 @@ async def save_enrollment(conn: Connection, enrollment: Enrollment) -> None:
             partner_report_id = $15, cancelled_by = $16
         WHERE enrollment_id = $1
         """,
+        [_saved(enrollment) for enrollment in enrollments],
+    )
+
+
+def _saved(enrollment: Enrollment) -> tuple[object, ...]:
+    completion = enrollment.completion
+    return (
         enrollment.enrollment_id,
         enrollment.status,
         enrollment.updated_at,
@@ -318,31 +337,63 @@ async def pending_for_course(conn: Connection, course_id: UUID) -> list[Enrollme
     return [_enrollment(row) for row in rows]
 
 
-async def enrollments_for_report(conn: Connection, report: CompletionReported) -> list[Enrollment]:
-    """The enrollments a partner's report may mean, locked: the one it names by id, else the
-    learner's in the course, found by learner id, else by email."""
-    arguments: tuple[object, ...]
-    if report.enrollment_id is not None:
-        condition, arguments = "enrollment_id = $1", (report.enrollment_id,)
-    elif report.learner_id is not None:
-        condition, arguments = "learner_id = $1 AND course_id = $2", (report.learner_id, report.course_id)
-    else:
-        condition = "lower(learner_email) = lower($1) AND course_id = $2"
-        arguments = (report.learner_email, report.course_id)
+async def enrollments_for_reports(
+    conn: Connection, reports: Sequence[CompletionReported]
+) -> tuple[list[list[UUID]], dict[UUID, Enrollment]]:
+    """The enrollments each partner's report may mean (ids in order, one list per report): the one
+    it names by id, else the learner's in the course, found by learner id, else by email; and
+    those enrollments, locked, by id."""
+    if not reports:
+        return [], {}
+    # Each report's way of naming its enrollment, one index-backed join each; then the rows locked
+    # (FOR UPDATE cannot go with UNION), in id order as every transaction takes them.
+    matches = await conn.fetch(
+        """
+        WITH report AS (
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[])
+                WITH ORDINALITY AS r (enrollment_id, learner_id, learner_email, course_id, position)
+        )
+        SELECT r.position, e.enrollment_id FROM report r
+            JOIN enrollments e ON e.enrollment_id = r.enrollment_id
+        UNION ALL
+        SELECT r.position, e.enrollment_id FROM report r
+            JOIN enrollments e ON e.learner_id = r.learner_id AND e.course_id = r.course_id
+            WHERE r.enrollment_id IS NULL
+        UNION ALL
+        SELECT r.position, e.enrollment_id FROM report r
+            JOIN enrollments e
+                ON lower(e.learner_email) = lower(r.learner_email) AND e.course_id = r.course_id
+            WHERE r.enrollment_id IS NULL AND r.learner_id IS NULL
+        """,
+        [report.enrollment_id for report in reports],
+        [report.learner_id for report in reports],
+        [report.learner_email for report in reports],
+        [report.course_id for report in reports],
+    )
+    meant: list[list[UUID]] = [[] for _ in reports]
+    for row in matches:
+        meant[row["position"] - 1].append(row["enrollment_id"])
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM enrollments WHERE {condition} ORDER BY enrollment_id FOR UPDATE", *arguments
+        f"SELECT {_COLUMNS} FROM enrollments WHERE enrollment_id = ANY($1::uuid[])"
+        " ORDER BY enrollment_id FOR UPDATE",
+        sorted({enrollment_id for ids in meant for enrollment_id in ids}),
     )
-    return [_enrollment(row) for row in rows]
+    return [sorted(ids) for ids in meant], {row["enrollment_id"]: _enrollment(row) for row in rows}
 
 
-async def enrollment_for_report(conn: Connection, partner_id: UUID, report_id: UUID) -> UUID | None:
-    """The enrollment a partner's report completed, if it was accepted before."""
-    enrollment_id: UUID | None = await conn.fetchval(
-        "SELECT enrollment_id FROM enrollments WHERE partner_id = $1 AND partner_report_id = $2",
-        partner_id,
-        report_id,
+async def accepted_reports(
+    conn: Connection, reports: Iterable[tuple[UUID, UUID]]
+) -> dict[tuple[UUID, UUID], UUID]:
+    """Of these (partner id, report id), those accepted before: the enrollment each completed."""
+    pairs = sorted(set(reports))
+    rows = await conn.fetch(
+        "SELECT e.partner_id, e.partner_report_id, e.enrollment_id"
+        " FROM unnest($1::uuid[], $2::uuid[]) AS r (partner_id, report_id)"
+        " JOIN enrollments e ON e.partner_id = r.partner_id AND e.partner_report_id = r.report_id",
+        [partner_id for partner_id, _ in pairs],
+        [report_id for _, report_id in pairs],
     )
-    return enrollment_id
+    return {(row["partner_id"], row["partner_report_id"]): row["enrollment_id"] for row in rows}
 
 
 # --- idempotency keys ------------------------------------------------------------------------
@@ -498,6 +549,12 @@ async def get_partner(conn: Connection, partner_id: UUID, *, for_update: bool = 
     lock = " FOR UPDATE OF p" if for_update else ""
     row = await conn.fetchrow(f"{_PARTNERS} WHERE p.partner_id = $1{lock}", partner_id)
     return _partner(row) if row else None
+
+
+async def partners(conn: Connection, partner_ids: Iterable[UUID]) -> dict[UUID, Partner]:
+    """The registered partners of these, by id."""
+    rows = await conn.fetch(f"{_PARTNERS} WHERE p.partner_id = ANY($1::uuid[])", list(set(partner_ids)))
+    return {row["partner_id"]: _partner(row) for row in rows}
 
 
 async def list_partners(

@@ -1,5 +1,6 @@
 """Enrollment use cases: each runs in the caller's transaction and queues the events it causes."""
 
+import contextlib
 import enum
 import hashlib
 import json
@@ -9,7 +10,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 from uuid import UUID
 
 from pydantic import ValidationError
@@ -29,6 +30,7 @@ from microcred_events.topics import partner_rejection_topic
 from microcred_runtime import (
     AuditEntry,
     Connection,
+    Delivery,
     Principal,
     Problem,
     Rejected,
@@ -407,41 +409,97 @@ class ReportOutcome:
     refusal: Refusal | None = None
 
 
-async def report_completion(
-    conn: Connection, partner: Partner, report: Report, now: datetime
-) -> ReportOutcome:
-    """The one path of every partner report, whichever way it came in, once the sender is known to
-    be `partner`: the enrollment completes (and `CourseCompleted` is queued) exactly once per
+@dataclass(frozen=True)
+class _Reported:
+    """A report to apply, from whom, and what refuses it already, if anything (a late message:
+    refused unless it repeats a report accepted before)."""
+
+    partner: Partner
+    report: Report
+    late: Refusal | None = None
+    # The consumed event's span, under which its events are queued (None: the current span).
+    delivery: Delivery | None = None
+
+
+async def _report_completions(
+    conn: Connection, reported: Sequence[_Reported], now: datetime
+) -> list[ReportOutcome]:
+    """The one path of every partner report, whichever way it came in, once its sender is known
+    to be the partner: an enrollment completes (and `CourseCompleted` is queued) exactly once per
     report; the same report again is a duplicate; anything else is refused with a reason.
+
+    The reports are applied in order, as if one after the other, with a few statements for them
+    all: what they look up is read at once (the enrollments locked), an earlier report's effect
+    is seen by a later one, and the changed enrollments are written back together.
     """
-    if isinstance(report, MalformedReport):
-        return _refused(report, Refusal(RejectionReason.MALFORMED_REPORT, report.detail))
-    # Looked up first: an accepted report sent again is still a duplicate after its course grant
-    # or its enrollment moved on.
-    duplicate = await _accepted_before(conn, partner, report)
-    if duplicate is not None:
-        return duplicate
-    course = await repository.get_course(conn, report.course_id)
-    refusal = domain.check_report(partner, report, course, now)
-    if refusal is not None:
-        return _refused(report, refusal)
-    candidates = await repository.enrollments_for_report(conn, report)
-    transition = domain.complete_for_partner(partner, report, candidates, now)
-    if isinstance(transition, Refusal):
-        return _refused(report, transition)
-    async with journeys.resume(conn, transition.enrollment.enrollment_id, "partner completion"):
-        await _apply(conn, transition)
-    status = ReportStatus.ACCEPTED if transition.changed else ReportStatus.DUPLICATE
-    return ReportOutcome(status, report.report_id, transition.enrollment.enrollment_id)
+    reports = [item.report for item in reported if isinstance(item.report, CompletionReported)]
+    accepted = await repository.accepted_reports(
+        conn,
+        [
+            (item.partner.partner_id, item.report.report_id)
+            for item in reported
+            if _own(item.report, item.partner)
+        ],
+    )
+    courses = await repository.courses(conn, [report.course_id for report in reports])
+    meant, enrollments = await repository.enrollments_for_reports(conn, reports)
+    candidates = iter(meant)
+    outcomes: list[ReportOutcome] = []
+    applied: list[tuple[Transition, Delivery | None]] = []
+    for item in reported:
+        partner, report = item.partner, item.report
+        ids = next(candidates) if isinstance(report, CompletionReported) else []
+        if isinstance(report, MalformedReport):
+            outcomes.append(
+                _refused(report, item.late or Refusal(RejectionReason.MALFORMED_REPORT, report.detail))
+            )
+            continue
+        # Looked up first: an accepted report sent again is still a duplicate after its course
+        # grant or its enrollment moved on, or when it comes late (a resend, a replay the inbox
+        # has forgotten).
+        done = accepted.get((partner.partner_id, report.report_id)) if _own(report, partner) else None
+        if done is not None:
+            outcomes.append(ReportOutcome(ReportStatus.DUPLICATE, report.report_id, done))
+            continue
+        refusal = item.late or domain.check_report(partner, report, courses.get(report.course_id), now)
+        if refusal is not None:
+            outcomes.append(_refused(report, refusal))
+            continue
+        transition = domain.complete_for_partner(partner, report, [enrollments[id_] for id_ in ids], now)
+        if isinstance(transition, Refusal):
+            outcomes.append(_refused(report, transition))
+            continue
+        enrollment = transition.enrollment
+        if transition.changed:
+            enrollments[enrollment.enrollment_id] = enrollment
+            accepted[(partner.partner_id, report.report_id)] = enrollment.enrollment_id
+            applied.append((transition, item.delivery))
+        status = ReportStatus.ACCEPTED if transition.changed else ReportStatus.DUPLICATE
+        outcomes.append(ReportOutcome(status, report.report_id, enrollment.enrollment_id))
+    await _apply_completions(conn, applied)
+    return outcomes
 
 
-async def _accepted_before(conn: Connection, partner: Partner, report: Report) -> ReportOutcome | None:
-    """A duplicate, if the partner's report was accepted before. (A report naming another partner
-    is none of its own: it is refused as such.)"""
-    if isinstance(report, MalformedReport) or report.partner_id != partner.partner_id:
-        return None
-    accepted = await repository.enrollment_for_report(conn, partner.partner_id, report.report_id)
-    return None if accepted is None else ReportOutcome(ReportStatus.DUPLICATE, report.report_id, accepted)
+async def _apply_completions(conn: Connection, applied: Sequence[tuple[Transition, Delivery | None]]) -> None:
+    """Write the partners' completions back and queue their events, each in its enrollment's
+    journey (and its consumed event's span, if any)."""
+    if not applied:
+        return
+    found = await journeys.find(conn, [transition.enrollment.enrollment_id for transition, _ in applied])
+    await repository.save_enrollments(conn, [transition.enrollment for transition, _ in applied])
+    queued: list[outbox.Queued] = []
+    for transition, delivery in applied:
+        with delivery.current() if delivery else contextlib.nullcontext():
+            journey = found.get(str(transition.enrollment.enrollment_id))
+            with journeys.continued(journey, "partner completion"):
+                queued.extend(outbox.prepare(event) for event in transition.events)
+    await outbox.add_all(conn, queued)
+
+
+def _own(report: Report, partner: Partner) -> TypeGuard[CompletionReported]:
+    """Whether the report is one of the partner's own (a report naming another partner is none
+    of its own: it is refused as such)."""
+    return isinstance(report, CompletionReported) and report.partner_id == partner.partner_id
 
 
 def _refused(report: Report, refusal: Refusal) -> ReportOutcome:
@@ -495,55 +553,65 @@ class PartnerMessage:
     appended_at: datetime | None = None
 
 
-async def take_partner_message(conn: Connection, message: PartnerMessage) -> ReportOutcome:
-    """Apply a report from the partner topic; a refusal is queued for the partner's rejection
-    topic in this same transaction, so it is told exactly once.
+async def take_partner_messages(conn: Connection, deliveries: Sequence[Delivery]) -> list[ReportOutcome]:
+    """Apply reports from the partner topic (each delivery's content a `PartnerMessage`), in
+    order; a refusal is queued for the partner's rejection topic in this same transaction, so it
+    is told exactly once.
 
     Raises `Rejected` (the message is dead-lettered) when there is no partner to tell: `ce_source`
     names a partner that is not registered, or the signature is not that partner's (anyone may
     name a partner; only what it signed is told on its topic).
     """
-    partner = await repository.get_partner(conn, message.partner_id)
-    if partner is None:
-        raise Rejected(
-            RejectionReason.UNKNOWN_PARTNER,
-            f"ce_source names partner {message.partner_id}, which is not registered",
-        )
+    messages: list[PartnerMessage] = [delivery.content for delivery in deliveries]
+    partners = await repository.partners(conn, [message.partner_id for message in messages])
     now = _now()
-    refusal = _authenticate(partner, message.signed_content, message.signature)
-    if refusal is not None and refusal.reason is RejectionReason.BAD_SIGNATURE:
-        raise Rejected(refusal.reason, f"ce_source names partner {partner.partner_id}: {refusal.detail}")
-    if refusal is None:
-        # After the signature: the time is only worth judging once it is known to be the partner's.
-        refusal = domain.check_message_time(message.sent_at, message.appended_at or now)
+    reported: list[_Reported] = []
+    suspended: dict[int, ReportOutcome] = {}
+    for position, (message, delivery) in enumerate(zip(messages, deliveries, strict=True)):
+        partner = partners.get(message.partner_id)
+        if partner is None:
+            raise Rejected(
+                RejectionReason.UNKNOWN_PARTNER,
+                f"ce_source names partner {message.partner_id}, which is not registered",
+            )
+        refusal = _authenticate(partner, message.signed_content, message.signature)
+        if refusal is not None and refusal.reason is RejectionReason.BAD_SIGNATURE:
+            raise Rejected(refusal.reason, f"ce_source names partner {partner.partner_id}: {refusal.detail}")
         if refusal is not None:
-            # An accepted report sent again late (a resend, a replay the inbox has forgotten) is
-            # a duplicate, as at any other time: nothing to tell.
-            duplicate = await _accepted_before(conn, partner, message.report)
-            if duplicate is not None:
-                return duplicate
-    if refusal is not None:
-        outcome = _refused(message.report, refusal)
-    else:
-        outcome = await report_completion(conn, partner, message.report, now)
-    if outcome.refusal is not None:
-        log.info(
-            "partner report refused: %s",
-            outcome.refusal.reason,
-            extra={"partner_id": str(partner.partner_id), "message_id": message.message_id},
-        )
-        rejected = CompletionRejected(
-            message_id=message.message_id,
-            partner_id=partner.partner_id,
-            report_id=outcome.report_id,
-            reason=outcome.refusal.reason,
-            detail=outcome.refusal.detail,
-            rejected_at=now,
-        )
-        await outbox.add(
-            conn, rejected, source=REJECTION_SOURCE, topic=partner_rejection_topic(partner.partner_id)
-        )
-    return outcome
+            suspended[position] = _refused(message.report, refusal)
+            continue
+        # After the signature: the time is only worth judging once it is known to be the partner's.
+        late = domain.check_message_time(message.sent_at, message.appended_at or now)
+        reported.append(_Reported(partner, message.report, late, delivery))
+    applied = iter(await _report_completions(conn, reported, now))
+    outcomes = [
+        suspended[position] if position in suspended else next(applied) for position in range(len(messages))
+    ]
+    rejections = []
+    for message, delivery, outcome in zip(messages, deliveries, outcomes, strict=True):
+        if outcome.refusal is None:
+            continue
+        with delivery.current():
+            log.info(
+                "partner report refused: %s",
+                outcome.refusal.reason,
+                extra={"partner_id": str(message.partner_id), "message_id": message.message_id},
+            )
+            rejected = CompletionRejected(
+                message_id=message.message_id,
+                partner_id=message.partner_id,
+                report_id=outcome.report_id,
+                reason=outcome.refusal.reason,
+                detail=outcome.refusal.detail,
+                rejected_at=now,
+            )
+            rejections.append(
+                outbox.prepare(
+                    rejected, source=REJECTION_SOURCE, topic=partner_rejection_topic(message.partner_id)
+                )
+            )
+    await outbox.add_all(conn, rejections)
+    return outcomes
 
 
 # --- ... and by HTTP ---
@@ -607,8 +675,7 @@ async def report_completions(
     conn: Connection, partner: Partner, reports: Sequence[Report]
 ) -> list[ReportOutcome]:
     """Apply each report of a signed request, in order; one outcome per report."""
-    now = _now()
-    return [await report_completion(conn, partner, report, now) for report in reports]
+    return await _report_completions(conn, [_Reported(partner, report) for report in reports], _now())
 
 
 # --- helpers ---------------------------------------------------------------------------------

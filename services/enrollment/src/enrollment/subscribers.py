@@ -31,7 +31,7 @@ from microcred_events import (
 from microcred_events.partner import RejectionReason
 from microcred_events.topics import CONFIGS as TOPIC_CONFIGS
 from microcred_events.topics import partner_rejection_topic
-from microcred_runtime import Connection, Rejected, Runtime, ServiceSettings, Subscriptions, kafka
+from microcred_runtime import Connection, Delivery, Rejected, Runtime, ServiceSettings, Subscriptions, kafka
 from microcred_runtime.consumers import Inbound
 
 from . import repository, service
@@ -163,12 +163,13 @@ def read_partner_record(record: ConsumerRecord[bytes, bytes]) -> Inbound:
     return Inbound(partner_source(message.partner_id), message.message_id, CompletionReported.TYPE, message)
 
 
-# One by one: each report is judged on its own signature, in its own transaction.
+# Together: a batch's reports are looked up and written back with a few statements. A forged
+# one (`Rejected`) is found by the runtime in a few transactions and dead-lettered alone.
 @subscriptions.raw(
-    Topic.PARTNER_COMPLETION, group=PARTNER_REPORTS_GROUP, read=read_partner_record, one_by_one=True
+    Topic.PARTNER_COMPLETION, group=PARTNER_REPORTS_GROUP, read=read_partner_record, batched=True
 )
-async def on_partner_report(conn: Connection, message: service.PartnerMessage) -> None:
-    await service.take_partner_message(conn, message)
+async def on_partner_reports(conn: Connection, deliveries: Sequence[Delivery]) -> None:
+    await service.take_partner_messages(conn, deliveries)
 
 
 async def ensure_partner_topics(settings: ServiceSettings, partner_ids: Sequence[UUID]) -> None:
