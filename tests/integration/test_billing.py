@@ -34,6 +34,7 @@ from microcred_events import (
     PaymentSettled,
     RefundIssued,
     Topic,
+    dead_letter_topic,
     decode,
     encode,
 )
@@ -215,6 +216,35 @@ async def test_a_paid_enrollment_makes_one_payment_due_and_a_free_one_none(syste
     assert payment["refunded"] == {"amount_minor": 0, "currency": "EUR"}
     assert (
         await system.db.fetchval("SELECT count(*) FROM payments WHERE enrollment_id = $1", free.enrollment_id)
+        == 0
+    )
+
+
+async def test_enrollments_taken_together_each_get_their_payment_and_an_unpayable_one_is_dead_lettered(
+    system: Billing, topic_reader: Callable[..., Any], topic_prefix: str
+) -> None:
+    learner = uuid.uuid4()
+    first = await system.enroll(learner, event_id="batch-1")
+    # Requires payment at a price of 0: no retry makes it payable.
+    unpayable = first.model_copy(
+        update={"enrollment_id": uuid.uuid4(), "price": Money(amount_minor=0, currency="EUR")}
+    )
+    await system.send(unpayable, "batch-2")
+    last = await system.enroll(learner, event_id="batch-3")
+
+    (letter,) = await topic_reader(topic_prefix + dead_letter_topic("billing"), 1)
+    headers = dict(letter.headers)
+    assert (headers["ce_id"], headers["dlq_reason"], headers["dlq_attempts"]) == (
+        b"batch-2",
+        b"zero-amount",
+        b"1",
+    )
+    for enrollment in (first, last):
+        assert (await system.payment_due(enrollment))["status"] == "due"
+    assert (
+        await system.db.fetchval(
+            "SELECT count(*) FROM payments WHERE enrollment_id = $1", unpayable.enrollment_id
+        )
         == 0
     )
 

@@ -9,6 +9,7 @@ journey's trace, linked to the request's own span so that neither is lost.
 
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -18,18 +19,41 @@ from .db import Connection
 tracer = trace.get_tracer("microcred.journeys")
 
 
-async def remember(conn: Connection, aggregate_id: object) -> None:
-    """Record the current trace as the journey of `aggregate_id`, unless one is recorded already."""
+@dataclass(frozen=True)
+class Journey:
+    """A trace to record as an aggregate's journey."""
+
+    aggregate_id: str
+    traceparent: str
+    tracestate: str | None
+
+
+def here(aggregate_id: object) -> Journey | None:
+    """The current trace as the journey of `aggregate_id` (None outside a trace); no I/O."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     if "traceparent" not in carrier:
+        return None
+    return Journey(str(aggregate_id), carrier["traceparent"], carrier.get("tracestate"))
+
+
+async def remember(conn: Connection, aggregate_id: object) -> None:
+    """Record the current trace as the journey of `aggregate_id`, unless one is recorded already."""
+    await remember_all(conn, [here(aggregate_id)])
+
+
+async def remember_all(conn: Connection, journeys: Iterable[Journey | None]) -> None:
+    """Record each journey (`here`), unless its aggregate has one already; one statement."""
+    known = [journey for journey in journeys if journey is not None]
+    if not known:
         return
     await conn.execute(
-        "INSERT INTO journeys (aggregate_id, traceparent, tracestate) VALUES ($1, $2, $3)"
+        "INSERT INTO journeys (aggregate_id, traceparent, tracestate)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
         " ON CONFLICT (aggregate_id) DO NOTHING",
-        str(aggregate_id),
-        carrier["traceparent"],
-        carrier.get("tracestate"),
+        [journey.aggregate_id for journey in known],
+        [journey.traceparent for journey in known],
+        [journey.tracestate for journey in known],
     )
 
 

@@ -1,5 +1,6 @@
 """Billing's tables, as plain SQL."""
 
+from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -36,29 +37,33 @@ def _payment(row: asyncpg.Record) -> Payment:
     )
 
 
-async def insert(conn: Connection, payment: Payment) -> bool:
-    """Store a new payment; False when its enrollment already has one."""
-    inserted = await conn.fetchval(
+async def insert_all(conn: Connection, payments: Sequence[Payment]) -> None:
+    """Store new payments, in one round trip; one whose enrollment already has one is not stored."""
+    await conn.executemany(
         f"INSERT INTO payments ({_COLUMNS})"
         " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
-        " ON CONFLICT (enrollment_id) DO NOTHING RETURNING true",
-        payment.payment_id,
-        payment.enrollment_id,
-        payment.learner_id,
-        payment.amount.amount_minor,
-        payment.amount.currency,
-        payment.status,
-        payment.refunded_minor,
-        payment.checkout_session_id,
-        payment.checkout_url,
-        payment.provider,
-        payment.provider_reference,
-        payment.created_at,
-        payment.updated_at,
-        payment.settled_at,
-        payment.issuer_id,
+        " ON CONFLICT (enrollment_id) DO NOTHING",
+        [
+            (
+                payment.payment_id,
+                payment.enrollment_id,
+                payment.learner_id,
+                payment.amount.amount_minor,
+                payment.amount.currency,
+                payment.status,
+                payment.refunded_minor,
+                payment.checkout_session_id,
+                payment.checkout_url,
+                payment.provider,
+                payment.provider_reference,
+                payment.created_at,
+                payment.updated_at,
+                payment.settled_at,
+                payment.issuer_id,
+            )
+            for payment in payments
+        ],
     )
-    return bool(inserted)
 
 
 async def get(conn: Connection, payment_id: UUID, *, for_update: bool = False) -> Payment | None:

@@ -17,7 +17,7 @@ until someone asks the provider again with its key, `<payment_id>:refund:<refund
 
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -25,8 +25,17 @@ from uuid import UUID
 
 import asyncpg
 
-from microcred_events import EnrollmentCancelled, EnrollmentCreated, Money, RefundIssued
-from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor, journeys, outbox
+from microcred_events import EnrollmentCancelled, Money, RefundIssued
+from microcred_runtime import (
+    Connection,
+    Delivery,
+    Principal,
+    Problem,
+    decode_cursor,
+    encode_cursor,
+    journeys,
+    outbox,
+)
 
 from . import domain, repository
 from .domain import DiscrepancyReason, NoticeOutcome, Payment, PaymentRuleViolated, SettlementRefused
@@ -47,13 +56,21 @@ T = TypeVar("T")
 DEFAULT_REFUND_REASON = "Refunded by staff."
 
 
-async def open_payment(conn: Connection, event: EnrollmentCreated) -> None:
-    """Make the enrollment's price due, once, when it requires payment."""
-    payment = domain.payment_for(event, uuid.uuid4(), datetime.now(UTC))
-    if payment is not None:
-        await repository.insert(conn, payment)
-        # The provider's webhook arrives on a request of its own: it continues this trace.
-        await journeys.remember(conn, payment.payment_id)
+async def open_payments(conn: Connection, deliveries: Sequence[Delivery]) -> None:
+    """Make each enrollment's price due, once, when it requires payment (each delivery's content
+    an `EnrollmentCreated`); raises `PaymentRuleViolated` for an event no retry makes payable."""
+    now = datetime.now(UTC)
+    opened: list[Payment] = []
+    # The provider's webhook arrives on a request of its own: it continues the enrollment's trace.
+    traces: list[journeys.Journey | None] = []
+    for delivery in deliveries:
+        payment = domain.payment_for(delivery.content, uuid.uuid4(), now)
+        if payment is not None:
+            opened.append(payment)
+            with delivery.current():
+                traces.append(journeys.here(payment.payment_id))
+    await repository.insert_all(conn, opened)
+    await journeys.remember_all(conn, traces)
 
 
 async def void_payment(conn: Connection, event: EnrollmentCancelled) -> None:

@@ -1,7 +1,9 @@
 """The events billing reacts to, and the use case each one drives."""
 
+from collections.abc import Sequence
+
 from microcred_events import EnrollmentCancelled, EnrollmentCreated
-from microcred_runtime import Connection, Rejected, Subscriptions
+from microcred_runtime import Connection, Delivery, Rejected, Subscriptions
 
 from . import service
 from .domain import PaymentRuleViolated
@@ -9,12 +11,13 @@ from .domain import PaymentRuleViolated
 subscriptions = Subscriptions()
 
 
-@subscriptions.on(EnrollmentCreated)
-async def on_enrollment_created(conn: Connection, event: EnrollmentCreated) -> None:
+@subscriptions.on_batch(EnrollmentCreated)
+async def on_enrollments_created(conn: Connection, deliveries: Sequence[Delivery]) -> None:
     try:
-        await service.open_payment(conn, event)
+        await service.open_payments(conn, deliveries)
     except PaymentRuleViolated as exc:
-        # No retry can make this event payable: park it on the dead-letter topic at once.
+        # No retry can make this event payable: once the runtime has it alone, it is parked on
+        # the dead-letter topic at once.
         raise Rejected(exc.code, str(exc)) from None
 
 
