@@ -20,11 +20,12 @@ and the learners' active (paid) enrollments are bulk-inserted into enrollment's 
 
 Phases, in order:
 1. warm-up: `--warmup` reports through the pipeline (connections, JSON-LD templates, caches);
-2. throughput: `--completions` reports published at once; credentials recorded per second over
+2. throughput: `--completions` reports published at once (a term's cohort: how long until its
+   last credential is recorded); credentials recorded per second over
    the steady part (the 10th to the 90th percentile of the recording times), and the CPU seconds
    of Kafka, PostgreSQL (this run's backends and its shared processes), each service and this
-   process over the phase, read from /proc; then, when py-spy is installed, a shorter burst with
-   py-spy attached to each service (`--profile` seconds; not measured, sampling costs CPU);
+   process over the phase, read from /proc; then a shorter burst with py-spy (a dev dependency,
+   installed by `make sync`) attached to each service (`--profile` seconds; not measured, sampling costs CPU);
 3. ceiling: the same signing and rows (inbox, status index, credential, outbox) done by a minimal
    aiokafka + asyncpg loop in this process, a batch per poll, one transaction per batch;
 4. catalog: `GET /courses` of the seeded launch catalog, by wrk when installed (else an asyncio
@@ -56,9 +57,11 @@ import platform as host
 import re
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -959,10 +962,33 @@ def summarize_profile(raw: Path, top: int = 12) -> list[str]:
     return lines
 
 
+LOAD_SAMPLE_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def sampling_load() -> Iterator[list[float]]:
+    """The machine's 1-minute load average, sampled in a thread of its own while the block runs:
+    what else ran beside the benchmark is part of its figures."""
+    samples = [os.getloadavg()[0]]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(LOAD_SAMPLE_SECONDS):
+            samples.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample, name="load-sampler", daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join()
+
+
 def py_spy() -> str | None:
-    """py-spy on PATH, or where `uv tool install py-spy` puts it."""
-    installed = Path.home() / ".local" / "bin" / "py-spy"
-    return shutil.which("py-spy") or (str(installed) if installed.exists() else None)
+    """py-spy as the workspace's dev dependencies install it (beside this Python), else on PATH."""
+    installed = Path(sys.executable).parent / "py-spy"
+    return str(installed) if installed.exists() else shutil.which("py-spy")
 
 
 @contextlib.contextmanager
@@ -1331,7 +1357,9 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
     figures.add(f"microcred benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     figures.add(
         f"python {host.python_version()}, {host.machine()}, {cpus} CPUs shared by Kafka, PostgreSQL, the"
-        f" services and this load generator; load average before the run {arguments.load_before:.1f}"
+        f" services and this load generator; load average before the run {arguments.load_before:.1f},"
+        f" during it median {statistics.median(arguments.load_during):.1f},"
+        f" max {max(arguments.load_during):.1f} (sampled every {LOAD_SAMPLE_SECONDS:.0f} s)"
     )
     figures.add(f"command: {arguments.command}")
     figures.add(f"traces: a fraction {arguments.trace_ratio:g} of journeys sampled (--trace-ratio)")
@@ -1405,6 +1433,10 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
         + ("" if m.complete else " (gave up waiting)")
     )
     figures.add(
+        f"  the cohort: {m.completions} completions reported at once, every credential recorded"
+        f" {last - m.first_sent:.1f} s after the first report was published"
+    )
+    figures.add(
         f"  sustained {m.sustained:.1f}/s (between the 10th and 90th percentile of the recording times)"
     )
     figures.add(
@@ -1432,7 +1464,7 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
             for line in summarize_profile(path) if path.exists() else ["    (py-spy wrote nothing)"]:
                 figures.add(line)
     elif arguments.profile:
-        figures.add("  (no profile: py-spy is not installed; `uv tool install py-spy` adds it)")
+        figures.add("  (no profile: py-spy is not installed; `make sync` installs it)")
 
     figures.add()
     figures.add(f"2. Raw ceiling: {m.raw.count} CourseCompleted, the same signing and rows, no framework")
@@ -1484,7 +1516,10 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--completions", type=int, default=5000, help="reports for the throughput phase (5000)"
+        "--completions",
+        type=int,
+        default=10_000,
+        help="reports for the throughput phase, a term's cohort reported at once (10000)",
     )
     parser.add_argument("--warmup", type=int, default=100, help="reports sent first, not measured (100)")
     parser.add_argument(
@@ -1527,7 +1562,9 @@ def main() -> None:
     arguments.command = " ".join(["benchmarks/pipeline.py", *sys.argv[1:]])
     arguments.load_before = os.getloadavg()[0]
     started = time.monotonic()
-    figures = report(arguments, asyncio.run(run(arguments)))
+    with sampling_load() as arguments.load_during:
+        measured = asyncio.run(run(arguments))
+    figures = report(arguments, measured)
     figures.add(
         f"\n(the run took {time.monotonic() - started:.0f} s; service logs and raw profiles in .local/bench/)"
     )
