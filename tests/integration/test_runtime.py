@@ -274,7 +274,7 @@ async def test_the_inbox_forgets_events_older_than_its_retention(
         relay = outbox.OutboxRelay(
             str(settings.database_url),
             publish,
-            outbox.RelaySettings(poll_interval=0.01, inbox_retention_hours=2, inbox_purge_slice=2),
+            outbox.RelaySettings(poll_interval=0.01, inbox_retention_hours=2, purge_slice=2),
         )
         relay.start()
         try:
@@ -284,6 +284,44 @@ async def test_the_inbox_forgets_events_older_than_its_retention(
         finally:
             await relay.stop()
         assert published == [1]
+    finally:
+        await conn.close()
+
+
+async def test_the_outbox_forgets_published_events_past_retention_a_slice_at_a_time(
+    migrations: Path, probe_settings: ServiceSettings, serve: Any, wait_for: Any
+) -> None:
+    probe = Probe()
+    async with serve(probe_app(probe, migrations, probe_settings)):
+        pass
+    conn = await asyncpg.connect(str(probe_settings.database_url))
+    try:
+        await conn.execute("DELETE FROM outbox")
+        for name in [*(f"old-{index}" for index in range(7)), "unpublished", "recent"]:
+            await outbox.add(conn, course_update(name))
+        ids = [row["id"] for row in await conn.fetch("SELECT id FROM outbox ORDER BY id")]
+        await conn.execute(
+            "UPDATE outbox SET published_at = now() - interval '3 hours' WHERE id = ANY($1)", ids[:7]
+        )
+        await conn.execute("UPDATE outbox SET published_at = now() - interval '1 hour' WHERE id = $1", ids[8])
+
+        async def refuse(records: Any) -> list[BaseException]:
+            return [RuntimeError("no broker takes it")] * len(records)
+
+        relay = outbox.OutboxRelay(
+            str(probe_settings.database_url),
+            refuse,
+            outbox.RelaySettings(poll_interval=0.01, retention_hours=2, purge_slice=3),
+        )
+        relay.start()
+        try:
+            # Three rounds: two whole slices of the head, then what is left of it past retention.
+            assert await wait_for(lambda: conn.fetchval("SELECT count(*) = 2 FROM outbox")), (
+                "the relay did not purge the published events past retention"
+            )
+        finally:
+            await relay.stop()
+        assert [row["id"] for row in await conn.fetch("SELECT id FROM outbox ORDER BY id")] == ids[7:]
     finally:
         await conn.close()
 

@@ -133,10 +133,10 @@ class RelaySettings:
     batch_size: int = 500
     poll_interval: float = 1.0
     retention_hours: int = 168
-    # The inbox's rows, older than this, are forgotten by the same leader (see `_purge`), at most
-    # this many a round (at 1,000 events/s, a minute brings 6 slices).
+    # The inbox's rows, older than this, are forgotten by the same leader (see `_purge`).
     inbox_retention_hours: int = 336
-    inbox_purge_slice: int = 10_000
+    # At most this many rows of each table forgotten a round (at 1,000 events/s, a minute brings 6).
+    purge_slice: int = 10_000
     # Advisory-lock key for leader election; distinct per service database is not required
     # (locks are per database) but a fixed value keeps it recognisable in pg_locks.
     lock_key: int = 0x6D6372_6F7574  # "mcr" "out"
@@ -156,7 +156,9 @@ class OutboxRelay:
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
-        self._inbox_behind = False  # the last inbox purge found more than a slice
+        # The last purge of the table found a whole slice to forget: the next round goes on.
+        self._outbox_behind = False
+        self._inbox_behind = False
         self._last_observed = 0.0
         self.is_leader = False
 
@@ -276,23 +278,33 @@ class OutboxRelay:
         self._metrics.outbox_lag.set(float(row["lag"]))
 
     async def _purge(self, conn: asyncpg.Connection) -> None:
+        """Forget published events and applied ones past their retention, a slice of each table a
+        round, oldest first, between drains: a backlog (the first purge after an upgrade, a long
+        outage) neither holds up publishing nor makes one huge transaction."""
         now = time.monotonic()
         due = now - self._last_purge >= 60
         if due:
             self._last_purge = now
-            await conn.execute(
-                "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)",
+        slice_ = self._settings.purge_slice
+        if due or self._outbox_behind:
+            # The outbox's oldest rows are the head of its id index: a slice of it is read, never the
+            # whole table (published_at has no index, which would cost every publication a write).
+            # Rows are published in id order, so the head is what is past retention, if anything is.
+            purged = await conn.fetchval(
+                "WITH gone AS (DELETE FROM outbox WHERE id = ANY(ARRAY("
+                " SELECT id FROM (SELECT id, published_at FROM outbox ORDER BY id LIMIT $2) AS head"
+                " WHERE published_at < now() - make_interval(hours => $1))) RETURNING 1)"
+                " SELECT count(*) FROM gone",
                 self._settings.retention_hours,
+                slice_,
             )
-        if not (due or self._inbox_behind):
-            return
-        # The inbox one slice per round, oldest first, between drains: a backlog of weeks (the first
-        # purge after an upgrade) neither holds up publishing nor makes one huge transaction.
-        purged = await conn.fetchval(
-            "WITH gone AS (DELETE FROM inbox WHERE ctid = ANY(ARRAY("
-            " SELECT ctid FROM inbox WHERE processed_at < now() - make_interval(hours => $1)"
-            " ORDER BY processed_at LIMIT $2)) RETURNING 1) SELECT count(*) FROM gone",
-            self._settings.inbox_retention_hours,
-            self._settings.inbox_purge_slice,
-        )
-        self._inbox_behind = purged >= self._settings.inbox_purge_slice
+            self._outbox_behind = purged >= slice_
+        if due or self._inbox_behind:
+            purged = await conn.fetchval(
+                "WITH gone AS (DELETE FROM inbox WHERE ctid = ANY(ARRAY("
+                " SELECT ctid FROM inbox WHERE processed_at < now() - make_interval(hours => $1)"
+                " ORDER BY processed_at LIMIT $2)) RETURNING 1) SELECT count(*) FROM gone",
+                self._settings.inbox_retention_hours,
+                slice_,
+            )
+            self._inbox_behind = purged >= slice_
