@@ -18,11 +18,12 @@ is at least once, and receivers deduplicate on `webhook-id` (or the email's Mess
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from email.charset import QP, Charset
 from email.header import Header
@@ -38,7 +39,7 @@ import aiosmtplib
 import asyncpg
 import httpx
 
-from microcred_runtime import Runtime
+from microcred_runtime import Connection, Runtime
 
 from . import domain, egress, messages, repository, service
 from .domain import AttemptOutcome, AttemptResult, Channel, DeliveryState, RetryPolicy
@@ -47,8 +48,11 @@ from .settings import Settings, SmtpSecurity
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[Delivery], Awaitable[AttemptResult]]
+Deliver = Callable[[], Awaitable[AttemptResult]]
 """Makes one attempt at a delivery and says how it went; raising counts as a failed attempt."""
+Prepare = Callable[[Connection, Sequence[Delivery]], Awaitable[list[Deliver]]]
+"""Looks up, on one connection and with a few queries for them all, what the attempts at a
+claimed batch of deliveries need; gives the attempt to make at each."""
 
 # A claim outlives its attempt's timeout by this much, so only a dead replica's claim runs out.
 _LEASE_MARGIN_SECONDS = 60.0
@@ -71,7 +75,12 @@ _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.In
 
 
 class Worker:
-    """Delivers one channel's due deliveries, `concurrency` at a time, until stopped."""
+    """Delivers one channel's due deliveries, `concurrency` at a time, until stopped.
+
+    Deliveries are claimed a batch at a time, once half the slots are free (or none is busy), and
+    what their attempts need is looked up for the batch at once (`Prepare`); finished attempts are
+    recorded together, whenever the loop turns: the statements are paid per batch, not per delivery.
+    """
 
     def __init__(
         self,
@@ -79,7 +88,7 @@ class Worker:
         channel: Channel,
         pool: asyncpg.Pool,
         dsn: str,
-        send: Send,
+        prepare: Prepare,
         concurrency: int,
         attempt_timeout: float,
         retry: RetryPolicy,
@@ -90,8 +99,9 @@ class Worker:
         self.id = uuid.uuid4()
         self._pool = pool
         self._dsn = dsn
-        self._send = send
+        self._prepare = prepare
         self._concurrency = concurrency
+        self._batch = max(1, concurrency // 2)
         self._attempt_timeout = attempt_timeout
         self._lease = attempt_timeout + _LEASE_MARGIN_SECONDS
         self._retry = retry
@@ -100,6 +110,7 @@ class Worker:
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self._finished_attempts: list[repository.FinishedAttempt] = []  # not recorded yet
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -118,6 +129,7 @@ class Worker:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
+            await self._record()
             await self._hand_back(interrupted)
         if self._listener is not None:
             with contextlib.suppress(Exception):
@@ -128,9 +140,10 @@ class Worker:
             # Cleared before claiming: a NOTIFY that arrives while we claim keeps the flag set.
             self._wakeup.clear()
             await self._listen()
+            await self._record()
             wait = self._poll_interval
             free = self._concurrency - len(self._in_flight)
-            if free > 0:
+            if free >= self._batch or (free and not self._in_flight):
                 try:
                     wait = await self._claim_and_start(free)
                 except _DB_ERRORS as exc:
@@ -148,8 +161,11 @@ class Worker:
                 conn, self.channel, self.id, limit=free, lease_seconds=self._lease
             )
             next_due = None if len(claimed) == free else await repository.next_due(conn, self.channel)
-        for delivery in claimed:
-            task = asyncio.create_task(self._attempt(delivery), name=f"deliver-{delivery.delivery_id}")
+            attempts = await self._prepared(conn, claimed)
+        for delivery, deliver in zip(claimed, attempts, strict=True):
+            task = asyncio.create_task(
+                self._attempt(delivery, deliver), name=f"deliver-{delivery.delivery_id}"
+            )
             self._in_flight[task] = delivery
             task.add_done_callback(self._finished)
         if len(claimed) == free:
@@ -159,6 +175,24 @@ class Worker:
             return self._poll_interval
         until = (next_due - datetime.now(UTC)).total_seconds()
         return min(self._poll_interval, max(_MIN_WAIT_SECONDS, until))
+
+    async def _prepared(self, conn: Connection, claimed: Sequence[Delivery]) -> list[Deliver]:
+        if not claimed:
+            return []
+        try:
+            return await self._prepare(conn, claimed)
+        except _DB_ERRORS:
+            # Claimed, so their leases run out and they are tried again.
+            raise
+        except Exception as exc:
+            # The lookups' failure is each attempt's: recorded, and retried after a backoff.
+            log.exception("%s worker failed to prepare %d deliveries", self.channel, len(claimed))
+            failed = AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
+
+            async def fail() -> AttemptResult:
+                return failed
+
+            return [fail] * len(claimed)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
@@ -183,12 +217,12 @@ class Worker:
         if payload == self.channel:
             self._wakeup.set()
 
-    async def _attempt(self, delivery: Delivery) -> None:
+    async def _attempt(self, delivery: Delivery, deliver: Deliver) -> None:
         started_at = datetime.now(UTC)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._attempt_timeout):
-                result = await self._send(delivery)
+                result = await deliver()
         except TimeoutError:
             result = AttemptResult(
                 AttemptOutcome.TIMED_OUT, error=f"no answer within {self._attempt_timeout:g}s"
@@ -197,36 +231,44 @@ class Worker:
             result = AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
         duration_ms = round((time.monotonic() - started) * 1000)
         state, retry_in = self._retry.after(delivery.attempts, result)
-        context = {
-            "delivery_id": str(delivery.delivery_id),
-            "channel": self.channel,
-            "attempt": delivery.attempts,
-            "outcome": result.outcome,
-        }
+        self._finished_attempts.append(
+            repository.FinishedAttempt(delivery, started_at, duration_ms, result, state, retry_in)
+        )
+
+    async def _record(self) -> None:
+        """Record the finished attempts, in one statement."""
+        attempts, self._finished_attempts = self._finished_attempts, []
+        if not attempts:
+            return
         try:
             async with self._pool.acquire() as conn:
-                moved = await repository.record_attempt(
-                    conn,
-                    delivery,
-                    self.id,
-                    started_at=started_at,
-                    duration_ms=duration_ms,
-                    result=result,
-                    state=state,
-                    retry_in=retry_in,
-                )
+                moved = await repository.record_attempts(conn, self.id, attempts)
         except _DB_ERRORS as exc:
-            # The claim's lease runs out and the delivery is tried again: at least once, never lost.
-            log.warning("cannot record a delivery attempt: %s", exc, extra=context)
+            # The claims' leases run out and the deliveries are tried again: at least once, never lost.
+            log.warning("cannot record %d delivery attempts: %s", len(attempts), exc)
             return
-        if not moved:
-            log.info(
-                "delivery changed hands during the attempt (cancelled, or its lease ran out)", extra=context
-            )
-        elif state is DeliveryState.DEAD:
-            log.warning("delivery is dead: %s", result.error, extra=context)
-        elif state is DeliveryState.PENDING:
-            log.info("delivery attempt failed, retrying in %.1fs: %s", retry_in, result.error, extra=context)
+        for attempt in attempts:
+            delivery, result, state = attempt.delivery, attempt.result, attempt.state
+            context = {
+                "delivery_id": str(delivery.delivery_id),
+                "channel": self.channel,
+                "attempt": delivery.attempts,
+                "outcome": result.outcome,
+            }
+            if delivery.delivery_id not in moved:
+                log.info(
+                    "delivery changed hands during the attempt (cancelled, or its lease ran out)",
+                    extra=context,
+                )
+            elif state is DeliveryState.DEAD:
+                log.warning("delivery is dead: %s", result.error, extra=context)
+            elif state is DeliveryState.PENDING:
+                log.info(
+                    "delivery attempt failed, retrying in %.1fs: %s",
+                    attempt.retry_in,
+                    result.error,
+                    extra=context,
+                )
 
     async def _hand_back(self, interrupted: list[Delivery]) -> None:
         try:
@@ -357,13 +399,19 @@ def _text_part(text: str, subtype: str) -> MIMENonMultipart:
     return part
 
 
-def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnections) -> Send:
+def email_sender(settings: Settings, connections: SmtpConnections) -> Prepare:
     _, sender = parseaddr(settings.smtp_from)
     message_domain = sender.rpartition("@")[2]
 
-    async def send(delivery: Delivery) -> AttemptResult:
-        async with pool.acquire() as conn:
-            composed = await service.compose_email(conn, delivery)
+    async def prepare(conn: Connection, deliveries: Sequence[Delivery]) -> list[Deliver]:
+        return [
+            functools.partial(send, delivery, composed)
+            for delivery, composed in zip(
+                deliveries, await service.compose_emails(conn, deliveries), strict=True
+            )
+        ]
+
+    async def send(delivery: Delivery, composed: tuple[messages.Email, str, str] | None) -> AttemptResult:
         if composed is None:
             return AttemptResult(AttemptOutcome.FAILED, error="the learner's address is not known")
         email, address, name = composed
@@ -391,14 +439,22 @@ def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnec
             return AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
         return AttemptResult(AttemptOutcome.DELIVERED, status_code=250)
 
-    return send
+    return prepare
 
 
-def webhook_sender(pool: asyncpg.Pool, settings: Settings, client: httpx.AsyncClient) -> Send:
-    async def send(delivery: Delivery) -> AttemptResult:
-        assert delivery.subscription_id is not None
-        async with pool.acquire() as conn:
-            subscription = await repository.subscription(conn, delivery.subscription_id)
+def webhook_sender(settings: Settings, client: httpx.AsyncClient) -> Prepare:
+    async def prepare(conn: Connection, deliveries: Sequence[Delivery]) -> list[Deliver]:
+        found = await repository.subscriptions(
+            conn, [delivery.subscription_id for delivery in deliveries if delivery.subscription_id]
+        )
+        return [
+            functools.partial(
+                send, delivery, found.get(delivery.subscription_id) if delivery.subscription_id else None
+            )
+            for delivery in deliveries
+        ]
+
+    async def send(delivery: Delivery, subscription: repository.Subscription | None) -> AttemptResult:
         if subscription is None or subscription.disabled_at is not None:
             return AttemptResult(AttemptOutcome.REFUSED, error="the subscription is disabled")
         try:
@@ -435,7 +491,7 @@ def webhook_sender(pool: asyncpg.Pool, settings: Settings, client: httpx.AsyncCl
             error=f"HTTP {response.status_code}: {answer}" if answer else f"HTTP {response.status_code}",
         )
 
-    return send
+    return prepare
 
 
 async def _read_some(response: httpx.Response, limit: int = 500) -> str:
@@ -485,14 +541,14 @@ async def workers(runtime: Runtime[Any]) -> AsyncIterator[list[Worker]]:
         running = [
             Worker(
                 channel=Channel.EMAIL,
-                send=email_sender(runtime.pool, settings, connections),
+                prepare=email_sender(settings, connections),
                 concurrency=settings.email_concurrency,
                 attempt_timeout=settings.smtp_timeout_seconds,
                 **common,
             ),
             Worker(
                 channel=Channel.WEBHOOK,
-                send=webhook_sender(runtime.pool, settings, client),
+                prepare=webhook_sender(settings, client),
                 concurrency=settings.webhook_concurrency,
                 attempt_timeout=settings.webhook_timeout_seconds,
                 **common,

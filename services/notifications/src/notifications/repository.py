@@ -403,6 +403,15 @@ async def subscription(
     return _subscription(row) if row else None
 
 
+async def subscriptions(conn: Connection, subscription_ids: Sequence[UUID]) -> dict[UUID, Subscription]:
+    """The subscriptions of these ids that exist, by id; one query."""
+    rows = await conn.fetch(
+        f"SELECT {_SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE subscription_id = ANY($1::uuid[])",
+        list(set(subscription_ids)),
+    )
+    return {row["subscription_id"]: _subscription(row) for row in rows}
+
+
 async def subscriptions_page(
     conn: Connection,
     *,
@@ -573,45 +582,56 @@ async def next_due(conn: Connection, channel: str) -> datetime | None:
     return due
 
 
-async def record_attempt(
-    conn: Connection,
-    delivery: Delivery,
-    worker: UUID,
-    *,
-    started_at: datetime,
-    duration_ms: int,
-    result: AttemptResult,
-    state: DeliveryState,
-    retry_in: float | None,
-) -> bool:
-    """Record an attempt and move the delivery on; False if the claim was lost meanwhile (the
-    lease ran out, or the subscription was disabled), which leaves the delivery as it is.
+@dataclass(frozen=True)
+class FinishedAttempt:
+    """How one attempt at a claimed delivery went, and where it moves the delivery."""
 
-    One statement, so atomic without a transaction of its own: the attempt is recorded either way.
+    delivery: Delivery
+    started_at: datetime
+    duration_ms: int
+    result: AttemptResult
+    state: DeliveryState
+    retry_in: float | None
+
+
+async def record_attempts(conn: Connection, worker: UUID, attempts: Sequence[FinishedAttempt]) -> set[UUID]:
+    """Record attempts and move their deliveries on; returns the deliveries moved. One not moved
+    had its claim lost meanwhile (the lease ran out, or the subscription was disabled): it is left
+    as it is.
+
+    One statement, so atomic without a transaction of its own: the attempts are recorded either way.
     """
-    moved = await conn.fetchval(
+    if not attempts:
+        return set()
+    rows = await conn.fetch(
         "WITH attempt AS ("
+        "  SELECT * FROM unnest($2::uuid[], $3::int[], $4::timestamptz[], $5::int[], $6::text[],"
+        "  $7::int[], $8::text[], $9::text[], $10::float8[])"
+        "  AS a (delivery_id, attempt, started_at, duration_ms, outcome, status_code, error, state, retry_in)"
+        "), recorded AS ("
         "  INSERT INTO delivery_attempts (delivery_id, attempt, started_at, duration_ms, outcome,"
-        "  status_code, error) VALUES ($1, $6, $7, $8, $9, $10, $5)"
+        "  status_code, error) SELECT delivery_id, attempt, started_at, duration_ms, outcome, status_code,"
+        "  error FROM attempt"
         "), moved AS ("
-        "  UPDATE deliveries SET state = $3, claimed_by = NULL, updated_at = now(),"
-        "  next_attempt_at = now() + make_interval(secs => $4::float8),"
-        "  last_error = CASE WHEN $3 = 'delivered' THEN last_error ELSE $5 END,"
-        "  delivered_at = CASE WHEN $3 = 'delivered' THEN now() END"
-        "  WHERE delivery_id = $1 AND claimed_by = $2 AND state = 'sending' RETURNING 1"
-        ") SELECT count(*) > 0 FROM moved",
-        delivery.delivery_id,
+        "  UPDATE deliveries d SET state = a.state, claimed_by = NULL, updated_at = now(),"
+        "  next_attempt_at = now() + make_interval(secs => a.retry_in),"
+        "  last_error = CASE WHEN a.state = 'delivered' THEN d.last_error ELSE a.error END,"
+        "  delivered_at = CASE WHEN a.state = 'delivered' THEN now() END"
+        "  FROM attempt a WHERE d.delivery_id = a.delivery_id AND d.claimed_by = $1 AND d.state = 'sending'"
+        "  RETURNING d.delivery_id"
+        ") SELECT delivery_id FROM moved",
         worker,
-        state,
-        retry_in,
-        result.error,
-        delivery.attempts,
-        started_at,
-        duration_ms,
-        result.outcome,
-        result.status_code,
+        [attempt.delivery.delivery_id for attempt in attempts],
+        [attempt.delivery.attempts for attempt in attempts],
+        [attempt.started_at for attempt in attempts],
+        [attempt.duration_ms for attempt in attempts],
+        [attempt.result.outcome for attempt in attempts],
+        [attempt.result.status_code for attempt in attempts],
+        [attempt.result.error for attempt in attempts],
+        [attempt.state for attempt in attempts],
+        [attempt.retry_in for attempt in attempts],
     )
-    return bool(moved)
+    return {row["delivery_id"] for row in rows}
 
 
 async def hand_back(conn: Connection, worker: UUID, delivery_ids: Sequence[UUID], reason: str) -> None:

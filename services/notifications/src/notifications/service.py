@@ -8,7 +8,7 @@ themselves) and the emails and webhooks still to send. Sending is the delivery w
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -233,6 +233,13 @@ async def content(conn: Connection, event: Event) -> messages.Content:
         achievement, link = known or (None, None)
         return messages.Content(event, achievement=achievement, link=link)
     return messages.Content(event, course=course)
+
+
+async def compose_emails(
+    conn: Connection, deliveries: Sequence[Delivery]
+) -> list[tuple[messages.Email, str, str] | None]:
+    """`compose_email` of each claimed delivery, on one connection."""
+    return [await compose_email(conn, delivery) for delivery in deliveries]
 
 
 async def compose_email(conn: Connection, delivery: Delivery) -> tuple[messages.Email, str, str] | None:

@@ -31,7 +31,12 @@ class Settings(ServiceSettings):
     )
     smtp_username: str | None = Field(default=None, description="Log in with this user, if set.")
     smtp_password: SecretStr | None = Field(default=None, description="With SMTP_USERNAME.")
-    email_concurrency: int = Field(default=4, ge=1, le=100, description="Emails in flight at once.")
+    email_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=100,
+        description="Emails in flight at once (a claim takes half of them at least).",
+    )
 
     webhook_timeout_seconds: float = Field(
         default=10.0, gt=0, description="Longest a subscriber may take to answer one delivery."
