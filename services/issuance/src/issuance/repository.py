@@ -91,8 +91,10 @@ async def _lock(conn: Connection, function: str, keys: set[int]) -> None:
         return
     await conn.execute(_BOUND_WAITS, LOCK_TIMEOUT, IDLE_HOLDER_TIMEOUT)
     try:
-        for key in sorted(keys):
-            await conn.execute(f"SELECT {function}($1)", key)
+        # All in one statement: unnest gives the keys in the array's (ascending) order, and each is
+        # locked as its row is counted, so in that order (the functions are parallel restricted:
+        # never in a worker).
+        await conn.execute(f"SELECT count({function}(key)) FROM unnest($1::bigint[]) AS key", sorted(keys))
     except asyncpg.LockNotAvailableError as exc:
         raise LockWaitTimedOut(
             f"advisory locks were not granted within {LOCK_TIMEOUT} in all: another transaction holds one"
