@@ -15,10 +15,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+from opentelemetry import trace
 
 from issuance.keys import generate_key, load_keyring
 from issuance.main import service
-from issuance.service import Platform
+from issuance.service import Platform, issue_course_credentials
 from microcred_events import (
     CompletedBy,
     CourseCompleted,
@@ -28,6 +29,8 @@ from microcred_events import (
     PathwaySnapshot,
     example_data,
 )
+from microcred_runtime import Connection
+from microcred_runtime.consumers import Delivery
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -116,3 +119,9 @@ def a_completion(course: CourseSnapshot, learner: Learner) -> CourseCompleted:
 
 def published(course: CourseSnapshot) -> CoursePublished:
     return CoursePublished(course=course, published_at=datetime.now(UTC))
+
+
+async def mint(conn: Connection, platform: Platform, *completions: CourseCompleted) -> None:
+    """Apply completions as the consumer does, as one batch (each delivered under the current span)."""
+    span = trace.get_current_span()
+    await issue_course_credentials(conn, platform, [Delivery(completion, span) for completion in completions])

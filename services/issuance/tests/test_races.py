@@ -18,7 +18,7 @@ from issuance.service import Platform
 from microcred_events import PathwayPublished
 from microcred_runtime.consumers import is_outage
 
-from .conftest import a_completion, a_course, a_learner, a_pathway, published
+from .conftest import a_completion, a_course, a_learner, a_pathway, mint, published
 
 pytestmark = pytest.mark.integration
 
@@ -96,15 +96,15 @@ async def test_two_last_course_credentials_minted_at_once_mint_the_pathway_crede
         )
         # Someone else's credential opens the status list: the first credential would otherwise
         # open it, and the second would wait for that row, not for the lock this test is about.
-        await service.issue_course_credential(conn, platform, a_completion(first, a_learner()))
+        await mint(conn, platform, a_completion(first, a_learner()))
 
     await setup(database, catalog)
 
     async def complete_first(conn: asyncpg.Connection) -> None:
-        await service.issue_course_credential(conn, platform, a_completion(first, learner))
+        await mint(conn, platform, a_completion(first, learner))
 
     async def complete_second(conn: asyncpg.Connection) -> None:
-        await service.issue_course_credential(conn, platform, a_completion(second, learner))
+        await mint(conn, platform, a_completion(second, learner))
 
     await race(database, complete_first, complete_second)
 
@@ -138,7 +138,7 @@ async def test_a_pathway_published_while_its_last_course_credential_is_minted_is
     async def catalog_and_first_course(conn: asyncpg.Connection) -> None:
         for course in (first, second):
             await service.record_course(conn, platform, published(course))
-        await service.issue_course_credential(conn, platform, a_completion(first, learner))
+        await mint(conn, platform, a_completion(first, learner))
 
     await setup(database, catalog_and_first_course)
 
@@ -148,7 +148,7 @@ async def test_a_pathway_published_while_its_last_course_credential_is_minted_is
         )
 
     async def complete_last(conn: asyncpg.Connection) -> None:
-        await service.issue_course_credential(conn, platform, a_completion(second, learner))
+        await mint(conn, platform, a_completion(second, learner))
 
     if pathway_first:
         await race(database, publish_pathway, complete_last)
@@ -173,7 +173,7 @@ async def test_a_completion_parked_while_its_course_version_arrives_is_minted(
     completion = a_completion(course, a_learner())
 
     async def complete(conn: asyncpg.Connection) -> None:
-        await service.issue_course_credential(conn, platform, completion)
+        await mint(conn, platform, completion)
 
     async def publish_version(conn: asyncpg.Connection) -> None:
         await service.record_course(conn, platform, published(course))
@@ -190,6 +190,43 @@ async def test_a_completion_parked_while_its_course_version_arrives_is_minted(
         == 1
     )
     assert await count(database, "SELECT count(*) FROM awaiting_course_version") == 0
+
+
+async def test_two_batches_with_a_completion_in_common_at_once_mint_its_credential_once(
+    database: str, platform: Platform
+) -> None:
+    course = a_course()
+
+    async def catalog(conn: asyncpg.Connection) -> None:
+        await service.record_course(conn, platform, published(course))
+        # Opens the status list: both batches would otherwise wait for its row, not for each other.
+        await mint(conn, platform, a_completion(course, a_learner()))
+
+    await setup(database, catalog)
+    common = a_completion(course, a_learner())  # e.g. reported again, under another event id
+    others = [a_completion(course, a_learner()) for _ in range(3)]
+
+    async def first(conn: asyncpg.Connection) -> None:
+        await mint(conn, platform, a_completion(course, a_learner()), common)
+
+    async def second(conn: asyncpg.Connection) -> None:
+        await mint(conn, platform, *others, common)
+
+    # The second waits for the first's credential of the enrollment, and then fails on it...
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await race(database, first, second)
+    # ...and is applied again (the runtime gives it halves, down to the event at fault alone).
+    await setup(database, second)
+
+    for completion in [common, *others]:
+        assert (
+            await count(
+                database,
+                "SELECT count(*) FROM credentials WHERE enrollment_id = $1",
+                completion.enrollment_id,
+            )
+            == 1
+        )
 
 
 async def test_a_lock_held_past_the_lock_timeout_is_an_outage_not_the_event_s_fault(
@@ -209,9 +246,7 @@ async def test_a_lock_held_past_the_lock_timeout_is_an_outage_not_the_event_s_fa
             await repository.lock_courses(stuck, [course.course_id], exclusive=True)
             with pytest.raises(repository.LockWaitTimedOut) as timed_out:
                 async with asyncio.timeout(10), waiting.transaction():
-                    await service.issue_course_credential(
-                        waiting, platform, a_completion(course, a_learner())
-                    )
+                    await mint(waiting, platform, a_completion(course, a_learner()))
         # The consumer's batch is redelivered after a pause, never dead-lettered for it.
         assert is_outage(timed_out.value)
 
@@ -242,7 +277,7 @@ async def test_a_lock_holder_idle_in_its_transaction_is_ended_and_the_waiting_ba
         await repository.lock_courses(stuck, [course.course_id], exclusive=True)
 
         async with asyncio.timeout(10), waiting.transaction():
-            await service.issue_course_credential(waiting, platform, a_completion(course, learner))
+            await mint(waiting, platform, a_completion(course, learner))
 
         # PostgreSQL ended the holder's session; woken, its batch meets an outage (redelivered).
         with pytest.raises((asyncpg.InterfaceError, asyncpg.InternalClientError)) as ended:

@@ -13,7 +13,7 @@ from issuance.sweeper import Sweeper
 from microcred_events import CourseCompleted, CourseSnapshot, PathwayPublished, PathwaySnapshot
 from microcred_runtime import Principal, Role
 
-from .conftest import a_completion, a_course, a_learner, a_pathway, published
+from .conftest import a_completion, a_course, a_learner, a_pathway, mint, published
 
 ADMIN = Principal("admin-1", frozenset({Role.ADMIN}))
 
@@ -47,7 +47,7 @@ class Revoked:
                 await service.record_course(conn, self.platform, published(course))
             await service.record_pathway(conn, self.platform, pathway_published(self.pathway))
             for completion in self.completions:
-                await service.issue_course_credential(conn, self.platform, completion)
+                await mint(conn, self.platform, completion)
         (stacked,) = await self.pathway_credentials()
         async with self.pool.acquire() as conn, conn.transaction():
             await service.revoke_credential(conn, self.platform, ADMIN, stacked, "awarded by mistake")
@@ -59,7 +59,7 @@ class Revoked:
 
     async def complete(self, completion: CourseCompleted) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await service.issue_course_credential(conn, self.platform, completion)
+            await mint(conn, self.platform, completion)
 
     async def pathway_credentials(self) -> list[UUID]:
         rows = await self.pool.fetch(

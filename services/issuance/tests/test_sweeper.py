@@ -22,7 +22,7 @@ from issuance.service import Platform
 from issuance.sweeper import Sweeper
 from microcred_events import CourseCompleted, Learner, PathwaySnapshot
 
-from .conftest import a_completion, a_course, a_learner, a_pathway, published
+from .conftest import a_completion, a_course, a_learner, a_pathway, mint, published
 
 pytestmark = pytest.mark.integration
 
@@ -44,9 +44,9 @@ async def leave_behind(pool: asyncpg.Pool, platform: Platform) -> LeftBehind:
     async with pool.acquire() as conn, conn.transaction():
         for course in (first, second):
             await service.record_course(conn, platform, published(course))
-            await service.issue_course_credential(conn, platform, a_completion(course, learner))
+            await mint(conn, platform, a_completion(course, learner))
         await repository.record_pathway(conn, pathway)
-        await repository.park_completion(conn, parked)
+        await repository.park_completions(conn, [parked])
         await repository.record_course_version(conn, third)
     return LeftBehind(learner, pathway, parked)
 

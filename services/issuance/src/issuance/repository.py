@@ -1,7 +1,7 @@
 """Issuance's tables, as plain SQL."""
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -40,12 +40,13 @@ LOCK_TIMEOUT = "75s"
 # How long a transaction that took one of these locks may sit idle before PostgreSQL ends its
 # session, and with it the transaction and its locks (idle_in_transaction_session_timeout, set for
 # the rest of the transaction). Between two statements a holder waits for nothing but its own work
-# on the event loop, signing a credential taking milliseconds: no Kafka (the outbox is a table,
-# offsets are committed after the COMMIT, dead letters and retry pauses come between transactions)
-# and no HTTP. One idle this long is stuck: its process frozen, or its host gone, which PostgreSQL
-# would otherwise notice only when TCP keepalives give up (about two hours by default). Well within
-# LOCK_TIMEOUT, so those waiting for it proceed; if the holder wakes, it finds its connection
-# closed: an outage, and its batch is redelivered.
+# on the event loop, the longest being signing a batch's credentials: about a CPU-millisecond each,
+# a second or so for the largest batch (CONSUMER_BATCH_SIZE is at most 1,000). No Kafka (the
+# outbox is a table, offsets are committed after the COMMIT, dead letters and retry pauses come
+# between transactions) and no HTTP. One idle this long is stuck: its process frozen, or its host
+# gone, which PostgreSQL would otherwise notice only when TCP keepalives give up (about two hours
+# by default). Well within LOCK_TIMEOUT, so those waiting for it proceed; if the holder wakes, it
+# finds its connection closed: an outage, and its batch is redelivered.
 IDLE_HOLDER_TIMEOUT = "30s"
 
 # The transaction's first lock wait sets its deadline (a setting of the transaction's own, gone at
@@ -91,8 +92,10 @@ async def _lock(conn: Connection, function: str, keys: set[int]) -> None:
         return
     await conn.execute(_BOUND_WAITS, LOCK_TIMEOUT, IDLE_HOLDER_TIMEOUT)
     try:
-        for key in sorted(keys):
-            await conn.execute(f"SELECT {function}($1)", key)
+        # All in one statement: unnest gives the keys in the array's (ascending) order, and each is
+        # locked as its row is counted, so in that order (the functions are parallel restricted:
+        # never in a worker).
+        await conn.execute(f"SELECT count({function}(key)) FROM unnest($1::bigint[]) AS key", sorted(keys))
     except asyncpg.LockNotAvailableError as exc:
         raise LockWaitTimedOut(
             f"advisory locks were not granted within {LOCK_TIMEOUT} in all: another transaction holds one"
@@ -123,11 +126,20 @@ async def record_course_version(conn: Connection, course: CourseSnapshot) -> boo
     return bool(stored)
 
 
-async def course_version(conn: Connection, course_id: UUID, version: int) -> CourseSnapshot | None:
-    snapshot = await conn.fetchval(
-        "SELECT snapshot FROM course_versions WHERE course_id = $1 AND version = $2", course_id, version
+async def course_versions(
+    conn: Connection, wanted: Collection[tuple[UUID, int]]
+) -> dict[tuple[UUID, int], CourseSnapshot]:
+    """The versions held of those wanted, by (course id, version)."""
+    rows = await conn.fetch(
+        "SELECT course_id, version, snapshot FROM course_versions"
+        " WHERE (course_id, version) IN (SELECT * FROM unnest($1::uuid[], $2::bigint[]))",
+        [course_id for course_id, _ in wanted],
+        [version for _, version in wanted],
     )
-    return CourseSnapshot.model_validate_json(snapshot) if snapshot else None
+    return {
+        (row["course_id"], row["version"]): CourseSnapshot.model_validate_json(row["snapshot"])
+        for row in rows
+    }
 
 
 async def record_issuer(conn: Connection, issuer: Issuer) -> None:
@@ -169,9 +181,10 @@ async def pathway(conn: Connection, pathway_id: UUID) -> PathwaySnapshot | None:
     return PathwaySnapshot.model_validate_json(snapshot) if snapshot else None
 
 
-async def pathways_with_course(conn: Connection, course_id: UUID) -> list[PathwaySnapshot]:
+async def pathways_with_courses(conn: Connection, course_ids: Collection[UUID]) -> list[PathwaySnapshot]:
+    """The pathways with any of these courses, by pathway id."""
     rows = await conn.fetch(
-        "SELECT snapshot FROM pathways WHERE course_ids @> ARRAY[$1::uuid] ORDER BY pathway_id", course_id
+        "SELECT snapshot FROM pathways WHERE course_ids && $1::uuid[] ORDER BY pathway_id", list(course_ids)
     )
     return [PathwaySnapshot.model_validate_json(row["snapshot"]) for row in rows]
 
@@ -179,14 +192,17 @@ async def pathways_with_course(conn: Connection, course_id: UUID) -> list[Pathwa
 # --- completions waiting for their course version --------------------------------------------
 
 
-async def park_completion(conn: Connection, completion: CourseCompleted) -> None:
+async def park_completions(conn: Connection, completions: Sequence[CourseCompleted]) -> None:
+    if not completions:
+        return
     await conn.execute(
         "INSERT INTO awaiting_course_version (enrollment_id, course_id, course_version, completion)"
-        " VALUES ($1, $2, $3, $4) ON CONFLICT (enrollment_id) DO NOTHING",
-        completion.enrollment_id,
-        completion.course_id,
-        completion.course_version,
-        completion.model_dump_json(),
+        " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::jsonb[])"
+        " ON CONFLICT (enrollment_id) DO NOTHING",
+        [completion.enrollment_id for completion in completions],
+        [completion.course_id for completion in completions],
+        [completion.course_version for completion in completions],
+        [completion.model_dump_json() for completion in completions],
     )
 
 
@@ -240,33 +256,34 @@ async def take_parked_completion(conn: Connection, enrollment_id: UUID) -> Cours
 
 # --- credentials -----------------------------------------------------------------------------
 
-_COLUMN_NAMES = (
-    "credential_id",
-    "kind",
-    "learner_id",
-    "learner_email",
-    "learner_display_name",
-    "enrollment_id",
-    "course_id",
-    "course_version",
-    "pathway_id",
-    "pathway_version",
-    "issuer_id",
-    "achievement_id",
-    "achievement_name",
-    "document",
-    "document_sha256",
-    "issued_at",
-    "valid_until",
-    "revocation_list_id",
-    "revocation_index",
-    "revoked_at",
-    "revocation_reason",
-    "suspended_at",
-    "suspension_reason",
-)
-_COLUMNS = ", ".join(_COLUMN_NAMES)
-_PLACEHOLDERS = ", ".join(f"${number}" for number in range(1, len(_COLUMN_NAMES) + 1))
+# A credential's columns and their types, in the order of `_values`.
+_COLUMN_TYPES = {
+    "credential_id": "uuid",
+    "kind": "text",
+    "learner_id": "uuid",
+    "learner_email": "text",
+    "learner_display_name": "text",
+    "enrollment_id": "uuid",
+    "course_id": "uuid",
+    "course_version": "bigint",
+    "pathway_id": "uuid",
+    "pathway_version": "bigint",
+    "issuer_id": "uuid",
+    "achievement_id": "uuid",
+    "achievement_name": "text",
+    "document": "text",
+    "document_sha256": "text",
+    "issued_at": "timestamptz",
+    "valid_until": "timestamptz",
+    "revocation_list_id": "uuid",
+    "revocation_index": "integer",
+    "revoked_at": "timestamptz",
+    "revocation_reason": "text",
+    "suspended_at": "timestamptz",
+    "suspension_reason": "text",
+}
+_COLUMNS = ", ".join(_COLUMN_TYPES)
+_ARRAYS = ", ".join(f"${number}::{type_}[]" for number, type_ in enumerate(_COLUMN_TYPES.values(), 1))
 
 
 def _credential(row: asyncpg.Record) -> Credential:
@@ -299,12 +316,8 @@ def _credential(row: asyncpg.Record) -> Credential:
     )
 
 
-async def insert_credential(conn: Connection, credential: Credential) -> None:
-    """Record a new credential. A second course credential for an enrollment, or a second live
-    pathway credential, violates a unique constraint: the caller's transaction fails and is retried,
-    and the retry finds the credential that won."""
-    await conn.execute(
-        f"INSERT INTO credentials ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
+def _values(credential: Credential) -> tuple[object, ...]:
+    return (
         credential.credential_id,
         credential.kind,
         credential.learner.learner_id,
@@ -331,6 +344,16 @@ async def insert_credential(conn: Connection, credential: Credential) -> None:
     )
 
 
+async def insert_credentials(conn: Connection, credentials: Sequence[Credential]) -> None:
+    """Record new credentials, in one statement. A second course credential for an enrollment, or a
+    second live pathway credential, violates a unique constraint: the caller's transaction fails and
+    is retried, and the retry finds the credential that won."""
+    columns = zip(*map(_values, credentials), strict=True)
+    await conn.execute(
+        f"INSERT INTO credentials ({_COLUMNS}) SELECT * FROM unnest({_ARRAYS})", *map(list, columns)
+    )
+
+
 async def get_credential(
     conn: Connection, credential_id: UUID, *, for_update: bool = False
 ) -> Credential | None:
@@ -341,11 +364,13 @@ async def get_credential(
     return _credential(row) if row else None
 
 
-async def credential_for_enrollment(conn: Connection, enrollment_id: UUID) -> UUID | None:
-    credential_id: UUID | None = await conn.fetchval(
-        "SELECT credential_id FROM credentials WHERE enrollment_id = $1", enrollment_id
+async def credentials_for_enrollments(conn: Connection, enrollment_ids: Collection[UUID]) -> dict[UUID, UUID]:
+    """The credential ids of those of these enrollments that have one, by enrollment id."""
+    rows = await conn.fetch(
+        "SELECT enrollment_id, credential_id FROM credentials WHERE enrollment_id = ANY($1::uuid[])",
+        list(enrollment_ids),
     )
-    return credential_id
+    return {row["enrollment_id"]: row["credential_id"] for row in rows}
 
 
 async def save_status(conn: Connection, credential: Credential) -> None:
@@ -563,15 +588,19 @@ async def create_status_list(
     return bool(created)
 
 
-async def claim_status_index(conn: Connection, list_id: UUID, index: int) -> bool:
-    """Take an index of the list; False when it is taken (or being taken by a concurrent transaction)."""
-    claimed = await conn.fetchval(
-        "INSERT INTO status_indexes (list_id, list_index) VALUES ($1, $2)"
-        " ON CONFLICT DO NOTHING RETURNING true",
+async def claim_status_indexes(conn: Connection, list_id: UUID, indexes: Collection[int]) -> set[int]:
+    """Take these indexes of the list, in one statement; returns those taken now, without those
+    taken already (or being taken by a concurrent transaction)."""
+    # In ascending order: two transactions claiming some of the same indexes, each waiting for the
+    # other's, always wait in the same direction, never for each other.
+    rows = await conn.fetch(
+        "INSERT INTO status_indexes (list_id, list_index)"
+        " SELECT $1, index FROM unnest($2::integer[]) AS index"
+        " ON CONFLICT DO NOTHING RETURNING list_index",
         list_id,
-        index,
+        sorted(indexes),
     )
-    return bool(claimed)
+    return {row["list_index"] for row in rows}
 
 
 async def close_status_list(conn: Connection, list_id: UUID) -> None:

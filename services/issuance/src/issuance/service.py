@@ -2,12 +2,18 @@
 
 Exactly one credential per completed enrollment: a completion that finds a credential for its
 enrollment changes nothing, whatever its event id, and the unique constraint on `enrollment_id`
-settles a race between two consumers (the loser's transaction fails, is retried, and finds the
-credential). A pathway credential is minted when a course credential completes a pathway, or when
-a pathway arrives that a learner's credentials already complete; a partial unique index keeps it
-to one live credential per learner and pathway. One that staff revoked stands until a course
-credential issued after the revocation earns it again: the rule the sweeper finds missing pathway
-credentials by (`repository.misses_pathway_credential`), so neither mints what the other would not.
+settles a race between two consumers (the loser's batch fails and is applied again, in halves
+down to the event at fault alone, which then finds the credential). A pathway credential is
+minted when a course credential completes a pathway, or when a pathway arrives that a learner's
+credentials already complete; a partial unique index keeps it to one live credential per learner
+and pathway. One that staff revoked stands until a course credential issued after the revocation
+earns it again: the rule the sweeper finds missing pathway credentials by
+(`repository.misses_pathway_credential`), so neither mints what the other would not.
+
+Completions are minted a consumer batch at a time (`issue_course_credentials`), each step one
+statement for the whole batch (which enrollments have a credential, the courses' locks and
+versions, parking, status indexes, the credentials, their events), learner by learner only where
+a course is in a pathway: with the result of minting them one by one, in their order.
 
 Several replicas apply events at once, under READ COMMITTED: decisions that read rows other
 events write take transaction-level advisory locks (held until the consumer's batch commits), so
@@ -23,24 +29,31 @@ whichever of two racing transactions reads second reads after the first has comm
   the sweeper): of two of the learner's last course credentials minted at once, the second sees
   the first.
 
-Order, in every use case: course locks (ascending key), then learner locks (ascending key). A
-consumer applies a batch of events in one transaction, so two batches can still take locks of
-different events in opposite orders; PostgreSQL then detects the deadlock and fails one batch,
-which the runtime applies again (the failed event alone, retried), with nothing half-done: the
+Order, in every use case: course locks (ascending key), then learner locks (ascending key); a
+batch of completions takes all its courses' locks in one step, then all its stacking learners'.
+A consumer applies a poll's events in one transaction, several use cases in a row (e.g. a course
+version between completions), so two batches can still take locks of different events in
+opposite orders; PostgreSQL then detects the deadlock and fails one batch, which the runtime
+applies again (in halves, down to the failed event alone, retried), with nothing half-done: the
 locks only make a transaction wait, never decide anything by themselves. A wait longer than
 `repository.LOCK_TIMEOUT` (a stuck holder) fails the transaction as an outage, redelivered later.
 The sweeper (`sweeper.py`) finishes whatever is still found left behind.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
+import random
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
+
+from opentelemetry import trace
 
 from microcred_events import (
     CourseCompleted,
@@ -53,6 +66,7 @@ from microcred_events import (
     PathwaySnapshot,
 )
 from microcred_runtime import AuditEntry, Connection, Principal, Problem, decode_cursor, encode_cursor, outbox
+from microcred_runtime.consumers import Delivery
 
 from . import domain, proofs, repository, status_list
 from .domain import Credential, Issuance, StatusChangeRefused
@@ -65,6 +79,7 @@ STATUS_PURPOSE = "revocation"
 # Random indexes collide more often as a list fills; after this many collisions in a row it counts
 # as full (about 80% used, when a collision is that likely) and a new list is opened.
 _INDEX_ATTEMPTS = 8
+_random = random.SystemRandom()  # the operating system's randomness, as `secrets` draws from
 
 
 @dataclass(frozen=True)
@@ -127,11 +142,9 @@ async def record_course(conn: Connection, platform: Platform, event: CoursePubli
     # shared), so the take below sees their rows; any that come later see this version.
     await repository.lock_courses(conn, [course.course_id], exclusive=True)
     parked = await repository.take_parked_completions(conn, course.course_id, course.version)
-    # All their learners at once, in the lock order, rather than one by one as each stacks.
-    await repository.lock_learners(conn, {completion.learner.learner_id for completion in parked})
     for completion in parked:
         log.info("minting a parked completion", extra={"enrollment_id": str(completion.enrollment_id)})
-        await _issue_course_credential(conn, platform, completion, course)
+    await issue_course_credentials(conn, platform, [_here(completion) for completion in parked])
 
 
 async def record_pathway(conn: Connection, platform: Platform, event: PathwayPublished) -> None:
@@ -155,61 +168,116 @@ async def record_pathway(conn: Connection, platform: Platform, event: PathwayPub
 # --- minting ---------------------------------------------------------------------------------
 
 
-async def issue_course_credential(conn: Connection, platform: Platform, completion: CourseCompleted) -> None:
-    """Mint, sign and record the credential a completion earns, once per enrollment.
+async def issue_course_credentials(
+    conn: Connection, platform: Platform, deliveries: Sequence[Delivery]
+) -> None:
+    """Mint, sign and record the credentials completions earn (each delivery's content is a
+    `CourseCompleted`), once per enrollment, in their order: of two of one enrollment the first
+    counts, and a learner's pathway is completed by all of theirs.
 
     The course version may not have reached us yet (catalog and enrollment are separate topics):
     the completion then waits in `awaiting_course_version` and is minted when that version arrives.
     """
-    context = {"enrollment_id": str(completion.enrollment_id), "course_id": str(completion.course_id)}
-    existing = await repository.credential_for_enrollment(conn, completion.enrollment_id)
-    if existing is not None:
-        log.info("completion already has its credential", extra={**context, "credential_id": str(existing)})
+    completions = await _without_credentials(conn, deliveries)
+    if not completions:
         return
-    await repository.lock_courses(conn, [completion.course_id], exclusive=False)
-    course = await repository.course_version(conn, completion.course_id, completion.course_version)
-    if course is None:
-        log.warning(
-            "course version %d not known yet; the completion waits for it",
-            completion.course_version,
-            extra=context,
-        )
-        await repository.park_completion(conn, completion)
-        return
-    await _issue_course_credential(conn, platform, completion, course)
-
-
-async def _issue_course_credential(
-    conn: Connection, platform: Platform, completion: CourseCompleted, course: CourseSnapshot
-) -> None:
-    now = _now()
-    issuance = await _issuance(conn, platform, course.issuer.issuer_id, now)
-    document = platform.sign(domain.course_credential(issuance, course, completion), issuance.issuer_did, now)
-    credential = Credential(
-        credential_id=issuance.credential_id,
-        kind=CredentialKind.COURSE,
-        learner=completion.learner,
-        issuer_id=course.issuer.issuer_id,
-        achievement_id=course.achievement.achievement_id,
-        achievement_name=course.achievement.name,
-        document=document,
-        document_sha256=sha256(document),
-        issued_at=issuance.issued_at,
-        valid_until=domain.valid_until(course, issuance.issued_at),
-        revocation_list_id=issuance.status_list_id,
-        revocation_index=issuance.status_index,
-        enrollment_id=completion.enrollment_id,
-        course_id=course.course_id,
-        course_version=course.version,
+    await repository.lock_courses(
+        conn, {completion.course_id for _, completion in completions}, exclusive=False
     )
-    await _record(conn, platform, credential)
-    await _stack(conn, platform, completion.learner, course.course_id, now)
+    courses = await repository.course_versions(
+        conn, {(completion.course_id, completion.course_version) for _, completion in completions}
+    )
+    earned: list[tuple[trace.Span, CourseCompleted, CourseSnapshot]] = []
+    parked: list[CourseCompleted] = []
+    for delivery, completion in completions:
+        course = courses.get((completion.course_id, completion.course_version))
+        if course is not None:
+            earned.append((delivery.span, completion, course))
+            continue
+        with delivery.current():
+            log.warning(
+                "course version %d not known yet; the completion waits for it",
+                completion.course_version,
+                extra=_context(completion),
+            )
+        parked.append(completion)
+    await repository.park_completions(conn, parked)
+    if earned:
+        await _issue_course_credentials(conn, platform, earned)
+
+
+async def _without_credentials(
+    conn: Connection, deliveries: Sequence[Delivery]
+) -> list[tuple[Delivery, CourseCompleted]]:
+    """The completions of enrollments without a credential, the first of each enrollment."""
+    if not deliveries:
+        return []
+    existing = await repository.credentials_for_enrollments(
+        conn, {delivery.content.enrollment_id for delivery in deliveries}
+    )
+    first: dict[UUID, tuple[Delivery, CourseCompleted]] = {}
+    for delivery in deliveries:
+        completion: CourseCompleted = delivery.content
+        credential_id = existing.get(completion.enrollment_id)
+        if credential_id is None and completion.enrollment_id not in first:
+            first[completion.enrollment_id] = (delivery, completion)
+            continue
+        with delivery.current():
+            if credential_id is not None:
+                log.info(
+                    "completion already has its credential",
+                    extra={**_context(completion), "credential_id": str(credential_id)},
+                )
+            else:
+                log.info("completion repeats an earlier one of its batch", extra=_context(completion))
+    return list(first.values())
+
+
+async def _issue_course_credentials(
+    conn: Connection, platform: Platform, earned: Sequence[tuple[trace.Span, CourseCompleted, CourseSnapshot]]
+) -> None:
+    """Mint the credentials; each is recorded in the span of the event that earned it."""
+    now = _now()
+    issuances = await _issuances(conn, platform, [course.issuer.issuer_id for _, _, course in earned], now)
+    issued: list[tuple[trace.Span, Credential]] = []
+    for (span, completion, course), issuance in zip(earned, issuances, strict=True):
+        document = platform.sign(
+            domain.course_credential(issuance, course, completion), issuance.issuer_did, now
+        )
+        credential = Credential(
+            credential_id=issuance.credential_id,
+            kind=CredentialKind.COURSE,
+            learner=completion.learner,
+            issuer_id=course.issuer.issuer_id,
+            achievement_id=course.achievement.achievement_id,
+            achievement_name=course.achievement.name,
+            document=document,
+            document_sha256=sha256(document),
+            issued_at=issuance.issued_at,
+            valid_until=domain.valid_until(course, issuance.issued_at),
+            revocation_list_id=issuance.status_list_id,
+            revocation_index=issuance.status_index,
+            enrollment_id=completion.enrollment_id,
+            course_id=course.course_id,
+            course_version=course.version,
+        )
+        issued.append((span, credential))
+        # Signing is CPU work: between two, the event loop's other work goes on (the consumer
+        # group's heartbeats among it, which a large batch would otherwise hold up for seconds).
+        await asyncio.sleep(0)
+    await _record(conn, platform, issued)
+    await _stack(
+        conn,
+        platform,
+        [(span, completion.learner, course.course_id) for span, completion, course in earned],
+        now,
+    )
 
 
 async def _issue_pathway_credential(
     conn: Connection, platform: Platform, pathway: PathwaySnapshot, learner: Learner, now: datetime
 ) -> None:
-    issuance = await _issuance(conn, platform, pathway.issuer.issuer_id, now)
+    (issuance,) = await _issuances(conn, platform, [pathway.issuer.issuer_id], now)
     document = platform.sign(domain.pathway_credential(issuance, pathway, learner), issuance.issuer_did, now)
     credential = Credential(
         credential_id=issuance.credential_id,
@@ -227,67 +295,110 @@ async def _issue_pathway_credential(
         pathway_id=pathway.pathway_id,
         pathway_version=pathway.version,
     )
-    await _record(conn, platform, credential)
+    await _record(conn, platform, [(trace.get_current_span(), credential)])
 
 
 async def _stack(
-    conn: Connection, platform: Platform, learner: Learner, course_id: UUID, now: datetime
+    conn: Connection, platform: Platform, earned: Sequence[tuple[trace.Span, Learner, UUID]], now: datetime
 ) -> None:
-    """Mint the pathway credentials the learner's current course credentials now complete.
+    """Mint the pathway credentials that learners' current course credentials now complete, after
+    they earned (or got back) credentials for these courses: (span, learner, course id) each.
 
-    The caller holds the course's lock, so no pathway of the course is being recorded meanwhile."""
-    pathways = await repository.pathways_with_course(conn, course_id)
+    The caller holds the courses' locks, so no pathway of them is being recorded meanwhile. Few
+    courses are in a pathway: only their learners are locked and looked at, one by one."""
+    pathways = await repository.pathways_with_courses(conn, {course_id for _, _, course_id in earned})
     if not pathways:
         return
-    await repository.lock_learners(conn, [learner.learner_id])
-    held = await repository.current_course_ids(conn, learner.learner_id, now)
-    for pathway in domain.completed_pathways(held, pathways):
-        if await repository.misses_pathway_credential(conn, learner.learner_id, pathway, now):
-            await _issue_pathway_credential(conn, platform, pathway, learner, now)
+    # By learner, the pathways of the courses they earned, each with the span and the learner (as
+    # named) of the last of them: its credential is recorded under that span.
+    stacking: dict[UUID, dict[UUID, tuple[trace.Span, Learner]]] = {}
+    for span, learner, course_id in earned:
+        for pathway in pathways:
+            if course_id in pathway.course_ids:
+                stacking.setdefault(learner.learner_id, {})[pathway.pathway_id] = (span, learner)
+    await repository.lock_learners(conn, stacking.keys())
+    for learner_id, candidates in stacking.items():
+        held = await repository.current_course_ids(conn, learner_id, now)
+        theirs = [pathway for pathway in pathways if pathway.pathway_id in candidates]
+        for pathway in domain.completed_pathways(held, theirs):
+            if await repository.misses_pathway_credential(conn, learner_id, pathway, now):
+                span, learner = candidates[pathway.pathway_id]
+                with trace.use_span(span, end_on_exit=False):
+                    await _issue_pathway_credential(conn, platform, pathway, learner, now)
 
 
-async def _issuance(conn: Connection, platform: Platform, issuer_id: UUID, now: datetime) -> Issuance:
-    credential_id = uuid.uuid4()
-    list_id, index = await _status_index(conn, platform, now)
-    return Issuance(
-        credential_id=credential_id,
-        credential_url=platform.credential_url(credential_id),
-        issuer_did=platform.issuer_did(issuer_id),
-        issued_at=domain.whole_seconds(now),
-        status_list_id=list_id,
-        status_index=index,
-        status_entry=status_list.status_entry(platform.status_list_url(list_id), index, STATUS_PURPOSE),
-        salt=secrets.token_hex(16),
-    )
+async def _issuances(
+    conn: Connection, platform: Platform, issuer_ids: Sequence[UUID], now: datetime
+) -> list[Issuance]:
+    """Where each new credential of these issuers lives: an id and a status list index of its own."""
+    places = await _status_indexes(conn, platform, len(issuer_ids), now)
+    issuances = []
+    for issuer_id, (list_id, index) in zip(issuer_ids, places, strict=True):
+        credential_id = uuid.uuid4()
+        issuances.append(
+            Issuance(
+                credential_id=credential_id,
+                credential_url=platform.credential_url(credential_id),
+                issuer_did=platform.issuer_did(issuer_id),
+                issued_at=domain.whole_seconds(now),
+                status_list_id=list_id,
+                status_index=index,
+                status_entry=status_list.status_entry(
+                    platform.status_list_url(list_id), index, STATUS_PURPOSE
+                ),
+                salt=secrets.token_hex(16),
+            )
+        )
+    return issuances
 
 
-async def _record(conn: Connection, platform: Platform, credential: Credential) -> None:
-    await repository.insert_credential(conn, credential)
-    await outbox.add(conn, domain.issued_event(credential, platform.credential_url(credential.credential_id)))
-    log.info(
-        "credential issued",
-        extra={
-            "credential_id": str(credential.credential_id),
-            "kind": credential.kind.value,
-            "learner_id": str(credential.learner.learner_id),
-        },
-    )
+async def _record(
+    conn: Connection, platform: Platform, issued: Sequence[tuple[trace.Span, Credential]]
+) -> None:
+    """Insert the credentials and queue their CredentialIssued, each under its span (its journey's)."""
+    await repository.insert_credentials(conn, [credential for _, credential in issued])
+    queued = []
+    for span, credential in issued:
+        with trace.use_span(span, end_on_exit=False):
+            event = domain.issued_event(credential, platform.credential_url(credential.credential_id))
+            queued.append(outbox.prepare(event))
+            log.info(
+                "credential issued",
+                extra={
+                    "credential_id": str(credential.credential_id),
+                    "kind": credential.kind.value,
+                    "learner_id": str(credential.learner.learner_id),
+                },
+            )
+    await outbox.add_all(conn, queued)
 
 
-async def _status_index(conn: Connection, platform: Platform, now: datetime) -> tuple[UUID, int]:
-    """A random unused index of the open status list, opening a new list when that one is full."""
-    while True:
+async def _status_indexes(
+    conn: Connection, platform: Platform, count: int, now: datetime
+) -> list[tuple[UUID, int]]:
+    """`count` random unused indexes of the open status list, opening a new list when that one is full.
+
+    The rule is one credential's: it draws indexes until one is free, and the list is full when it
+    draws `_INDEX_ATTEMPTS` taken ones in a row. Each credential still without an index draws one
+    at the same time, and all are claimed in one statement."""
+    claimed: list[tuple[UUID, int]] = []
+    while len(claimed) < count:
         opened = await repository.open_status_list(conn, STATUS_PURPOSE)
         if opened is None:
             await _open_status_list(conn, platform, now)
             continue
         list_id, size = opened
-        for _ in range(_INDEX_ATTEMPTS):
-            index = secrets.randbelow(size)
-            if await repository.claim_status_index(conn, list_id, index):
-                return list_id, index
-        log.info("status list %s is full; opening another", list_id)
-        await repository.close_status_list(conn, list_id)
+        # The taken indexes each credential still without one drew in a row.
+        misses = [0] * (count - len(claimed))
+        while misses and max(misses) < _INDEX_ATTEMPTS:
+            drawn = _random.sample(range(size), len(misses))
+            taken = await repository.claim_status_indexes(conn, list_id, drawn)
+            claimed += [(list_id, index) for index in drawn if index in taken]
+            misses = [streak + 1 for streak, index in zip(misses, drawn, strict=True) if index not in taken]
+        if misses:
+            log.info("status list %s is full; opening another", list_id)
+            await repository.close_status_list(conn, list_id)
+    return claimed
 
 
 async def _open_status_list(conn: Connection, platform: Platform, now: datetime) -> None:
@@ -317,10 +428,7 @@ async def finish_parked_completion(
     completion = await repository.take_parked_completion(conn, enrollment_id)
     if completion is None:
         return False
-    if await repository.credential_for_enrollment(conn, enrollment_id) is None:
-        course = await repository.course_version(conn, completion.course_id, completion.course_version)
-        assert course is not None, "a parked completion is taken only when its course version is held"
-        await _issue_course_credential(conn, platform, completion, course)
+    await issue_course_credentials(conn, platform, [_here(completion)])
     return True
 
 
@@ -405,7 +513,9 @@ async def reinstate_credential(
     await outbox.add(conn, event)
     if reinstated.course_id is not None and reinstated.counts_towards_pathways(now):
         await repository.lock_courses(conn, [reinstated.course_id], exclusive=False)
-        await _stack(conn, platform, reinstated.learner, reinstated.course_id, now)
+        await _stack(
+            conn, platform, [(trace.get_current_span(), reinstated.learner, reinstated.course_id)], now
+        )
     return reinstated
 
 
@@ -523,3 +633,12 @@ def _sort_key(key: list[Any]) -> tuple[datetime, UUID]:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _here(completion: CourseCompleted) -> Delivery:
+    """A completion applied under the current span, not delivered to a handler of its own."""
+    return Delivery(completion, trace.get_current_span())
+
+
+def _context(completion: CourseCompleted) -> dict[str, str]:
+    return {"enrollment_id": str(completion.enrollment_id), "course_id": str(completion.course_id)}
