@@ -1,0 +1,372 @@
+"""Notifications' consumer use case on a batch of events, against a real PostgreSQL: what a mixed
+batch records (in-app rows, emails, webhooks, waiting webhooks, read models), written out by
+hand, so that any way of applying the events must give exactly these rows."""
+
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import pytest
+from pydantic import BaseModel
+
+import notifications.main
+from microcred_events import (
+    CourseCompleted,
+    CoursePublished,
+    CourseSnapshot,
+    CredentialIssued,
+    CredentialRevoked,
+    EnrollmentCreated,
+    Event,
+    PaymentFailed,
+    PaymentSettled,
+    example_data,
+)
+from microcred_runtime.migrations import migrate
+from notifications import domain, repository, service
+from notifications.domain import ChannelPreference, Preferences, Scope, ScopeKind
+
+M = TypeVar("M", bound=BaseModel)
+
+COURSE_TITLE = "Data Analysis with Python"
+ACHIEVEMENT = "Data Analysis Foundations"
+
+
+class Names:
+    """Ids by name, so that the rows a test expects read as names rather than UUIDs."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, uuid.UUID] = {}
+
+    def __getitem__(self, name: str) -> uuid.UUID:
+        return self._ids.setdefault(name, uuid.uuid4())
+
+    def of(self, value: object) -> str | None:
+        """The name of an id, or of the ids in a text (an event key)."""
+        if value is None:
+            return None
+        names = {str(id_): name for name, id_ in self._ids.items()}
+        return re.sub(r"[0-9a-f-]{36}", lambda found: names.get(found[0], "?"), str(value))
+
+
+def made(model: type[M], **fields: Any) -> M:
+    """An event (or part of one) like the contract's example, with `fields` in place of the example's."""
+    return model.model_validate({**example_data(model), **fields})
+
+
+async def apply(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
+    """As the consumer applies consecutive events of a poll: in one transaction."""
+    async with conn.transaction():
+        for event in events:
+            await service.notify(conn, event)
+
+
+@pytest.fixture
+async def connect(new_database: Callable[[], Any]) -> AsyncIterator[Callable[[], Any]]:
+    """Connections to fresh, migrated notifications databases; closed at the end."""
+    opened: list[asyncpg.Connection] = []
+
+    async def open_one() -> asyncpg.Connection:
+        conn = await asyncpg.connect(await new_database())
+        opened.append(conn)
+        await migrate(conn, "notifications", Path(notifications.main.__file__).parent / "migrations")
+        return conn
+
+    yield open_one
+    for conn in opened:
+        await conn.close()
+
+
+class Scenario:
+    """A course of one issuer, subscribers in and out of its scope, five learners, and a batch that
+    mixes them: Ada enrolls, completes (attested by a partner), is issued a credential (published
+    twice) that is then revoked; Cy's payment comes before the enrollment that gives his address and
+    names the course; Bea turned email off; Dan's course is unknown; Eve's enrollment never comes."""
+
+    def __init__(self) -> None:
+        self.names = Names()
+        self.now = datetime.now(UTC)
+
+    def learner(self, name: str) -> dict[str, Any]:
+        return {
+            "learner_id": self.names[name],
+            "email": f"{name}@example.org",
+            "display_name": name.title(),
+        }
+
+    def enrollment(self, learner: str, course: str = "course") -> EnrollmentCreated:
+        return made(
+            EnrollmentCreated,
+            enrollment_id=self.names[f"{learner}-enrollment"],
+            learner=self.learner(learner),
+            course_id=self.names[course],
+            created_at=self.now,
+        )
+
+    def payment(self, learner: str, event_type: type[PaymentSettled] | type[PaymentFailed]) -> Event:
+        at = "settled_at" if event_type is PaymentSettled else "failed_at"
+        return made(
+            event_type,
+            payment_id=self.names[f"{learner}-{event_type.__name__}"],
+            enrollment_id=self.names[f"{learner}-enrollment"],
+            learner_id=self.names[learner],
+            **{at: self.now},
+        )
+
+    def credential(self, learner: str) -> CredentialIssued:
+        credential_id = self.names[f"{learner}-credential"]
+        return made(
+            CredentialIssued,
+            credential_id=credential_id,
+            learner_id=self.names[learner],
+            enrollment_id=self.names[f"{learner}-enrollment"],
+            course_id=self.names["course"],
+            achievement_name=ACHIEVEMENT,
+            issued_at=self.now,
+            credential_url=f"https://credentials.microcred.example/credentials/{credential_id}",
+        )
+
+    def batch(self) -> list[Event]:
+        return [
+            self.enrollment("ada"),
+            self.payment("cy", PaymentSettled),
+            self.enrollment("cy"),
+            made(
+                CourseCompleted,
+                enrollment_id=self.names["ada-enrollment"],
+                learner=self.learner("ada"),
+                course_id=self.names["course"],
+                completed_at=self.now,
+                partner_id=self.names["partner"],
+            ),
+            self.credential("ada"),
+            self.credential("ada"),  # the same occurrence published again
+            self.enrollment("bea"),
+            self.credential("bea"),
+            self.enrollment("dan", course="unknown-course"),
+            made(
+                CredentialRevoked,
+                credential_id=self.names["ada-credential"],
+                learner_id=self.names["ada"],
+                revoked_at=self.now,
+            ),
+            self.payment("eve", PaymentSettled),
+        ]
+
+    async def prepare(self, conn: asyncpg.Connection) -> None:
+        """What is known before the batch: the course, the subscriptions, Bea's preferences, and
+        Cy's failed payment (read before his enrollment, in an earlier batch)."""
+        course = made(
+            CourseSnapshot,
+            course_id=self.names["course"],
+            issuer={**example_data(CourseSnapshot)["issuer"], "issuer_id": self.names["issuer"]},
+            delivery_partner_id=None,
+        )
+        await service.record_course(conn, CoursePublished(course=course, published_at=self.now))
+        for name, scope, event_types in (
+            ("issuer", Scope(ScopeKind.ISSUER, self.names["issuer"]), []),
+            ("other-issuer", Scope(ScopeKind.ISSUER, self.names["other-issuer"]), []),
+            ("partner", Scope(ScopeKind.PARTNER, self.names["partner"]), []),
+            ("ada", Scope(ScopeKind.LEARNER, self.names["ada"]), []),
+            ("credentials", Scope(ScopeKind.ALL), [CredentialIssued.TYPE]),
+        ):
+            await repository.insert_subscription(
+                conn,
+                repository.Subscription(
+                    subscription_id=self.names[f"{name}-subscription"],
+                    url="https://hooks.partner.example/",
+                    event_types=event_types,
+                    description=None,
+                    secret=domain.new_secret(),
+                    created_by="admin-1",
+                    created_at=self.now,
+                    disabled_at=None,
+                    scope=scope,
+                ),
+            )
+        await repository.save_preferences(
+            conn, self.names["bea"], Preferences(email=ChannelPreference(enabled=False))
+        )
+        await apply(conn, [self.payment("cy", PaymentFailed)])
+
+    async def rows(self, conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row the consumer writes, as names; sorted, as no order is promised."""
+        of = self.names.of
+        queries = {
+            "notifications": "SELECT learner_id, kind, title, event_key, link IS NOT NULL FROM notifications",
+            "emails": "SELECT learner_id, event_type, state, next_attempt_at IS NOT NULL, event_key"
+            " FROM deliveries WHERE channel = 'email'",
+            "webhooks": "SELECT subscription_id, event_type, state, event_key FROM deliveries"
+            " WHERE channel = 'webhook'",
+            "waiting": "SELECT event_key, course_id, enrollment_id, attested_by"
+            " FROM webhooks_awaiting_course",
+            "learners": "SELECT learner_id, email, display_name FROM learners",
+            "enrollments": "SELECT enrollment_id, learner_id, course_id FROM enrollments",
+            "credentials": "SELECT credential_id, achievement_name, course_id FROM credentials",
+        }
+        named: dict[str, list[tuple[Any, ...]]] = {}
+        for table, query in queries.items():
+            rows = [
+                tuple(
+                    of(value)
+                    if isinstance(value, uuid.UUID) or (isinstance(value, str) and value.startswith("org."))
+                    else value
+                    for value in row
+                )
+                for row in await conn.fetch(query)
+            ]
+            named[table] = sorted(rows, key=repr)
+        return named
+
+    async def contents(self, conn: asyncpg.Connection) -> list[tuple[Any, ...]]:
+        """What the rows say (bodies, payloads), by their keys: the same, however the batch is applied."""
+        rows = await conn.fetch(
+            "SELECT 'in_app', event_key, learner_id::text, body FROM notifications UNION ALL"
+            " SELECT channel, event_key, coalesce(learner_id, subscription_id)::text, payload FROM deliveries"
+            " UNION ALL SELECT 'waiting', event_key, learner_id::text, body FROM webhooks_awaiting_course"
+        )
+        return sorted(tuple(row) for row in rows)
+
+
+def expected(names: Names) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows of `Scenario`, reasoned out from the rules, not read off a run."""
+    key = {
+        name: f"{event_type.TYPE}:{occurrence}"
+        for name, event_type, occurrence in (
+            ("ada-enrolled", EnrollmentCreated, "ada-enrollment"),
+            ("ada-completed", CourseCompleted, "ada-enrollment"),
+            ("ada-issued", CredentialIssued, "ada-credential"),
+            ("bea-enrolled", EnrollmentCreated, "bea-enrollment"),
+            ("bea-issued", CredentialIssued, "bea-credential"),
+            ("cy-failed", PaymentFailed, "cy-PaymentFailed"),
+            ("cy-paid", PaymentSettled, "cy-PaymentSettled"),
+            ("cy-enrolled", EnrollmentCreated, "cy-enrollment"),
+            ("dan-enrolled", EnrollmentCreated, "dan-enrollment"),
+            ("eve-paid", PaymentSettled, "eve-PaymentSettled"),
+        )
+    }
+    revoked = f"{CredentialRevoked.TYPE}:ada-credential:revocation:"
+    type_of = {name: value.split(":")[0] for name, value in key.items()}
+    learner_of = {name: name.split("-")[0] for name in key}
+    enrolled = f"Your enrollment in {COURSE_TITLE}"
+    in_app = [
+        ("ada", "enrollment.created", enrolled, key["ada-enrolled"], False),
+        ("ada", "credential.issued", f'Your credential "{ACHIEVEMENT}" is ready', key["ada-issued"], True),
+        # The credential was recorded by its issuance earlier in the batch: its name and page are known.
+        ("ada", "credential.revoked", f'Your credential "{ACHIEVEMENT}" was revoked', revoked, True),
+        ("bea", "enrollment.created", enrolled, key["bea-enrolled"], False),
+        ("bea", "credential.issued", f'Your credential "{ACHIEVEMENT}" is ready', key["bea-issued"], True),
+        # Read before the enrollment that names the course.
+        ("cy", "payment.failed", "Your payment for your course did not go through", key["cy-failed"], False),
+        ("cy", "payment.settled", "Payment received: 49.00 EUR", key["cy-paid"], False),
+        ("cy", "enrollment.created", enrolled, key["cy-enrolled"], False),
+        ("dan", "enrollment.created", "Your enrollment in your course", key["dan-enrolled"], False),
+        ("eve", "payment.settled", "Payment received: 49.00 EUR", key["eve-paid"], False),
+    ]
+    # Bea gets no email; Cy's wait for his address until his enrollment; Eve's still waits.
+    emails = [
+        (learner_of[name], type_of[name], "pending", True, key[name])
+        for name in ("ada-enrolled", "ada-issued", "cy-failed", "cy-paid", "cy-enrolled", "dan-enrolled")
+    ]
+    emails += [("ada", CredentialRevoked.TYPE, "pending", True, revoked)]
+    emails += [("eve", PaymentSettled.TYPE, "awaiting_address", False, key["eve-paid"])]
+    webhooks = [
+        (f"{subscription}-subscription", type_of[name], "pending", key[name])
+        for subscription, names in (
+            # The issuer hears of everything about its course, Cy's payments once his enrollment
+            # named the course; of Dan's enrollment and Eve's payment not yet.
+            (
+                "issuer",
+                (
+                    "ada-enrolled",
+                    "ada-completed",
+                    "ada-issued",
+                    "bea-enrolled",
+                    "bea-issued",
+                    "cy-failed",
+                    "cy-paid",
+                    "cy-enrolled",
+                ),
+            ),
+            # The partner attested Ada's completion, and delivers no course.
+            ("partner", ("ada-completed",)),
+            ("ada", ("ada-enrolled", "ada-completed", "ada-issued")),
+            ("credentials", ("ada-issued", "bea-issued")),
+        )
+        for name in names
+    ]
+    webhooks += [
+        (f"{subscription}-subscription", CredentialRevoked.TYPE, "pending", revoked)
+        for subscription in ("issuer", "ada")
+    ]
+    return {
+        "notifications": in_app,
+        "emails": emails,
+        "webhooks": webhooks,
+        "waiting": [
+            (key["dan-enrolled"], "unknown-course", "dan-enrollment", None),
+            (key["eve-paid"], None, "eve-enrollment", None),
+        ],
+        "learners": [(name, f"{name}@example.org", name.title()) for name in ("ada", "bea", "cy", "dan")],
+        "enrollments": [(f"{name}-enrollment", name, "course") for name in ("ada", "bea", "cy")]
+        + [("dan-enrollment", "dan", "unknown-course")],
+        "credentials": [(f"{name}-credential", ACHIEVEMENT, "course") for name in ("ada", "bea")],
+    }
+
+
+def without_times(rows: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
+    """The revocation's key ends with its time, which the expectation leaves out."""
+    cut = re.compile(r"(:revocation:).*")
+    return {
+        table: sorted(
+            (
+                tuple(cut.sub(r"\1", value) if isinstance(value, str) else value for value in row)
+                for row in items
+            ),
+            key=repr,
+        )
+        for table, items in rows.items()
+    }
+
+
+async def test_a_mixed_batch_records_what_each_of_its_events_causes(connect: Callable[[], Any]) -> None:
+    scenario = Scenario()
+    conn = await connect()
+    await scenario.prepare(conn)
+
+    await apply(conn, scenario.batch())
+
+    assert without_times(await scenario.rows(conn)) == without_times(expected(scenario.names))
+
+
+async def test_a_batch_gives_the_rows_its_events_give_one_at_a_time(connect: Callable[[], Any]) -> None:
+    """The runtime gives a failing batch to the handler in halves, down to single events: any
+    split of a batch must record the same."""
+    scenario = Scenario()
+    together, one_by_one = await connect(), await connect()
+    for conn in (together, one_by_one):
+        await scenario.prepare(conn)
+
+    await apply(together, scenario.batch())
+    for event in scenario.batch():
+        await apply(one_by_one, [event])
+
+    assert await scenario.rows(together) == await scenario.rows(one_by_one)
+    assert await scenario.contents(together) == await scenario.contents(one_by_one)
+
+
+async def test_a_batch_applied_again_records_nothing_more(connect: Callable[[], Any]) -> None:
+    """Once per event and recipient, however often an occurrence arrives (under new event ids)."""
+    scenario = Scenario()
+    conn = await connect()
+    await scenario.prepare(conn)
+    await apply(conn, scenario.batch())
+    first = await scenario.rows(conn), await scenario.contents(conn)
+
+    await apply(conn, scenario.batch())
+
+    assert (await scenario.rows(conn), await scenario.contents(conn)) == first
