@@ -7,10 +7,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import pytest
+from opentelemetry import trace
 from pydantic import BaseModel
 
 import notifications.main
@@ -26,6 +27,7 @@ from microcred_events import (
     PaymentSettled,
     example_data,
 )
+from microcred_runtime.consumers import Delivery
 from microcred_runtime.migrations import migrate
 from notifications import domain, repository, service
 from notifications.domain import ChannelPreference, Preferences, Scope, ScopeKind
@@ -59,10 +61,9 @@ def made(model: type[M], **fields: Any) -> M:
 
 
 async def apply(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
-    """As the consumer applies consecutive events of a poll: in one transaction."""
+    """As the consumer applies consecutive events of a poll: together, in one transaction."""
     async with conn.transaction():
-        for event in events:
-            await service.notify(conn, event)
+        await service.notify(conn, [Delivery(event, trace.INVALID_SPAN) for event in events])
 
 
 @pytest.fixture
@@ -370,3 +371,59 @@ async def test_a_batch_applied_again_records_nothing_more(connect: Callable[[], 
     await apply(conn, scenario.batch())
 
     assert (await scenario.rows(conn), await scenario.contents(conn)) == first
+
+
+class Counting:
+    """A connection that counts the statements sent through it: each is a round trip."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self.statements: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._conn, name)
+        if name not in ("execute", "executemany", "fetch", "fetchrow", "fetchval", "copy_records_to_table"):
+            return attribute
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.statements.append(str(args[0]))
+            return await attribute(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("learners", [1, 40])
+async def test_a_batch_costs_the_same_few_statements_whatever_its_size(
+    connect: Callable[[], Any], learners: int
+) -> None:
+    """Every table is read and written once per batch, not once per event: a cohort's enrollments,
+    completions and credentials, with the mixed batch's other cases among them."""
+    scenario = Scenario()
+    conn = await connect()
+    await scenario.prepare(conn)
+    cohort = [f"learner{number}" for number in range(learners)]
+    batch = [scenario.enrollment(name) for name in cohort] + scenario.batch()
+    batch += [
+        made(
+            CourseCompleted,
+            enrollment_id=scenario.names[f"{name}-enrollment"],
+            learner=scenario.learner(name),
+            course_id=scenario.names["course"],
+            completed_at=scenario.now,
+            partner_id=scenario.names["partner"],
+        )
+        for name in cohort
+    ]
+    batch += [scenario.credential(name) for name in cohort]
+    counting = Counting(conn)
+
+    async with conn.transaction():
+        await service.notify(
+            cast(asyncpg.Connection, counting), [Delivery(event, trace.INVALID_SPAN) for event in batch]
+        )
+
+    # Reads: enrollments, credentials, courses, preferences, subscriptions, known addresses.
+    # Writes: enrollments, learners, credentials, awaiting emails released, waiting webhooks
+    # released, in-app notifications, emails, webhooks, webhooks parked.
+    assert len(counting.statements) == 15, counting.statements
+    assert await conn.fetchval("SELECT count(*) FROM notifications") == 10 + 2 * learners
