@@ -2,6 +2,7 @@
 batch records (in-app rows, emails, webhooks, waiting webhooks, read models), written out by
 hand, so that any way of applying the events must give exactly these rows."""
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -27,10 +28,19 @@ from microcred_events import (
     PaymentSettled,
     example_data,
 )
+from microcred_runtime import Connection
 from microcred_runtime.consumers import Delivery
 from microcred_runtime.migrations import migrate
-from notifications import domain, repository, service
-from notifications.domain import ChannelPreference, Preferences, Scope, ScopeKind
+from notifications import delivery, domain, repository, service
+from notifications.domain import (
+    AttemptOutcome,
+    AttemptResult,
+    ChannelPreference,
+    DeliveryState,
+    Preferences,
+    Scope,
+    ScopeKind,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -60,7 +70,7 @@ def made(model: type[M], **fields: Any) -> M:
     return model.model_validate({**example_data(model), **fields})
 
 
-async def apply(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
+async def apply(conn: Connection, events: Sequence[Event]) -> None:
     """As the consumer applies consecutive events of a poll: together, in one transaction."""
     async with conn.transaction():
         await service.notify(conn, [Delivery(event, trace.INVALID_SPAN) for event in events])
@@ -158,7 +168,7 @@ class Scenario:
             self.payment("eve", PaymentSettled),
         ]
 
-    async def prepare(self, conn: asyncpg.Connection) -> None:
+    async def prepare(self, conn: Connection) -> None:
         """What is known before the batch: the course, the subscriptions, Bea's preferences, and
         Cy's failed payment (read before his enrollment, in an earlier batch)."""
         course = made(
@@ -427,3 +437,131 @@ async def test_a_batch_costs_the_same_few_statements_whatever_its_size(
     # released, in-app notifications, emails, webhooks, webhooks parked.
     assert len(counting.statements) == 15, counting.statements
     assert await conn.fetchval("SELECT count(*) FROM notifications") == 10 + 2 * learners
+
+
+# --- the delivery workers --------------------------------------------------------------------
+
+
+async def test_the_emails_of_a_claimed_batch_are_composed_with_a_few_statements(
+    connect: Callable[[], Any],
+) -> None:
+    scenario = Scenario()
+    conn = await connect()
+    await scenario.prepare(conn)
+    cohort = [f"learner{number}" for number in range(30)]
+    await apply(
+        conn,
+        [scenario.enrollment(name) for name in cohort]
+        + scenario.batch()
+        + [scenario.credential(name) for name in cohort],
+    )
+    claimed = await repository.claim(conn, "email", uuid.uuid4(), limit=100, lease_seconds=60)
+    counting = Counting(conn)
+
+    composed = await service.compose_emails(cast(asyncpg.Connection, counting), claimed)
+
+    # Learners, enrollments' courses, credentials, courses: the same for any number of emails.
+    assert len(counting.statements) == 4, counting.statements
+    assert len(composed) == len(claimed) == 2 * len(cohort) + 7
+    emails = {
+        (scenario.names.of(item.learner_id), domain.kind_of(item.event_type)): composed[item.delivery_id]
+        for item in claimed
+    }
+    revoked = emails["ada", domain.Kind.CREDENTIAL_REVOKED]
+    assert revoked is not None
+    email, address, name = revoked
+    assert (email.subject, address, name) == (
+        f'Your credential "{ACHIEVEMENT}" was revoked',
+        "ada@example.org",
+        "Ada",
+    )
+    # Sent after the enrollment that names the course: the email names it, though the inbox could not.
+    failed = emails["cy", domain.Kind.PAYMENT_FAILED]
+    assert failed is not None
+    assert failed[0].subject == f"Your payment for {COURSE_TITLE} did not go through"
+    issued = emails["learner7", domain.Kind.CREDENTIAL_ISSUED]
+    assert issued is not None
+    assert issued[1:] == ("learner7@example.org", "Learner7")
+    assert str(scenario.names["learner7-credential"]) in issued[0].text
+    # An address that is not known gives no email.
+    eve = await conn.fetchval(
+        "SELECT delivery_id FROM deliveries WHERE learner_id = $1", scenario.names["eve"]
+    )
+    waiting = await repository.delivery(conn, eve, "email")
+    assert waiting is not None
+    assert await service.compose_emails(conn, [waiting]) == {eve: None}
+
+
+async def test_attempts_that_finish_together_are_recorded_together(
+    new_database: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = await new_database()
+    scenario = Scenario()
+    worker = uuid.uuid4()
+    async with asyncpg.create_pool(database, min_size=1, max_size=2) as pool, pool.acquire() as conn:
+        await migrate(conn, "notifications", Path(notifications.main.__file__).parent / "migrations")
+        await scenario.prepare(conn)
+        await apply(conn, scenario.batch())
+        claimed = await repository.claim(conn, "webhook", worker, limit=100, lease_seconds=60)
+        # One whose claim was lost meanwhile (its lease ran out and another worker took it).
+        lost = claimed[0]
+        await conn.execute(
+            "UPDATE deliveries SET claimed_by = $2 WHERE delivery_id = $1", lost.delivery_id, uuid.uuid4()
+        )
+        writes: list[int] = []
+        record_attempts = repository.record_attempts
+
+        async def counted(conn: Any, worker: uuid.UUID, tried: Sequence[repository.Tried]) -> set[uuid.UUID]:
+            writes.append(len(tried))
+            return await record_attempts(conn, worker, tried)
+
+        monkeypatch.setattr(repository, "record_attempts", counted)
+        recorder = delivery.Recorder(pool, worker)
+        delivered = AttemptResult(AttemptOutcome.DELIVERED, status_code=204)
+        failed = AttemptResult(AttemptOutcome.FAILED, status_code=503, error="HTTP 503")
+
+        moved = await asyncio.gather(
+            *(
+                recorder.record(
+                    repository.Tried(
+                        item.delivery_id,
+                        item.attempts,
+                        scenario.now,
+                        12,
+                        failed if number % 2 else delivered,
+                        DeliveryState.PENDING if number % 2 else DeliveryState.DELIVERED,
+                        1.5 if number % 2 else None,
+                    )
+                )
+                for number, item in enumerate(claimed)
+            )
+        )
+        lone = await recorder.record(
+            repository.Tried(
+                lost.delivery_id, lost.attempts, scenario.now, 3, delivered, DeliveryState.DELIVERED, None
+            )
+        )
+
+        assert writes == [len(claimed), 1]
+        assert moved == [item is not lost for item in claimed]
+        assert lone is False
+        rows = await conn.fetch(
+            "SELECT d.delivery_id, d.state, d.last_error, d.claimed_by, d.next_attempt_at > now() AS later,"
+            " count(a.id) AS attempts FROM deliveries d JOIN delivery_attempts a USING (delivery_id)"
+            " GROUP BY d.delivery_id"
+        )
+        states = {row["delivery_id"]: row for row in rows}
+        for number, item in enumerate(claimed):
+            row = states[item.delivery_id]
+            if item is lost:
+                # Its attempts are recorded; the delivery stays as the other worker holds it.
+                assert (row["state"], row["attempts"]) == ("sending", 2)
+            elif number % 2:
+                assert (row["state"], row["last_error"], row["claimed_by"], row["later"]) == (
+                    "pending",
+                    "HTTP 503",
+                    None,
+                    True,
+                )
+            else:
+                assert (row["state"], row["claimed_by"], row["later"]) == ("delivered", None, None)

@@ -3,8 +3,10 @@
 One worker per channel, each with its own bounded concurrency, so a slow or dead SMTP server
 holds up only emails, and a slow webhook endpoint only as many webhooks as it has slots; every
 attempt has a timeout. A worker claims due rows (`repository.claim`: FOR UPDATE SKIP LOCKED, so
-replicas share the work) for a lease, sends, and records the outcome: delivered, retried after a
-backoff with full jitter, or parked as `dead` after the last attempt.
+replicas share the work) for a lease, reads what they need in one go (`Prepare`: the emails'
+learners and content, the webhooks' subscriptions), sends, and records the outcome: delivered,
+retried after a backoff with full jitter, or parked as `dead` after the last attempt. Outcomes
+that come in while one is being recorded are recorded together next (`Recorder`).
 
 A sweep fans out, every poll interval, the webhooks that waited for their course to be known
 (`service.release_waiting_webhooks`) and that the consumer did not release itself.
@@ -18,11 +20,12 @@ is at least once, and receivers deduplicate on `webhook-id` (or the email's Mess
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from email.charset import QP, Charset
 from email.header import Header
@@ -47,8 +50,11 @@ from .settings import Settings, SmtpSecurity
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[Delivery], Awaitable[AttemptResult]]
+Attempt = Callable[[], Awaitable[AttemptResult]]
 """Makes one attempt at a delivery and says how it went; raising counts as a failed attempt."""
+Prepare = Callable[[Sequence[Delivery]], Awaitable[list[Attempt]]]
+"""Makes the attempts at claimed deliveries ready, one each, reading what they need (an email's
+learner and content, a webhook's subscription) for them all at once."""
 
 # A claim outlives its attempt's timeout by this much, so only a dead replica's claim runs out.
 _LEASE_MARGIN_SECONDS = 60.0
@@ -79,7 +85,7 @@ class Worker:
         channel: Channel,
         pool: asyncpg.Pool,
         dsn: str,
-        send: Send,
+        prepare: Prepare,
         concurrency: int,
         attempt_timeout: float,
         retry: RetryPolicy,
@@ -90,7 +96,7 @@ class Worker:
         self.id = uuid.uuid4()
         self._pool = pool
         self._dsn = dsn
-        self._send = send
+        self._prepare = prepare
         self._concurrency = concurrency
         self._attempt_timeout = attempt_timeout
         self._lease = attempt_timeout + _LEASE_MARGIN_SECONDS
@@ -100,6 +106,7 @@ class Worker:
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
+        self._recorder = Recorder(pool, self.id)
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -118,6 +125,8 @@ class Worker:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
+            # What the interrupted attempts still had recorded, before the rest is handed back.
+            await self._recorder.idle()
             await self._hand_back(interrupted)
         if self._listener is not None:
             with contextlib.suppress(Exception):
@@ -148,8 +157,10 @@ class Worker:
                 conn, self.channel, self.id, limit=free, lease_seconds=self._lease
             )
             next_due = None if len(claimed) == free else await repository.next_due(conn, self.channel)
-        for delivery in claimed:
-            task = asyncio.create_task(self._attempt(delivery), name=f"deliver-{delivery.delivery_id}")
+        for delivery, attempt in zip(claimed, await self._attempts(claimed), strict=True):
+            task = asyncio.create_task(
+                self._attempt(delivery, attempt), name=f"deliver-{delivery.delivery_id}"
+            )
             self._in_flight[task] = delivery
             task.add_done_callback(self._finished)
         if len(claimed) == free:
@@ -159,6 +170,24 @@ class Worker:
             return self._poll_interval
         until = (next_due - datetime.now(UTC)).total_seconds()
         return min(self._poll_interval, max(_MIN_WAIT_SECONDS, until))
+
+    async def _attempts(self, claimed: Sequence[Delivery]) -> list[Attempt]:
+        """The attempts at what was claimed; each fails as preparing them did, if it did."""
+        if not claimed:
+            return []
+        try:
+            async with asyncio.timeout(self._attempt_timeout):
+                return await self._prepare(claimed)
+        except Exception as exc:
+            failed = AttemptResult(
+                AttemptOutcome.TIMED_OUT if isinstance(exc, TimeoutError) else AttemptOutcome.FAILED,
+                error=f"preparing the attempt: {_describe(exc)}",
+            )
+
+            async def fail() -> AttemptResult:
+                return failed
+
+            return [fail] * len(claimed)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
@@ -183,12 +212,12 @@ class Worker:
         if payload == self.channel:
             self._wakeup.set()
 
-    async def _attempt(self, delivery: Delivery) -> None:
+    async def _attempt(self, delivery: Delivery, attempt: Attempt) -> None:
         started_at = datetime.now(UTC)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._attempt_timeout):
-                result = await self._send(delivery)
+                result = await attempt()
         except TimeoutError:
             result = AttemptResult(
                 AttemptOutcome.TIMED_OUT, error=f"no answer within {self._attempt_timeout:g}s"
@@ -204,17 +233,11 @@ class Worker:
             "outcome": result.outcome,
         }
         try:
-            async with self._pool.acquire() as conn:
-                moved = await repository.record_attempt(
-                    conn,
-                    delivery,
-                    self.id,
-                    started_at=started_at,
-                    duration_ms=duration_ms,
-                    result=result,
-                    state=state,
-                    retry_in=retry_in,
+            moved = await self._recorder.record(
+                repository.Tried(
+                    delivery.delivery_id, delivery.attempts, started_at, duration_ms, result, state, retry_in
                 )
+            )
         except _DB_ERRORS as exc:
             # The claim's lease runs out and the delivery is tried again: at least once, never lost.
             log.warning("cannot record a delivery attempt: %s", exc, extra=context)
@@ -239,6 +262,50 @@ class Worker:
                 )
         except _DB_ERRORS as exc:
             log.warning("cannot hand back interrupted deliveries (their leases will run out): %s", exc)
+
+
+class Recorder:
+    """Records a worker's attempts as they finish. Those that finish while a write is under way go
+    together in the next one: a statement for many attempts under load, no wait for a lone one."""
+
+    def __init__(self, pool: asyncpg.Pool, worker: uuid.UUID) -> None:
+        self._pool = pool
+        self._worker = worker
+        self._waiting: list[tuple[repository.Tried, asyncio.Future[bool]]] = []
+        self._writing: asyncio.Task[None] | None = None
+
+    async def record(self, tried: repository.Tried) -> bool:
+        """Record an attempt; whether it moved its delivery on (`repository.record_attempts`)."""
+        moved: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((tried, moved))
+        if self._writing is None:
+            self._writing = asyncio.create_task(self._write(), name="record-delivery-attempts")
+        return await moved
+
+    async def idle(self) -> None:
+        """Wait for what is being recorded."""
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+
+    async def _write(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    async with self._pool.acquire() as conn:
+                        moved = await repository.record_attempts(
+                            conn, self._worker, [tried for tried, _ in batch]
+                        )
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for tried, future in batch:
+                        if not future.done():
+                            future.set_result(tried.delivery_id in moved)
+        finally:
+            self._writing = None
 
 
 # --- the channels ----------------------------------------------------------------------------
@@ -357,13 +424,16 @@ def _text_part(text: str, subtype: str) -> MIMENonMultipart:
     return part
 
 
-def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnections) -> Send:
+def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnections) -> Prepare:
     _, sender = parseaddr(settings.smtp_from)
     message_domain = sender.rpartition("@")[2]
 
-    async def send(delivery: Delivery) -> AttemptResult:
+    async def prepare(deliveries: Sequence[Delivery]) -> list[Attempt]:
         async with pool.acquire() as conn:
-            composed = await service.compose_email(conn, delivery)
+            composed = await service.compose_emails(conn, deliveries)
+        return [functools.partial(send, delivery, composed[delivery.delivery_id]) for delivery in deliveries]
+
+    async def send(delivery: Delivery, composed: tuple[messages.Email, str, str] | None) -> AttemptResult:
         if composed is None:
             return AttemptResult(AttemptOutcome.FAILED, error="the learner's address is not known")
         email, address, name = composed
@@ -391,14 +461,22 @@ def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnec
             return AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
         return AttemptResult(AttemptOutcome.DELIVERED, status_code=250)
 
-    return send
+    return prepare
 
 
-def webhook_sender(pool: asyncpg.Pool, settings: Settings, client: httpx.AsyncClient) -> Send:
-    async def send(delivery: Delivery) -> AttemptResult:
-        assert delivery.subscription_id is not None
+def webhook_sender(pool: asyncpg.Pool, settings: Settings, client: httpx.AsyncClient) -> Prepare:
+    async def prepare(deliveries: Sequence[Delivery]) -> list[Attempt]:
+        # A webhook delivery always has a subscription (migration 003).
+        ids = [delivery.subscription_id for delivery in deliveries if delivery.subscription_id]
+        assert len(ids) == len(deliveries)
         async with pool.acquire() as conn:
-            subscription = await repository.subscription(conn, delivery.subscription_id)
+            subscriptions = await repository.subscriptions(conn, ids)
+        return [
+            functools.partial(send, delivery, subscriptions.get(subscription_id))
+            for delivery, subscription_id in zip(deliveries, ids, strict=True)
+        ]
+
+    async def send(delivery: Delivery, subscription: repository.Subscription | None) -> AttemptResult:
         if subscription is None or subscription.disabled_at is not None:
             return AttemptResult(AttemptOutcome.REFUSED, error="the subscription is disabled")
         try:
@@ -435,7 +513,7 @@ def webhook_sender(pool: asyncpg.Pool, settings: Settings, client: httpx.AsyncCl
             error=f"HTTP {response.status_code}: {answer}" if answer else f"HTTP {response.status_code}",
         )
 
-    return send
+    return prepare
 
 
 async def _read_some(response: httpx.Response, limit: int = 500) -> str:
@@ -485,14 +563,14 @@ async def workers(runtime: Runtime[Any]) -> AsyncIterator[list[Worker]]:
         running = [
             Worker(
                 channel=Channel.EMAIL,
-                send=email_sender(runtime.pool, settings, connections),
+                prepare=email_sender(runtime.pool, settings, connections),
                 concurrency=settings.email_concurrency,
                 attempt_timeout=settings.smtp_timeout_seconds,
                 **common,
             ),
             Worker(
                 channel=Channel.WEBHOOK,
-                send=webhook_sender(runtime.pool, settings, client),
+                prepare=webhook_sender(runtime.pool, settings, client),
                 concurrency=settings.webhook_concurrency,
                 attempt_timeout=settings.webhook_timeout_seconds,
                 **common,

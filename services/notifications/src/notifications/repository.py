@@ -426,6 +426,14 @@ async def subscription(
     return _subscription(row) if row else None
 
 
+async def subscriptions(conn: Connection, subscription_ids: Collection[UUID]) -> dict[UUID, Subscription]:
+    rows = await conn.fetch(
+        f"SELECT {_SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE subscription_id = ANY($1::uuid[])",
+        list(subscription_ids),
+    )
+    return {row["subscription_id"]: _subscription(row) for row in rows}
+
+
 async def subscriptions_page(
     conn: Connection,
     *,
@@ -612,45 +620,49 @@ async def next_due(conn: Connection, channel: str) -> datetime | None:
     return due
 
 
-async def record_attempt(
-    conn: Connection,
-    delivery: Delivery,
-    worker: UUID,
-    *,
-    started_at: datetime,
-    duration_ms: int,
-    result: AttemptResult,
-    state: DeliveryState,
-    retry_in: float | None,
-) -> bool:
-    """Record an attempt and move the delivery on; False if the claim was lost meanwhile (the
-    lease ran out, or the subscription was disabled), which leaves the delivery as it is.
+@dataclass(frozen=True)
+class Tried:
+    """An attempt made at a claimed delivery: what to record of it, and the state it moves the
+    delivery to (`retry_in`: seconds until the next attempt, for `pending`)."""
 
-    One statement, so atomic without a transaction of its own: the attempt is recorded either way.
+    delivery_id: UUID
+    attempt: int
+    started_at: datetime
+    duration_ms: int
+    result: AttemptResult
+    state: DeliveryState
+    retry_in: float | None
+
+
+async def record_attempts(conn: Connection, worker: UUID, tried: Sequence[Tried]) -> set[UUID]:
+    """Record attempts and move their deliveries on; returns those moved. One is not moved when
+    its claim was lost meanwhile (the lease ran out, or the subscription was disabled), which
+    leaves the delivery as it is.
+
+    One statement, so atomic without a transaction of its own: the attempts are recorded either way.
     """
-    moved = await conn.fetchval(
-        "WITH attempt AS ("
+    rows = sorted(tried, key=lambda row: row.delivery_id)
+    moved = await conn.fetch(
+        "WITH tried AS ("
+        "  SELECT * FROM unnest($2::uuid[], $3::integer[], $4::timestamptz[], $5::integer[], $6::text[],"
+        "  $7::integer[], $8::text[], $9::text[], $10::float8[]) AS tried(delivery_id, attempt, started_at,"
+        "  duration_ms, outcome, status_code, error, state, retry_in)"
+        "), attempt AS ("
         "  INSERT INTO delivery_attempts (delivery_id, attempt, started_at, duration_ms, outcome,"
-        "  status_code, error) VALUES ($1, $6, $7, $8, $9, $10, $5)"
-        "), moved AS ("
-        "  UPDATE deliveries SET state = $3, claimed_by = NULL, updated_at = now(),"
-        "  next_attempt_at = now() + make_interval(secs => $4::float8),"
-        "  last_error = CASE WHEN $3 = 'delivered' THEN last_error ELSE $5 END,"
-        "  delivered_at = CASE WHEN $3 = 'delivered' THEN now() END"
-        "  WHERE delivery_id = $1 AND claimed_by = $2 AND state = 'sending' RETURNING 1"
-        ") SELECT count(*) > 0 FROM moved",
-        delivery.delivery_id,
+        "  status_code, error) SELECT delivery_id, attempt, started_at, duration_ms, outcome, status_code,"
+        "  error FROM tried"
+        ") UPDATE deliveries d SET state = tried.state, claimed_by = NULL, updated_at = now(),"
+        " next_attempt_at = now() + make_interval(secs => tried.retry_in),"
+        " last_error = CASE WHEN tried.state = 'delivered' THEN d.last_error ELSE tried.error END,"
+        " delivered_at = CASE WHEN tried.state = 'delivered' THEN now() END"
+        " FROM tried WHERE d.delivery_id = tried.delivery_id AND d.claimed_by = $1 AND d.state = 'sending'"
+        " RETURNING d.delivery_id",
         worker,
-        state,
-        retry_in,
-        result.error,
-        delivery.attempts,
-        started_at,
-        duration_ms,
-        result.outcome,
-        result.status_code,
+        *_columns(rows, "delivery_id", "attempt", "started_at", "duration_ms"),
+        *_columns([row.result for row in rows], "outcome", "status_code", "error"),
+        *_columns(rows, "state", "retry_in"),
     )
-    return bool(moved)
+    return {row["delivery_id"] for row in moved}
 
 
 async def hand_back(conn: Connection, worker: UUID, delivery_ids: Sequence[UUID], reason: str) -> None:

@@ -359,17 +359,32 @@ def _named(events: Sequence[Event], attribute: str) -> set[UUID]:
     return {named for event in events if (named := getattr(event, attribute, None)) is not None}
 
 
-async def compose_email(conn: Connection, delivery: Delivery) -> tuple[messages.Email, str, str] | None:
-    """The email a delivery sends, with the learner's current name and address; None when the
-    address is not known (which the consumer prevents by keeping such emails `awaiting_address`)."""
-    assert delivery.learner_id is not None
-    learner = (await repository.learners(conn, [delivery.learner_id])).get(delivery.learner_id)
-    if learner is None:
-        return None
-    event = REGISTRY[delivery.event_type].model_validate_json(delivery.payload)
-    models = await _ReadModels.before(conn, [event])
-    email = messages.email(domain.kind_of(delivery.event_type), models.content(event), learner.display_name)
-    return email, learner.email, learner.display_name
+async def compose_emails(
+    conn: Connection, deliveries: Sequence[Delivery]
+) -> dict[UUID, tuple[messages.Email, str, str] | None]:
+    """The email each delivery sends, with the learner's current name and address, read for all
+    of them at once; None for one whose address is not known (which the consumer prevents by
+    keeping such emails `awaiting_address`)."""
+    learners = await repository.learners(
+        conn, {delivery.learner_id for delivery in deliveries if delivery.learner_id}
+    )
+    events = {
+        delivery.delivery_id: REGISTRY[delivery.event_type].model_validate_json(delivery.payload)
+        for delivery in deliveries
+    }
+    models = await _ReadModels.before(conn, list(events.values()))
+    composed: dict[UUID, tuple[messages.Email, str, str] | None] = {}
+    for delivery in deliveries:
+        learner = learners.get(delivery.learner_id) if delivery.learner_id else None
+        if learner is None:
+            composed[delivery.delivery_id] = None
+            continue
+        event = events[delivery.delivery_id]
+        email = messages.email(
+            domain.kind_of(delivery.event_type), models.content(event), learner.display_name
+        )
+        composed[delivery.delivery_id] = email, learner.email, learner.display_name
+    return composed
 
 
 # --- the learner's inbox and preferences -----------------------------------------------------
