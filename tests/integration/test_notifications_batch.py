@@ -432,17 +432,17 @@ async def test_a_batch_costs_the_same_few_statements_whatever_its_size(
             cast(asyncpg.Connection, counting), [Delivery(event, trace.INVALID_SPAN) for event in batch]
         )
 
-    # Reads: enrollments, credentials, courses, preferences, subscriptions, known addresses.
-    # Writes: enrollments, learners, credentials, awaiting emails released, waiting webhooks
-    # released, in-app notifications, emails, webhooks, webhooks parked.
-    assert len(counting.statements) == 15, counting.statements
+    # Reads: what the read models know of the batch, preferences, subscriptions. Writes:
+    # enrollments, learners, credentials, awaiting emails released, waiting webhooks released,
+    # in-app notifications, emails, webhooks, webhooks parked.
+    assert len(counting.statements) == 12, counting.statements
     assert await conn.fetchval("SELECT count(*) FROM notifications") == 10 + 2 * learners
 
 
 # --- the delivery workers --------------------------------------------------------------------
 
 
-async def test_the_emails_of_a_claimed_batch_are_composed_with_a_few_statements(
+async def test_the_emails_of_a_claimed_batch_are_composed_with_one_statement(
     connect: Callable[[], Any],
 ) -> None:
     scenario = Scenario()
@@ -460,8 +460,8 @@ async def test_the_emails_of_a_claimed_batch_are_composed_with_a_few_statements(
 
     composed = await service.compose_emails(cast(asyncpg.Connection, counting), claimed)
 
-    # Learners, enrollments' courses, credentials, courses: the same for any number of emails.
-    assert len(counting.statements) == 4, counting.statements
+    # Learners and what the read models know of their events: one, for any number of emails.
+    assert len(counting.statements) == 1, counting.statements
     assert len(composed) == len(claimed) == 2 * len(cohort) + 7
     emails = {
         (scenario.names.of(item.learner_id), domain.kind_of(item.event_type)): composed[item.delivery_id]

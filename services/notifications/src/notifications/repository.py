@@ -1,7 +1,7 @@
 """Notifications' tables, as plain SQL."""
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -54,15 +54,6 @@ async def remember_learners(conn: Connection, learners: Sequence[tuple[Learner, 
     )
 
 
-async def learners(conn: Connection, learner_ids: Collection[UUID]) -> dict[UUID, Learner]:
-    """The learners of these whose address is known."""
-    rows = await conn.fetch(
-        "SELECT learner_id, email, display_name FROM learners WHERE learner_id = ANY($1::uuid[])",
-        list(learner_ids),
-    )
-    return {row["learner_id"]: Learner(**dict(row)) for row in rows}
-
-
 async def remember_enrollments(conn: Connection, enrollments: Mapping[UUID, tuple[UUID, UUID]]) -> None:
     """Keep the learner and course of each enrollment (`enrollment_id: (learner_id, course_id)`);
     one known already stays as it is."""
@@ -74,15 +65,6 @@ async def remember_enrollments(conn: Connection, enrollments: Mapping[UUID, tupl
         [learner_id for _, (learner_id, _) in rows],
         [course_id for _, (_, course_id) in rows],
     )
-
-
-async def enrollment_courses(conn: Connection, enrollment_ids: Collection[UUID]) -> dict[UUID, UUID]:
-    """The course of each of these enrollments that is known."""
-    rows = await conn.fetch(
-        "SELECT enrollment_id, course_id FROM enrollments WHERE enrollment_id = ANY($1::uuid[])",
-        list(enrollment_ids),
-    )
-    return {row["enrollment_id"]: row["course_id"] for row in rows}
 
 
 async def remember_course(
@@ -109,18 +91,6 @@ async def remember_course(
     )
 
 
-async def courses(conn: Connection, course_ids: Collection[UUID]) -> dict[UUID, Course]:
-    """The title, issuer and partner of each of these courses that is known."""
-    rows = await conn.fetch(
-        "SELECT course_id, title, issuer_id, delivery_partner_id FROM courses"
-        " WHERE course_id = ANY($1::uuid[])",
-        list(course_ids),
-    )
-    return {
-        row["course_id"]: Course(row["title"], row["issuer_id"], row["delivery_partner_id"]) for row in rows
-    }
-
-
 async def remember_credentials(conn: Connection, credentials: Mapping[UUID, Credential]) -> None:
     """Keep what each credential was for; one known already stays as it is."""
     rows = sorted(credentials.items())
@@ -133,17 +103,59 @@ async def remember_credentials(conn: Connection, credentials: Mapping[UUID, Cred
     )
 
 
-async def credentials(conn: Connection, credential_ids: Collection[UUID]) -> dict[UUID, Credential]:
-    """The achievement name, page and course of each of these credentials whose issuance was seen."""
+@dataclass(frozen=True)
+class Named:
+    """What an event names that the read models may know: its learner, course, enrollment and
+    credential (None where it names none)."""
+
+    learner_id: UUID | None
+    course_id: UUID | None
+    enrollment_id: UUID | None
+    credential_id: UUID | None
+
+
+@dataclass
+class Known:
+    """What the read models know of some events: the learners' addresses, the enrollments'
+    courses, the credentials, and the courses the events name directly or through those."""
+
+    learners: dict[UUID, Learner] = field(default_factory=dict)
+    enrollments: dict[UUID, UUID] = field(default_factory=dict)
+    credentials: dict[UUID, Credential] = field(default_factory=dict)
+    courses: dict[UUID, Course] = field(default_factory=dict)
+
+
+async def known(conn: Connection, named: Collection[Named]) -> Known:
+    """What the read models know of what these events name, in one statement."""
     rows = await conn.fetch(
-        "SELECT credential_id, achievement_name, credential_url, course_id FROM credentials"
-        " WHERE credential_id = ANY($1::uuid[])",
-        list(credential_ids),
+        "SELECT named.learner_id, l.email, l.display_name, named.enrollment_id, e.course_id AS enrolled_in,"
+        " named.credential_id, cr.achievement_name, cr.credential_url, cr.course_id AS credential_for,"
+        " c.course_id, c.title, c.issuer_id, c.delivery_partner_id"
+        " FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[])"
+        " AS named(learner_id, course_id, enrollment_id, credential_id)"
+        " LEFT JOIN learners l ON l.learner_id = named.learner_id"
+        " LEFT JOIN enrollments e ON e.enrollment_id = named.enrollment_id"
+        " LEFT JOIN credentials cr ON cr.credential_id = named.credential_id"
+        " LEFT JOIN courses c ON c.course_id = coalesce(named.course_id, e.course_id, cr.course_id)",
+        *_columns(sorted(named, key=repr), "learner_id", "course_id", "enrollment_id", "credential_id"),
     )
-    return {
-        row["credential_id"]: Credential(row["achievement_name"], row["credential_url"], row["course_id"])
-        for row in rows
-    }
+    found = Known()
+    for row in rows:
+        if row["email"] is not None:
+            found.learners[row["learner_id"]] = Learner(
+                learner_id=row["learner_id"], email=row["email"], display_name=row["display_name"]
+            )
+        if row["enrolled_in"] is not None:
+            found.enrollments[row["enrollment_id"]] = row["enrolled_in"]
+        if row["achievement_name"] is not None:
+            found.credentials[row["credential_id"]] = Credential(
+                row["achievement_name"], row["credential_url"], row["credential_for"]
+            )
+        if row["course_id"] is not None:
+            found.courses[row["course_id"]] = Course(
+                row["title"], row["issuer_id"], row["delivery_partner_id"]
+            )
+    return found
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ async def notify(conn: Connection, deliveries: Sequence[consumers.Delivery]) -> 
     events applied one at a time record, whichever part of it the runtime gives."""
     events: list[Event] = [delivery.content for delivery in deliveries]
     notices = [domain.notice_for(event) for event in events]
-    models = await _ReadModels.before(conn, events)
+    models = await _ReadModels.before(conn, events, [notice.learner_id for notice in notices])
     told = {notice.learner_id for notice in notices if notice.for_learner}
     preferences = await repository.preferences_of(conn, told) if told else {}
     subscriptions = await repository.active_subscriptions(conn)
@@ -146,7 +146,7 @@ async def notify(conn: Connection, deliveries: Sequence[consumers.Delivery]) -> 
         traced: dict[str, consumers.Delivery] = {}
         for delivery, notice in zip(deliveries, notices, strict=True):
             traced.setdefault(notice.event_key, delivery)
-        await _record_emails(conn, emails, traced)
+        await _record_emails(conn, emails, models, traced)
     if in_app:
         await repository.insert_notifications(conn, list(in_app.values()))
     if webhooks:
@@ -158,6 +158,7 @@ async def notify(conn: Connection, deliveries: Sequence[consumers.Delivery]) -> 
 async def _record_emails(
     conn: Connection,
     emails: dict[tuple[str, UUID], tuple[Event, Notice]],
+    models: "_ReadModels",
     traced: dict[str, consumers.Delivery],
 ) -> None:
     """Record the batch's emails (`traced`: the consumed event of each event key, for its logs).
@@ -166,7 +167,6 @@ async def _record_emails(
     and topics are read independently, so one may arrive before EnrollmentCreated. The email then
     waits (`awaiting_address`) and is released when the address arrives; when it arrives later in
     the same batch, the email does not wait at all."""
-    known = await repository.learners(conn, {learner_id for _, learner_id in emails})
     waiting = await repository.insert_emails(
         conn,
         [
@@ -175,7 +175,7 @@ async def _record_emails(
                 notice.event_type,
                 notice.learner_id,
                 event.model_dump_json(),
-                address_known=notice.learner_id in known,
+                address_known=models.knows_address(notice.learner_id),
             )
             for event, notice in emails.values()
         ],
@@ -263,6 +263,7 @@ class _ReadModels:
     and the event itself, recorded (`record`). Courses come from the catalog's events, which are
     applied apart, so they do not change within a batch. `save` writes what the batch recorded."""
 
+    learners: dict[UUID, Learner]
     enrollments: dict[UUID, UUID]
     credentials: dict[UUID, domain.Credential]
     courses: dict[UUID, domain.Course]
@@ -273,17 +274,24 @@ class _ReadModels:
     new_learners: dict[UUID, tuple[Learner, datetime]] = field(default_factory=dict)
 
     @classmethod
-    async def before(cls, conn: Connection, events: Sequence[Event]) -> "_ReadModels":
-        """What the read models hold of what these events name, and their courses."""
-        enrollment_ids = _named(events, "enrollment_id")
-        credential_ids = _named(events, "credential_id")
-        enrollments = await repository.enrollment_courses(conn, enrollment_ids) if enrollment_ids else {}
-        credentials = await repository.credentials(conn, credential_ids) if credential_ids else {}
-        # The courses of enrollments and credentials the batch records are courses its events name.
-        course_ids = _named(events, "course_id") | set(enrollments.values())
-        course_ids |= {credential.course_id for credential in credentials.values() if credential.course_id}
-        courses = await repository.courses(conn, course_ids) if course_ids else {}
-        return cls(enrollments, credentials, courses)
+    async def before(
+        cls, conn: Connection, events: Sequence[Event], learner_ids: Sequence[UUID | None]
+    ) -> "_ReadModels":
+        """What the read models hold of what these events (of these learners) name, and of their
+        courses: one statement."""
+        known = await repository.known(
+            conn,
+            {
+                repository.Named(
+                    learner_id,
+                    getattr(event, "course_id", None),
+                    getattr(event, "enrollment_id", None),
+                    getattr(event, "credential_id", None),
+                )
+                for event, learner_id in zip(events, learner_ids, strict=True)
+            },
+        )
+        return cls(known.learners, known.enrollments, known.credentials, known.courses)
 
     def record(self, event: Event) -> None:
         """What `event` tells the read models: an enrollment's course and a credential are kept as
@@ -302,6 +310,9 @@ class _ReadModels:
                     event.achievement_name, str(event.credential_url), event.course_id
                 )
                 self.credentials[event.credential_id] = self.new_credentials[event.credential_id] = credential
+
+    def knows_address(self, learner_id: UUID) -> bool:
+        return learner_id in self.learners or learner_id in self.new_learners
 
     def waited_for(self, webhook: repository.WaitingWebhook) -> domain.Course | None:
         """The course a webhook parked for want of its enrollment's course has now, if its issuer
@@ -354,35 +365,22 @@ class _ReadModels:
             await repository.remember_credentials(conn, self.new_credentials)
 
 
-def _named(events: Sequence[Event], attribute: str) -> set[UUID]:
-    """The ids these events name in `attribute` (e.g. `course_id`), where they have one."""
-    return {named for event in events if (named := getattr(event, attribute, None)) is not None}
-
-
 async def compose_emails(
     conn: Connection, deliveries: Sequence[Delivery]
 ) -> dict[UUID, tuple[messages.Email, str, str] | None]:
     """The email each delivery sends, with the learner's current name and address, read for all
-    of them at once; None for one whose address is not known (which the consumer prevents by
-    keeping such emails `awaiting_address`)."""
-    learners = await repository.learners(
-        conn, {delivery.learner_id for delivery in deliveries if delivery.learner_id}
-    )
-    events = {
-        delivery.delivery_id: REGISTRY[delivery.event_type].model_validate_json(delivery.payload)
-        for delivery in deliveries
-    }
-    models = await _ReadModels.before(conn, list(events.values()))
+    of them in one statement; None for one whose address is not known (which the consumer
+    prevents by keeping such emails `awaiting_address`)."""
+    events = [REGISTRY[delivery.event_type].model_validate_json(delivery.payload) for delivery in deliveries]
+    models = await _ReadModels.before(conn, events, [delivery.learner_id for delivery in deliveries])
     composed: dict[UUID, tuple[messages.Email, str, str] | None] = {}
-    for delivery in deliveries:
-        learner = learners.get(delivery.learner_id) if delivery.learner_id else None
+    for delivery, event in zip(deliveries, events, strict=True):
+        learner = models.learners.get(delivery.learner_id) if delivery.learner_id else None
         if learner is None:
             composed[delivery.delivery_id] = None
             continue
-        event = events[delivery.delivery_id]
-        email = messages.email(
-            domain.kind_of(delivery.event_type), models.content(event), learner.display_name
-        )
+        kind = domain.kind_of(delivery.event_type)
+        email = messages.email(kind, models.content(event), learner.display_name)
         composed[delivery.delivery_id] = email, learner.email, learner.display_name
     return composed
 
