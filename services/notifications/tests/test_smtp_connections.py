@@ -1,5 +1,6 @@
 """Emails reuse open SMTP sessions, and a session that failed or idled too long is not reused."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 
@@ -65,6 +66,26 @@ async def test_emails_share_one_session_when_sent_one_after_another(
         connections.close()
     assert len(handler.sessions) == 5
     assert len(set(handler.sessions)) == 1
+
+
+async def test_emails_sent_side_by_side_open_no_more_sessions_than_go_at_once(
+    sink: tuple[CountingHandler, int],
+) -> None:
+    """Under load, as the email worker sends (a few at a time): each session carries many emails."""
+    handler, port = sink
+    connections = SmtpConnections(settings(port))
+    at_once = asyncio.Semaphore(4)
+
+    async def send() -> None:
+        async with at_once:
+            await connections.send(email(), "ada@example.org")
+
+    try:
+        await asyncio.gather(*(send() for _ in range(40)))
+    finally:
+        connections.close()
+    assert len(handler.sessions) == 40
+    assert len(set(handler.sessions)) <= 4
 
 
 async def test_a_session_is_renewed_after_its_quota_of_emails(sink: tuple[CountingHandler, int]) -> None:

@@ -3,8 +3,10 @@
 One worker per channel, each with its own bounded concurrency, so a slow or dead SMTP server
 holds up only emails, and a slow webhook endpoint only as many webhooks as it has slots; every
 attempt has a timeout. A worker claims due rows (`repository.claim`: FOR UPDATE SKIP LOCKED, so
-replicas share the work) for a lease, sends, and records the outcome: delivered, retried after a
-backoff with full jitter, or parked as `dead` after the last attempt.
+replicas share the work) for a lease, reads what they need in one go (`Prepare`: the emails'
+learners and content, the webhooks' subscriptions), sends, and records the outcome: delivered,
+retried after a backoff with full jitter, or parked as `dead` after the last attempt. Outcomes
+that come in while one is being recorded are recorded together next (`Recorder`).
 
 A sweep fans out, every poll interval, the webhooks that waited for their course to be known
 (`service.release_waiting_webhooks`) and that the consumer did not release itself.
@@ -39,7 +41,7 @@ import aiosmtplib
 import asyncpg
 import httpx
 
-from microcred_runtime import Connection, Runtime
+from microcred_runtime import Runtime
 
 from . import domain, egress, messages, repository, service
 from .domain import AttemptOutcome, AttemptResult, Channel, DeliveryState, RetryPolicy
@@ -48,11 +50,11 @@ from .settings import Settings, SmtpSecurity
 
 log = logging.getLogger(__name__)
 
-Deliver = Callable[[], Awaitable[AttemptResult]]
+Attempt = Callable[[], Awaitable[AttemptResult]]
 """Makes one attempt at a delivery and says how it went; raising counts as a failed attempt."""
-Prepare = Callable[[Connection, Sequence[Delivery]], Awaitable[list[Deliver]]]
-"""Looks up, on one connection and with a few queries for them all, what the attempts at a
-claimed batch of deliveries need; gives the attempt to make at each."""
+Prepare = Callable[[Sequence[Delivery]], Awaitable[list[Attempt]]]
+"""Makes the attempts at claimed deliveries ready, one each, reading what they need (an email's
+learner and content, a webhook's subscription) for them all at once."""
 
 # A claim outlives its attempt's timeout by this much, so only a dead replica's claim runs out.
 _LEASE_MARGIN_SECONDS = 60.0
@@ -78,8 +80,8 @@ class Worker:
     """Delivers one channel's due deliveries, `concurrency` at a time, until stopped.
 
     Deliveries are claimed a batch at a time, once half the slots are free (or none is busy), and
-    what their attempts need is looked up for the batch at once (`Prepare`); finished attempts are
-    recorded together, whenever the loop turns: the statements are paid per batch, not per delivery.
+    what their attempts need is read for the batch at once (`Prepare`): those statements are paid
+    per batch, not per delivery, under a steady load too.
     """
 
     def __init__(
@@ -110,7 +112,7 @@ class Worker:
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._in_flight: dict[asyncio.Task[None], Delivery] = {}
-        self._finished_attempts: list[repository.FinishedAttempt] = []  # not recorded yet
+        self._recorder = Recorder(pool, self.id)
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -129,7 +131,8 @@ class Worker:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
-            await self._record()
+            # What the interrupted attempts still had recorded, before the rest is handed back.
+            await self._recorder.idle()
             await self._hand_back(interrupted)
         if self._listener is not None:
             with contextlib.suppress(Exception):
@@ -140,7 +143,6 @@ class Worker:
             # Cleared before claiming: a NOTIFY that arrives while we claim keeps the flag set.
             self._wakeup.clear()
             await self._listen()
-            await self._record()
             wait = self._poll_interval
             free = self._concurrency - len(self._in_flight)
             if free >= self._batch or (free and not self._in_flight):
@@ -161,10 +163,9 @@ class Worker:
                 conn, self.channel, self.id, limit=free, lease_seconds=self._lease
             )
             next_due = None if len(claimed) == free else await repository.next_due(conn, self.channel)
-            attempts = await self._prepared(conn, claimed)
-        for delivery, deliver in zip(claimed, attempts, strict=True):
+        for delivery, attempt in zip(claimed, await self._attempts(claimed), strict=True):
             task = asyncio.create_task(
-                self._attempt(delivery, deliver), name=f"deliver-{delivery.delivery_id}"
+                self._attempt(delivery, attempt), name=f"deliver-{delivery.delivery_id}"
             )
             self._in_flight[task] = delivery
             task.add_done_callback(self._finished)
@@ -176,18 +177,18 @@ class Worker:
         until = (next_due - datetime.now(UTC)).total_seconds()
         return min(self._poll_interval, max(_MIN_WAIT_SECONDS, until))
 
-    async def _prepared(self, conn: Connection, claimed: Sequence[Delivery]) -> list[Deliver]:
+    async def _attempts(self, claimed: Sequence[Delivery]) -> list[Attempt]:
+        """The attempts at what was claimed; each fails as preparing them did, if it did."""
         if not claimed:
             return []
         try:
-            return await self._prepare(conn, claimed)
-        except _DB_ERRORS:
-            # Claimed, so their leases run out and they are tried again.
-            raise
+            async with asyncio.timeout(self._attempt_timeout):
+                return await self._prepare(claimed)
         except Exception as exc:
-            # The lookups' failure is each attempt's: recorded, and retried after a backoff.
-            log.exception("%s worker failed to prepare %d deliveries", self.channel, len(claimed))
-            failed = AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
+            failed = AttemptResult(
+                AttemptOutcome.TIMED_OUT if isinstance(exc, TimeoutError) else AttemptOutcome.FAILED,
+                error=f"preparing the attempt: {_describe(exc)}",
+            )
 
             async def fail() -> AttemptResult:
                 return failed
@@ -217,12 +218,12 @@ class Worker:
         if payload == self.channel:
             self._wakeup.set()
 
-    async def _attempt(self, delivery: Delivery, deliver: Deliver) -> None:
+    async def _attempt(self, delivery: Delivery, attempt: Attempt) -> None:
         started_at = datetime.now(UTC)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._attempt_timeout):
-                result = await deliver()
+                result = await attempt()
         except TimeoutError:
             result = AttemptResult(
                 AttemptOutcome.TIMED_OUT, error=f"no answer within {self._attempt_timeout:g}s"
@@ -231,44 +232,30 @@ class Worker:
             result = AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
         duration_ms = round((time.monotonic() - started) * 1000)
         state, retry_in = self._retry.after(delivery.attempts, result)
-        self._finished_attempts.append(
-            repository.FinishedAttempt(delivery, started_at, duration_ms, result, state, retry_in)
-        )
-
-    async def _record(self) -> None:
-        """Record the finished attempts, in one statement."""
-        attempts, self._finished_attempts = self._finished_attempts, []
-        if not attempts:
-            return
+        context = {
+            "delivery_id": str(delivery.delivery_id),
+            "channel": self.channel,
+            "attempt": delivery.attempts,
+            "outcome": result.outcome,
+        }
         try:
-            async with self._pool.acquire() as conn:
-                moved = await repository.record_attempts(conn, self.id, attempts)
+            moved = await self._recorder.record(
+                repository.Tried(
+                    delivery.delivery_id, delivery.attempts, started_at, duration_ms, result, state, retry_in
+                )
+            )
         except _DB_ERRORS as exc:
-            # The claims' leases run out and the deliveries are tried again: at least once, never lost.
-            log.warning("cannot record %d delivery attempts: %s", len(attempts), exc)
+            # The claim's lease runs out and the delivery is tried again: at least once, never lost.
+            log.warning("cannot record a delivery attempt: %s", exc, extra=context)
             return
-        for attempt in attempts:
-            delivery, result, state = attempt.delivery, attempt.result, attempt.state
-            context = {
-                "delivery_id": str(delivery.delivery_id),
-                "channel": self.channel,
-                "attempt": delivery.attempts,
-                "outcome": result.outcome,
-            }
-            if delivery.delivery_id not in moved:
-                log.info(
-                    "delivery changed hands during the attempt (cancelled, or its lease ran out)",
-                    extra=context,
-                )
-            elif state is DeliveryState.DEAD:
-                log.warning("delivery is dead: %s", result.error, extra=context)
-            elif state is DeliveryState.PENDING:
-                log.info(
-                    "delivery attempt failed, retrying in %.1fs: %s",
-                    attempt.retry_in,
-                    result.error,
-                    extra=context,
-                )
+        if not moved:
+            log.info(
+                "delivery changed hands during the attempt (cancelled, or its lease ran out)", extra=context
+            )
+        elif state is DeliveryState.DEAD:
+            log.warning("delivery is dead: %s", result.error, extra=context)
+        elif state is DeliveryState.PENDING:
+            log.info("delivery attempt failed, retrying in %.1fs: %s", retry_in, result.error, extra=context)
 
     async def _hand_back(self, interrupted: list[Delivery]) -> None:
         try:
@@ -281,6 +268,50 @@ class Worker:
                 )
         except _DB_ERRORS as exc:
             log.warning("cannot hand back interrupted deliveries (their leases will run out): %s", exc)
+
+
+class Recorder:
+    """Records a worker's attempts as they finish. Those that finish while a write is under way go
+    together in the next one: a statement for many attempts under load, no wait for a lone one."""
+
+    def __init__(self, pool: asyncpg.Pool, worker: uuid.UUID) -> None:
+        self._pool = pool
+        self._worker = worker
+        self._waiting: list[tuple[repository.Tried, asyncio.Future[bool]]] = []
+        self._writing: asyncio.Task[None] | None = None
+
+    async def record(self, tried: repository.Tried) -> bool:
+        """Record an attempt; whether it moved its delivery on (`repository.record_attempts`)."""
+        moved: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((tried, moved))
+        if self._writing is None:
+            self._writing = asyncio.create_task(self._write(), name="record-delivery-attempts")
+        return await moved
+
+    async def idle(self) -> None:
+        """Wait for what is being recorded."""
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+
+    async def _write(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    async with self._pool.acquire() as conn:
+                        moved = await repository.record_attempts(
+                            conn, self._worker, [tried for tried, _ in batch]
+                        )
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for tried, future in batch:
+                        if not future.done():
+                            future.set_result(tried.delivery_id in moved)
+        finally:
+            self._writing = None
 
 
 # --- the channels ----------------------------------------------------------------------------
@@ -399,17 +430,14 @@ def _text_part(text: str, subtype: str) -> MIMENonMultipart:
     return part
 
 
-def email_sender(settings: Settings, connections: SmtpConnections) -> Prepare:
+def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnections) -> Prepare:
     _, sender = parseaddr(settings.smtp_from)
     message_domain = sender.rpartition("@")[2]
 
-    async def prepare(conn: Connection, deliveries: Sequence[Delivery]) -> list[Deliver]:
-        return [
-            functools.partial(send, delivery, composed)
-            for delivery, composed in zip(
-                deliveries, await service.compose_emails(conn, deliveries), strict=True
-            )
-        ]
+    async def prepare(deliveries: Sequence[Delivery]) -> list[Attempt]:
+        async with pool.acquire() as conn:
+            composed = await service.compose_emails(conn, deliveries)
+        return [functools.partial(send, delivery, composed[delivery.delivery_id]) for delivery in deliveries]
 
     async def send(delivery: Delivery, composed: tuple[messages.Email, str, str] | None) -> AttemptResult:
         if composed is None:
@@ -442,16 +470,16 @@ def email_sender(settings: Settings, connections: SmtpConnections) -> Prepare:
     return prepare
 
 
-def webhook_sender(settings: Settings, client: httpx.AsyncClient) -> Prepare:
-    async def prepare(conn: Connection, deliveries: Sequence[Delivery]) -> list[Deliver]:
-        found = await repository.subscriptions(
-            conn, [delivery.subscription_id for delivery in deliveries if delivery.subscription_id]
-        )
+def webhook_sender(pool: asyncpg.Pool, settings: Settings, client: httpx.AsyncClient) -> Prepare:
+    async def prepare(deliveries: Sequence[Delivery]) -> list[Attempt]:
+        # A webhook delivery always has a subscription (migration 003).
+        ids = [delivery.subscription_id for delivery in deliveries if delivery.subscription_id]
+        assert len(ids) == len(deliveries)
+        async with pool.acquire() as conn:
+            subscriptions = await repository.subscriptions(conn, ids)
         return [
-            functools.partial(
-                send, delivery, found.get(delivery.subscription_id) if delivery.subscription_id else None
-            )
-            for delivery in deliveries
+            functools.partial(send, delivery, subscriptions.get(subscription_id))
+            for delivery, subscription_id in zip(deliveries, ids, strict=True)
         ]
 
     async def send(delivery: Delivery, subscription: repository.Subscription | None) -> AttemptResult:
@@ -541,14 +569,14 @@ async def workers(runtime: Runtime[Any]) -> AsyncIterator[list[Worker]]:
         running = [
             Worker(
                 channel=Channel.EMAIL,
-                prepare=email_sender(settings, connections),
+                prepare=email_sender(runtime.pool, settings, connections),
                 concurrency=settings.email_concurrency,
                 attempt_timeout=settings.smtp_timeout_seconds,
                 **common,
             ),
             Worker(
                 channel=Channel.WEBHOOK,
-                prepare=webhook_sender(settings, client),
+                prepare=webhook_sender(runtime.pool, settings, client),
                 concurrency=settings.webhook_concurrency,
                 attempt_timeout=settings.webhook_timeout_seconds,
                 **common,

@@ -212,6 +212,36 @@ class Audience:
 
 
 @dataclass(frozen=True)
+class Course:
+    """What notifications knows of a course, from the catalog's events."""
+
+    title: str
+    # None for a course kept before migration 005, until the catalog's next event for it.
+    issuer_id: UUID | None
+    delivery_partner_id: UUID | None
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a credential was for, from its issuance: its revocation names only the credential."""
+
+    achievement_name: str
+    credential_url: str
+    course_id: UUID | None
+
+
+def audience(learner_id: UUID, course: Course | None, attested_by: UUID | None = None) -> Audience:
+    """Whom an event is about: its learner; its course's issuer and delivering partner, while the
+    course is known; the partner that attested a completion, whatever the course."""
+    partners = (course.delivery_partner_id if course else None, attested_by)
+    return Audience(
+        learner_id,
+        course.issuer_id if course else None,
+        frozenset(partner for partner in partners if partner is not None),
+    )
+
+
+@dataclass(frozen=True)
 class Scope:
     """The events a subscription receives: every one (`all`), or those about one issuer's courses,
     one partner's courses (it delivers them, or attested the completion) or one learner."""

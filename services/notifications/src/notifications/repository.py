@@ -1,9 +1,9 @@
 """Notifications' tables, as plain SQL."""
 
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -13,8 +13,9 @@ from microcred_runtime import Connection
 
 from .domain import (
     AttemptResult,
-    Audience,
     ChannelPreference,
+    Course,
+    Credential,
     DeliveryState,
     Kind,
     Preferences,
@@ -26,39 +27,43 @@ from .domain import (
 WAKE_CHANNEL = "notifications_delivery"
 """The NOTIFY channel that wakes the delivery workers; the payload is the delivery channel."""
 
+
+def _columns(rows: Sequence[object], *attributes: str) -> list[list[Any]]:
+    """The rows as one list per attribute: what `unnest` makes rows of again, so that one
+    statement writes any number of them."""
+    return [[getattr(row, attribute) for row in rows] for attribute in attributes]
+
+
 # --- read models -----------------------------------------------------------------------------
 
 
-async def remember_learner(conn: Connection, learner: Learner, as_of: datetime) -> None:
-    """Keep the learner's address and name, unless a newer event already gave them."""
+async def remember_learners(conn: Connection, learners: Sequence[tuple[Learner, datetime]]) -> None:
+    """Keep each learner's address and name (given once a learner, with the time of the event that
+    gave them), unless a newer event already gave them."""
+    rows = sorted(learners, key=lambda row: row[0].learner_id)
     await conn.execute(
-        "INSERT INTO learners (learner_id, email, display_name, as_of) VALUES ($1, $2, $3, $4)"
+        "INSERT INTO learners (learner_id, email, display_name, as_of)"
+        " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])"
         " ON CONFLICT (learner_id) DO UPDATE SET"
         " email = EXCLUDED.email, display_name = EXCLUDED.display_name, as_of = EXCLUDED.as_of"
         " WHERE learners.as_of <= EXCLUDED.as_of",
-        learner.learner_id,
-        learner.email,
-        learner.display_name,
-        as_of,
+        [learner.learner_id for learner, _ in rows],
+        [learner.email for learner, _ in rows],
+        [learner.display_name for learner, _ in rows],
+        [as_of for _, as_of in rows],
     )
 
 
-async def learner(conn: Connection, learner_id: UUID) -> Learner | None:
-    row = await conn.fetchrow(
-        "SELECT learner_id, email, display_name FROM learners WHERE learner_id = $1", learner_id
-    )
-    return Learner(**dict(row)) if row else None
-
-
-async def remember_enrollment(
-    conn: Connection, enrollment_id: UUID, learner_id: UUID, course_id: UUID
-) -> None:
+async def remember_enrollments(conn: Connection, enrollments: Mapping[UUID, tuple[UUID, UUID]]) -> None:
+    """Keep the learner and course of each enrollment (`enrollment_id: (learner_id, course_id)`);
+    one known already stays as it is."""
+    rows = sorted(enrollments.items())
     await conn.execute(
-        "INSERT INTO enrollments (enrollment_id, learner_id, course_id) VALUES ($1, $2, $3)"
-        " ON CONFLICT (enrollment_id) DO NOTHING",
-        enrollment_id,
-        learner_id,
-        course_id,
+        "INSERT INTO enrollments (enrollment_id, learner_id, course_id)"
+        " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) ON CONFLICT (enrollment_id) DO NOTHING",
+        [enrollment_id for enrollment_id, _ in rows],
+        [learner_id for _, (learner_id, _) in rows],
+        [course_id for _, (_, course_id) in rows],
     )
 
 
@@ -86,64 +91,71 @@ async def remember_course(
     )
 
 
-async def course_title(
-    conn: Connection, *, course_id: UUID | None = None, enrollment_id: UUID | None = None
-) -> str | None:
-    """The title of a course, named directly or through one of its enrollments; None if unknown."""
-    title: str | None = await conn.fetchval(
-        "SELECT c.title FROM courses c"
-        " WHERE c.course_id = coalesce($1, (SELECT course_id FROM enrollments WHERE enrollment_id = $2))",
-        course_id,
-        enrollment_id,
-    )
-    return title
-
-
-async def remember_credential(
-    conn: Connection, credential_id: UUID, achievement_name: str, credential_url: str, course_id: UUID | None
-) -> None:
+async def remember_credentials(conn: Connection, credentials: Mapping[UUID, Credential]) -> None:
+    """Keep what each credential was for; one known already stays as it is."""
+    rows = sorted(credentials.items())
     await conn.execute(
         "INSERT INTO credentials (credential_id, achievement_name, credential_url, course_id)"
-        " VALUES ($1, $2, $3, $4) ON CONFLICT (credential_id) DO NOTHING",
-        credential_id,
-        achievement_name,
-        credential_url,
-        course_id,
+        " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[])"
+        " ON CONFLICT (credential_id) DO NOTHING",
+        [credential_id for credential_id, _ in rows],
+        *_columns([credential for _, credential in rows], "achievement_name", "credential_url", "course_id"),
     )
 
 
-async def credential(conn: Connection, credential_id: UUID) -> tuple[str, str] | None:
-    """The achievement name and page URL of a credential, if its issuance was seen."""
-    row = await conn.fetchrow(
-        "SELECT achievement_name, credential_url FROM credentials WHERE credential_id = $1", credential_id
-    )
-    return (row["achievement_name"], row["credential_url"]) if row else None
+@dataclass(frozen=True)
+class Named:
+    """What an event names that the read models may know: its learner, course, enrollment and
+    credential (None where it names none)."""
+
+    learner_id: UUID | None
+    course_id: UUID | None
+    enrollment_id: UUID | None
+    credential_id: UUID | None
 
 
-async def audience(
-    conn: Connection,
-    learner_id: UUID,
-    *,
-    course_id: UUID | None,
-    enrollment_id: UUID | None,
-    credential_id: UUID | None,
-    attested_by: UUID | None = None,
-) -> tuple[Audience, UUID | None]:
-    """Whom an event is about, from the course it names directly, through its enrollment or
-    through its credential, and that course; the issuer and the course's partner stay unknown
-    while the course is (and the course too, while the enrollment is)."""
-    row = await conn.fetchrow(
-        "SELECT ref.course_id, c.issuer_id, c.delivery_partner_id FROM (SELECT coalesce($1::uuid,"
-        " (SELECT course_id FROM enrollments WHERE enrollment_id = $2),"
-        " (SELECT course_id FROM credentials WHERE credential_id = $3)) AS course_id) ref"
-        " LEFT JOIN courses c ON c.course_id = ref.course_id",
-        course_id,
-        enrollment_id,
-        credential_id,
+@dataclass
+class Known:
+    """What the read models know of some events: the learners' addresses, the enrollments'
+    courses, the credentials, and the courses the events name directly or through those."""
+
+    learners: dict[UUID, Learner] = field(default_factory=dict)
+    enrollments: dict[UUID, UUID] = field(default_factory=dict)
+    credentials: dict[UUID, Credential] = field(default_factory=dict)
+    courses: dict[UUID, Course] = field(default_factory=dict)
+
+
+async def known(conn: Connection, named: Collection[Named]) -> Known:
+    """What the read models know of what these events name, in one statement."""
+    rows = await conn.fetch(
+        "SELECT named.learner_id, l.email, l.display_name, named.enrollment_id, e.course_id AS enrolled_in,"
+        " named.credential_id, cr.achievement_name, cr.credential_url, cr.course_id AS credential_for,"
+        " c.course_id, c.title, c.issuer_id, c.delivery_partner_id"
+        " FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[])"
+        " AS named(learner_id, course_id, enrollment_id, credential_id)"
+        " LEFT JOIN learners l ON l.learner_id = named.learner_id"
+        " LEFT JOIN enrollments e ON e.enrollment_id = named.enrollment_id"
+        " LEFT JOIN credentials cr ON cr.credential_id = named.credential_id"
+        " LEFT JOIN courses c ON c.course_id = coalesce(named.course_id, e.course_id, cr.course_id)",
+        *_columns(sorted(named, key=repr), "learner_id", "course_id", "enrollment_id", "credential_id"),
     )
-    assert row is not None  # the subquery always gives one row
-    partners = frozenset({row["delivery_partner_id"], attested_by} - {None})
-    return Audience(learner_id, row["issuer_id"], partners), row["course_id"]
+    found = Known()
+    for row in rows:
+        if row["email"] is not None:
+            found.learners[row["learner_id"]] = Learner(
+                learner_id=row["learner_id"], email=row["email"], display_name=row["display_name"]
+            )
+        if row["enrolled_in"] is not None:
+            found.enrollments[row["enrollment_id"]] = row["enrolled_in"]
+        if row["achievement_name"] is not None:
+            found.credentials[row["credential_id"]] = Credential(
+                row["achievement_name"], row["credential_url"], row["credential_for"]
+            )
+        if row["course_id"] is not None:
+            found.courses[row["course_id"]] = Course(
+                row["title"], row["issuer_id"], row["delivery_partner_id"]
+            )
+    return found
 
 
 @dataclass(frozen=True)
@@ -160,41 +172,61 @@ class WaitingWebhook:
     parked_at: datetime | None = None
 
 
-async def park_webhook(conn: Connection, waiting: WaitingWebhook) -> None:
+async def park_webhooks(conn: Connection, waiting: Sequence[WaitingWebhook]) -> None:
+    """Keep these until their course is known; an event waiting already stays as it is."""
+    rows = sorted(waiting, key=lambda row: row.event_key)
     await conn.execute(
         "INSERT INTO webhooks_awaiting_course"
         " (event_key, event_type, body, learner_id, course_id, enrollment_id, attested_by)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_key) DO NOTHING",
-        waiting.event_key,
-        waiting.event_type,
-        waiting.body,
-        waiting.learner_id,
-        waiting.course_id,
-        waiting.enrollment_id,
-        waiting.attested_by,
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::uuid[],"
+        " $7::uuid[]) ON CONFLICT (event_key) DO NOTHING",
+        *_columns(
+            rows, "event_key", "event_type", "body", "learner_id", "course_id", "enrollment_id", "attested_by"
+        ),
     )
 
 
 async def take_ready_webhooks(
-    conn: Connection, *, course_id: UUID | None = None, enrollment_id: UUID | None = None, limit: int
-) -> list[WaitingWebhook]:
-    """Remove and return waiting webhooks whose course and issuer are known now (those of
-    `course_id` or `enrollment_id` only, when given). Rows another transaction is taking are
-    skipped."""
+    conn: Connection,
+    *,
+    course_id: UUID | None = None,
+    enrollment_ids: Collection[UUID] | None = None,
+    limit: int,
+) -> list[tuple[WaitingWebhook, Course]]:
+    """Remove and return waiting webhooks whose course and issuer are known now, with that course
+    (those of `course_id` or of `enrollment_ids` only, when given). Rows another transaction is
+    taking are skipped."""
     rows = await conn.fetch(
-        "DELETE FROM webhooks_awaiting_course WHERE event_key IN ("
-        "  SELECT w.event_key FROM webhooks_awaiting_course w JOIN courses c ON c.course_id = coalesce("
-        "  w.course_id, (SELECT course_id FROM enrollments e WHERE e.enrollment_id = w.enrollment_id))"
+        "DELETE FROM webhooks_awaiting_course w USING ("
+        "  SELECT waiting.event_key, c.title, c.issuer_id, c.delivery_partner_id"
+        "  FROM webhooks_awaiting_course waiting JOIN courses c ON c.course_id = coalesce(waiting.course_id,"
+        "  (SELECT course_id FROM enrollments e WHERE e.enrollment_id = waiting.enrollment_id))"
         "  WHERE c.issuer_id IS NOT NULL AND ($1::uuid IS NULL OR c.course_id = $1)"
-        "  AND ($2::uuid IS NULL OR w.enrollment_id = $2)"
-        "  ORDER BY w.parked_at LIMIT $3 FOR UPDATE OF w SKIP LOCKED)"
-        " RETURNING event_key, event_type, body, learner_id, course_id, enrollment_id, attested_by,"
-        " parked_at",
+        "  AND ($2::uuid[] IS NULL OR waiting.enrollment_id = ANY($2::uuid[]))"
+        "  ORDER BY waiting.parked_at LIMIT $3 FOR UPDATE OF waiting SKIP LOCKED) ready"
+        " WHERE w.event_key = ready.event_key"
+        " RETURNING w.event_key, w.event_type, w.body, w.learner_id, w.course_id, w.enrollment_id,"
+        " w.attested_by, w.parked_at, ready.title, ready.issuer_id, ready.delivery_partner_id",
         course_id,
-        enrollment_id,
+        None if enrollment_ids is None else list(enrollment_ids),
         limit,
     )
-    return [WaitingWebhook(**dict(row)) for row in rows]
+    return [
+        (
+            WaitingWebhook(
+                row["event_key"],
+                row["event_type"],
+                row["body"],
+                row["learner_id"],
+                row["course_id"],
+                row["enrollment_id"],
+                row["attested_by"],
+                row["parked_at"],
+            ),
+            Course(row["title"], row["issuer_id"], row["delivery_partner_id"]),
+        )
+        for row in rows
+    ]
 
 
 async def drop_stale_waiting_webhooks(conn: Connection, older_than: timedelta) -> int:
@@ -210,19 +242,27 @@ async def drop_stale_waiting_webhooks(conn: Connection, older_than: timedelta) -
 
 
 async def preferences(conn: Connection, learner_id: UUID) -> Preferences:
-    row = await conn.fetchrow(
-        "SELECT email_enabled, email_muted, in_app_enabled, in_app_muted FROM preferences"
-        " WHERE learner_id = $1",
-        learner_id,
+    return (await preferences_of(conn, [learner_id])).get(learner_id, Preferences())
+
+
+async def preferences_of(conn: Connection, learner_ids: Collection[UUID]) -> dict[UUID, Preferences]:
+    """The preferences of those of these learners who set any (the others have the defaults)."""
+    rows = await conn.fetch(
+        "SELECT learner_id, email_enabled, email_muted, in_app_enabled, in_app_muted FROM preferences"
+        " WHERE learner_id = ANY($1::uuid[])",
+        list(learner_ids),
     )
-    if row is None:
-        return Preferences()
-    return Preferences(
-        email=ChannelPreference(row["email_enabled"], frozenset(Kind(kind) for kind in row["email_muted"])),
-        in_app=ChannelPreference(
-            row["in_app_enabled"], frozenset(Kind(kind) for kind in row["in_app_muted"])
-        ),
-    )
+    return {
+        row["learner_id"]: Preferences(
+            email=ChannelPreference(
+                row["email_enabled"], frozenset(Kind(kind) for kind in row["email_muted"])
+            ),
+            in_app=ChannelPreference(
+                row["in_app_enabled"], frozenset(Kind(kind) for kind in row["in_app_muted"])
+            ),
+        )
+        for row in rows
+    }
 
 
 async def save_preferences(conn: Connection, learner_id: UUID, preferences: Preferences) -> None:
@@ -266,33 +306,28 @@ def _notification(row: asyncpg.Record) -> Notification:
     return Notification(**{**dict(row), "kind": Kind(row["kind"])})
 
 
-async def insert_notification(
-    conn: Connection,
-    *,
-    learner_id: UUID,
-    event_key: str,
-    kind: Kind,
-    title: str,
-    body: str,
-    link: str | None,
-    occurred_at: datetime,
-) -> bool:
-    """Add an in-app notification; False when this learner already has one for this event."""
-    inserted = await conn.fetchval(
+@dataclass(frozen=True)
+class NewNotification:
+    learner_id: UUID
+    event_key: str
+    kind: Kind
+    title: str
+    body: str
+    link: str | None
+    occurred_at: datetime
+
+
+async def insert_notifications(conn: Connection, notifications: Sequence[NewNotification]) -> None:
+    """Add in-app notifications; one for an event the learner already has one for is not added."""
+    rows = sorted(notifications, key=lambda row: (row.event_key, row.learner_id))
+    await conn.execute(
         "INSERT INTO notifications"
         " (notification_id, learner_id, event_key, kind, title, body, link, occurred_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-        " ON CONFLICT (event_key, learner_id) DO NOTHING RETURNING true",
-        uuid.uuid4(),
-        learner_id,
-        event_key,
-        kind,
-        title,
-        body,
-        link,
-        occurred_at,
+        " SELECT gen_random_uuid(), * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],"
+        " $5::text[], $6::text[], $7::timestamptz[])"
+        " ON CONFLICT (event_key, learner_id) DO NOTHING",
+        *_columns(rows, "learner_id", "event_key", "kind", "title", "body", "link", "occurred_at"),
     )
-    return bool(inserted)
 
 
 async def notifications_page(
@@ -403,11 +438,10 @@ async def subscription(
     return _subscription(row) if row else None
 
 
-async def subscriptions(conn: Connection, subscription_ids: Sequence[UUID]) -> dict[UUID, Subscription]:
-    """The subscriptions of these ids that exist, by id; one query."""
+async def subscriptions(conn: Connection, subscription_ids: Collection[UUID]) -> dict[UUID, Subscription]:
     rows = await conn.fetch(
         f"SELECT {_SUBSCRIPTION_COLUMNS} FROM webhook_subscriptions WHERE subscription_id = ANY($1::uuid[])",
-        list(set(subscription_ids)),
+        list(subscription_ids),
     )
     return {row["subscription_id"]: _subscription(row) for row in rows}
 
@@ -504,50 +538,66 @@ def _delivery(row: asyncpg.Record) -> Delivery:
     return Delivery(**{**dict(row), "state": DeliveryState(row["state"])})
 
 
-async def insert_email(
-    conn: Connection, *, event_key: str, event_type: str, learner_id: UUID, payload: str, address_known: bool
-) -> bool:
-    """Record an email to send; False when this learner already has one for this event."""
-    state = DeliveryState.PENDING if address_known else DeliveryState.AWAITING_ADDRESS
-    inserted = await conn.fetchval(
+@dataclass(frozen=True)
+class NewEmail:
+    event_key: str
+    event_type: str
+    learner_id: UUID
+    payload: str
+    address_known: bool
+
+
+async def insert_emails(conn: Connection, emails: Sequence[NewEmail]) -> list[NewEmail]:
+    """Record emails to send, due at once, or waiting for the learner's address where it is not
+    known; returns the waiting ones recorded. One for an event the learner already has one for is
+    not recorded."""
+    rows = sorted(emails, key=lambda row: (row.event_key, row.learner_id))
+    inserted = await conn.fetch(
         "INSERT INTO deliveries (delivery_id, channel, event_key, event_type, learner_id, payload, state,"
-        " next_attempt_at) VALUES ($1, 'email', $2, $3, $4, $5, $6, CASE WHEN $6 = 'pending' THEN now() END)"
-        " ON CONFLICT (event_key, learner_id) WHERE channel = 'email' DO NOTHING RETURNING true",
-        uuid.uuid4(),
-        event_key,
-        event_type,
-        learner_id,
-        payload,
-        state,
+        " next_attempt_at) SELECT gen_random_uuid(), 'email', email.event_key, email.event_type,"
+        " email.learner_id, email.payload, CASE WHEN email.known THEN 'pending' ELSE 'awaiting_address' END,"
+        " CASE WHEN email.known THEN now() END"
+        " FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::boolean[])"
+        " AS email(event_key, event_type, learner_id, payload, known)"
+        " ON CONFLICT (event_key, learner_id) WHERE channel = 'email' DO NOTHING"
+        " RETURNING event_key, learner_id, state",
+        *_columns(rows, "event_key", "event_type", "learner_id", "payload", "address_known"),
     )
-    return bool(inserted)
+    waiting = {
+        (row["event_key"], row["learner_id"]) for row in inserted if row["state"] == "awaiting_address"
+    }
+    return [row for row in rows if (row.event_key, row.learner_id) in waiting]
 
 
-async def insert_webhook(
-    conn: Connection, *, event_key: str, event_type: str, subscription_id: UUID, body: str
-) -> bool:
-    """Record a webhook to send; False when this subscription already has one for this event."""
-    inserted = await conn.fetchval(
+@dataclass(frozen=True)
+class NewWebhook:
+    event_key: str
+    event_type: str
+    subscription_id: UUID
+    body: str
+
+
+async def insert_webhooks(conn: Connection, webhooks: Sequence[NewWebhook]) -> None:
+    """Record webhooks to send, due at once; one for an event its subscription already has one for
+    is not recorded."""
+    rows = sorted(webhooks, key=lambda row: (row.event_key, row.subscription_id))
+    await conn.execute(
         "INSERT INTO deliveries (delivery_id, channel, event_key, event_type, subscription_id, payload,"
-        " state, next_attempt_at) VALUES ($1, 'webhook', $2, $3, $4, $5, 'pending', now())"
-        " ON CONFLICT (event_key, subscription_id) WHERE channel = 'webhook' DO NOTHING RETURNING true",
-        uuid.uuid4(),
-        event_key,
-        event_type,
-        subscription_id,
-        body,
+        " state, next_attempt_at) SELECT gen_random_uuid(), 'webhook', webhook.*, 'pending', now()"
+        " FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[])"
+        " AS webhook(event_key, event_type, subscription_id, payload)"
+        " ON CONFLICT (event_key, subscription_id) WHERE channel = 'webhook' DO NOTHING",
+        *_columns(rows, "event_key", "event_type", "subscription_id", "body"),
     )
-    return bool(inserted)
 
 
-async def release_awaiting_address(conn: Connection, learner_id: UUID) -> int:
-    """Emails that waited for this learner's address become due."""
-    released = await conn.fetch(
+async def release_awaiting_address(conn: Connection, learner_ids: Collection[UUID]) -> None:
+    """Emails that waited for these learners' addresses become due."""
+    await conn.execute(
         "UPDATE deliveries SET state = 'pending', next_attempt_at = now(), updated_at = now()"
-        " WHERE learner_id = $1 AND state = 'awaiting_address' RETURNING delivery_id",
-        learner_id,
+        " WHERE learner_id = ANY($1::uuid[]) AND state = 'awaiting_address'",
+        sorted(learner_ids),
     )
-    return len(released)
 
 
 async def claim(
@@ -583,10 +633,12 @@ async def next_due(conn: Connection, channel: str) -> datetime | None:
 
 
 @dataclass(frozen=True)
-class FinishedAttempt:
-    """How one attempt at a claimed delivery went, and where it moves the delivery."""
+class Tried:
+    """An attempt made at a claimed delivery: what to record of it, and the state it moves the
+    delivery to (`retry_in`: seconds until the next attempt, for `pending`)."""
 
-    delivery: Delivery
+    delivery_id: UUID
+    attempt: int
     started_at: datetime
     duration_ms: int
     result: AttemptResult
@@ -594,44 +646,35 @@ class FinishedAttempt:
     retry_in: float | None
 
 
-async def record_attempts(conn: Connection, worker: UUID, attempts: Sequence[FinishedAttempt]) -> set[UUID]:
-    """Record attempts and move their deliveries on; returns the deliveries moved. One not moved
-    had its claim lost meanwhile (the lease ran out, or the subscription was disabled): it is left
-    as it is.
+async def record_attempts(conn: Connection, worker: UUID, tried: Sequence[Tried]) -> set[UUID]:
+    """Record attempts and move their deliveries on; returns those moved. One is not moved when
+    its claim was lost meanwhile (the lease ran out, or the subscription was disabled), which
+    leaves the delivery as it is.
 
     One statement, so atomic without a transaction of its own: the attempts are recorded either way.
     """
-    if not attempts:
-        return set()
-    rows = await conn.fetch(
-        "WITH attempt AS ("
-        "  SELECT * FROM unnest($2::uuid[], $3::int[], $4::timestamptz[], $5::int[], $6::text[],"
-        "  $7::int[], $8::text[], $9::text[], $10::float8[])"
-        "  AS a (delivery_id, attempt, started_at, duration_ms, outcome, status_code, error, state, retry_in)"
-        "), recorded AS ("
+    rows = sorted(tried, key=lambda row: row.delivery_id)
+    moved = await conn.fetch(
+        "WITH tried AS ("
+        "  SELECT * FROM unnest($2::uuid[], $3::integer[], $4::timestamptz[], $5::integer[], $6::text[],"
+        "  $7::integer[], $8::text[], $9::text[], $10::float8[]) AS tried(delivery_id, attempt, started_at,"
+        "  duration_ms, outcome, status_code, error, state, retry_in)"
+        "), attempt AS ("
         "  INSERT INTO delivery_attempts (delivery_id, attempt, started_at, duration_ms, outcome,"
         "  status_code, error) SELECT delivery_id, attempt, started_at, duration_ms, outcome, status_code,"
-        "  error FROM attempt"
-        "), moved AS ("
-        "  UPDATE deliveries d SET state = a.state, claimed_by = NULL, updated_at = now(),"
-        "  next_attempt_at = now() + make_interval(secs => a.retry_in),"
-        "  last_error = CASE WHEN a.state = 'delivered' THEN d.last_error ELSE a.error END,"
-        "  delivered_at = CASE WHEN a.state = 'delivered' THEN now() END"
-        "  FROM attempt a WHERE d.delivery_id = a.delivery_id AND d.claimed_by = $1 AND d.state = 'sending'"
-        "  RETURNING d.delivery_id"
-        ") SELECT delivery_id FROM moved",
+        "  error FROM tried"
+        ") UPDATE deliveries d SET state = tried.state, claimed_by = NULL, updated_at = now(),"
+        " next_attempt_at = now() + make_interval(secs => tried.retry_in),"
+        " last_error = CASE WHEN tried.state = 'delivered' THEN d.last_error ELSE tried.error END,"
+        " delivered_at = CASE WHEN tried.state = 'delivered' THEN now() END"
+        " FROM tried WHERE d.delivery_id = tried.delivery_id AND d.claimed_by = $1 AND d.state = 'sending'"
+        " RETURNING d.delivery_id",
         worker,
-        [attempt.delivery.delivery_id for attempt in attempts],
-        [attempt.delivery.attempts for attempt in attempts],
-        [attempt.started_at for attempt in attempts],
-        [attempt.duration_ms for attempt in attempts],
-        [attempt.result.outcome for attempt in attempts],
-        [attempt.result.status_code for attempt in attempts],
-        [attempt.result.error for attempt in attempts],
-        [attempt.state for attempt in attempts],
-        [attempt.retry_in for attempt in attempts],
+        *_columns(rows, "delivery_id", "attempt", "started_at", "duration_ms"),
+        *_columns([row.result for row in rows], "outcome", "status_code", "error"),
+        *_columns(rows, "state", "retry_in"),
     )
-    return {row["delivery_id"] for row in rows}
+    return {row["delivery_id"] for row in moved}
 
 
 async def hand_back(conn: Connection, worker: UUID, delivery_ids: Sequence[UUID], reason: str) -> None:

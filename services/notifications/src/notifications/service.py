@@ -9,6 +9,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -26,8 +27,9 @@ from microcred_events import (
     EnrollmentCancelled,
     EnrollmentCreated,
     Event,
+    Learner,
 )
-from microcred_runtime import Connection, Principal, Problem, decode_cursor, encode_cursor
+from microcred_runtime import Connection, Principal, Problem, consumers, decode_cursor, encode_cursor
 
 from . import domain, egress, messages, repository
 from .domain import Audience, Channel, DeliveryState, IPNetwork, Notice, Preferences, Scope, ScopeKind
@@ -56,45 +58,138 @@ async def record_course(conn: Connection, event: CoursePublished | CourseUpdated
     await release_waiting_webhooks(conn, course_id=course.course_id)
 
 
-async def notify(conn: Connection, event: Event) -> None:
-    """Record what `event` causes: the learner's in-app notification and email, each subscriber's
-    webhook. Each is recorded once per event and recipient, however often the event arrives.
-    (The delivery workers are woken by the database as deliveries fall due: migration 004.)
+async def notify(conn: Connection, deliveries: Sequence[consumers.Delivery]) -> None:
+    """Record what consecutive events cause: each learner's in-app notification and email, each
+    subscriber's webhook. Each is recorded once per event and recipient, however often the event
+    arrives. (The delivery workers are woken by the database as deliveries fall due: migration 004.)
 
     A subscriber hears only of events within its scope: about its issuer's or partner's courses,
-    or its learner."""
-    await _update_read_models(conn, event)
-    notice = domain.notice_for(event)
-    if notice.for_learner:
-        await _notify_learner(conn, notice, event)
-    body = domain.webhook_body(notice, event)
-    enrollment_id = getattr(event, "enrollment_id", None)
-    # The partner that attested a completion hears of it, whether or not it delivers the course.
-    attested_by = event.partner_id if isinstance(event, CourseCompleted) else None
-    audience, course_id = await repository.audience(
-        conn,
-        notice.learner_id,
-        course_id=getattr(event, "course_id", None),
-        enrollment_id=enrollment_id,
-        credential_id=getattr(event, "credential_id", None),
-        attested_by=attested_by,
-    )
-    await _fan_out(conn, notice.event_key, notice.event_type, body, audience)
-    if audience.issuer_id is None and (course_id or enrollment_id):
-        # Its course is not known yet: issuer and partner subscribers hear of it once it is.
-        await repository.park_webhook(
+    or its learner.
+
+    A statement per table for the whole batch, not per event; yet each event is applied to the
+    read models as the events before it left them (`_ReadModels`), so the batch records what its
+    events applied one at a time record, whichever part of it the runtime gives."""
+    events: list[Event] = [delivery.content for delivery in deliveries]
+    notices = [domain.notice_for(event) for event in events]
+    models = await _ReadModels.before(conn, events, [notice.learner_id for notice in notices])
+    told = {notice.learner_id for notice in notices if notice.for_learner}
+    preferences = await repository.preferences_of(conn, told) if told else {}
+    subscriptions = await repository.active_subscriptions(conn)
+    now = _now()
+    in_app: dict[tuple[str, UUID], repository.NewNotification] = {}
+    emails: dict[tuple[str, UUID], tuple[Event, Notice]] = {}
+    webhooks: dict[tuple[str, UUID], repository.NewWebhook] = {}
+    waiting: dict[str, repository.WaitingWebhook] = {}
+    for event, notice in zip(events, notices, strict=True):
+        models.record(event)
+        channels = domain.learner_channels(notice, preferences.get(notice.learner_id, Preferences()), now)
+        recipient = (notice.event_key, notice.learner_id)
+        if Channel.IN_APP in channels and recipient not in in_app:
+            message = messages.in_app(notice.kind, models.content(event))
+            in_app[recipient] = repository.NewNotification(
+                notice.learner_id,
+                notice.event_key,
+                notice.kind,
+                message.title,
+                message.body,
+                message.link,
+                notice.occurred_at,
+            )
+        if Channel.EMAIL in channels:
+            emails.setdefault(recipient, (event, notice))
+        body = domain.webhook_body(notice, event)
+        enrollment_id = getattr(event, "enrollment_id", None)
+        # The partner that attested a completion hears of it, whether or not it delivers the course.
+        attested_by = event.partner_id if isinstance(event, CourseCompleted) else None
+        course_id = models.course_of(event, by_credential=True)
+        audience = domain.audience(notice.learner_id, models.course(course_id), attested_by)
+        for webhook in _fan_out(subscriptions, notice.event_key, notice.event_type, body, audience):
+            webhooks.setdefault((webhook.event_key, webhook.subscription_id), webhook)
+        if audience.issuer_id is None and (course_id or enrollment_id):
+            # Its course is not known yet: issuer and partner subscribers hear of it once it is.
+            waiting.setdefault(
+                notice.event_key,
+                repository.WaitingWebhook(
+                    notice.event_key,
+                    notice.event_type,
+                    body,
+                    notice.learner_id,
+                    course_id,
+                    enrollment_id,
+                    attested_by,
+                ),
+            )
+    # What waits for an enrollment that a later event of the batch recorded goes now, as the
+    # enrollment's event would have released it (a course that is not known stays so in a batch).
+    ready = [(parked, course) for parked in waiting.values() if (course := models.waited_for(parked))]
+    await models.save(conn)
+    if models.new_enrollments:
+        # And what waited, since earlier batches, for an enrollment this one recorded.
+        ready += await repository.take_ready_webhooks(
             conn,
-            repository.WaitingWebhook(
+            enrollment_ids=models.new_enrollments,
+            limit=_RELEASE_LIMIT * len(models.new_enrollments),
+        )
+    for parked, course in ready:
+        waiting.pop(parked.event_key, None)
+        audience = domain.audience(parked.learner_id, course, parked.attested_by)
+        # Parked by an earlier batch, it goes to the subscriptions made before it was read; by
+        # this one, to any (no subscription is newer than this transaction's reading of it).
+        for released in _fan_out(
+            subscriptions, parked.event_key, parked.event_type, parked.body, audience, before=parked.parked_at
+        ):
+            webhooks.setdefault((released.event_key, released.subscription_id), released)
+    if models.new_learners:
+        # Emails that waited for an address the batch gave.
+        await repository.release_awaiting_address(conn, models.new_learners)
+    if emails:
+        traced: dict[str, consumers.Delivery] = {}
+        for delivery, notice in zip(deliveries, notices, strict=True):
+            traced.setdefault(notice.event_key, delivery)
+        await _record_emails(conn, emails, models, traced)
+    if in_app:
+        await repository.insert_notifications(conn, list(in_app.values()))
+    if webhooks:
+        await repository.insert_webhooks(conn, list(webhooks.values()))
+    if waiting:
+        await repository.park_webhooks(conn, list(waiting.values()))
+
+
+async def _record_emails(
+    conn: Connection,
+    emails: dict[tuple[str, UUID], tuple[Event, Notice]],
+    models: "_ReadModels",
+    traced: dict[str, consumers.Delivery],
+) -> None:
+    """Record the batch's emails (`traced`: the consumed event of each event key, for its logs).
+
+    The address may not be known yet: payment and credential events carry only the learner id,
+    and topics are read independently, so one may arrive before EnrollmentCreated. The email then
+    waits (`awaiting_address`) and is released when the address arrives; when it arrives later in
+    the same batch, the email does not wait at all."""
+    waiting = await repository.insert_emails(
+        conn,
+        [
+            repository.NewEmail(
                 notice.event_key,
                 notice.event_type,
-                body,
                 notice.learner_id,
-                course_id,
-                enrollment_id,
-                attested_by,
-            ),
-        )
+                event.model_dump_json(),
+                address_known=models.knows_address(notice.learner_id),
+            )
+            for event, notice in emails.values()
+        ],
+    )
+    for email in waiting:
+        with traced[email.event_key].current():
+            log.info(
+                "email waits for the learner's address",
+                extra={"learner_id": str(email.learner_id), "event_key": email.event_key},
+            )
 
+
+_RELEASE_LIMIT = 500
+"""How many waiting webhooks one course or enrollment releases in a transaction at most."""
 
 WAITING_WEBHOOK_RETENTION = timedelta(days=7)
 """How long an event waits for its course before issuer and partner subscribers are given up on:
@@ -102,26 +197,30 @@ a course known from before migration 005 has no issuer until the catalog's next 
 
 
 async def release_waiting_webhooks(
-    conn: Connection, *, course_id: UUID | None = None, enrollment_id: UUID | None = None, limit: int = 500
+    conn: Connection, *, course_id: UUID | None = None, limit: int = _RELEASE_LIMIT
 ) -> int:
-    """Fan out the webhooks that waited for their course (of `course_id` or `enrollment_id` only,
-    when given), now that it is known; how many. Subscriptions made since an event was read do
-    not get it, as they would not have had it read in order."""
-    ready = await repository.take_ready_webhooks(
-        conn, course_id=course_id, enrollment_id=enrollment_id, limit=limit
+    """Fan out the webhooks that waited for their course (of `course_id` only, when given), now
+    that it is known; how many. Subscriptions made since an event was read do not get it, as they
+    would not have had it read in order."""
+    ready = await repository.take_ready_webhooks(conn, course_id=course_id, limit=limit)
+    if not ready:
+        return 0
+    subscriptions = await repository.active_subscriptions(conn)
+    await repository.insert_webhooks(
+        conn,
+        [
+            released
+            for waiting, course in ready
+            for released in _fan_out(
+                subscriptions,
+                waiting.event_key,
+                waiting.event_type,
+                waiting.body,
+                domain.audience(waiting.learner_id, course, waiting.attested_by),
+                before=waiting.parked_at,
+            )
+        ],
     )
-    for waiting in ready:
-        audience, _ = await repository.audience(
-            conn,
-            waiting.learner_id,
-            course_id=waiting.course_id,
-            enrollment_id=waiting.enrollment_id,
-            credential_id=None,
-            attested_by=waiting.attested_by,
-        )
-        await _fan_out(
-            conn, waiting.event_key, waiting.event_type, waiting.body, audience, before=waiting.parked_at
-        )
     return len(ready)
 
 
@@ -136,124 +235,154 @@ async def drop_stale_waiting_webhooks(conn: Connection) -> int:
     return dropped
 
 
-async def _fan_out(
-    conn: Connection,
+def _fan_out(
+    subscriptions: Sequence[Subscription],
     event_key: str,
     event_type: str,
     body: str,
     audience: Audience,
     *,
     before: datetime | None = None,
-) -> None:
+) -> list[repository.NewWebhook]:
     """One webhook per subscription whose scope covers `audience` and which takes `event_type`
-    (subscribed `before` then, when given); one that was recorded already is not recorded again."""
-    for subscription in await repository.active_subscriptions(conn):
-        if (
-            subscription.scope is not None
-            and subscription.scope.covers(audience)
-            and domain.subscribed(subscription.event_types, event_type)
-            and (before is None or subscription.created_at <= before)
-        ):
-            await repository.insert_webhook(
-                conn,
-                event_key=event_key,
-                event_type=event_type,
-                subscription_id=subscription.subscription_id,
-                body=body,
-            )
+    (subscribed `before` then, when given)."""
+    return [
+        repository.NewWebhook(event_key, event_type, subscription.subscription_id, body)
+        for subscription in subscriptions
+        if subscription.scope is not None
+        and subscription.scope.covers(audience)
+        and domain.subscribed(subscription.event_types, event_type)
+        and (before is None or subscription.created_at <= before)
+    ]
 
 
-async def _update_read_models(conn: Connection, event: Event) -> None:
-    if isinstance(event, EnrollmentActivated | EnrollmentCancelled):
-        await repository.remember_enrollment(conn, event.enrollment_id, event.learner_id, event.course_id)
-        await release_waiting_webhooks(conn, enrollment_id=event.enrollment_id)
-    elif isinstance(event, EnrollmentCreated | CourseCompleted):
-        await repository.remember_enrollment(
-            conn, event.enrollment_id, event.learner.learner_id, event.course_id
-        )
-        await release_waiting_webhooks(conn, enrollment_id=event.enrollment_id)
-        at = event.created_at if isinstance(event, EnrollmentCreated) else event.completed_at
-        await repository.remember_learner(conn, event.learner, at)
-        # Emails of billing or issuance events read before the learner's address was known.
-        await repository.release_awaiting_address(conn, event.learner.learner_id)
-    elif isinstance(event, CredentialIssued):
-        await repository.remember_credential(
-            conn, event.credential_id, event.achievement_name, str(event.credential_url), event.course_id
-        )
+@dataclass
+class _ReadModels:
+    """The read models (enrollments' courses, credentials, courses, learners' addresses) as each
+    event of a batch finds them: as they were before the batch, with what the events before it,
+    and the event itself, recorded (`record`). Courses come from the catalog's events, which are
+    applied apart, so they do not change within a batch. `save` writes what the batch recorded."""
 
+    learners: dict[UUID, Learner]
+    enrollments: dict[UUID, UUID]
+    credentials: dict[UUID, domain.Credential]
+    courses: dict[UUID, domain.Course]
+    # What the batch recorded: the learner and course of each enrollment; each credential; each
+    # learner's newest address, with the time of the event that gave it.
+    new_enrollments: dict[UUID, tuple[UUID, UUID]] = field(default_factory=dict)
+    new_credentials: dict[UUID, domain.Credential] = field(default_factory=dict)
+    new_learners: dict[UUID, tuple[Learner, datetime]] = field(default_factory=dict)
 
-async def _notify_learner(conn: Connection, notice: Notice, event: Event) -> None:
-    preferences = await repository.preferences(conn, notice.learner_id)
-    channels = domain.learner_channels(notice, preferences, _now())
-    if Channel.IN_APP in channels:
-        message = messages.in_app(notice.kind, await content(conn, event))
-        await repository.insert_notification(
+    @classmethod
+    async def before(
+        cls, conn: Connection, events: Sequence[Event], learner_ids: Sequence[UUID | None]
+    ) -> "_ReadModels":
+        """What the read models hold of what these events (of these learners) name, and of their
+        courses: one statement."""
+        known = await repository.known(
             conn,
-            learner_id=notice.learner_id,
-            event_key=notice.event_key,
-            kind=notice.kind,
-            title=message.title,
-            body=message.body,
-            link=message.link,
-            occurred_at=notice.occurred_at,
+            {
+                repository.Named(
+                    learner_id,
+                    getattr(event, "course_id", None),
+                    getattr(event, "enrollment_id", None),
+                    getattr(event, "credential_id", None),
+                )
+                for event, learner_id in zip(events, learner_ids, strict=True)
+            },
         )
-    if Channel.EMAIL in channels:
-        # The address may not be known yet: payment and credential events carry only the learner
-        # id, and topics are read independently, so one may arrive before EnrollmentCreated. The
-        # email then waits (`awaiting_address`) and is released when the address arrives.
-        known = await repository.learner(conn, notice.learner_id) is not None
-        if (
-            await repository.insert_email(
-                conn,
-                event_key=notice.event_key,
-                event_type=notice.event_type,
-                learner_id=notice.learner_id,
-                payload=event.model_dump_json(),
-                address_known=known,
-            )
-            and not known
-        ):
-            log.info(
-                "email waits for the learner's address",
-                extra={"learner_id": str(notice.learner_id), "event_key": notice.event_key},
-            )
+        return cls(known.learners, known.enrollments, known.credentials, known.courses)
 
+    def record(self, event: Event) -> None:
+        """What `event` tells the read models: an enrollment's course and a credential are kept as
+        first told, an address as told by the newest event."""
+        match event:
+            case EnrollmentActivated() | EnrollmentCancelled():
+                self._enrollment(event.enrollment_id, event.learner_id, event.course_id)
+            case EnrollmentCreated() | CourseCompleted():
+                self._enrollment(event.enrollment_id, event.learner.learner_id, event.course_id)
+                at = event.created_at if isinstance(event, EnrollmentCreated) else event.completed_at
+                newest = self.new_learners.get(event.learner.learner_id)
+                if newest is None or newest[1] <= at:
+                    self.new_learners[event.learner.learner_id] = (event.learner, at)
+            case CredentialIssued() if event.credential_id not in self.credentials:
+                credential = domain.Credential(
+                    event.achievement_name, str(event.credential_url), event.course_id
+                )
+                self.credentials[event.credential_id] = self.new_credentials[event.credential_id] = credential
 
-async def content(conn: Connection, event: Event) -> messages.Content:
-    """What a message about `event` says, with what the read models know (course title, credential)."""
-    course_id = getattr(event, "course_id", None)
-    enrollment_id = getattr(event, "enrollment_id", None)
-    course = None
-    if course_id is not None or enrollment_id is not None:
-        course = await repository.course_title(conn, course_id=course_id, enrollment_id=enrollment_id)
-    if isinstance(event, CredentialIssued):
-        return messages.Content(event, course=course, link=str(event.credential_url))
-    if isinstance(event, CredentialRevoked | CredentialReinstated):
-        known = await repository.credential(conn, event.credential_id)
-        achievement, link = known or (None, None)
-        return messages.Content(event, achievement=achievement, link=link)
-    return messages.Content(event, course=course)
+    def knows_address(self, learner_id: UUID) -> bool:
+        return learner_id in self.learners or learner_id in self.new_learners
+
+    def waited_for(self, webhook: repository.WaitingWebhook) -> domain.Course | None:
+        """The course a webhook parked for want of its enrollment's course has now, if its issuer
+        is known."""
+        if webhook.course_id is not None or webhook.enrollment_id is None:
+            return None
+        course = self.course(self.enrollments.get(webhook.enrollment_id))
+        return course if course and course.issuer_id else None
+
+    def _enrollment(self, enrollment_id: UUID, learner_id: UUID, course_id: UUID) -> None:
+        self.new_enrollments.setdefault(enrollment_id, (learner_id, course_id))
+        self.enrollments.setdefault(enrollment_id, course_id)
+
+    def course_of(self, event: Event, *, by_credential: bool = False) -> UUID | None:
+        """The course an event names, directly or through its enrollment (or, `by_credential`, its
+        credential); None while that is not known."""
+        course_id: UUID | None = getattr(event, "course_id", None)
+        enrollment_id: UUID | None = getattr(event, "enrollment_id", None)
+        credential_id: UUID | None = getattr(event, "credential_id", None)
+        if course_id is None and enrollment_id is not None:
+            course_id = self.enrollments.get(enrollment_id)
+        if course_id is None and by_credential and credential_id in self.credentials:
+            course_id = self.credentials[credential_id].course_id
+        return course_id
+
+    def course(self, course_id: UUID | None) -> domain.Course | None:
+        return None if course_id is None else self.courses.get(course_id)
+
+    def content(self, event: Event) -> messages.Content:
+        """What a message about `event` says, with what the read models know (course title, credential)."""
+        course = self.course(self.course_of(event))
+        title = course.title if course else None
+        if isinstance(event, CredentialIssued):
+            return messages.Content(event, course=title, link=str(event.credential_url))
+        if isinstance(event, CredentialRevoked | CredentialReinstated):
+            credential = self.credentials.get(event.credential_id)
+            if credential is None:
+                return messages.Content(event)
+            return messages.Content(
+                event, achievement=credential.achievement_name, link=credential.credential_url
+            )
+        return messages.Content(event, course=title)
+
+    async def save(self, conn: Connection) -> None:
+        if self.new_enrollments:
+            await repository.remember_enrollments(conn, self.new_enrollments)
+        if self.new_learners:
+            await repository.remember_learners(conn, list(self.new_learners.values()))
+        if self.new_credentials:
+            await repository.remember_credentials(conn, self.new_credentials)
 
 
 async def compose_emails(
     conn: Connection, deliveries: Sequence[Delivery]
-) -> list[tuple[messages.Email, str, str] | None]:
-    """`compose_email` of each claimed delivery, on one connection."""
-    return [await compose_email(conn, delivery) for delivery in deliveries]
-
-
-async def compose_email(conn: Connection, delivery: Delivery) -> tuple[messages.Email, str, str] | None:
-    """The email a delivery sends, with the learner's current name and address; None when the
-    address is not known (which the consumer prevents by keeping such emails `awaiting_address`)."""
-    assert delivery.learner_id is not None
-    learner = await repository.learner(conn, delivery.learner_id)
-    if learner is None:
-        return None
-    event = REGISTRY[delivery.event_type].model_validate_json(delivery.payload)
-    email = messages.email(
-        domain.kind_of(delivery.event_type), await content(conn, event), learner.display_name
-    )
-    return email, learner.email, learner.display_name
+) -> dict[UUID, tuple[messages.Email, str, str] | None]:
+    """The email each delivery sends, with the learner's current name and address, read for all
+    of them in one statement; None for one whose address is not known (which the consumer
+    prevents by keeping such emails `awaiting_address`)."""
+    events = [REGISTRY[delivery.event_type].model_validate_json(delivery.payload) for delivery in deliveries]
+    models = await _ReadModels.before(conn, events, [delivery.learner_id for delivery in deliveries])
+    composed: dict[UUID, tuple[messages.Email, str, str] | None] = {}
+    for delivery, event in zip(deliveries, events, strict=True):
+        learner = models.learners.get(delivery.learner_id) if delivery.learner_id else None
+        if learner is None:
+            composed[delivery.delivery_id] = None
+            continue
+        kind = domain.kind_of(delivery.event_type)
+        email = messages.email(kind, models.content(event), learner.display_name)
+        composed[delivery.delivery_id] = email, learner.email, learner.display_name
+    return composed
 
 
 # --- the learner's inbox and preferences -----------------------------------------------------

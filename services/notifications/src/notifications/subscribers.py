@@ -1,7 +1,10 @@
 """The events notifications reacts to, and the use case each one drives."""
 
-from microcred_events import CoursePublished, CourseUpdated, Event
+from collections.abc import Sequence
+
+from microcred_events import CoursePublished, CourseUpdated
 from microcred_runtime import Connection, Subscriptions
+from microcred_runtime.consumers import Delivery
 
 from . import service
 from .domain import NOTIFIED_EVENTS
@@ -16,6 +19,7 @@ async def on_course_published(conn: Connection, event: CoursePublished | CourseU
 
 # Enrollment created, activated and cancelled; payment settled and failed; refund issued; course
 # completed; credential issued and revoked: the list lives in the domain, next to the rules.
-@subscriptions.on(*NOTIFIED_EVENTS)
-async def on_notified_event(conn: Connection, event: Event) -> None:
-    await service.notify(conn, event)
+# Consecutive ones of a poll come together: one statement per table for them all.
+@subscriptions.on_batch(*NOTIFIED_EVENTS)
+async def on_notified_events(conn: Connection, deliveries: Sequence[Delivery]) -> None:
+    await service.notify(conn, deliveries)
