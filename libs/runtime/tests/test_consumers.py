@@ -163,12 +163,12 @@ def test_topics_are_those_of_the_handled_events_once_each() -> None:
 def test_the_events_and_each_raw_subscription_are_consumer_groups_of_their_own() -> None:
     subscriptions = Subscriptions()
     subscriptions.on(CourseUpdated)(noop)
-    subscriptions.raw("partner.x.v1", group="enrollment-partners", read=read_raw, one_by_one=True)(noop)
+    subscriptions.raw("partner.x.v1", group="enrollment-partners", read=read_raw)(noop)
 
     events, raw = subscriptions.routes(GROUP)
 
-    assert (events.group, events.topics, events.one_by_one) == (GROUP, ("catalog.course.v1",), False)
-    assert (raw.group, raw.topics, raw.one_by_one) == ("enrollment-partners", ("partner.x.v1",), True)
+    assert (events.group, events.topics) == (GROUP, ("catalog.course.v1",))
+    assert (raw.group, raw.topics) == ("enrollment-partners", ("partner.x.v1",))
     only_raw = Subscriptions()
     only_raw.raw("partner.x.v1", group="enrollment-partners", read=read_raw)(noop)
     assert [route.group for route in only_raw.routes(GROUP)] == ["enrollment-partners"]
@@ -995,13 +995,9 @@ def raw_record(text: str, message_id: str, *, offset: int) -> ConsumerRecord[byt
     return consumer_record(KafkaRecord("partner.x.v1", b"k", value, []), offset=offset)
 
 
-def raw_consumer(
-    handler: Handler, pool: FakePool, dead_letters: DeadLetters, *, one_by_one: bool = False
-) -> EventConsumer:
+def raw_consumer(handler: Handler, pool: FakePool, dead_letters: DeadLetters) -> EventConsumer:
     subscriptions = Subscriptions()
-    subscriptions.raw("partner.x.v1", group="enrollment-partners", read=read_raw, one_by_one=one_by_one)(
-        handler
-    )
+    subscriptions.raw("partner.x.v1", group="enrollment-partners", read=read_raw)(handler)
     (route,) = subscriptions.routes(GROUP)
     return EventConsumer(
         route,
@@ -1026,19 +1022,6 @@ async def test_a_raw_handler_gets_what_its_reader_made_of_the_record_in_the_inbo
     ((_, args),) = conn.fetched
     assert args[0] == "enrollment-partners"
     assert list(args[3]) == ["partner.message"] * 3
-
-
-async def test_a_raw_record_one_by_one_is_applied_in_a_transaction_of_its_own() -> None:
-    handler, dead_letters = Handler(), DeadLetters()
-    conn = InboxConnection()
-    records = [raw_record("first", "m-1", offset=0), raw_record("second", "m-2", offset=1)]
-
-    assert (
-        await raw_consumer(handler, FakePool(conn), dead_letters, one_by_one=True).process_batch(records) == 2
-    )
-
-    assert conn.transactions == ["committed", "committed"]
-    assert handler.events == ["first", "second"]
 
 
 async def test_a_raw_record_its_reader_refuses_or_fails_on_is_dead_lettered_at_once() -> None:
@@ -1066,7 +1049,7 @@ async def test_a_raw_handler_is_retried_and_dead_lettered_like_an_events() -> No
     handler, dead_letters = Handler(failures=99), DeadLetters()
     conn = InboxConnection()
 
-    settled = await raw_consumer(handler, FakePool(conn), dead_letters, one_by_one=True).process_batch(
+    settled = await raw_consumer(handler, FakePool(conn), dead_letters).process_batch(
         [raw_record("fails", "m-1", offset=0)]
     )
 

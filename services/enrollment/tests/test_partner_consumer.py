@@ -51,11 +51,7 @@ def test_the_partner_topic_is_read_in_batches_in_a_consumer_group_of_its_own() -
 
     assert events.group == "enrollment"
     assert Topic.PARTNER_COMPLETION not in events.topics
-    assert (partners.group, partners.topics, partners.one_by_one) == (
-        PARTNER_REPORTS_GROUP,
-        (Topic.PARTNER_COMPLETION,),
-        False,
-    )
+    assert (partners.group, partners.topics) == (PARTNER_REPORTS_GROUP, (Topic.PARTNER_COMPLETION,))
     inbound, handler = partners.read(partner_record(partner_source(PARTNER_ID)))
     assert handler is not None
     assert (handler.function, handler.batched) == (on_partner_reports, True)

@@ -29,8 +29,7 @@ from microcred_events import (
     PathwaySnapshot,
     example_data,
 )
-from microcred_runtime import Connection
-from microcred_runtime.consumers import Delivery
+from microcred_runtime import Connection, Delivery
 
 ROOT = Path(__file__).resolve().parents[3]
 

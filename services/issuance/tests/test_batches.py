@@ -124,10 +124,19 @@ async def test_the_statements_of_a_batch_do_not_grow_with_it(
 
     one = await count([a_completion(course, a_learner())])
     fifty = await count([a_completion(course, a_learner()) for _ in range(50)])
+    chunked = [a_completion(course, a_learner()) for _ in range(2 * service.MINT_CHUNK + 1)]
+    three_chunks = await count(chunked)
 
     # Which have credentials, the locks (3), versions, the open list, its indexes, the credentials,
     # their events, the pathways of the courses: whatever the batch's size.
     assert one == fifty == 10
+    # Minted a chunk at a time, so that signing never keeps the transaction idle for long: the
+    # open list, its indexes, the credentials and their events again for each further chunk.
+    assert three_chunks == 10 + 2 * 4
+    minted = await course_credentials(conn)
+    assert {completion.enrollment_id for completion in chunked} <= minted.keys()
+    indexes = [(row["revocation_list_id"], row["revocation_index"]) for row in minted.values()]
+    assert len(set(indexes)) == len(indexes)
 
 
 class Draws:

@@ -163,8 +163,6 @@ class Route:
     topics: tuple[str, ...]
     # The record's inbox key and how to apply it (None: not for this service), or `Rejected`.
     read: Callable[[ConsumerRecord[bytes, bytes]], tuple[Inbound, "_Apply | None"]]
-    # Each record in a transaction of its own, rather than consecutive ones together.
-    one_by_one: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,16 +205,14 @@ class Subscriptions:
                 raise ValueError(f"{event_type.TYPE} already has a handler")
             self._handlers[event_type.TYPE] = (event_type, apply)
 
-    def raw(
-        self, topic: str, *, group: str, read: Reader, one_by_one: bool = False, batched: bool = False
-    ) -> Callable[[H], H]:
+    def raw(self, topic: str, *, group: str, read: Reader, batched: bool = False) -> Callable[[H], H]:
         """Hand the handler every record of `topic` as `read` makes of it, in a consumer group of
         its own (`group`; dead letters go to `<group>.dlq`).
 
         The runtime does the rest, as for events: the inbox row with `read`'s key in the handler's
         transaction, retries, dead letters, outages, offsets. A record `read` raises `Rejected` for
         is dead-lettered at once, and so is one it fails on otherwise (`unreadable`): reading does
-        no I/O, so it would fail again. `one_by_one`: each record in a transaction of its own.
+        no I/O, so it would fail again.
         `batched`: the handler is a `BatchHandler`, given consecutive records' contents together.
         """
 
@@ -229,14 +225,15 @@ class Subscriptions:
             def read_record(record: ConsumerRecord[bytes, bytes]) -> tuple[Inbound, _Apply | None]:
                 return read(record), apply
 
-            self._raw.append(Route(group, (topic,), read_record, one_by_one))
+            self._raw.append(Route(group, (topic,), read_record))
             return handler
 
         return register
 
     @property
     def topics(self) -> list[str]:
-        """The topics of the events handled (`on`), read in the service's own consumer group."""
+        """The topics of the events handled (`on`, `on_batch`), read in the service's own consumer
+        group."""
         return sorted({event_type.TOPIC for event_type, _ in self._handlers.values()})
 
     def handler_for(self, type_: str) -> Handler | BatchHandler | None:
@@ -319,7 +316,9 @@ class EventConsumer:
         event, the BEGIN, COMMIT (and its WAL flush) and inbox round trips of applying each alone
         are paid once per batch. A handler that raises rolls the transaction back; the events
         before it are applied again without it, it is retried on its own (the failed run was its
-        first attempt), and the rest go on together. Records that cannot be read are dead-lettered
+        first attempt), and the rest go on together. A batch handler that raises for several
+        events is given halves of them, and halves of the half that fails again, down to the
+        event at fault alone, retried the same way. Records that cannot be read are dead-lettered
         in their place in the order.
 
         Fewer than all are settled when the batch's budget is spent (the rest come with the next
@@ -377,9 +376,6 @@ class EventConsumer:
                     progress.settled = index + 1
                     continue
                 run.append(_Pending(index, record, *read))
-                if self._route.one_by_one:
-                    await self._apply_run(run, progress)
-                    run = []
             await self._apply_run(run, progress)
         except _BudgetSpent:
             log.info(

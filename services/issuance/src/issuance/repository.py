@@ -40,8 +40,8 @@ LOCK_TIMEOUT = "75s"
 # How long a transaction that took one of these locks may sit idle before PostgreSQL ends its
 # session, and with it the transaction and its locks (idle_in_transaction_session_timeout, set for
 # the rest of the transaction). Between two statements a holder waits for nothing but its own work
-# on the event loop, the longest being signing a batch's credentials: about a CPU-millisecond each,
-# a second or so for the largest batch (CONSUMER_BATCH_SIZE is at most 1,000). No Kafka (the
+# on the event loop, the longest being signing a chunk of credentials (service.MINT_CHUNK): about
+# a CPU-millisecond each, well under a second even on a loaded machine. No Kafka (the
 # outbox is a table, offsets are committed after the COMMIT, dead letters and retry pauses come
 # between transactions) and no HTTP. One idle this long is stuck: its process frozen, or its host
 # gone, which PostgreSQL would otherwise notice only when TCP keepalives give up (about two hours
@@ -348,6 +348,8 @@ async def insert_credentials(conn: Connection, credentials: Sequence[Credential]
     """Record new credentials, in one statement. A second course credential for an enrollment, or a
     second live pathway credential, violates a unique constraint: the caller's transaction fails and
     is retried, and the retry finds the credential that won."""
+    if not credentials:
+        return
     columns = zip(*map(_values, credentials), strict=True)
     await conn.execute(
         f"INSERT INTO credentials ({_COLUMNS}) SELECT * FROM unnest({_ARRAYS})", *map(list, columns)

@@ -65,8 +65,16 @@ from microcred_events import (
     PathwayPublished,
     PathwaySnapshot,
 )
-from microcred_runtime import AuditEntry, Connection, Principal, Problem, decode_cursor, encode_cursor, outbox
-from microcred_runtime.consumers import Delivery
+from microcred_runtime import (
+    AuditEntry,
+    Connection,
+    Delivery,
+    Principal,
+    Problem,
+    decode_cursor,
+    encode_cursor,
+    outbox,
+)
 
 from . import domain, proofs, repository, status_list
 from .domain import Credential, Issuance, StatusChangeRefused
@@ -79,6 +87,10 @@ STATUS_PURPOSE = "revocation"
 # Random indexes collide more often as a list fills; after this many collisions in a row it counts
 # as full (about 80% used, when a collision is that likely) and a new list is opened.
 _INDEX_ATTEMPTS = 8
+# Credentials signed between two statements at most: about a CPU-millisecond each, so the
+# transaction is never idle near repository.IDLE_HOLDER_TIMEOUT, however many completions a course
+# version releases at once (a new consumer group can park a whole cohort on one).
+MINT_CHUNK = 200
 _random = random.SystemRandom()  # the operating system's randomness, as `secrets` draws from
 
 
@@ -236,8 +248,25 @@ async def _without_credentials(
 async def _issue_course_credentials(
     conn: Connection, platform: Platform, earned: Sequence[tuple[trace.Span, CourseCompleted, CourseSnapshot]]
 ) -> None:
-    """Mint the credentials; each is recorded in the span of the event that earned it."""
+    """Mint the credentials, a chunk at a time; each is recorded in the span of the event that
+    earned it."""
     now = _now()
+    for start in range(0, len(earned), MINT_CHUNK):
+        await _mint(conn, platform, earned[start : start + MINT_CHUNK], now)
+    await _stack(
+        conn,
+        platform,
+        [(span, completion.learner, course.course_id) for span, completion, course in earned],
+        now,
+    )
+
+
+async def _mint(
+    conn: Connection,
+    platform: Platform,
+    earned: Sequence[tuple[trace.Span, CourseCompleted, CourseSnapshot]],
+    now: datetime,
+) -> None:
     issuances = await _issuances(conn, platform, [course.issuer.issuer_id for _, _, course in earned], now)
     issued: list[tuple[trace.Span, Credential]] = []
     for (span, completion, course), issuance in zip(earned, issuances, strict=True):
@@ -266,12 +295,6 @@ async def _issue_course_credentials(
         # group's heartbeats among it, which a large batch would otherwise hold up for seconds).
         await asyncio.sleep(0)
     await _record(conn, platform, issued)
-    await _stack(
-        conn,
-        platform,
-        [(span, completion.learner, course.course_id) for span, completion, course in earned],
-        now,
-    )
 
 
 async def _issue_pathway_credential(

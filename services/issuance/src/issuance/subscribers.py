@@ -8,8 +8,7 @@ batches (a poll's consecutive ones together), minted with statements per batch, 
 from collections.abc import Sequence
 
 from microcred_events import CourseCompleted, CoursePublished, CourseUpdated, PathwayPublished
-from microcred_runtime import Connection, Subscriptions
-from microcred_runtime.consumers import Delivery
+from microcred_runtime import Connection, Delivery, Subscriptions
 
 from . import service
 from .service import Platform

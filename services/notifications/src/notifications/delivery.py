@@ -20,6 +20,7 @@ is at least once, and receivers deduplicate on `webhook-id` (or the email's Mess
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -42,6 +43,7 @@ import asyncpg
 import httpx
 
 from microcred_runtime import Runtime
+from microcred_runtime.consumers import is_outage
 
 from . import domain, egress, messages, repository, service
 from .domain import AttemptOutcome, AttemptResult, Channel, DeliveryState, RetryPolicy
@@ -56,7 +58,8 @@ Prepare = Callable[[Sequence[Delivery]], Awaitable[list[Attempt]]]
 """Makes the attempts at claimed deliveries ready, one each, reading what they need (an email's
 learner and content, a webhook's subscription) for them all at once."""
 
-# A claim outlives its attempt's timeout by this much, so only a dead replica's claim runs out.
+# A claim outlives the preparing of its batch and its attempt (each up to the attempt's timeout)
+# by this much, so only a dead replica's claim runs out.
 _LEASE_MARGIN_SECONDS = 60.0
 # Never poll faster than this, even when rows are due but locked by another replica's claim.
 _MIN_WAIT_SECONDS = 0.05
@@ -105,7 +108,7 @@ class Worker:
         self._concurrency = concurrency
         self._batch = max(1, concurrency // 2)
         self._attempt_timeout = attempt_timeout
-        self._lease = attempt_timeout + _LEASE_MARGIN_SECONDS
+        self._lease = 2 * attempt_timeout + _LEASE_MARGIN_SECONDS
         self._retry = retry
         self._poll_interval = poll_interval
         self._drain_seconds = drain_seconds
@@ -231,6 +234,9 @@ class Worker:
         except Exception as exc:
             result = AttemptResult(AttemptOutcome.FAILED, error=_describe(exc))
         duration_ms = round((time.monotonic() - started) * 1000)
+        if result.error and "\x00" in result.error:
+            # PostgreSQL's text takes no NUL, which a receiver's answer or a server's reply may hold.
+            result = dataclasses.replace(result, error=result.error.replace("\x00", "\ufffd"))
         state, retry_in = self._retry.after(delivery.attempts, result)
         context = {
             "delivery_id": str(delivery.delivery_id),
@@ -297,21 +303,29 @@ class Recorder:
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
-                try:
-                    async with self._pool.acquire() as conn:
-                        moved = await repository.record_attempts(
-                            conn, self._worker, [tried for tried, _ in batch]
-                        )
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                else:
-                    for tried, future in batch:
-                        if not future.done():
-                            future.set_result(tried.delivery_id in moved)
+                await self._settle(batch)
         finally:
             self._writing = None
+
+    async def _settle(self, batch: list[tuple[repository.Tried, asyncio.Future[bool]]]) -> None:
+        try:
+            async with self._pool.acquire() as conn:
+                moved = await repository.record_attempts(conn, self._worker, [tried for tried, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1 and not is_outage(exc):
+                # PostgreSQL refused a row of the statement: each on its own, so that the others
+                # are recorded (rather than sent again once their leases run out).
+                log.warning("recording %d attempts together failed, one by one: %s", len(batch), exc)
+                for item in batch:
+                    await self._settle([item])
+                return
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for tried, future in batch:
+            if not future.done():
+                future.set_result(tried.delivery_id in moved)
 
 
 # --- the channels ----------------------------------------------------------------------------
@@ -439,9 +453,13 @@ def email_sender(pool: asyncpg.Pool, settings: Settings, connections: SmtpConnec
             composed = await service.compose_emails(conn, deliveries)
         return [functools.partial(send, delivery, composed[delivery.delivery_id]) for delivery in deliveries]
 
-    async def send(delivery: Delivery, composed: tuple[messages.Email, str, str] | None) -> AttemptResult:
+    async def send(
+        delivery: Delivery, composed: tuple[messages.Email, str, str] | service.Unreadable | None
+    ) -> AttemptResult:
         if composed is None:
             return AttemptResult(AttemptOutcome.FAILED, error="the learner's address is not known")
+        if isinstance(composed, service.Unreadable):
+            return AttemptResult(AttemptOutcome.REFUSED, error=composed.detail[:_ERROR_LIMIT])
         email, address, name = composed
         # The same on every attempt, so a mail system can recognise a resend of the same email.
         message_id = f"<{delivery.delivery_id}@{message_domain}>"

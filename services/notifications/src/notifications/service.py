@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
 
+from pydantic import ValidationError
+
 from microcred_events import (
     REGISTRY,
     CourseCompleted,
@@ -365,16 +367,32 @@ class _ReadModels:
             await repository.remember_credentials(conn, self.new_credentials)
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A delivery whose stored event no longer reads as one (e.g. its type is gone after an
+    upgrade): it will never compose, whatever the retries."""
+
+    detail: str
+
+
 async def compose_emails(
     conn: Connection, deliveries: Sequence[Delivery]
-) -> dict[UUID, tuple[messages.Email, str, str] | None]:
+) -> dict[UUID, tuple[messages.Email, str, str] | Unreadable | None]:
     """The email each delivery sends, with the learner's current name and address, read for all
     of them in one statement; None for one whose address is not known (which the consumer
-    prevents by keeping such emails `awaiting_address`)."""
-    events = [REGISTRY[delivery.event_type].model_validate_json(delivery.payload) for delivery in deliveries]
-    models = await _ReadModels.before(conn, events, [delivery.learner_id for delivery in deliveries])
-    composed: dict[UUID, tuple[messages.Email, str, str] | None] = {}
-    for delivery, event in zip(deliveries, events, strict=True):
+    prevents by keeping such emails `awaiting_address`). One that cannot be read costs only
+    itself."""
+    composed: dict[UUID, tuple[messages.Email, str, str] | Unreadable | None] = {}
+    readable: list[tuple[Delivery, Event]] = []
+    for delivery in deliveries:
+        try:
+            readable.append((delivery, REGISTRY[delivery.event_type].model_validate_json(delivery.payload)))
+        except (KeyError, ValidationError) as exc:
+            composed[delivery.delivery_id] = Unreadable(f"{delivery.event_type}: {type(exc).__name__}: {exc}")
+    models = await _ReadModels.before(
+        conn, [event for _, event in readable], [delivery.learner_id for delivery, _ in readable]
+    )
+    for delivery, event in readable:
         learner = models.learners.get(delivery.learner_id) if delivery.learner_id else None
         if learner is None:
             composed[delivery.delivery_id] = None

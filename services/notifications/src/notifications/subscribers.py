@@ -3,8 +3,7 @@
 from collections.abc import Sequence
 
 from microcred_events import CoursePublished, CourseUpdated
-from microcred_runtime import Connection, Subscriptions
-from microcred_runtime.consumers import Delivery
+from microcred_runtime import Connection, Delivery, Subscriptions
 
 from . import service
 from .domain import NOTIFIED_EVENTS
