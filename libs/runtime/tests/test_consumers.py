@@ -353,6 +353,12 @@ class InboxConnection(FakeConnection):
         _, source, event_id, *_ = args
         return True if self._insert((source, event_id)) else None
 
+    async def execute(self, query: str, *args: Any) -> str:
+        if query.startswith("DELETE FROM inbox"):
+            _, sources, ids = args
+            self._pending -= set(zip(sources, ids, strict=True))
+        return await super().execute(query, *args)
+
     def _insert(self, key: tuple[str, str]) -> bool:
         if key in self.inbox or key in self._pending:
             return False
@@ -665,10 +671,14 @@ async def test_a_rejected_event_in_a_batch_is_dead_lettered_after_its_one_attemp
 
 class Batched:
     """A batch handler that fails every call including the event of course `poison` (at most
-    `failures` times, with `error`); remembers the courses of each call, and of each applied."""
+    `failures` times, with `error`), and rejects (`Delivery.reject`) those of `rejects`;
+    remembers the courses of each call, and of each applied."""
 
-    def __init__(self, poison: int = 0, failures: int = 0, error: Exception | None = None) -> None:
+    def __init__(
+        self, poison: int = 0, failures: int = 0, error: Exception | None = None, rejects: Sequence[int] = ()
+    ) -> None:
         self.poison, self.failures, self.failed = poison, failures, 0
+        self.rejects = set(rejects)
         self.error = error or RuntimeError("boom")
         self.calls: list[list[int]] = []
         self.spans: list[Any] = []
@@ -680,6 +690,9 @@ class Batched:
         if self.poison in courses and self.failed < self.failures:
             self.failed += 1
             raise self.error
+        for delivery, course in zip(deliveries, courses, strict=True):
+            if course in self.rejects:
+                delivery.reject("forged", f"course {course} is not signed")
 
 
 def batched_consumer(
@@ -775,6 +788,54 @@ async def test_a_batch_handler_rejecting_an_event_alone_dead_letters_it_at_once(
 
     assert handler.calls == [[1, 2], [1], [2]]
     assert dead_letters.only_headers()["dlq_reason"] == b"unknown_course"
+    assert conn.inbox == {(SOURCE, "evt-0")}
+
+
+async def test_events_a_batch_handler_rejects_are_dead_lettered_after_the_rest_commit_without_halves() -> (
+    None
+):
+    handler, dead_letters, metrics = Batched(rejects=[2, 4]), DeadLetters(), Metrics()
+    conn = InboxConnection()
+    subscriptions = Subscriptions()
+    subscriptions.on_batch(CourseUpdated)(handler)
+    eventful = consumer_of(subscriptions, FakePool(conn), dead_letters, metrics=metrics)
+
+    assert await eventful.process_batch(batch(5)) == 5
+
+    assert handler.calls == [[1, 2, 3, 4, 5]]
+    assert conn.transactions == ["committed"]
+    assert [dict(letter.headers)["dlq_offset"] for letter in dead_letters.records] == [b"1", b"3"]
+    assert {dict(letter.headers)["dlq_reason"] for letter in dead_letters.records} == {b"forged"}
+    # Not in the inbox: had a dead letter failed, the event would come again and be judged again.
+    assert conn.inbox == {(SOURCE, f"evt-{number}") for number in (0, 2, 4)}
+    assert (consumed(metrics, Outcome.APPLIED), consumed(metrics, Outcome.DEAD_LETTERED)) == (3, 2)
+
+
+async def test_a_rejected_event_whose_dead_letter_cannot_be_published_comes_again_with_its_run() -> None:
+    handler = Batched(rejects=[2])
+    conn = InboxConnection()
+    subscriptions = Subscriptions()
+    subscriptions.on_batch(CourseUpdated)(handler)
+    broker_down = DeadLetters(KafkaConnectionError(), failures=1)
+
+    assert await consumer_of(subscriptions, FakePool(conn), broker_down).process_batch(batch(3)) == 0
+    # Redelivered: the applied events are duplicates now, and the rejected one is judged again.
+    assert await consumer_of(subscriptions, FakePool(conn), broker_down).process_batch(batch(3)) == 3
+
+    assert handler.calls == [[1, 2, 3], [2]]
+    assert [dict(letter.headers)["dlq_offset"] for letter in broker_down.records] == [b"1"]
+    assert conn.inbox == {(SOURCE, "evt-0"), (SOURCE, "evt-2")}
+
+
+async def test_an_event_a_batch_handler_rejects_when_retried_alone_is_dead_lettered() -> None:
+    handler, dead_letters = Batched(poison=1, failures=1, rejects=[2]), DeadLetters()
+    conn = InboxConnection()
+
+    assert await batched_consumer(handler, FakePool(conn), dead_letters).process_batch(batch(2)) == 2
+
+    # The pair failed once (for course 1), so each went alone: course 2's rejection is then its own.
+    assert handler.calls == [[1, 2], [1], [2]]
+    assert [dict(letter.headers)["dlq_reason"] for letter in dead_letters.records] == [b"forged"]
     assert conn.inbox == {(SOURCE, "evt-0")}
 
 

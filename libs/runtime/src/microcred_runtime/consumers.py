@@ -71,18 +71,26 @@ inside the consumer's transaction."""
 H = TypeVar("H", bound=Handler)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Delivery:
     """One event of those a batch handler is given: what it applies (`content`), and the span of
     its journey under which to queue the events it causes (`with delivery.current(): ...`)."""
 
     content: Any
     span: trace.Span
+    rejected: "Rejected | None" = field(default=None, init=False)
 
     def current(self) -> contextlib.AbstractContextManager[trace.Span]:
         """The event's span made current: what is queued in the outbox (`outbox.prepare`) and
         logged inside it stays in the event's journey."""
         return trace.use_span(self.span, end_on_exit=False)
+
+    def reject(self, reason: str, detail: str) -> None:
+        """This event can never be applied: the handler leaves it out, and once the others are
+        committed the runtime dead-letters it, as it does an event a handler raises `Rejected`
+        for, without applying its neighbours again. (Cheaper than raising, which costs the
+        batch's halves: for what a sender can make many of, e.g. a forged signature.)"""
+        self.rejected = Rejected(reason, detail)
 
 
 BatchHandler = Callable[[Connection, Sequence[Delivery]], Awaitable[None]]
@@ -495,20 +503,23 @@ class EventConsumer:
         async with self._pool.acquire() as conn, conn.transaction():
             if not await _first_delivery(conn, self.group, item.record, item.inbound):
                 return Outcome.DUPLICATE
-            await self._handle(conn, [item])
+            for _, rejected in await self._handle(conn, [item]):
+                raise rejected  # rolled back, and dead-lettered at once
         return Outcome.APPLIED
 
-    async def _handle(self, conn: Connection, items: Sequence["_Pending"]) -> None:
+    async def _handle(
+        self, conn: Connection, items: Sequence["_Pending"]
+    ) -> list[tuple["_Pending", Rejected]]:
         """Runs the items' handler in the caller's transaction: a batch handler once for them all,
         a handler of one event for its one. Each event has a CONSUMER span in the trace its
-        record carries."""
+        record carries. Returns the items a batch handler rejected (`Delivery.reject`)."""
         apply = items[0].handler
         assert apply is not None  # only items with a handler are applied
         if not apply.batched:
             (item,) = items
             with trace.use_span(_event_span(item.record, self.group), end_on_exit=True):
                 await apply.function(conn, item.inbound.content)
-            return
+            return []
         spans = [_event_span(item.record, self.group) for item in items]
         deliveries = [Delivery(item.inbound.content, span) for item, span in zip(items, spans, strict=True)]
         try:
@@ -521,12 +532,23 @@ class EventConsumer:
         finally:
             for span in spans:
                 span.end()
+        return [
+            (item, delivery.rejected)
+            for item, delivery in zip(items, deliveries, strict=True)
+            if delivery.rejected
+        ]
 
     async def _apply_run(self, run: list["_Pending"], progress: "_Progress") -> None:
         while run:
             progress.step()
             failure = await self._apply_together(run)
-            if failure is None:
+            if isinstance(failure, list):
+                # Committed without the events their batch handler rejected: their inbox rows went
+                # with them, so if a dead letter cannot be published the run comes again, its
+                # applied events as duplicates and these to be rejected again.
+                for item, rejected in failure:
+                    await self._dead_letter(item.record, rejected.reason, rejected.detail, attempts=1)
+                    self._count(item.record, Outcome.DEAD_LETTERED)
                 progress.settled = run[-1].index + 1
                 return
             failing, error = failure
@@ -557,9 +579,13 @@ class EventConsumer:
                 progress.settled = failed.index + 1
             run = run[end:]
 
-    async def _apply_together(self, run: list["_Pending"]) -> tuple[tuple[int, int] | None, Exception] | None:
-        """Applies the run in one transaction: None, or which items' handler raised (the run's
-        slice [start, end); None: no handler's, the run's own statements) and what."""
+    async def _apply_together(
+        self, run: list["_Pending"]
+    ) -> tuple[tuple[int, int] | None, Exception] | list[tuple["_Pending", Rejected]]:
+        """Applies the run in one transaction: the items a batch handler rejected (left out, to
+        dead-letter), or which items' handler raised (the run's slice [start, end); None: no
+        handler's, the run's own statements) and what."""
+        rejected: list[tuple[_Pending, Rejected]] = []
         outcomes: list[Outcome] = []
         # Consecutive fresh events of one batch handler go to it together; every other one alone.
         units: list[list[int]] = []
@@ -584,15 +610,18 @@ class EventConsumer:
                                 units.append([position])
                     for unit in units:
                         failing = (unit[0], unit[-1] + 1)
-                        await self._handle(conn, [run[position] for position in unit])
+                        rejected += await self._handle(conn, [run[position] for position in unit])
                     failing = None
+                    await _forget(conn, self.group, [item for item, _ in rejected])
             except Exception as exc:
                 if is_outage(exc):
                     raise
                 return failing, exc
+        left_out = {id(item) for item, _ in rejected}
         for item, outcome in zip(run, outcomes, strict=True):
-            self._count(item.record, outcome)
-        return None
+            if id(item) not in left_out:
+                self._count(item.record, outcome)
+        return rejected
 
     async def _dead_letter(
         self, record: ConsumerRecord[bytes, bytes], reason: str, detail: str, *, attempts: int
@@ -781,6 +810,19 @@ async def _claim(conn: Connection, group: str, items: Sequence[_Pending]) -> set
         [item.record.offset for item in items],
     )
     return {(row["source"], row["event_id"]) for row in rows}
+
+
+async def _forget(conn: Connection, group: str, items: Sequence[_Pending]) -> None:
+    """Takes the events' inbox rows back: rejected, they are not applied, and a redelivery (when
+    their dead letters could not be published) must judge them again."""
+    if items:
+        await conn.execute(
+            "DELETE FROM inbox WHERE consumer = $1 AND (source, event_id) IN"
+            " (SELECT * FROM unnest($2::text[], $3::text[]))",
+            group,
+            [item.inbound.source for item in items],
+            [item.inbound.id for item in items],
+        )
 
 
 def _journey(record: ConsumerRecord[bytes, bytes]) -> Context:

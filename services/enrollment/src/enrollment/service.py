@@ -33,7 +33,6 @@ from microcred_runtime import (
     Delivery,
     Principal,
     Problem,
-    Rejected,
     decode_cursor,
     encode_cursor,
     journeys,
@@ -553,43 +552,49 @@ class PartnerMessage:
     appended_at: datetime | None = None
 
 
-async def take_partner_messages(conn: Connection, deliveries: Sequence[Delivery]) -> list[ReportOutcome]:
+async def take_partner_messages(
+    conn: Connection, deliveries: Sequence[Delivery]
+) -> list[ReportOutcome | None]:
     """Apply reports from the partner topic (each delivery's content a `PartnerMessage`), in
     order; a refusal is queued for the partner's rejection topic in this same transaction, so it
     is told exactly once.
 
-    Raises `Rejected` (the message is dead-lettered) when there is no partner to tell: `ce_source`
-    names a partner that is not registered, or the signature is not that partner's (anyone may
-    name a partner; only what it signed is told on its topic).
+    A message is rejected (`Delivery.reject`: dead-lettered; its outcome None) when there is no
+    partner to tell: `ce_source` names a partner that is not registered, or the signature is not
+    that partner's (anyone may name a partner; only what it signed is told on its topic).
     """
     messages: list[PartnerMessage] = [delivery.content for delivery in deliveries]
     partners = await repository.partners(conn, [message.partner_id for message in messages])
     now = _now()
     reported: list[_Reported] = []
-    suspended: dict[int, ReportOutcome] = {}
+    decided: dict[int, ReportOutcome | None] = {}
     for position, (message, delivery) in enumerate(zip(messages, deliveries, strict=True)):
         partner = partners.get(message.partner_id)
         if partner is None:
-            raise Rejected(
+            delivery.reject(
                 RejectionReason.UNKNOWN_PARTNER,
                 f"ce_source names partner {message.partner_id}, which is not registered",
             )
+            decided[position] = None
+            continue
         refusal = _authenticate(partner, message.signed_content, message.signature)
         if refusal is not None and refusal.reason is RejectionReason.BAD_SIGNATURE:
-            raise Rejected(refusal.reason, f"ce_source names partner {partner.partner_id}: {refusal.detail}")
+            delivery.reject(refusal.reason, f"ce_source names partner {partner.partner_id}: {refusal.detail}")
+            decided[position] = None
+            continue
         if refusal is not None:
-            suspended[position] = _refused(message.report, refusal)
+            decided[position] = _refused(message.report, refusal)
             continue
         # After the signature: the time is only worth judging once it is known to be the partner's.
         late = domain.check_message_time(message.sent_at, message.appended_at or now)
         reported.append(_Reported(partner, message.report, late, delivery))
-    applied = iter(await _report_completions(conn, reported, now))
+    applied = iter(await _report_completions(conn, reported, now) if reported else [])
     outcomes = [
-        suspended[position] if position in suspended else next(applied) for position in range(len(messages))
+        decided[position] if position in decided else next(applied) for position in range(len(messages))
     ]
     rejections = []
     for message, delivery, outcome in zip(messages, deliveries, outcomes, strict=True):
-        if outcome.refusal is None:
+        if outcome is None or outcome.refusal is None:
             continue
         with delivery.current():
             log.info(

@@ -164,7 +164,7 @@ def read_partner_record(record: ConsumerRecord[bytes, bytes]) -> Inbound:
 
 
 # Together: a batch's reports are looked up and written back with a few statements. A forged
-# one (`Rejected`) is found by the runtime in a few transactions and dead-lettered alone.
+# one is left out (`Delivery.reject`) and dead-lettered once the others are committed.
 @subscriptions.raw(
     Topic.PARTNER_COMPLETION, group=PARTNER_REPORTS_GROUP, read=read_partner_record, batched=True
 )
