@@ -144,7 +144,7 @@ class Retirement(BaseModel):
     )
 
 
-def if_match_versions(
+async def if_match_versions(
     if_match: Annotated[
         str | None,
         Header(
