@@ -30,6 +30,7 @@ import uvicorn
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import BrokerNotAvailableError, KafkaError, KafkaTimeoutError, ReplicaNotAvailableError
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware import Middleware
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from faststream.kafka import KafkaBroker
@@ -210,6 +211,9 @@ class Service(Generic[SettingsT]):
     migrations: Path
     routers: Sequence[APIRouter] = ()
     subscriptions: Subscriptions = field(default_factory=Subscriptions)
+    # ASGI middleware of the service's own, innermost: each sees a request after the runtime's
+    # (CORS, metrics, the body limit) and before routing.
+    middleware: Sequence[Middleware] = ()
     # Work a service runs beside its API and consumers (e.g. delivery workers): each is entered
     # once everything else runs and exited first on shutdown.
     background: Sequence[Callable[[Runtime[Any]], contextlib.AbstractAsyncContextManager[object]]] = ()
@@ -253,6 +257,7 @@ class Service(Generic[SettingsT]):
             version=self.version,
             description=self.description,
             lifespan=lifespan,
+            middleware=list(self.middleware),
         )
         app.state.startup = startup
         app.state.authenticator = Authenticator(
