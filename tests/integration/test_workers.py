@@ -11,6 +11,8 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -169,3 +171,31 @@ async def test_the_workers_end_with_a_killed_supervisor(
         catalog.process.kill()
         await catalog.process.wait()
         assert await wait_for(lambda: not any(_alive(pid) for pid in catalog.workers), timeout=60)
+
+
+@pytest.mark.parametrize("taken", ["HTTP_PORT", "METRICS_PORT"])
+def test_a_port_taken_ends_the_service_and_leaves_no_worker(taken: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        ports = {"HTTP_PORT": str(free_port()), "METRICS_PORT": str(free_port())}
+        ports[taken] = str(holder.getsockname()[1])
+        env = {
+            **os.environ,
+            **ports,
+            "HTTP_WORKERS": str(WORKERS),
+            "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "AUTH_ISSUER": "https://issuer.test",
+            "AUTH_JWKS_URL": "https://issuer.test/jwks.json",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "catalog"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        output, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 1, output
+    assert "Address already in use" in output.decode(), output
+    # Had a worker outlived it, it would still hold the port.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", int(ports["HTTP_PORT"])), timeout=5).close()

@@ -62,7 +62,11 @@ def die_with(parent: int, signum: signal.Signals) -> None:
 
 def supervise(settings: ServiceSettings, serve: Serve) -> None:
     """Run HTTP_WORKERS workers of `serve` on HTTP_HOST:HTTP_PORT until SIGTERM, or until one ends."""
-    listening = _bind(settings.http_host, settings.http_port)
+    try:
+        listening = _bind(settings.http_host, settings.http_port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.http_host, settings.http_port, exc)
+        raise SystemExit(1) from None
     with _shared_metrics(), contextlib.ExitStack() as stack:
         supervisor = os.getpid()
         fork = multiprocessing.get_context("fork")
@@ -85,11 +89,17 @@ def supervise(settings: ServiceSettings, serve: Serve) -> None:
             if stopped_by is None:
                 worker.start()
         listening.close()  # the workers have it
-        if settings.metrics_port is not None:
-            # After the fork: the server is a thread, and a fork copies no thread.
-            stack.enter_context(serving(every_worker(), settings.http_host, settings.metrics_port))
-        log.info("HTTP workers started", extra={"workers": [worker.pid for worker in workers]})
-        failed = _wait(workers, lambda: stopped_by is not None, stop)
+        try:
+            if settings.metrics_port is not None:
+                # After the fork: the server is a thread, and a fork copies no thread.
+                stack.enter_context(serving(every_worker(), settings.http_host, settings.metrics_port))
+            log.info("HTTP workers started", extra={"workers": [worker.pid for worker in workers]})
+            failed = _wait(workers, lambda: stopped_by is not None, stop)
+        except BaseException:
+            # Whatever goes wrong here (METRICS_PORT taken), no worker is left running alone.
+            stop(signal.SIGTERM, None)
+            _wait(workers, lambda: True, stop)
+            raise
     if failed:
         raise SystemExit(1)
     if stopped_by is not None:
