@@ -302,7 +302,7 @@ async def test_a_write_through_one_process_shows_in_the_others_answers(
         renamed = await api.put(url, json={**DETAILS, "title": "After"}, headers=staff)
         assert renamed.status_code == 200, renamed.text
         # Seen once the write's notification has reached the other process: its delivery is
-        # the only wait.
+        # the only wait (a GET sent at once after the commit may come before it).
         assert await wait_for(lambda: lists(other, ["After"]), timeout=10)
         # The one notification dropped every answer the other process kept, and no answer of
         # the old state comes back: not the body, not a 304 for its ETag.
