@@ -28,8 +28,9 @@ Phases, in order:
    installed by `make sync`) attached to each service (`--profile` seconds; not measured, sampling costs CPU);
 3. ceiling: the same signing and rows (inbox, status index, credential, outbox) done by a minimal
    aiokafka + asyncpg loop in this process, a batch per poll, one transaction per batch;
-4. catalog: `GET /courses` of the seeded launch catalog, by wrk when installed (else an asyncio
-   httpx load generator), `--catalog-seconds` long, then again shorter under py-spy;
+4. catalog: `GET /courses` of the seeded launch catalog, served by `--catalog-workers` HTTP
+   workers (HTTP_WORKERS), loaded by wrk (installed with apt-get when missing; else an asyncio httpx
+   load generator, which the report says), `--catalog-seconds` long, then again shorter under py-spy;
 5. latency at a load the pipeline sustains (`--low-fraction` of the throughput measured);
 6. latency at `--rate` reports/s offered for `--duration` s: publish time to credential recorded.
 
@@ -47,6 +48,8 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import hmac
 import itertools
@@ -170,6 +173,14 @@ def children_of(parent: int) -> list[int]:
     return found
 
 
+def family_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of a service's process and of each of its live children (its HTTP workers, its
+    proof workers): a child's CPU reaches its parent's count only once the child has ended."""
+    return {pid: cpu_seconds(pid, with_children=True)} | {
+        child: cpu_seconds(child) for child in children_of(pid)
+    }
+
+
 # Titles of PostgreSQL's own processes, which work for every database (WAL, checkpoints, vacuum).
 _POSTGRES_SHARED = ("walwriter", "checkpointer", "background writer", "autovacuum", "logical replication")
 
@@ -197,6 +208,11 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return math.nan
+
+
+def largest_peak_rss_mb(pid: int) -> float:
+    """The peak RSS of the largest of a service's processes (itself, its HTTP workers)."""
+    return max(peak_rss_mb(process) for process in [pid, *children_of(pid)])
 
 
 def listener_pid(port: int) -> int | None:
@@ -243,7 +259,7 @@ class CpuMeter:
         return listener_pid(kafka_port), listener_pid(postgres_port)
 
     def sample(self) -> CpuSample:
-        parts = {name: {pid: cpu_seconds(pid, with_children=True)} for name, pid in self.services.items()}
+        parts = {name: family_cpu_seconds(pid) for name, pid in self.services.items()}
         parts[KAFKA] = {self.kafka: cpu_seconds(self.kafka)} if self.kafka else {}
         parts["postgresql"] = (
             postgres_processes(self.postmaster, self.databases_prefix) if self.postmaster else {}
@@ -862,11 +878,40 @@ def wrk_load(url: str, connections: int, seconds: int) -> HttpLoad:
     )
 
 
-async def http_load(url: str, connections: int, seconds: int) -> HttpLoad:
-    """wrk when installed, else the asyncio generator below."""
+@functools.cache
+def install_wrk() -> str | None:
+    """Put wrk on PATH when it is not there (Debian's package, by apt-get as root or with a sudo
+    that asks no password): None once it is, else why it could not be."""
     if shutil.which("wrk"):
+        return None
+    apt = shutil.which("apt-get")
+    if apt is None:
+        return "no apt-get on this machine"
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    failure = ""
+    # The package lists may be stale or absent: fetched again if the first try fails.
+    for steps in ([["install", "-y", "wrk"]], [["update"], ["install", "-y", "wrk"]]):
+        for step in steps:
+            command = [*sudo, apt, "-q", *step]
+            done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)  # noqa: S603
+            failure = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        if shutil.which("wrk"):
+            print("installed wrk (apt-get) for the catalog load", flush=True)
+            return None
+    return f"apt-get install wrk failed: {failure}"
+
+
+async def http_load(url: str, connections: int, seconds: int) -> HttpLoad:
+    """wrk (see `install_wrk`), else the asyncio generator below, saying why."""
+    why_not = install_wrk()
+    if why_not is None:
         return await asyncio.to_thread(wrk_load, url, connections, seconds)
-    return await python_load(url, connections, seconds)
+    load = await python_load(url, connections, seconds)
+    return dataclasses.replace(
+        load,
+        generator=f"{load.generator}; NOT wrk ({why_not}): this generator takes CPU the catalog would have",
+    )
 
 
 async def python_load(url: str, connections: int, seconds: int) -> HttpLoad:
@@ -895,6 +940,38 @@ async def python_load(url: str, connections: int, seconds: int) -> HttpLoad:
         percentile(latencies, 0.5),
         percentile(latencies, 0.99),
     )
+
+
+@dataclass
+class CatalogMeasured:
+    load: HttpLoad
+    workers: int
+    cpu_seconds: float  # of its processes, over the load
+    profiles: dict[str, Path]
+    profile_seconds: int
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.cpu_seconds / max(self.load.requests, 1) * 1000
+
+
+async def measure_catalog(
+    arguments: argparse.Namespace, catalog: Process, profile: bool, logs: Path
+) -> CatalogMeasured:
+    """`GET /courses` under load, and the CPU the catalog's processes spent on it; then again,
+    shorter, with py-spy attached (not measured)."""
+    url = f"http://127.0.0.1:{catalog.env['HTTP_PORT']}/courses"
+    await python_load(url, 4, 1)  # warm-up
+    before = family_cpu_seconds(pid(catalog))
+    load = await http_load(url, arguments.catalog_connections, arguments.catalog_seconds)
+    after = family_cpu_seconds(pid(catalog))
+    spent = sum(seconds - before.get(process, 0.0) for process, seconds in after.items())
+    profile_seconds = max(arguments.catalog_seconds // 2, 1) if profile else 0
+    profiles: dict[str, Path] = {}
+    if profile_seconds:
+        with profiling({"catalog": pid(catalog)}, profile_seconds, logs) as profiles:
+            await http_load(url, arguments.catalog_connections, profile_seconds + 1)
+    return CatalogMeasured(load, arguments.catalog_workers, spent, profiles, profile_seconds)
 
 
 # --- profiling with py-spy -------------------------------------------------------------------
@@ -956,7 +1033,7 @@ def summarize_profile(raw: Path, top: int = 12) -> list[str]:
     lines = [f"    {total} busy samples; self time by component:"]
     lines += [f"      {100 * count / total:5.1f}%  {name}" for name, count in self_time.most_common()]
     lines.append("    our functions with the most inclusive time:")
-    entry_points = ("<module> (", "Service.run (")
+    entry_points = ("<module> (", "Service.run (", "Service._serve (", "supervise (", "_work (")
     shown = [(name, count) for name, count in inclusive.most_common() if not name.startswith(entry_points)]
     lines += [f"      {100 * count / total:5.1f}%  {name}" for name, count in shown[:top]]
     return lines
@@ -1000,7 +1077,9 @@ def profiling(pids: dict[str, int], seconds: int, folder: Path) -> Iterator[dict
     if spy and seconds > 0:
         for name, pid in pids.items():
             outputs[name] = folder / f"profile-{name}.txt"
+            # --subprocesses: the HTTP workers of a service run with HTTP_WORKERS above 1.
             command = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100"]
+            command += ["--subprocesses"]
             command += [
                 "--nonblocking",
                 "--full-filenames",
@@ -1098,7 +1177,13 @@ def write_results(figures: Figures) -> None:
 
 
 def service_processes(
-    environment: Environment, scratch: Path, logs: Path, keys_dir: Path, smtp_port: int, trace_ratio: float
+    environment: Environment,
+    scratch: Path,
+    logs: Path,
+    keys_dir: Path,
+    smtp_port: int,
+    trace_ratio: float,
+    catalog_workers: int,
 ) -> dict[str, Process]:
     jwks = scratch / "jwks.json"
     jwks.write_text(json.dumps({"keys": []}))
@@ -1115,6 +1200,8 @@ def service_processes(
             "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
             "OTEL_TRACES_SAMPLER_ARG": str(trace_ratio),
         }
+        if name == "catalog":
+            env |= {"HTTP_WORKERS": str(catalog_workers)}
         if name == "issuance":
             env |= {"ISSUER_KEYS_DIR": str(keys_dir), "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"}
         if name == "notifications":
@@ -1139,10 +1226,7 @@ class Measured:
     profile_seconds: int
     raw: Ceiling
     ceiling_cpu: CpuSplit
-    catalog: HttpLoad
-    catalog_cpu: float
-    catalog_profiles: dict[str, Path]
-    catalog_profile_seconds: int
+    catalog: CatalogMeasured
     low_rate: float
     low_latencies: list[float]
     offered: float
@@ -1151,6 +1235,7 @@ class Measured:
 
 
 async def run(arguments: argparse.Namespace) -> Measured:
+    install_wrk()  # now, not amid the measured phases
     endpoints = infra.ensure_up()
     logs = ROOT / ".local" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
@@ -1168,7 +1253,13 @@ async def run(arguments: argparse.Namespace) -> Measured:
                 logs / "mail-sink.log",
             )
             services = service_processes(
-                environment, scratch, logs, keys_dir, smtp_port, arguments.trace_ratio
+                environment,
+                scratch,
+                logs,
+                keys_dir,
+                smtp_port,
+                arguments.trace_ratio,
+                arguments.catalog_workers,
             )
             everything = [sink, *services.values()]
             for process in everything:
@@ -1290,18 +1381,7 @@ async def measure(
             )
 
             # 4. the catalog list API
-            url = f"http://127.0.0.1:{services['catalog'].env['HTTP_PORT']}/courses"
-            await python_load(url, 4, 1)  # warm-up
-            catalog_pid = pid(services["catalog"])
-            catalog_cpu = cpu_seconds(catalog_pid)
-            catalog = await http_load(url, arguments.catalog_connections, arguments.catalog_seconds)
-            catalog_cpu = cpu_seconds(catalog_pid) - catalog_cpu
-            # Again, shorter, with py-spy attached (not measured).
-            catalog_profile_seconds = max(arguments.catalog_seconds // 2, 1) if profile_seconds else 0
-            catalog_profiles: dict[str, Path] = {}
-            if catalog_profile_seconds:
-                with profiling({"catalog": catalog_pid}, catalog_profile_seconds, logs) as catalog_profiles:
-                    await http_load(url, arguments.catalog_connections, catalog_profile_seconds + 1)
+            catalog = await measure_catalog(arguments, services["catalog"], bool(profile_seconds), logs)
 
             # 5. latency at a load the pipeline sustains
             low_rate = min(
@@ -1318,7 +1398,7 @@ async def measure(
             paced = take(paced_count)
             offered = await reporter.paced(paced, arguments.rate)
             await recorded.until([learner.enrollment_id for learner in paced], within=arguments.drain)
-            rss = {name: peak_rss_mb(pid(process)) for name, process in services.items()}
+            rss = {name: largest_peak_rss_mb(pid(process)) for name, process in services.items()}
             if meter.servers() != (meter.kafka, meter.postmaster):
                 raise SystemExit(
                     "Kafka or PostgreSQL restarted during the run (another job on this machine?):"
@@ -1338,9 +1418,6 @@ async def measure(
                 raw=raw,
                 ceiling_cpu=ceiling_cpu,
                 catalog=catalog,
-                catalog_cpu=catalog_cpu,
-                catalog_profiles=catalog_profiles,
-                catalog_profile_seconds=catalog_profile_seconds,
                 low_rate=low_rate,
                 low_latencies=low_latencies,
                 offered=offered,
@@ -1386,15 +1463,15 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
     )
     figures.target(
         "catalog list API",
-        f"{m.catalog.rate:.0f} requests/s",
+        f"{m.catalog.load.rate:.0f} requests/s",
         f">= {TARGET_CATALOG_RPS:.0f}/s",
-        m.catalog.rate >= TARGET_CATALOG_RPS,
+        m.catalog.load.rate >= TARGET_CATALOG_RPS,
     )
     figures.target(
         "catalog list API p99",
-        f"{m.catalog.p99_ms:.1f} ms",
+        f"{m.catalog.load.p99_ms:.1f} ms",
         f"<= {TARGET_CATALOG_P99_MS:.0f} ms",
-        m.catalog.p99_ms <= TARGET_CATALOG_P99_MS,
+        m.catalog.load.p99_ms <= TARGET_CATALOG_P99_MS,
     )
     for name, megabytes in m.rss.items():
         figures.target(
@@ -1411,7 +1488,8 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
         m.ceiling_cpu.parts[name] for name in ceiling_parts if math.isfinite(m.ceiling_cpu.parts[name])
     )
     ceiling_ms = ceiling_seconds / max(m.raw.count, 1) * 1000
-    catalog_ms = m.catalog_cpu / max(m.catalog.requests, 1) * 1000
+    catalog_ms = m.catalog.cpu_ms_per_request
+    catalog_cpus = min(m.catalog.workers, cpus)
     figures.add("  The same, projected from the CPU each took (what a quiet machine would do at best):")
     figures.add(
         f"        end to end: {pipeline_ms:.1f} CPU-ms per credential in Kafka, PostgreSQL and the services:"
@@ -1422,8 +1500,9 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
         f" {ceiling_ms / pipeline_ms:.3f}"
     )
     figures.add(
-        f"        catalog: {catalog_ms:.2f} CPU-ms per request in its one process: at most"
-        f" {1000 / catalog_ms:.0f} requests/s"
+        f"        catalog: {catalog_ms:.2f} CPU-ms per request, summed over its processes"
+        f" ({m.catalog.workers} HTTP workers): at most {catalog_cpus * 1000 / catalog_ms:.0f} requests/s"
+        f" on {catalog_cpus} CPUs"
     )
     figures.add()
     figures.add(f"1. End to end: {m.completions} signed partner reports published at once")
@@ -1486,15 +1565,17 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
     figures.add()
     figures.add(
         "3. Catalog list API: GET /courses (the seeded launch catalog),"
-        f" {arguments.catalog_seconds} s on loopback"
+        f" {arguments.catalog_seconds} s on loopback, catalog in {m.catalog.workers} HTTP workers"
+        " (--catalog-workers)"
     )
-    figures.add(f"  generator: {m.catalog.generator}")
+    figures.add(f"  generator: {m.catalog.load.generator}")
     figures.add(
-        f"  {m.catalog.rate:.0f} requests/s, p50 {m.catalog.p50_ms:.1f} ms, p99 {m.catalog.p99_ms:.1f} ms,"
-        f" {m.catalog.requests} requests, {m.catalog.errors} errors"
+        f"  {m.catalog.load.rate:.0f} requests/s, p50 {m.catalog.load.p50_ms:.1f} ms,"
+        f" p99 {m.catalog.load.p99_ms:.1f} ms, {m.catalog.load.requests} requests,"
+        f" {m.catalog.load.errors} errors; {catalog_ms:.2f} CPU-ms per request in its processes"
     )
-    for path in m.catalog_profiles.values():
-        figures.add(f"  where catalog's time goes (py-spy over {m.catalog_profile_seconds} s of that load):")
+    for path in m.catalog.profiles.values():
+        figures.add(f"  where catalog's time goes (py-spy over {m.catalog.profile_seconds} s of that load):")
         for line in summarize_profile(path) if path.exists() else ["    (py-spy wrote nothing)"]:
             figures.add(line)
 
@@ -1508,7 +1589,7 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
     figures.add(latency_line(f"at {m.offered:.0f}/s offered ({asked})", m.latencies))
 
     figures.add()
-    figures.add("5. Peak RSS (VmHWM) of each service process over the whole run:")
+    figures.add("5. Peak RSS (VmHWM) of each service's largest process over the whole run:")
     figures.add("  " + ", ".join(f"{name} {megabytes:.0f} MB" for name, megabytes in m.rss.items()))
     return figures
 
@@ -1542,6 +1623,9 @@ def main() -> None:
     parser.add_argument("--ceiling", type=int, default=3000, help="events for the raw ceiling (3000)")
     parser.add_argument("--catalog-seconds", type=int, default=20, help="catalog load duration (20)")
     parser.add_argument("--catalog-connections", type=int, default=16, help="catalog load connections (16)")
+    parser.add_argument(
+        "--catalog-workers", type=int, default=2, help="the catalog's HTTP_WORKERS, one per CPU at most (2)"
+    )
     parser.add_argument(
         "--profile",
         type=int,

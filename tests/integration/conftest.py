@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import json
 import os
+import socket
 import sys
 import uuid
 import warnings
@@ -86,6 +87,14 @@ def infrastructure(pytestconfig: pytest.Config) -> Iterator[Infrastructure]:
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         endpoints = local.ensure_up()
     yield Infrastructure(endpoints.kafka_bootstrap, endpoints.postgres_url)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on, for a service process under test."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _with_database(url: str, name: str) -> str:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 import catalog.main
+import catalog.public_cache
 import catalog.seed
 import catalog.settings
 from microcred_events import (
@@ -234,44 +235,182 @@ async def test_the_public_sees_only_published_courses_and_staff_see_all(
     assert_problem(bad_token, 401, "unauthorized")
 
 
-async def test_the_published_list_is_kept_a_moment_and_staff_changes_show_at_once(
-    api: httpx.AsyncClient, staff: dict[str, str], db: asyncpg.Connection
+async def titles_listed(api: httpx.AsyncClient) -> list[str]:
+    response = await api.get("/courses")
+    assert response.status_code == 200, response.text
+    return [course["title"] for course in response.json()["items"]]
+
+
+async def lists(api: httpx.AsyncClient, titles: list[str]) -> bool:
+    return await titles_listed(api) == titles
+
+
+async def test_the_published_list_is_kept_until_the_catalog_changes_whoever_changes_it(
+    api: httpx.AsyncClient, staff: dict[str, str], db: asyncpg.Connection, wait_for: Any
 ) -> None:
     first = await published_course(api, staff, title="A first")
     listed = await api.get("/courses")
     assert [course["title"] for course in listed.json()["items"]] == ["A first"]
     assert listed.headers["cache-control"] == "public, max-age=2"
+    first_id = uuid.UUID(first["course_id"])
 
-    # Another replica's change (here: straight in the database) shows once the page expires...
-    await db.execute(
-        "UPDATE courses SET status = 'retired' WHERE course_id = $1", uuid.UUID(first["course_id"])
-    )
-    assert [course["title"] for course in (await api.get("/courses")).json()["items"]] == ["A first"]
-    await db.execute(
-        "UPDATE courses SET status = 'published' WHERE course_id = $1", uuid.UUID(first["course_id"])
-    )
+    # The page is kept: a change that tells no one (its notification switched off) goes unseen...
+    async with db.transaction():
+        await db.execute("ALTER TABLE courses DISABLE TRIGGER courses_changed")
+        await db.execute("UPDATE courses SET status = 'retired' WHERE course_id = $1", first_id)
+        await db.execute("ALTER TABLE courses ENABLE TRIGGER courses_changed")
+    await asyncio.sleep(0.5)  # time for a notification to arrive, were there one
+    assert await titles_listed(api) == ["A first"]
 
-    # ...while this process's own writes show at once: publish, update and retire.
+    # ...while another process's change (here: straight in the database) shows once its
+    # notification arrives (see the next test)...
+    await db.execute("UPDATE courses SET details = details WHERE course_id = $1", first_id)
+    assert await wait_for(lambda: lists(api, []), timeout=10)
+
+    # ...and this process's own writes at once: publish, update and retire.
+    await publish_course(api, staff, first["course_id"])
+    assert await titles_listed(api) == ["A first"]
     second = await published_course(api, staff, title="B second")
-    assert [course["title"] for course in (await api.get("/courses")).json()["items"]] == [
-        "A first",
-        "B second",
-    ]
+    assert await titles_listed(api) == ["A first", "B second"]
     renamed = {**{name: second[name] for name in DETAILS}, "title": "C second, renamed"}
     assert (await api.put(f"/courses/{second['course_id']}", json=renamed, headers=staff)).status_code == 200
-    assert [course["title"] for course in (await api.get("/courses")).json()["items"]] == [
-        "A first",
-        "C second, renamed",
-    ]
+    assert await titles_listed(api) == ["A first", "C second, renamed"]
     assert (await api.post(f"/courses/{first['course_id']}/retire", headers=staff)).status_code == 200
-    assert [course["title"] for course in (await api.get("/courses")).json()["items"]] == [
-        "C second, renamed"
-    ]
+    assert await titles_listed(api) == ["C second, renamed"]
 
     # Staff listings of what the public does not see are never kept.
     drafts = await api.get("/courses", params={"status": "retired"}, headers=staff)
     assert [course["title"] for course in drafts.json()["items"]] == ["A first"]
     assert drafts.headers["cache-control"] == "private, no-cache"
+
+
+async def test_a_write_through_one_process_shows_in_the_others_answers(
+    settings: catalog.settings.Settings, serve: Any, staff: dict[str, str], wait_for: Any
+) -> None:
+    async with (
+        serve(catalog.main.create_app(settings)) as api,
+        serve(catalog.main.create_app(settings)) as other,
+    ):
+        course = await published_course(api, staff, title="Before")
+        url = f"/courses/{course['course_id']}"
+        # The other process keeps its answers (asked twice: the second answer is the kept one).
+        for _ in range(2):
+            before_list, before_one = await other.get("/courses"), await other.get(url)
+            assert [item["title"] for item in before_list.json()["items"]] == ["Before"]
+            assert (before_one.json()["title"], before_one.headers["etag"]) == ("Before", '"2"')
+
+        renamed = await api.put(url, json={**DETAILS, "title": "After"}, headers=staff)
+        assert renamed.status_code == 200, renamed.text
+        # Seen once the write's notification has reached the other process: its delivery is
+        # the only wait (a GET sent at once after the commit may come before it).
+        assert await wait_for(lambda: lists(other, ["After"]), timeout=10)
+        # The one notification dropped every answer the other process kept, and no answer of
+        # the old state comes back: not the body, not a 304 for its ETag.
+        for _ in range(3):
+            assert await titles_listed(other) == ["After"]
+            one = await other.get(url)
+            assert (one.json()["title"], one.headers["etag"]) == ("After", '"3"')
+        old_page = await other.get("/courses", headers={"If-None-Match": before_list.headers["etag"]})
+        assert [item["title"] for item in old_page.json()["items"]] == ["After"]
+        old_version = await other.get(url, headers={"If-None-Match": before_one.headers["etag"]})
+        assert (old_version.status_code, old_version.json()["version"]) == (200, 3)
+
+        retired = await api.post(f"{url}/retire", headers=staff)
+        assert retired.status_code == 200, retired.text
+        assert await wait_for(lambda: lists(other, []), timeout=10)
+        assert_problem(await other.get(url), 404, "course-not-found")
+
+
+async def listener_pid(db: asyncpg.Connection) -> int | None:
+    """The backend of the catalog process's LISTEN connection (see catalog.public_cache)."""
+    pid: int | None = await db.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+        catalog.public_cache.CHANNEL,
+    )
+    return pid
+
+
+async def listening_again(db: asyncpg.Connection, before: int) -> bool:
+    pid = await listener_pid(db)
+    return pid is not None and pid != before
+
+
+async def test_a_write_missed_while_not_listening_is_not_hidden_by_a_kept_answer(
+    api: httpx.AsyncClient, staff: dict[str, str], db: asyncpg.Connection, wait_for: Any
+) -> None:
+    course = await published_course(api, staff, title="Before")
+    assert await titles_listed(api) == ["Before"]
+    listening = await listener_pid(db)
+    assert listening is not None
+
+    # The listening connection is cut, and a write commits before it is back: its
+    # notification reaches no one.
+    await db.execute("SELECT pg_terminate_backend($1)", listening)
+    await db.execute(
+        "UPDATE courses SET details = jsonb_set(details, '{title}', '\"After\"') WHERE course_id = $1",
+        uuid.UUID(course["course_id"]),
+    )
+    assert await wait_for(lambda: listening_again(db, listening), timeout=30)
+    assert await titles_listed(api) == ["After"]
+    assert (await api.get(f"/courses/{course['course_id']}")).json()["title"] == "After"
+
+
+async def test_one_item_is_told_304_while_its_version_is_the_same(
+    api: httpx.AsyncClient, staff: dict[str, str]
+) -> None:
+    communication = await published_course(api, staff, title="Communication")
+    thinking = await published_course(api, staff, title="Critical Thinking")
+    created = await api.post(
+        "/pathways",
+        json={**PATHWAY, "course_ids": [communication["course_id"], thinking["course_id"]]},
+        headers=staff,
+    )
+    pathway_url = f"/pathways/{created.json()['pathway_id']}"
+    assert (await api.post(f"{pathway_url}/publish", headers=staff)).status_code == 200
+    course_url = f"/courses/{communication['course_id']}"
+
+    for url, version in ((course_url, communication["version"]), (pathway_url, 2)):
+        for _ in range(2):  # read, then kept
+            current = await api.get(url, headers={"If-None-Match": f'"{version}"'})
+            assert (current.status_code, current.content) == (304, b"")
+            assert current.headers["etag"] == f'"{version}"'
+        full = await api.get(url, headers={"If-None-Match": f'W/"{version - 1}"'})
+        assert (full.status_code, full.json()["version"], full.headers["etag"]) == (
+            200,
+            version,
+            f'"{version}"',
+        )
+        assert full.headers["content-type"] == "application/json"
+
+    changed = await api.put(course_url, json={**DETAILS, "title": "Communication 2"}, headers=staff)
+    newer = await api.get(course_url, headers={"If-None-Match": f'"{communication["version"]}"'})
+    assert (newer.status_code, newer.json()["title"]) == (200, "Communication 2")
+    assert newer.headers["etag"] == changed.headers["etag"]
+    # Staff reading a draft are told too, though that answer is never kept.
+    draft = await create_course(api, staff, title="Draft")
+    staff_read = await api.get(f"/courses/{draft['course_id']}", headers={**staff, "If-None-Match": '"1"'})
+    assert staff_read.status_code == 304
+    # The pathway list has page digests like the course list.
+    pathways = await api.get("/pathways")
+    assert pathways.headers["cache-control"] == "public, max-age=2"
+    again = await api.get("/pathways", headers={"If-None-Match": pathways.headers["etag"]})
+    assert (again.status_code, again.headers["etag"]) == (304, pathways.headers["etag"])
+
+
+async def test_kept_answers_carry_the_same_headers_cors_included(
+    database: str, make_settings: Callable[..., Any], serve: Any, staff: dict[str, str]
+) -> None:
+    origin = "https://learn.example.edu"
+    settings = make_settings(catalog.settings.Settings, database, cors_origins=[origin])
+    async with serve(catalog.main.create_app(settings)) as api:
+        course = await published_course(api, staff)
+        for url in ("/courses", f"/courses/{course['course_id']}", "/pathways"):
+            read, kept = [await api.get(url, headers={"Origin": origin}) for _ in range(2)]
+            assert read.content == kept.content
+            assert dict(read.headers) == dict(kept.headers), url
+            assert kept.headers["access-control-allow-origin"] == origin
+            assert "etag" in kept.headers["access-control-expose-headers"].lower()
+            assert kept.headers["content-type"] == "application/json"
 
 
 async def test_a_client_holding_the_current_page_is_told_304_until_it_changes(

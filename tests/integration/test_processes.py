@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from microcred_events import Topic
 from microcred_runtime import kafka
 
-from .conftest import Infrastructure
+from .conftest import Infrastructure, free_port
 
 # A held rebalance lasts at most this long (the holder's rebalance timeout): time enough for the
 # service to start and reach its consumers on a busy machine.
@@ -36,13 +36,6 @@ ANSWER_WITHIN = 45.0
 STILL_WAITING_SECONDS = 10.0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _environment(database_url: str, bootstrap: str, topic_prefix: str, jwks_file: Path) -> dict[str, str]:
     """An enrollment process's settings, on a free port (`HTTP_PORT`)."""
     return {
@@ -50,7 +43,7 @@ def _environment(database_url: str, bootstrap: str, topic_prefix: str, jwks_file
         "DATABASE_URL": database_url,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "KAFKA_TOPIC_PREFIX": topic_prefix,
-        "HTTP_PORT": str(_free_port()),
+        "HTTP_PORT": str(free_port()),
         "SHUTDOWN_GRACE_SECONDS": "5",
         "AUTH_ISSUER": "https://issuer.test",
         "AUTH_JWKS_FILE": str(jwks_file),

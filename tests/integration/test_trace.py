@@ -166,6 +166,10 @@ async def test_the_whole_journey_shares_one_trace(
         assert notified, "notifications never consumed CredentialIssued"
 
     server_spans = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.SERVER]
+    # A span per request, none per ASGI message it receives or sends.
+    assert not [
+        span.name for span in exporter.get_finished_spans() if span.name.endswith(("send", "receive"))
+    ]
     enroll_request = next(span for span in server_spans if span.name.startswith("POST /enrollments"))
     journey = format(enroll_request.context.trace_id, "032x")
 

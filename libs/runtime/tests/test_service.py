@@ -1,4 +1,5 @@
 import asyncio
+import dataclasses
 import errno
 import logging
 import socket
@@ -17,7 +18,10 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware import Middleware
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from microcred_runtime import (
     Db,
@@ -201,6 +205,32 @@ async def test_a_browser_app_may_read_the_etag_location_and_retry_after() -> Non
 
     exposed = {name.strip().lower() for name in answer.headers["access-control-expose-headers"].split(",")}
     assert {"etag", "location", "retry-after"} <= exposed
+
+
+class AnswersFast:
+    """A service's own middleware that answers one path itself, as a cache would."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/fast":
+            await PlainTextResponse("fast")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def test_a_services_own_middleware_answers_inside_the_runtimes() -> None:
+    origin = "https://learn.example.edu"
+    service = dataclasses.replace(catalog(), middleware=[Middleware(AnswersFast)])
+    app = service.create_app(settings(cors_origins=[origin]))
+
+    fast = await get(app, "/fast", headers={"origin": origin})
+    routed = await get(app, "/health/live", headers={"origin": origin})
+
+    assert (fast.status_code, fast.text) == (200, "fast")
+    assert fast.headers["access-control-allow-origin"] == origin  # CORS wraps it
+    assert routed.json() == {"status": "ok"}
 
 
 def test_run_refuses_to_start_without_a_database_url(

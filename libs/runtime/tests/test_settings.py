@@ -83,6 +83,29 @@ def test_a_bad_value_is_refused_naming_its_variable(
     assert named == [variable]
 
 
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("0", "greater than or equal to 1"),
+        ("65", "less than or equal to 64"),
+        ("two", "a valid integer"),
+        ("1.5", "a valid integer"),
+    ],
+)
+def test_http_workers_is_refused_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+) -> None:
+    set_environment(monkeypatch, {**VALID, "HTTP_WORKERS": value})
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(ServiceSettings)
+
+    (line,) = str(caught.value).splitlines()[1:]
+    variable, _, message = line.strip().partition(": ")
+    assert variable == "HTTP_WORKERS"
+    assert reason in message
+
+
 def test_several_bad_values_are_reported_together(monkeypatch: pytest.MonkeyPatch) -> None:
     set_environment(monkeypatch, {**VALID, "HTTP_PORT": "abc"})
     monkeypatch.delenv("DATABASE_URL")

@@ -19,5 +19,7 @@ from catalog.api import if_match_versions
         ('"³"', frozenset()),
     ],
 )
-def test_if_match_admits_the_versions_it_names(header: str | None, versions: frozenset[int] | None) -> None:
-    assert if_match_versions(header) == versions
+async def test_if_match_admits_the_versions_it_names(
+    header: str | None, versions: frozenset[int] | None
+) -> None:
+    assert await if_match_versions(header) == versions

@@ -30,25 +30,25 @@ import uvicorn
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import BrokerNotAvailableError, KafkaError, KafkaTimeoutError, ReplicaNotAvailableError
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware import Middleware
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from faststream.kafka import KafkaBroker
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from microcred_events import Topic, dead_letter_topic
 from microcred_events.topics import CONFIGS as TOPIC_CONFIGS
 
-from . import kafka
+from . import kafka, workers
 from .auth import AuthConfig, Authenticator
 from .body_limit import BodySizeLimit
 from .consumers import DEAD_LETTER_TOPIC_MAX_BYTES, EventConsumer, RetryPolicy, Subscriptions
 from .db import Connection
-from .metrics import Metrics
-from .metrics import serving as serving_metrics
+from .metrics import Metrics, every_worker, serving_beside_a_loop
 from .migrations import migrate
 from .outbox import OutboxRelay, RelaySettings
 from .problems import Problem, install_problem_handlers, problem_doc, problem_response
@@ -210,6 +210,9 @@ class Service(Generic[SettingsT]):
     migrations: Path
     routers: Sequence[APIRouter] = ()
     subscriptions: Subscriptions = field(default_factory=Subscriptions)
+    # ASGI middleware of the service's own, innermost: each sees a request after the runtime's
+    # (CORS, metrics, the body limit) and before routing.
+    middleware: Sequence[Middleware] = ()
     # Work a service runs beside its API and consumers (e.g. delivery workers): each is entered
     # once everything else runs and exited first on shutdown.
     background: Sequence[Callable[[Runtime[Any]], contextlib.AbstractAsyncContextManager[object]]] = ()
@@ -233,10 +236,11 @@ class Service(Generic[SettingsT]):
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             give_up: Callable[[], None] | None = getattr(app.state, "give_up", None)
             async with contextlib.AsyncExitStack() as stack:
-                if settings.metrics_port is not None:
+                if settings.metrics_port is not None and settings.http_workers == 1:
                     # From the first instant, like the probes: a start that waits is seen too.
+                    # (HTTP workers' supervisor serves it for them all.)
                     await stack.enter_async_context(
-                        serving_metrics(metrics.registry, settings.http_host, settings.metrics_port)
+                        serving_beside_a_loop(metrics.registry, settings.http_host, settings.metrics_port)
                     )
                 if give_up is None:
                     app.state.runtime = await stack.enter_async_context(
@@ -253,6 +257,7 @@ class Service(Generic[SettingsT]):
             version=self.version,
             description=self.description,
             lifespan=lifespan,
+            middleware=list(self.middleware),
         )
         app.state.startup = startup
         app.state.authenticator = Authenticator(
@@ -282,7 +287,9 @@ class Service(Generic[SettingsT]):
             )
         app.include_router(_health_router())
         if settings.metrics_port is None:
-            app.include_router(_metrics_router(metrics))
+            app.include_router(
+                _metrics_router(every_worker() if settings.http_workers > 1 else metrics.registry)
+            )
         Instrumentator(registry=metrics.registry, excluded_handlers=["/health/.*", "/metrics"]).instrument(
             app
         )
@@ -298,17 +305,28 @@ class Service(Generic[SettingsT]):
         # FastAPI's documented way to extend its OpenAPI document.
         app.openapi = _with_body_problems(app.openapi, settings.http_max_body_bytes)  # type: ignore[method-assign]
         app.openapi = with_rate_limit_problems(app, app.openapi)  # type: ignore[method-assign]
-        FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*")
+        # A span per request, not also one per ASGI message received and sent: those took a fifth of
+        # the CPU of a catalog answer kept ready (measured in-process, issue 14) and say nothing
+        # the request's span does not.
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*", exclude_spans=["receive", "send"])
         return app
 
     def run(self) -> None:
-        """Entry point of the service's process: refuse bad settings, then serve until SIGTERM."""
+        """Entry point of the service's process: refuse bad settings, then serve until SIGTERM,
+        in HTTP_WORKERS processes (see `workers`)."""
         try:
             settings = load_settings(self.settings_class)
         except ConfigurationError as exc:
             print(f"{self.name}: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         configure_logging(self.name, settings.log_level)
+        if settings.http_workers == 1:
+            self._serve(settings)
+        else:
+            workers.supervise(settings, functools.partial(self._serve, settings))
+
+    def _serve(self, settings: SettingsT, sockets: list[socket.socket] | None = None) -> None:
+        """Serve until SIGTERM: on HTTP_HOST:HTTP_PORT, or on the `sockets` of HTTP workers."""
         app = self.create_app(settings)
         server = uvicorn.Server(
             uvicorn.Config(
@@ -331,7 +349,7 @@ class Service(Generic[SettingsT]):
             server.should_exit = True
 
         app.state.give_up = give_up
-        server.run()
+        server.run(sockets)
         if failed:
             raise SystemExit(1)
 
@@ -583,17 +601,19 @@ def _with_body_problems(openapi: Callable[[], dict[str, Any]], limit: int) -> Ca
     return document
 
 
-def _metrics_router(metrics: Metrics) -> APIRouter:
+def _metrics_router(registry: CollectorRegistry) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def scrape() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
 
 
-def _runtime(request: Request) -> Runtime[Any]:
+# Coroutines, not plain functions: FastAPI runs a plain dependency in a worker thread, and the
+# hand-off took 15% of the catalog's samples as it served its list (py-spy, issue 14).
+async def _runtime(request: Request) -> Runtime[Any]:
     runtime: Runtime[Any] | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
         startup: Startup = request.app.state.startup
@@ -609,8 +629,8 @@ def _runtime(request: Request) -> Runtime[Any]:
 RuntimeDep = Annotated[Runtime[Any], Depends(_runtime)]
 
 
-def _pool(request: Request) -> asyncpg.Pool:
-    return _runtime(request).pool
+async def _pool(runtime: RuntimeDep) -> asyncpg.Pool:
+    return runtime.pool
 
 
 Db = Annotated[asyncpg.Pool, Depends(_pool)]

@@ -37,6 +37,15 @@ class ServiceSettings(BaseSettings):
     ]
     http_host: str = Field(default="127.0.0.1", description="Interface the HTTP API listens on.")
     http_port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP API listens on.")
+    http_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Processes serving HTTP_PORT, each a whole copy of the service (see workers.py): one "
+            "uses at most one CPU. 1: the service is one process."
+        ),
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=1,

@@ -3,7 +3,9 @@
 Reading is public: anyone may browse published courses and pathways, and staff (with a token)
 may also see drafts and retired courses. Changing the catalog needs the staff or admin role.
 Every answer about one course or pathway carries its version as an `ETag`; sending it back in
-`If-Match` makes a change fail with 412 when someone else changed the item first.
+`If-Match` makes a change fail with 412 when someone else changed the item first, in
+`If-None-Match` makes a read answer 304 while the item is unchanged. What anyone may read is kept
+in each process until the next write (see `public_cache`).
 """
 
 import contextlib
@@ -44,7 +46,7 @@ from .domain import (
     PathwayDetails,
     PathwayStatus,
 )
-from .listing import Pages, Rendered
+from .public_cache import Cache, Read, version_tag
 from .repository import SortKey
 from .service import IfMatch
 
@@ -67,7 +69,12 @@ _STAFF_ONLY: Responses = {
     403: problem_doc("The caller is neither staff nor admin, or changes what another issuer issues."),
 }
 _PRECONDITION: Responses = {412: problem_doc("`If-Match` names a version the item is no longer at.")}
-_ETAG = {"ETag": {"description": "The item's version, for `If-Match`.", "schema": {"type": "string"}}}
+_ETAG = {
+    "ETag": {
+        "description": "The item's version, for `If-Match` and `If-None-Match`.",
+        "schema": {"type": "string"},
+    }
+}
 _PAGE_ETAG = {
     "ETag": {"description": "The page's digest, for `If-None-Match`.", "schema": {"type": "string"}}
 }
@@ -77,6 +84,15 @@ _CACHE_CONTROL = {
         "a staff listing: `private, no-cache`.",
         "schema": {"type": "string"},
     }
+}
+_LIST_RESPONSES: Responses = {
+    200: {"headers": {**_CACHE_CONTROL, **_PAGE_ETAG}},
+    304: {"description": "Not modified: the page `If-None-Match` names is current.", "headers": _PAGE_ETAG},
+    400: problem_doc("The cursor is not one this API returned."),
+}
+_ITEM_RESPONSES: Responses = {
+    200: {"headers": _ETAG},
+    304: {"description": "Not modified: the version `If-None-Match` names is current.", "headers": _ETAG},
 }
 
 courses = APIRouter(prefix="/courses", tags=["courses"])
@@ -144,7 +160,7 @@ class Retirement(BaseModel):
     )
 
 
-def if_match_versions(
+async def if_match_versions(
     if_match: Annotated[
         str | None,
         Header(
@@ -165,7 +181,7 @@ Precondition = Annotated[IfMatch, Depends(if_match_versions)]
 
 
 def _tag(response: Response, version: int) -> None:
-    response.headers["ETag"] = f'"{version}"'
+    response.headers["ETag"] = version_tag(version)
 
 
 def _after(cursor: str | None) -> SortKey | None:
@@ -193,20 +209,12 @@ def _require_staff(viewer: Principal | None, what: str) -> None:
     "",
     summary="Browse and search courses",
     response_model=Page[CourseOut],
-    responses={
-        200: {"headers": {**_CACHE_CONTROL, **_PAGE_ETAG}},
-        304: {
-            "description": "Not modified: the page `If-None-Match` names is current.",
-            "headers": _PAGE_ETAG,
-        },
-        400: problem_doc("The cursor is not one this API returned."),
-        **_STAFF_ONLY,
-    },
+    responses={**_LIST_RESPONSES, **_STAFF_ONLY},
 )
 async def list_courses(
     db: Db,
     viewer: Viewer,
-    pages: Pages,
+    read: Read,
     status: Annotated[
         list[CourseStatus] | None,
         Query(description="Only courses in these statuses; anything but `published` needs staff."),
@@ -243,10 +251,6 @@ async def list_courses(
     ] = None,
     limit: Limit = 20,
     cursor: Cursor = None,
-    if_none_match: Annotated[
-        str | None,
-        Header(description="The `ETag` of the page you hold: `304 Not Modified` while it is the same."),
-    ] = None,
 ) -> Response:
     """Published courses, by title, with filters that combine (all must match).
 
@@ -270,49 +274,32 @@ async def list_courses(
     if where.shows_unpublished:
         _require_staff(viewer, "listing unpublished courses")
     after = _after(cursor)
-    # The published catalog reads the same for everyone: kept a moment (see `listing`).
-    shared = not where.shows_unpublished and pages.enabled
-    key = (where, after, limit)
-    rendered = pages.get(key) if shared else None
-    if rendered is None:
-        generation = pages.generation
-        async with db.acquire() as conn:
-            found, more = await service.list_courses(conn, where, after=after, limit=limit)
-        page = Page[CourseOut](
-            items=[CourseOut.of(course) for course in found],
-            next_cursor=encode_cursor([found[-1].details.title, found[-1].course_id]) if more else None,
-        )
-        rendered = Rendered.of(page.model_dump_json().encode())
-        if shared:
-            pages.put(key, rendered, generation)
-    # A staff listing is theirs alone, asked again each time (with its ETag: maybe a 304).
-    if where.shows_unpublished:
-        cache = "private, no-cache"
-    else:
-        cache = f"public, max-age={int(pages.seconds)}" if pages.enabled else "no-cache"
-    headers = {"ETag": rendered.etag, "Cache-Control": cache}
-    if rendered.matches(if_none_match):
-        return Response(status_code=304, headers=headers)
-    return Response(rendered.body, media_type="application/json", headers=headers)
+    async with db.acquire() as conn:
+        found, more = await service.list_courses(conn, where, after=after, limit=limit)
+    page = Page[CourseOut](
+        items=[CourseOut.of(course) for course in found],
+        next_cursor=encode_cursor([found[-1].details.title, found[-1].course_id]) if more else None,
+    )
+    return read.page(page, private=where.shows_unpublished)
 
 
 @courses.get(
     "/{course_id}",
     summary="One course",
+    response_model=CourseOut,
     responses={
-        200: {"headers": _ETAG},
+        **_ITEM_RESPONSES,
         404: problem_doc("No such course, or (for anyone but staff) not published."),
         **_UNAUTHORIZED,
     },
 )
-async def get_course(course_id: UUID, db: Db, viewer: Viewer, response: Response) -> CourseOut:
+async def get_course(course_id: UUID, db: Db, viewer: Viewer, read: Read) -> Response:
     """A published course; staff also see drafts and retired courses. The `ETag` is its version."""
     async with db.acquire() as conn:
         course = await service.get_course(
             conn, course_id, include_unpublished=viewer is not None and viewer.is_staff
         )
-    _tag(response, course.version)
-    return CourseOut.of(course)
+    return read.item(CourseOut.of(course), course.version)
 
 
 @courses.post(
@@ -347,7 +334,7 @@ async def update_course(
     staff: Staff,
     if_match: Precondition,
     response: Response,
-    pages: Pages,
+    cache: Cache,
 ) -> CourseOut:
     """Replace every detail of a course (send the whole course, as `GET` returns it).
 
@@ -357,7 +344,7 @@ async def update_course(
     """
     async with db.acquire() as conn, conn.transaction():
         course = await service.update_course(conn, course_id, details, by=staff, if_match=if_match)
-    pages.clear()
+    cache.clear()
     _tag(response, course.version)
     return CourseOut.of(course)
 
@@ -374,12 +361,12 @@ async def update_course(
     },
 )
 async def publish_course(
-    course_id: UUID, db: Db, staff: Staff, if_match: Precondition, response: Response, pages: Pages
+    course_id: UUID, db: Db, staff: Staff, if_match: Precondition, response: Response, cache: Cache
 ) -> CourseOut:
     """Publish a draft, or bring back a retired course; announced with `CoursePublished`."""
     async with db.acquire() as conn, conn.transaction():
         course = await service.publish_course(conn, course_id, by=staff, if_match=if_match)
-    pages.clear()
+    cache.clear()
     _tag(response, course.version)
     return CourseOut.of(course)
 
@@ -401,7 +388,7 @@ async def retire_course(
     staff: Staff,
     if_match: Precondition,
     response: Response,
-    pages: Pages,
+    cache: Cache,
     retirement: Annotated[Retirement | None, Body()] = None,
 ) -> CourseOut:
     """Stop enrollments; announced with `CourseRetired`. Credentials already issued stay valid,
@@ -409,7 +396,7 @@ async def retire_course(
     reason = retirement.reason if retirement else None
     async with db.acquire() as conn, conn.transaction():
         course = await service.retire_course(conn, course_id, reason, by=staff, if_match=if_match)
-    pages.clear()
+    cache.clear()
     _tag(response, course.version)
     return CourseOut.of(course)
 
@@ -417,48 +404,55 @@ async def retire_course(
 @pathways.get(
     "",
     summary="Browse pathways",
-    responses={400: problem_doc("The cursor is not one this API returned."), **_STAFF_ONLY},
+    response_model=Page[PathwayOut],
+    responses={**_LIST_RESPONSES, **_STAFF_ONLY},
 )
 async def list_pathways(
     db: Db,
     viewer: Viewer,
+    read: Read,
     status: Annotated[
         list[PathwayStatus] | None,
         Query(description="Only pathways in these statuses; `draft` needs staff."),
     ] = None,
     limit: Limit = 20,
     cursor: Cursor = None,
-) -> Page[PathwayOut]:
-    """Published pathways, by title: groups of courses that together earn a larger credential."""
+) -> Response:
+    """Published pathways, by title: groups of courses that together earn a larger credential.
+
+    Each page has an `ETag`: send it back in `If-None-Match` to be told `304` while it is unchanged.
+    """
     statuses = frozenset(status or [PathwayStatus.PUBLISHED])
-    if statuses != {PathwayStatus.PUBLISHED}:
+    drafts = statuses != {PathwayStatus.PUBLISHED}
+    if drafts:
         _require_staff(viewer, "listing draft pathways")
     after = _after(cursor)
     async with db.acquire() as conn:
         found, more = await service.list_pathways(conn, statuses, after=after, limit=limit)
-    return Page(
+    page = Page[PathwayOut](
         items=[PathwayOut.of(pathway) for pathway in found],
         next_cursor=encode_cursor([found[-1].details.title, found[-1].pathway_id]) if more else None,
     )
+    return read.page(page, private=drafts)
 
 
 @pathways.get(
     "/{pathway_id}",
     summary="One pathway",
+    response_model=PathwayOut,
     responses={
-        200: {"headers": _ETAG},
+        **_ITEM_RESPONSES,
         404: problem_doc("No such pathway, or (for anyone but staff) not published."),
         **_UNAUTHORIZED,
     },
 )
-async def get_pathway(pathway_id: UUID, db: Db, viewer: Viewer, response: Response) -> PathwayOut:
-    """A published pathway; staff also see drafts."""
+async def get_pathway(pathway_id: UUID, db: Db, viewer: Viewer, read: Read) -> Response:
+    """A published pathway; staff also see drafts. The `ETag` is its version."""
     async with db.acquire() as conn:
         pathway = await service.get_pathway(
             conn, pathway_id, include_unpublished=viewer is not None and viewer.is_staff
         )
-    _tag(response, pathway.version)
-    return PathwayOut.of(pathway)
+    return read.item(PathwayOut.of(pathway), pathway.version)
 
 
 @pathways.post(
@@ -492,10 +486,11 @@ async def create_pathway(details: PathwayDetails, db: Db, staff: Staff, response
     },
 )
 async def publish_pathway(
-    pathway_id: UUID, db: Db, staff: Staff, if_match: Precondition, response: Response
+    pathway_id: UUID, db: Db, staff: Staff, if_match: Precondition, response: Response, cache: Cache
 ) -> PathwayOut:
     """Announce a pathway with `PathwayPublished`; every course in it must be published."""
     async with db.acquire() as conn, conn.transaction():
         pathway = await service.publish_pathway(conn, pathway_id, by=staff, if_match=if_match)
+    cache.clear()
     _tag(response, pathway.version)
     return PathwayOut.of(pathway)

@@ -1,15 +1,36 @@
 """Wiring only: what the catalog service is made of."""
 
+import dataclasses
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware import Middleware
 
-from microcred_runtime import Service
+from microcred_runtime import Service, load_settings
 
 from . import api
+from .public_cache import PublicCache, ServedFromCache
 from .settings import Settings
 
-service = Service(
+
+@dataclasses.dataclass(frozen=True)
+class CatalogService(Service[Settings]):
+    """A Service whose app keeps the published catalog's answers in a cache of its own."""
+
+    def create_app(self, settings: Settings | None = None) -> FastAPI:
+        settings = settings or load_settings(Settings)
+        cache = PublicCache(settings.course_list_cache_seconds)
+        bound = dataclasses.replace(
+            self,
+            middleware=[Middleware(ServedFromCache, cache=cache)],
+            background=[cache.invalidated_by_writes],
+        )
+        app = Service.create_app(bound, settings)
+        app.state.public_cache = cache
+        return app
+
+
+service = CatalogService(
     name="catalog",
     settings_class=Settings,
     migrations=Path(__file__).parent / "migrations",

@@ -10,7 +10,8 @@ class Settings(ServiceSettings):
         ge=0,
         le=300,
         description=(
-            "How long each process keeps a page of the published course list: another replica's "
-            "writes show within this time. 0 turns it off."
+            "How long clients and shared caches may keep a page of the published course or pathway "
+            "list (Cache-Control: max-age). Each process keeps the published answers until a write, "
+            "whoever makes it. 0: nothing is kept anywhere."
         ),
     )

@@ -13,12 +13,10 @@ answer `unknown` and the next check starts a new pool.
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -27,28 +25,16 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from microcred_runtime import Runtime
+from microcred_runtime.workers import die_with
 
 from . import jsonld
 from .verification import Check, check_proof, unknown
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
-
 
 class VerifierBusy(Exception):
     """VERIFY_MAX_CONCURRENT verifications are under way already."""
-
-
-def _die_with(parent: int) -> None:
-    """A worker's first act: end when the service's process does, even by SIGKILL. Else it waits
-    for work for ever, and every restart of the service leaves its workers behind (outside a
-    container, whose end takes its processes along)."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the line above
-        os._exit(1)
 
 
 def _warm() -> None:
@@ -97,8 +83,9 @@ class ProofWorkers:
             self._executor = ProcessPoolExecutor(
                 self._workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_die_with,
-                initargs=(os.getpid(),),
+                # A worker ends with the service's process: it would wait for work for ever.
+                initializer=die_with,
+                initargs=(os.getpid(), signal.SIGKILL),
             )
         return self._executor
 
