@@ -82,7 +82,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from issuance import domain, keys, status_list
 from issuance.main import service as issuance_service
-from issuance.service import STATUS_PURPOSE, Platform, sha256
+from issuance.service import STATUS_PURPOSE, Platform, signed_course_credential
 from microcred_events import (
     CompletedBy,
     CompletionReported,
@@ -756,26 +756,7 @@ async def ceiling(
                     ),
                     salt=secrets.token_hex(16),
                 )
-                document = platform.sign(
-                    domain.course_credential(issuance, course, completion), issuance.issuer_did, issued
-                )
-                credential = domain.Credential(
-                    credential_id=credential_id,
-                    kind=CredentialKind.COURSE,
-                    learner=completion.learner,
-                    issuer_id=course.issuer.issuer_id,
-                    achievement_id=course.achievement.achievement_id,
-                    achievement_name=course.achievement.name,
-                    document=document,
-                    document_sha256=sha256(document),
-                    issued_at=issuance.issued_at,
-                    valid_until=domain.valid_until(course, issuance.issued_at),
-                    revocation_list_id=list_id,
-                    revocation_index=index,
-                    enrollment_id=completion.enrollment_id,
-                    course_id=course.course_id,
-                    course_version=course.version,
-                )
+                credential = signed_course_credential(platform, issuance, course, completion, issued)
                 event = encode(
                     domain.issued_event(credential, issuance.credential_url), source="urn:microcred:issuance"
                 )
@@ -804,7 +785,7 @@ async def ceiling(
                         course.issuer.issuer_id,
                         course.achievement.achievement_id,
                         course.achievement.name,
-                        document,
+                        credential.document,
                         credential.document_sha256,
                         credential.issued_at,
                         credential.valid_until,

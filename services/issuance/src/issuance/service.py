@@ -270,31 +270,40 @@ async def _mint(
     issuances = await _issuances(conn, platform, [course.issuer.issuer_id for _, _, course in earned], now)
     issued: list[tuple[trace.Span, Credential]] = []
     for (span, completion, course), issuance in zip(earned, issuances, strict=True):
-        document = platform.sign(
-            domain.course_credential(issuance, course, completion), issuance.issuer_did, now
-        )
-        credential = Credential(
-            credential_id=issuance.credential_id,
-            kind=CredentialKind.COURSE,
-            learner=completion.learner,
-            issuer_id=course.issuer.issuer_id,
-            achievement_id=course.achievement.achievement_id,
-            achievement_name=course.achievement.name,
-            document=document,
-            document_sha256=sha256(document),
-            issued_at=issuance.issued_at,
-            valid_until=domain.valid_until(course, issuance.issued_at),
-            revocation_list_id=issuance.status_list_id,
-            revocation_index=issuance.status_index,
-            enrollment_id=completion.enrollment_id,
-            course_id=course.course_id,
-            course_version=course.version,
-        )
+        credential = signed_course_credential(platform, issuance, course, completion, now)
         issued.append((span, credential))
         # Signing is CPU work: between two, the event loop's other work goes on (the consumer
         # group's heartbeats among it, which a large batch would otherwise hold up for seconds).
         await asyncio.sleep(0)
     await _record(conn, platform, issued)
+
+
+def signed_course_credential(
+    platform: Platform,
+    issuance: Issuance,
+    course: CourseSnapshot,
+    completion: CourseCompleted,
+    now: datetime,
+) -> Credential:
+    """The credential a completion earns under `issuance`, signed; no I/O."""
+    document = platform.sign(domain.course_credential(issuance, course, completion), issuance.issuer_did, now)
+    return Credential(
+        credential_id=issuance.credential_id,
+        kind=CredentialKind.COURSE,
+        learner=completion.learner,
+        issuer_id=course.issuer.issuer_id,
+        achievement_id=course.achievement.achievement_id,
+        achievement_name=course.achievement.name,
+        document=document,
+        document_sha256=sha256(document),
+        issued_at=issuance.issued_at,
+        valid_until=domain.valid_until(course, issuance.issued_at),
+        revocation_list_id=issuance.status_list_id,
+        revocation_index=issuance.status_index,
+        enrollment_id=completion.enrollment_id,
+        course_id=course.course_id,
+        course_version=course.version,
+    )
 
 
 async def _issue_pathway_credential(
