@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import collections
 import contextlib
 import hashlib
@@ -23,8 +24,9 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from email import policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser, BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -61,28 +63,37 @@ class _AppendOnly:
 
 
 class JournalingHandler(Handler):
-    """The local sink's handler, plus one journal line per accepted email, written before the 250
+    """The local sink's SMTP side, writing one journal line per accepted email before the 250
     reply: an email killed between the two is sent again under the same Message-ID, which the
-    count tells apart from a second email."""
+    count tells apart from a second email. (The HTTP side serves the liveness probe only.)"""
 
     def __init__(self, store: MailStore, journal: Path) -> None:
         super().__init__(store)
         self._journal = _AppendOnly(journal)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
-        message = BytesParser(policy=policy.default).parsebytes(envelope.original_content or b"")
-        assert isinstance(message, EmailMessage)  # what policy.default makes
-        body = message.get_body(preferencelist=("plain",))
-        found = CREDENTIAL_IN_TEXT.search(str(body.get_content())) if body is not None else None
+        raw = envelope.original_content or b""
+        # The headers alone are parsed, and the body searched as it came, decoded from quoted-
+        # printable (whose soft line breaks may cut the link): a full parse of every email, as the
+        # local sink's store makes, took a fifth of the machine in a 100,000-completion run. Nor
+        # are the emails kept in that store: nothing reads them back, the journal is the record.
+        headers = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+        found = CREDENTIAL_IN_TEXT.search(binascii.a2b_qp(raw).decode("utf-8", "replace"))
+        if found is None and b"base64" in raw:
+            # An email that is not ASCII all through may carry its text in base64: parsed whole.
+            message = BytesParser(policy=policy.default).parsebytes(raw)
+            assert isinstance(message, EmailMessage)  # what policy.default makes
+            body = message.get_body(preferencelist=("plain",))
+            found = CREDENTIAL_IN_TEXT.search(str(body.get_content())) if body is not None else None
         self._journal.write(
             {
-                "message_id": str(message.get("Message-ID", "")),
+                "message_id": str(headers.get("Message-ID", "")),
                 "to": list(envelope.rcpt_tos),
-                "subject": str(message.get("Subject", "")),
+                "subject": str(make_header(decode_header(str(headers.get("Subject", ""))))),
                 "credential_id": found.group(1) if found else None,
             }
         )
-        return await super().handle_DATA(server, session, envelope)
+        return "250 Message accepted for delivery"
 
 
 async def serve_mail_sink(journal: Path) -> None:

@@ -14,13 +14,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from notifications import messages
+from notifications.delivery import SmtpConnections, mime_email
+from notifications.settings import Settings
+from notifications.smtp_sink import MailStore, smtp_server
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import faults
 from harness import processes
 from harness.balancer import Balancer, Replicas
 from harness.monitor import Counts, Monitor, Progress, Stage, longest_stall
 from harness.processes import NotReady, Process
-from harness.sinks import MailJournal, WebhookJournal
+from harness.sinks import JournalingHandler, MailJournal, WebhookJournal
 from harness.workload import Enrolled, Learner, PathwayLearner, interleave
 
 # A stand-in service: answers its readiness URL (GET) 503 with a reason, and a route (POST) 503
@@ -288,3 +293,32 @@ async def test_a_monitor_that_dies_fails_whoever_waits_on_it(tmp_path: Path) -> 
         await asyncio.wait_for(monitor.until("forever", lambda counts: False, stall_timeout=600), 10)
     with pytest.raises(RuntimeError):
         await running
+
+
+@pytest.mark.parametrize(
+    ("name", "address"),
+    [("Learner 7", "learner-7@example.org"), ("Zoë Å", "learner-7@example.org"), ("Zoë", "zoe@exämple.org")],
+)
+async def test_the_mail_sink_journals_the_credential_an_email_links_to(
+    tmp_path: Path, name: str, address: str
+) -> None:
+    # Sent as notifications sends them: quoted-printable, whose soft line breaks cut a long link,
+    # or, for an address that is not ASCII, the EmailMessage path with SMTPUTF8.
+    credential_id = "0b7f3c2e-5a4d-4e1b-9c8a-7d6e5f4a3b2c"
+    link = f"https://issuance.example.org/{'long-path/' * 6}credentials/{credential_id}"
+    earned = messages.Email(
+        "Your credential", f"Hello {name},\n\nYours: {link}\n", f"<a href='{link}'>it</a>"
+    )
+    welcome = messages.Email("Enrolled", f"Hello {name}, welcome.\n", "<p>Welcome</p>")
+    sender = "microcred <noreply@example.org>"
+    journal = tmp_path / "mail.jsonl"
+    async with smtp_server(JournalingHandler(MailStore(), journal), port=0) as port:
+        connections = SmtpConnections(Settings.model_construct(smtp_port=port, smtp_from=sender))
+        await connections.send(mime_email(sender, name, address, earned, "<a@example.org>"), address)
+        await connections.send(mime_email(sender, name, address, welcome, "<b@example.org>"), address)
+        connections.close()
+    read = MailJournal(journal)
+    read.refresh()
+    assert read.by_credential == {credential_id: {"<a@example.org>": 1}}
+    assert read.others == {"<b@example.org>": 1}
+    assert read.recipients == {credential_id: {address}}

@@ -27,7 +27,7 @@ from microcred_runtime import (
 
 from . import service
 from .domain import NoticeOutcome, Payment, PaymentStatus
-from .provider import PaymentProvider, provider_from
+from .provider import PaymentProvider
 from .webhooks import SIGNATURE_HEADER, InvalidWebhook
 
 _PAYMENT_ID = "9c3e5a7b-1d2f-4b8a-9e64-0f7c2d1a3b85"
@@ -41,9 +41,11 @@ payments = APIRouter(
 webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 
-def payment_provider(runtime: RuntimeDep) -> PaymentProvider:
-    """The configured provider; a dependency, so tests can put an in-process simulator in its place."""
-    return provider_from(runtime.settings)
+def payment_provider(request: Request, _started: RuntimeDep) -> PaymentProvider:
+    """The provider the service opened at its start (a 503 until it has started); a dependency, so
+    tests can put an in-process simulator in its place."""
+    provider: PaymentProvider = request.app.state.payment_provider
+    return provider
 
 
 Provider = Annotated[PaymentProvider, Depends(payment_provider)]

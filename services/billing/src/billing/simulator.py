@@ -27,11 +27,13 @@ failure_code and failure_message}}, signed in the `Provider-Signature` header as
 Everything is kept in memory: a restart forgets every session.
 """
 
+import contextlib
 import html
 import json
 import secrets
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -127,18 +129,29 @@ class _State:
     events: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     session_answers: dict[str, tuple[str, Session]] = field(default_factory=dict)
     refund_answers: dict[str, tuple[str, Refund]] = field(default_factory=dict)
+    # Made at the first delivery, on the loop that serves the app; one for its life, so that each
+    # webhook neither builds a TLS context nor opens a connection of its own.
+    webhooks: httpx.AsyncClient | None = None
 
 
 def create_app(
     settings: SimulatorSettings, *, webhook_transport: httpx.AsyncBaseTransport | None = None
 ) -> FastAPI:
     """The simulator; `webhook_transport` lets tests deliver webhooks to an in-process billing."""
+    state = _State()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if state.webhooks is not None:
+            await state.webhooks.aclose()
+
     app = FastAPI(
         title="microcred payment provider simulator",
         description="Checkout sessions and signed webhooks for local development; no money moves.",
+        lifespan=lifespan,
     )
     install_problem_handlers(app)
-    state = _State()
     secret = settings.webhook_secret.get_secret_value()
 
     def session_of(session_id: str) -> Session:
@@ -152,11 +165,10 @@ def create_app(
             "content-type": "application/json",
             SIGNATURE_HEADER: signature(secret, body, int(time.time())),
         }
+        if state.webhooks is None:
+            state.webhooks = httpx.AsyncClient(transport=webhook_transport, timeout=_DELIVERY_TIMEOUT_SECONDS)
         try:
-            async with httpx.AsyncClient(
-                transport=webhook_transport, timeout=_DELIVERY_TIMEOUT_SECONDS
-            ) as client:
-                response = await client.post(session.webhook_url, content=body, headers=headers)
+            response = await state.webhooks.post(session.webhook_url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             delivery = Delivery(event_id=event_id, status_code=None, answer=repr(exc))
         else:

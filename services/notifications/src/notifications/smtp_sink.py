@@ -108,7 +108,10 @@ def _part(message: EmailMessage, subtype: str) -> str | None:
 async def smtp_server(handler: Handler, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
     """Serve SMTP on the running loop; yields the port (a free one when `port` is 0)."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SMTP(handler, hostname="microcred-sink", loop=loop), host, port)
+    # SMTPUTF8: notifications sends to an address that is not ASCII with it, as a mail server must take.
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="microcred-sink", enable_SMTPUTF8=True, loop=loop), host, port
+    )
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
