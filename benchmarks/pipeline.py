@@ -621,6 +621,64 @@ async def notifications_recorded(dsn: str, expected: int, within: float) -> floa
         await conn.close()
 
 
+# Each credential's path, cut where the databases stamp it: a transaction's now() is when it began.
+STAGES = (
+    "published -> enrollment's batch began",
+    "enrollment's batch, its commit, the relay -> CourseCompleted acknowledged by Kafka",
+    "acknowledged -> issuance's batch began",
+    "issuance's batch began -> its credential committed",
+)
+
+
+async def stage_times(
+    environment: Environment, sent: dict[uuid.UUID, float], recorded: dict[uuid.UUID, float]
+) -> list[list[float]]:
+    """Seconds each credential spent in each of STAGES, from the reports' send times and the times
+    their credentials were recorded (monotonic, by enrollment id): a list per stage, one entry per
+    credential whose every stamp was found."""
+    to_wall = time.time() - time.monotonic()  # the databases stamp wall-clock time, on this machine
+    ids = [str(enrollment_id) for enrollment_id in sent]
+    enrollment = await asyncpg.connect(environment.database_url("enrollment"))
+    try:
+        completed = await enrollment.fetch(
+            "SELECT event_id::text, payload_id, extract(epoch FROM created_at) AS began,"
+            " extract(epoch FROM published_at) AS published"
+            " FROM (SELECT *, convert_from(payload, 'UTF8')::jsonb ->> 'enrollment_id' AS payload_id"
+            "       FROM outbox WHERE event_type = $1) AS events"
+            " WHERE payload_id = ANY($2::text[]) AND published_at IS NOT NULL",
+            CourseCompleted.TYPE,
+            ids,
+        )
+    finally:
+        await enrollment.close()
+    issuance = await asyncpg.connect(environment.database_url("issuance"))
+    try:
+        rows = await issuance.fetch(
+            "SELECT event_id, extract(epoch FROM processed_at) AS began FROM inbox"
+            " WHERE event_id = ANY($1::text[])",
+            [row["event_id"] for row in completed],
+        )
+        applied: dict[str, float] = {row["event_id"]: float(row["began"]) for row in rows}
+    finally:
+        await issuance.close()
+    stages: list[list[float]] = [[] for _ in STAGES]
+    for row in completed:
+        enrollment_id = uuid.UUID(row["payload_id"])
+        began_issuing = applied.get(row["event_id"])
+        if began_issuing is None or enrollment_id not in recorded:
+            continue
+        stamps = [
+            sent[enrollment_id] + to_wall,
+            float(row["began"]),
+            float(row["published"]),
+            began_issuing,
+            recorded[enrollment_id] + to_wall,
+        ]
+        for stage, (start, end) in zip(stages, itertools.pairwise(stamps), strict=False):
+            stage.append(end - start)
+    return stages
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile; `inf` entries (never recorded) sort last."""
     ordered = sorted(values)
@@ -1092,6 +1150,18 @@ class Figures:
         self.add(f"  {'PASS' if passed else 'MISS'}  {name:<44} {value:>22}   target {target}")
 
 
+def stage_lines(figures: Figures, stages: Sequence[Sequence[float]]) -> None:
+    """Each stage's median and p99, seconds (the medians need not add up to the whole's)."""
+    if not stages[0]:
+        figures.add("    (no credential of the phase had all its stamps)")
+        return
+    figures.add(f"    stage by stage, over {len(stages[0])} credentials (p50 / p99):")
+    for name, times in zip(STAGES, stages, strict=True):
+        figures.add(
+            f"      {_seconds(percentile(times, 0.5)):>9} / {_seconds(percentile(times, 0.99)):>9}  {name}"
+        )
+
+
 def latency_line(label: str, latencies: Sequence[float]) -> str:
     recorded = [value for value in latencies if math.isfinite(value)]
     if not recorded:
@@ -1210,8 +1280,10 @@ class Measured:
     catalog: CatalogMeasured
     low_rate: float
     low_latencies: list[float]
+    low_stages: list[list[float]]
     offered: float
     latencies: list[float]
+    stages: list[list[float]]
     rss: dict[str, float]
 
 
@@ -1301,6 +1373,10 @@ async def measure(
             for learner in sent
         ]
 
+    async def stages_of(sent: Sequence[Learnership]) -> list[list[float]]:
+        sent_at = {learner.enrollment_id: reporter.sent_at[learner.enrollment_id] for learner in sent}
+        return await stage_times(environment, sent_at, recorded.at)
+
     reporter = Reporter(environment, partner, course)
     meter = CpuMeter({name: pid(process) for name, process in services.items()}, environment)
     notifications_dsn = environment.database_url("notifications")
@@ -1370,10 +1446,12 @@ async def measure(
             )
             low = take(int(max(low_rate, 1.0) * arguments.low_duration))
             low_latencies: list[float] = []
+            low_stages: list[list[float]] = [[] for _ in STAGES]
             if low:
                 low_rate = await reporter.paced(low, max(low_rate, 1.0))
                 await recorded.until([learner.enrollment_id for learner in low], within=arguments.drain)
                 low_latencies = latencies_of(low)
+                low_stages = await stages_of(low)
 
             # 6. latency at the offered load
             paced = take(paced_count)
@@ -1401,8 +1479,10 @@ async def measure(
                 catalog=catalog,
                 low_rate=low_rate,
                 low_latencies=low_latencies,
+                low_stages=low_stages,
                 offered=offered,
                 latencies=latencies_of(paced),
+                stages=await stages_of(paced),
                 rss=rss,
             )
     finally:
@@ -1566,8 +1646,10 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
         share = f"{arguments.low_fraction:.0%} of the sustained rate"
         label = f"at {m.low_rate:.0f}/s offered ({share}, {arguments.low_duration:.0f} s)"
         figures.add(latency_line(label, m.low_latencies))
+        stage_lines(figures, m.low_stages)
     asked = f"{arguments.rate:.0f}/s asked, {arguments.duration:.0f} s, waited up to {arguments.drain:.0f} s"
     figures.add(latency_line(f"at {m.offered:.0f}/s offered ({asked})", m.latencies))
+    stage_lines(figures, m.stages)
 
     figures.add()
     figures.add("5. Peak RSS (VmHWM) of each service's largest process over the whole run:")

@@ -1,12 +1,23 @@
-"""The proof-checking workers end with the service's process, however it ends."""
+"""The proof workers sign as the service's process does, survive a worker's death, and end with the
+service's process, however it ends."""
 
+import dataclasses
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from datetime import UTC, datetime
 
 import pytest
+
+from issuance import domain, status_list
+from issuance.proof_workers import ProofWorkers
+from issuance.service import Platform
+
+from .conftest import a_completion, a_course, a_learner
 
 # A service's process in miniature: starts the pool, warms its workers, says their pids, waits.
 SERVICE = """
@@ -50,3 +61,47 @@ def test_the_workers_end_when_the_service_is_killed() -> None:
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(pid) for pid in workers)
+
+
+def unsigned(platform: Platform, count: int) -> list[tuple[dict[str, object], str]]:
+    course, now, list_id = a_course(), datetime.now(UTC), uuid.uuid4()
+    documents = []
+    for index in range(count):
+        credential_id = uuid.uuid4()
+        issuance = domain.Issuance(
+            credential_id=credential_id,
+            credential_url=platform.credential_url(credential_id),
+            issuer_did=platform.issuer_did(course.issuer.issuer_id),
+            issued_at=domain.whole_seconds(now),
+            status_list_id=list_id,
+            status_index=index,
+            status_entry=status_list.status_entry(platform.status_list_url(list_id), index, "revocation"),
+            salt=uuid.uuid4().hex,
+        )
+        documents.append(
+            (
+                domain.course_credential(issuance, course, a_completion(course, a_learner())),
+                issuance.issuer_did,
+            )
+        )
+    return documents
+
+
+async def test_a_batch_is_signed_in_the_workers_as_in_the_service_s_process(platform: Platform) -> None:
+    documents, now = unsigned(platform, 7), datetime.now(UTC)
+    workers = ProofWorkers(workers=2, max_concurrent=2)
+    async with workers.running(None):  # type: ignore[arg-type]  # the runtime is not used
+        in_workers = await dataclasses.replace(platform, signer=workers).sign_all(documents, now)
+        pids = {child.pid for child in multiprocessing.active_children() if child.pid is not None}
+        # Ed25519 is deterministic: the same bytes, signature included, in the same order.
+        assert in_workers == [platform.sign(document, controller, now) for document, controller in documents]
+        assert len(pids) == 2
+
+        # A worker dies (the OOM killer, an operator): that batch is signed in the service's
+        # process instead, and the next in a new pool.
+        os.kill(min(pids), signal.SIGKILL)
+        again = await dataclasses.replace(platform, signer=workers).sign_all(documents, now)
+        assert again == in_workers
+        after = await dataclasses.replace(platform, signer=workers).sign_all(documents[:3], now)
+        assert after == in_workers[:3]
+        assert len({child.pid for child in multiprocessing.active_children()} - pids) == 2

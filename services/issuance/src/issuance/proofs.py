@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -55,6 +56,17 @@ def sign(
     secured = copy.deepcopy(credential)
     secured["proof"] = {**options, "proofValue": "z" + base58.b58encode(signature).decode()}
     return secured
+
+
+def signed_json(
+    credential: dict[str, Any], key: SigningKey, *, verification_method: str, created: datetime
+) -> str:
+    """``sign``, as the JSON a credential is served and stored in: compact, UTF-8 as is, and the
+    proof as a one-element array, which the Open Badges 3.0 schema wants (JSON-LD reads it as the
+    single proof, and the proof is not part of what is signed, so the wrapping changes no signature)."""
+    secured = sign(credential, key, verification_method=verification_method, created=created)
+    secured["proof"] = [secured["proof"]]
+    return json.dumps(secured, ensure_ascii=False, separators=(",", ":"))
 
 
 def verify(

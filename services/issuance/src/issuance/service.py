@@ -40,7 +40,6 @@ locks only make a transaction wait, never decide anything by themselves. A wait 
 The sweeper (`sweeper.py`) finishes whatever is still found left behind.
 """
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -48,9 +47,9 @@ import random
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from opentelemetry import trace
@@ -94,6 +93,26 @@ MINT_CHUNK = 200
 _random = random.SystemRandom()  # the operating system's randomness, as `secrets` draws from
 
 
+class Signer(Protocol):
+    async def sign_all(
+        self, key: SigningKey, documents: Sequence[tuple[dict[str, Any], str]], created: datetime
+    ) -> list[str]:
+        """Each (document, verification method) as `proofs.signed_json` makes it, in order."""
+        ...
+
+
+class SignedHere:
+    """Signs in this process, on the event loop."""
+
+    async def sign_all(
+        self, key: SigningKey, documents: Sequence[tuple[dict[str, Any], str]], created: datetime
+    ) -> list[str]:
+        return [
+            proofs.signed_json(document, key, verification_method=method, created=created)
+            for document, method in documents
+        ]
+
+
 @dataclass(frozen=True)
 class Platform:
     """Who signs and where things live: the public base URL and the platform's keys.
@@ -105,6 +124,8 @@ class Platform:
 
     base_url: str
     keyring: KeyRing
+    # Where `sign_all` signs: a service's proof workers; in this process unless given.
+    signer: Signer = field(default_factory=SignedHere)
 
     @property
     def did(self) -> str:
@@ -121,20 +142,19 @@ class Platform:
         return f"{self.base_url}/status/{list_id}"
 
     def sign(self, document: dict[str, Any], controller: str, now: datetime) -> str:
-        """Sign with the active key as `controller`'s verification method; the JSON as served."""
+        """Sign with the active key as `controller`'s verification method, in this process; the
+        JSON as served."""
         key = self.keyring.signing
-        secured = proofs.sign(
+        return proofs.signed_json(
             document, key, verification_method=f"{controller}#{key.key_id}", created=domain.whole_seconds(now)
         )
-        # The Open Badges 3.0 schema wants `proof` as an array. JSON-LD reads a one-element array
-        # and a single object alike, and the proof is not part of what is signed, so wrapping it
-        # changes no signature.
-        secured["proof"] = [secured["proof"]]
-        return serialize(secured)
 
-
-def serialize(document: dict[str, Any]) -> str:
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    async def sign_all(self, documents: Sequence[tuple[dict[str, Any], str]], now: datetime) -> list[str]:
+        """`sign` for each (document, controller), by the platform's signer (its proof workers, in
+        a service), in order."""
+        key = self.keyring.signing
+        methods = [(document, f"{controller}#{key.key_id}") for document, controller in documents]
+        return await self.signer.sign_all(key, methods, domain.whole_seconds(now))
 
 
 def sha256(text: str) -> str:
@@ -268,13 +288,17 @@ async def _mint(
     now: datetime,
 ) -> None:
     issuances = await _issuances(conn, platform, [course.issuer.issuer_id for _, _, course in earned], now)
-    issued: list[tuple[trace.Span, Credential]] = []
-    for (span, completion, course), issuance in zip(earned, issuances, strict=True):
-        credential = signed_course_credential(platform, issuance, course, completion, now)
-        issued.append((span, credential))
-        # Signing is CPU work: between two, the event loop's other work goes on (the consumer
-        # group's heartbeats among it, which a large batch would otherwise hold up for seconds).
-        await asyncio.sleep(0)
+    documents = await platform.sign_all(
+        [
+            (domain.course_credential(issuance, course, completion), issuance.issuer_did)
+            for (_, completion, course), issuance in zip(earned, issuances, strict=True)
+        ],
+        now,
+    )
+    issued = [
+        (span, course_credential(issuance, course, completion, document))
+        for (span, completion, course), issuance, document in zip(earned, issuances, documents, strict=True)
+    ]
     await _record(conn, platform, issued)
 
 
@@ -285,8 +309,15 @@ def signed_course_credential(
     completion: CourseCompleted,
     now: datetime,
 ) -> Credential:
-    """The credential a completion earns under `issuance`, signed; no I/O."""
+    """The credential a completion earns under `issuance`, signed in this process; no I/O."""
     document = platform.sign(domain.course_credential(issuance, course, completion), issuance.issuer_did, now)
+    return course_credential(issuance, course, completion, document)
+
+
+def course_credential(
+    issuance: Issuance, course: CourseSnapshot, completion: CourseCompleted, document: str
+) -> Credential:
+    """The record of the credential a completion earns under `issuance`, its signed `document` given."""
     return Credential(
         credential_id=issuance.credential_id,
         kind=CredentialKind.COURSE,

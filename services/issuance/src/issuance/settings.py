@@ -47,8 +47,9 @@ class Settings(ServiceSettings):
         ge=1,
         le=64,
         description=(
-            "Processes that check the proofs POST /verify is sent, off the event loop: each takes one "
-            "CPU while it works, and some 150 MB."
+            "Processes that sign minted credentials (a batch split among them) and check the proofs "
+            "POST /verify is sent, off the event loop: each takes one CPU while it works, and some "
+            "150 MB."
         ),
     )
     verify_max_concurrent: int = Field(
