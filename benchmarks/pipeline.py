@@ -801,19 +801,7 @@ async def ceiling(
                 completion = envelope.event
                 assert isinstance(completion, CourseCompleted)
                 issued = datetime.now(UTC)
-                credential_id = uuid.uuid4()
-                issuance = domain.Issuance(
-                    credential_id=credential_id,
-                    credential_url=platform.credential_url(credential_id),
-                    issuer_did=platform.issuer_did(course.issuer.issuer_id),
-                    issued_at=domain.whole_seconds(issued),
-                    status_list_id=list_id,
-                    status_index=index,
-                    status_entry=status_list.status_entry(
-                        platform.status_list_url(list_id), index, STATUS_PURPOSE
-                    ),
-                    salt=secrets.token_hex(16),
-                )
+                issuance = platform.issuance(course.issuer.issuer_id, list_id, index, issued)
                 credential = signed_course_credential(platform, issuance, course, completion, issued)
                 event = encode(
                     domain.issued_event(credential, issuance.credential_url), source="urn:microcred:issuance"
@@ -832,7 +820,7 @@ async def ceiling(
                 indexes.append((list_id, index))
                 credentials.append(
                     (
-                        credential_id,
+                        issuance.credential_id,
                         CredentialKind.COURSE.value,
                         completion.learner.learner_id,
                         completion.learner.email,

@@ -39,7 +39,7 @@ from microcred_events import (
     example_data,
 )
 
-from . import domain, keys, status_list
+from . import domain, keys
 from .main import create_app
 from .service import Platform
 from .settings import Settings
@@ -70,17 +70,7 @@ def signing_rate(count: int, platform: Platform) -> float:
 
     def sign(number: int) -> str:
         now = datetime.now(UTC)
-        credential_id = uuid.uuid4()
-        issuance = domain.Issuance(
-            credential_id=credential_id,
-            credential_url=platform.credential_url(credential_id),
-            issuer_did=platform.issuer_did(COURSE.issuer.issuer_id),
-            issued_at=domain.whole_seconds(now),
-            status_list_id=list_id,
-            status_index=number,
-            status_entry=status_list.status_entry(platform.status_list_url(list_id), number, "revocation"),
-            salt=uuid.uuid4().hex,
-        )
+        issuance = platform.issuance(COURSE.issuer.issuer_id, list_id, number, now)
         return platform.sign(
             domain.course_credential(issuance, COURSE, _completion(number)), issuance.issuer_did, now
         )

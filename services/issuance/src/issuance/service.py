@@ -141,6 +141,22 @@ class Platform:
     def status_list_url(self, list_id: UUID) -> str:
         return f"{self.base_url}/status/{list_id}"
 
+    def issuance(self, issuer_id: UUID, status_list_id: UUID, status_index: int, now: datetime) -> Issuance:
+        """A new credential of this issuer, at this place of a status list: its id, URLs and salt."""
+        credential_id = uuid.uuid4()
+        return Issuance(
+            credential_id=credential_id,
+            credential_url=self.credential_url(credential_id),
+            issuer_did=self.issuer_did(issuer_id),
+            issued_at=domain.whole_seconds(now),
+            status_list_id=status_list_id,
+            status_index=status_index,
+            status_entry=status_list.status_entry(
+                self.status_list_url(status_list_id), status_index, STATUS_PURPOSE
+            ),
+            salt=secrets.token_hex(16),
+        )
+
     def sign(self, document: dict[str, Any], controller: str, now: datetime) -> str:
         """Sign with the active key as `controller`'s verification method, in this process; the
         JSON as served."""
@@ -395,24 +411,10 @@ async def _issuances(
 ) -> list[Issuance]:
     """Where each new credential of these issuers lives: an id and a status list index of its own."""
     places = await _status_indexes(conn, platform, len(issuer_ids), now)
-    issuances = []
-    for issuer_id, (list_id, index) in zip(issuer_ids, places, strict=True):
-        credential_id = uuid.uuid4()
-        issuances.append(
-            Issuance(
-                credential_id=credential_id,
-                credential_url=platform.credential_url(credential_id),
-                issuer_did=platform.issuer_did(issuer_id),
-                issued_at=domain.whole_seconds(now),
-                status_list_id=list_id,
-                status_index=index,
-                status_entry=status_list.status_entry(
-                    platform.status_list_url(list_id), index, STATUS_PURPOSE
-                ),
-                salt=secrets.token_hex(16),
-            )
-        )
-    return issuances
+    return [
+        platform.issuance(issuer_id, list_id, index, now)
+        for issuer_id, (list_id, index) in zip(issuer_ids, places, strict=True)
+    ]
 
 
 async def _record(
