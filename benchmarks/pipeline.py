@@ -621,7 +621,9 @@ async def notifications_recorded(dsn: str, expected: int, within: float) -> floa
         await conn.close()
 
 
-# Each credential's path, cut where the databases stamp it: a transaction's now() is when it began.
+# Each credential's path, cut where the databases stamp it: a transaction's now() is when it began
+# (a batch that failed and was applied again is stamped by the transaction that committed, so its
+# retries count in the stage before).
 STAGES = (
     "published -> enrollment's batch began",
     "enrollment's batch, its commit, the relay -> CourseCompleted acknowledged by Kafka",
@@ -674,7 +676,7 @@ async def stage_times(
             began_issuing,
             recorded[enrollment_id] + to_wall,
         ]
-        for stage, (start, end) in zip(stages, itertools.pairwise(stamps), strict=False):
+        for stage, (start, end) in zip(stages, itertools.pairwise(stamps), strict=True):
             stage.append(end - start)
     return stages
 

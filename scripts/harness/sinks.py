@@ -24,7 +24,6 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from email import policy
-from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
 from pathlib import Path
@@ -77,7 +76,7 @@ class JournalingHandler(Handler):
         # printable (whose soft line breaks may cut the link): a full parse of every email, as the
         # local sink's store makes, took a fifth of the machine in a 100,000-completion run. Nor
         # are the emails kept in that store: nothing reads them back, the journal is the record.
-        headers = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+        headers = BytesHeaderParser(policy=policy.default).parsebytes(raw)
         found = CREDENTIAL_IN_TEXT.search(binascii.a2b_qp(raw).decode("utf-8", "replace"))
         if found is None and b"base64" in raw:
             # An email that is not ASCII all through may carry its text in base64: parsed whole.
@@ -89,7 +88,7 @@ class JournalingHandler(Handler):
             {
                 "message_id": str(headers.get("Message-ID", "")),
                 "to": list(envelope.rcpt_tos),
-                "subject": str(make_header(decode_header(str(headers.get("Subject", ""))))),
+                "subject": str(headers.get("Subject", "")),
                 "credential_id": found.group(1) if found else None,
             }
         )

@@ -297,13 +297,19 @@ async def test_a_monitor_that_dies_fails_whoever_waits_on_it(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("name", "address"),
-    [("Learner 7", "learner-7@example.org"), ("Zoë Å", "learner-7@example.org"), ("Zoë", "zoe@exämple.org")],
+    [
+        ("Learner 7", "learner-7@example.org"),
+        ("Zoë Å", "learner-7@example.org"),
+        ("Zoë", "zoe@exämple.org"),
+        # Mostly not ASCII, and not an ASCII address: the text goes as base64.
+        ("Ζωή Παπαδοπούλου " * 8, "zoe@exämple.org"),
+    ],
 )
 async def test_the_mail_sink_journals_the_credential_an_email_links_to(
     tmp_path: Path, name: str, address: str
 ) -> None:
     # Sent as notifications sends them: quoted-printable, whose soft line breaks cut a long link,
-    # or, for an address that is not ASCII, the EmailMessage path with SMTPUTF8.
+    # or, for an address that is not ASCII, the EmailMessage path with SMTPUTF8 (8bit or base64).
     credential_id = "0b7f3c2e-5a4d-4e1b-9c8a-7d6e5f4a3b2c"
     link = f"https://issuance.example.org/{'long-path/' * 6}credentials/{credential_id}"
     earned = messages.Email(

@@ -41,7 +41,7 @@ payments = APIRouter(
 webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 
-def payment_provider(request: Request, _started: RuntimeDep) -> PaymentProvider:
+async def payment_provider(request: Request, _started: RuntimeDep) -> PaymentProvider:
     """The provider the service opened at its start (a 503 until it has started); a dependency, so
     tests can put an in-process simulator in its place."""
     provider: PaymentProvider = request.app.state.payment_provider

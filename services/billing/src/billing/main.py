@@ -27,7 +27,9 @@ class BillingService(Service[Settings]):
                 app.state.payment_provider = opened
                 yield opened
 
-        app = Service.create_app(dataclasses.replace(self, background=[payment_provider]), settings)
+        app = Service.create_app(
+            dataclasses.replace(self, background=[*self.background, payment_provider]), settings
+        )
         return app
 
 

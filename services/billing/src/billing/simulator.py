@@ -145,6 +145,7 @@ def create_app(
         yield
         if state.webhooks is not None:
             await state.webhooks.aclose()
+            state.webhooks = None
 
     app = FastAPI(
         title="microcred payment provider simulator",

@@ -21,9 +21,9 @@ class IssuanceService(Service[Settings]):
 
     def create_app(self, settings: Settings | None = None) -> FastAPI:
         settings = settings or load_settings(Settings)
-        # Loaded once per process: a rotated key (a new file and `active` in ISSUER_KEYS_DIR) signs
-        # after a restart, e.g. the rollout that follows updating the Kubernetes Secret.
         workers = ProofWorkers(settings.verify_workers, settings.verify_max_concurrent)
+        # The keys are loaded once per process: a rotated key (a new file and `active` in
+        # ISSUER_KEYS_DIR) signs after a restart, e.g. the rollout that follows updating the Secret.
         platform = Platform(settings.base_url, load_keyring(settings.issuer_keys_dir), signer=workers)
         trust = Trust(
             frozenset(settings.verify_trusted_hosts),

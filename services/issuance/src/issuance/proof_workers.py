@@ -3,8 +3,9 @@
 Minting signs each credential: canonicalisation and Ed25519, about a CPU-millisecond each. A batch
 of completions is signed here in as many parts as there are workers, so its signatures take the
 cores there are while the event loop goes on (the consumers' heartbeats, the outbox relay, the
-probes). A worker that dies leaves that batch to be signed in the service's process: a completion
-must not fail for it, let alone be dead-lettered.
+probes). A worker that dies, a pool that is busy with POST /verify's checks or not warm yet,
+leaves the batch to be signed in the service's process: a completion must not wait long for it
+(its transaction is open), nor fail, let alone be dead-lettered.
 
 Checking a proof canonicalises the credential: pure-Python CPU work that takes seconds for a
 credential of VERIFY_MAX_BODY_BYTES (1.6 to 8.8 s measured for 230 KiB on two busy cores). On the
@@ -41,6 +42,11 @@ from .service import SignedHere
 from .verification import Check, check_proof, unknown
 
 log = logging.getLogger(__name__)
+
+
+# The longest a minting batch waits for the workers to sign it before it signs in-process; a
+# 200-credential chunk takes them about a tenth of a second.
+SIGN_WAIT_SECONDS = 5.0
 
 
 class VerifierBusy(Exception):
@@ -80,6 +86,7 @@ class ProofWorkers:
         self._max_concurrent = max_concurrent
         self._admitted = 0
         self._executor: ProcessPoolExecutor | None = None
+        self._warm = False  # from the end of `running`'s warm-up to its exit: signing may use the pool
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -109,26 +116,44 @@ class ProofWorkers:
     ) -> list[str]:
         """Each (document, verification method) as `proofs.signed_json` makes it, in order (a
         `service.Signer`). The key's raw bytes go to the workers over their pipes: they are this
-        process's children, which hold nothing else."""
+        process's children, which hold nothing else.
+
+        The minting transaction waits meanwhile, idle, and must stay far from
+        `repository.IDLE_HOLDER_TIMEOUT`: the batch is signed in-process instead when the pool is
+        not warm (starting, stopped), when POST /verify holds it (a check takes seconds), and
+        when the workers have not answered within SIGN_WAIT_SECONDS."""
         if not documents:
             return []
+        if not self._warm or self._admitted:
+            return await SignedHere().sign_all(key, documents, created)
         size = -(-len(documents) // self._workers)
         parts = [list(documents[start : start + size]) for start in range(0, len(documents), size)]
         raw = key.private_key.private_bytes_raw()
         executor = self._pool()
         loop = asyncio.get_running_loop()
         try:
-            signed = await asyncio.gather(
-                *(
-                    loop.run_in_executor(executor, _sign_part, part, key.key_id, raw, key.created, created)
-                    for part in parts
+            async with asyncio.timeout(SIGN_WAIT_SECONDS):
+                signed = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            executor, _sign_part, part, key.key_id, raw, key.created, created
+                        )
+                        for part in parts
+                    )
                 )
-            )
         except BrokenProcessPool:
             log.error("a proof worker died; the pool starts again, and this batch is signed in-process")
             self._forget(executor)
-            return await SignedHere().sign_all(key, documents, created)
-        return [document for part in signed for document in part]
+        except TimeoutError:
+            log.warning("the proof workers did not sign within %gs; signed in-process", SIGN_WAIT_SECONDS)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is None or current.cancelling():
+                raise
+            # Not this batch's cancellation: the pool's, shut down as the service stops.
+        else:
+            return [document for part in signed for document in part]
+        return await SignedHere().sign_all(key, documents, created)
 
     def _forget(self, executor: ProcessPoolExecutor) -> None:
         if self._executor is executor:
@@ -155,8 +180,10 @@ class ProofWorkers:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.gather(*(loop.run_in_executor(self._pool(), _warm) for _ in range(self._workers)))
+            self._warm = True
             yield
         finally:
+            self._warm = False
             executor, self._executor = self._executor, None
             if executor is not None:
                 # Off the loop: a worker finishes the check it is on before it exits.

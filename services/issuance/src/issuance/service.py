@@ -40,6 +40,7 @@ locks only make a transaction wait, never decide anything by themselves. A wait 
 The sweeper (`sweeper.py`) finishes whatever is still found left behind.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -86,7 +87,8 @@ STATUS_PURPOSE = "revocation"
 # Random indexes collide more often as a list fills; after this many collisions in a row it counts
 # as full (about 80% used, when a collision is that likely) and a new list is opened.
 _INDEX_ATTEMPTS = 8
-# Credentials signed between two statements at most: about a CPU-millisecond each, so the
+# Credentials signed between two statements at most: about a CPU-millisecond each, in the proof
+# workers or (when they are busy, see proof_workers.SIGN_WAIT_SECONDS) in-process, so the
 # transaction is never idle near repository.IDLE_HOLDER_TIMEOUT, however many completions a course
 # version releases at once (a new consumer group can park a whole cohort on one).
 MINT_CHUNK = 200
@@ -107,10 +109,13 @@ class SignedHere:
     async def sign_all(
         self, key: SigningKey, documents: Sequence[tuple[dict[str, Any], str]], created: datetime
     ) -> list[str]:
-        return [
-            proofs.signed_json(document, key, verification_method=method, created=created)
-            for document, method in documents
-        ]
+        signed = []
+        for document, method in documents:
+            signed.append(proofs.signed_json(document, key, verification_method=method, created=created))
+            # Between two signatures the event loop's other work goes on (the consumer group's
+            # heartbeats among it, which a large batch would otherwise hold up for seconds).
+            await asyncio.sleep(0)
+        return signed
 
 
 @dataclass(frozen=True)
