@@ -21,15 +21,15 @@ class IssuanceService(Service[Settings]):
 
     def create_app(self, settings: Settings | None = None) -> FastAPI:
         settings = settings or load_settings(Settings)
-        workers = ProofWorkers(settings.verify_workers, settings.verify_max_concurrent)
-        # The keys are loaded once per process: a rotated key (a new file and `active` in
-        # ISSUER_KEYS_DIR) signs after a restart, e.g. the rollout that follows updating the Secret.
-        platform = Platform(settings.base_url, load_keyring(settings.issuer_keys_dir), signer=workers)
+        # Loaded once per process: a rotated key (a new file and `active` in ISSUER_KEYS_DIR) signs
+        # after a restart, e.g. the rollout that follows updating the Kubernetes Secret.
+        platform = Platform(settings.base_url, load_keyring(settings.issuer_keys_dir))
         trust = Trust(
             frozenset(settings.verify_trusted_hosts),
             settings.verify_fetch_timeout_seconds,
             settings.verify_fetch_max_bytes,
         )
+        workers = ProofWorkers(settings.verify_workers, settings.verify_max_concurrent)
         bound = dataclasses.replace(
             self,
             subscriptions=subscribers.subscriptions(platform),

@@ -1,11 +1,4 @@
-"""Data Integrity proofs made and checked in worker processes, off the event loop.
-
-Minting signs each credential: canonicalisation and Ed25519, about a CPU-millisecond each. A batch
-of completions is signed here in as many parts as there are workers, so its signatures take the
-cores there are while the event loop goes on (the consumers' heartbeats, the outbox relay, the
-probes). A worker that dies, a pool that is busy with POST /verify's checks or not warm yet,
-leaves the batch to be signed in the service's process: a completion must not wait long for it
-(its transaction is open), nor fail, let alone be dead-lettered.
+"""Data Integrity proofs checked in worker processes, so that POST /verify never holds the event loop.
 
 Checking a proof canonicalises the credential: pure-Python CPU work that takes seconds for a
 credential of VERIFY_MAX_BODY_BYTES (1.6 to 8.8 s measured for 230 KiB on two busy cores). On the
@@ -20,33 +13,24 @@ answer `unknown` and the next check starts a new pool.
 
 import asyncio
 import contextlib
-import functools
 import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from datetime import datetime
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from microcred_runtime import Runtime
 from microcred_runtime.workers import die_with
 
-from . import jsonld, proofs
-from .keys import SigningKey
-from .service import SignedHere
+from . import jsonld
 from .verification import Check, check_proof, unknown
 
 log = logging.getLogger(__name__)
-
-
-# The longest a minting batch waits for the workers to sign it before it signs in-process; a
-# 200-credential chunk takes them about a tenth of a second.
-SIGN_WAIT_SECONDS = 5.0
 
 
 class VerifierBusy(Exception):
@@ -58,26 +42,6 @@ def _warm() -> None:
     jsonld.canonicalize({"@context": [jsonld.VC_V2], "type": ["VerifiableCredential"]})
 
 
-@functools.lru_cache(maxsize=8)
-def _private_key(raw: bytes) -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.from_private_bytes(raw)
-
-
-def _sign_part(
-    documents: list[tuple[dict[str, Any], str]],
-    key_id: str,
-    raw_key: bytes,
-    key_created: datetime,
-    created: datetime,
-) -> list[str]:
-    """In a worker: `SignedHere`'s work for one part of a batch."""
-    key = SigningKey(key_id, _private_key(raw_key), key_created)
-    return [
-        proofs.signed_json(document, key, verification_method=method, created=created)
-        for document, method in documents
-    ]
-
-
 class ProofWorkers:
     """A pool of `workers` processes and the count of verifications admitted to it."""
 
@@ -86,7 +50,6 @@ class ProofWorkers:
         self._max_concurrent = max_concurrent
         self._admitted = 0
         self._executor: ProcessPoolExecutor | None = None
-        self._warm = False  # from the end of `running`'s warm-up to its exit: signing may use the pool
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -108,57 +71,10 @@ class ProofWorkers:
             )
         except BrokenProcessPool:
             log.error("a proof-checking worker died; the pool starts again")
-            self._forget(executor)
+            if self._executor is executor:
+                self._executor = None
+                executor.shutdown(wait=False, cancel_futures=True)
             return unknown("the proof could not be checked")
-
-    async def sign_all(
-        self, key: SigningKey, documents: Sequence[tuple[dict[str, Any], str]], created: datetime
-    ) -> list[str]:
-        """Each (document, verification method) as `proofs.signed_json` makes it, in order (a
-        `service.Signer`). The key's raw bytes go to the workers over their pipes: they are this
-        process's children, which hold nothing else.
-
-        The minting transaction waits meanwhile, idle, and must stay far from
-        `repository.IDLE_HOLDER_TIMEOUT`: the batch is signed in-process instead when the pool is
-        not warm (starting, stopped), when POST /verify holds it (a check takes seconds), and
-        when the workers have not answered within SIGN_WAIT_SECONDS."""
-        if not documents:
-            return []
-        if not self._warm or self._admitted:
-            return await SignedHere().sign_all(key, documents, created)
-        size = -(-len(documents) // self._workers)
-        parts = [list(documents[start : start + size]) for start in range(0, len(documents), size)]
-        raw = key.private_key.private_bytes_raw()
-        executor = self._pool()
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(SIGN_WAIT_SECONDS):
-                signed = await asyncio.gather(
-                    *(
-                        loop.run_in_executor(
-                            executor, _sign_part, part, key.key_id, raw, key.created, created
-                        )
-                        for part in parts
-                    )
-                )
-        except BrokenProcessPool:
-            log.error("a proof worker died; the pool starts again, and this batch is signed in-process")
-            self._forget(executor)
-        except TimeoutError:
-            log.warning("the proof workers did not sign within %gs; signed in-process", SIGN_WAIT_SECONDS)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is None or current.cancelling():
-                raise
-            # Not this batch's cancellation: the pool's, shut down as the service stops.
-        else:
-            return [document for part in signed for document in part]
-        return await SignedHere().sign_all(key, documents, created)
-
-    def _forget(self, executor: ProcessPoolExecutor) -> None:
-        if self._executor is executor:
-            self._executor = None
-            executor.shutdown(wait=False, cancel_futures=True)
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
@@ -180,10 +96,8 @@ class ProofWorkers:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.gather(*(loop.run_in_executor(self._pool(), _warm) for _ in range(self._workers)))
-            self._warm = True
             yield
         finally:
-            self._warm = False
             executor, self._executor = self._executor, None
             if executor is not None:
                 # Off the loop: a worker finishes the check it is on before it exits.

@@ -39,10 +39,9 @@ LOCK_TIMEOUT = "75s"
 
 # How long a transaction that took one of these locks may sit idle before PostgreSQL ends its
 # session, and with it the transaction and its locks (idle_in_transaction_session_timeout, set for
-# the rest of the transaction). Between two statements a holder waits for nothing but its own work,
-# the longest being signing a chunk of credentials (service.MINT_CHUNK): about a CPU-millisecond
-# each, well under a second even on a loaded machine, in the proof workers (waited for at most
-# proof_workers.SIGN_WAIT_SECONDS, then signed on the event loop). No Kafka (the
+# the rest of the transaction). Between two statements a holder waits for nothing but its own work
+# on the event loop, the longest being signing a chunk of credentials (service.MINT_CHUNK): about
+# a CPU-millisecond each, well under a second even on a loaded machine. No Kafka (the
 # outbox is a table, offsets are committed after the COMMIT, dead letters and retry pauses come
 # between transactions) and no HTTP. One idle this long is stuck: its process frozen, or its host
 # gone, which PostgreSQL would otherwise notice only when TCP keepalives give up (about two hours

@@ -48,9 +48,9 @@ import random
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 from opentelemetry import trace
@@ -87,35 +87,11 @@ STATUS_PURPOSE = "revocation"
 # Random indexes collide more often as a list fills; after this many collisions in a row it counts
 # as full (about 80% used, when a collision is that likely) and a new list is opened.
 _INDEX_ATTEMPTS = 8
-# Credentials signed between two statements at most: about a CPU-millisecond each, in the proof
-# workers or (when they are busy, see proof_workers.SIGN_WAIT_SECONDS) in-process, so the
+# Credentials signed between two statements at most: about a CPU-millisecond each, so the
 # transaction is never idle near repository.IDLE_HOLDER_TIMEOUT, however many completions a course
 # version releases at once (a new consumer group can park a whole cohort on one).
 MINT_CHUNK = 200
 _random = random.SystemRandom()  # the operating system's randomness, as `secrets` draws from
-
-
-class Signer(Protocol):
-    async def sign_all(
-        self, key: SigningKey, documents: Sequence[tuple[dict[str, Any], str]], created: datetime
-    ) -> list[str]:
-        """Each (document, verification method) as `proofs.signed_json` makes it, in order."""
-        ...
-
-
-class SignedHere:
-    """Signs in this process, on the event loop."""
-
-    async def sign_all(
-        self, key: SigningKey, documents: Sequence[tuple[dict[str, Any], str]], created: datetime
-    ) -> list[str]:
-        signed = []
-        for document, method in documents:
-            signed.append(proofs.signed_json(document, key, verification_method=method, created=created))
-            # Between two signatures the event loop's other work goes on (the consumer group's
-            # heartbeats among it, which a large batch would otherwise hold up for seconds).
-            await asyncio.sleep(0)
-        return signed
 
 
 @dataclass(frozen=True)
@@ -129,8 +105,6 @@ class Platform:
 
     base_url: str
     keyring: KeyRing
-    # Where `sign_all` signs: a service's proof workers; in this process unless given.
-    signer: Signer = field(default_factory=SignedHere)
 
     @property
     def did(self) -> str:
@@ -163,19 +137,11 @@ class Platform:
         )
 
     def sign(self, document: dict[str, Any], controller: str, now: datetime) -> str:
-        """Sign with the active key as `controller`'s verification method, in this process; the
-        JSON as served."""
+        """Sign with the active key as `controller`'s verification method; the JSON as served."""
         key = self.keyring.signing
         return proofs.signed_json(
             document, key, verification_method=f"{controller}#{key.key_id}", created=domain.whole_seconds(now)
         )
-
-    async def sign_all(self, documents: Sequence[tuple[dict[str, Any], str]], now: datetime) -> list[str]:
-        """`sign` for each (document, controller), by the platform's signer (its proof workers, in
-        a service), in order."""
-        key = self.keyring.signing
-        methods = [(document, f"{controller}#{key.key_id}") for document, controller in documents]
-        return await self.signer.sign_all(key, methods, domain.whole_seconds(now))
 
 
 def sha256(text: str) -> str:
@@ -309,17 +275,13 @@ async def _mint(
     now: datetime,
 ) -> None:
     issuances = await _issuances(conn, platform, [course.issuer.issuer_id for _, _, course in earned], now)
-    documents = await platform.sign_all(
-        [
-            (domain.course_credential(issuance, course, completion), issuance.issuer_did)
-            for (_, completion, course), issuance in zip(earned, issuances, strict=True)
-        ],
-        now,
-    )
-    issued = [
-        (span, course_credential(issuance, course, completion, document))
-        for (span, completion, course), issuance, document in zip(earned, issuances, documents, strict=True)
-    ]
+    issued: list[tuple[trace.Span, Credential]] = []
+    for (span, completion, course), issuance in zip(earned, issuances, strict=True):
+        credential = signed_course_credential(platform, issuance, course, completion, now)
+        issued.append((span, credential))
+        # Signing is CPU work: between two, the event loop's other work goes on (the consumer
+        # group's heartbeats among it, which a large batch would otherwise hold up for seconds).
+        await asyncio.sleep(0)
     await _record(conn, platform, issued)
 
 
@@ -330,15 +292,8 @@ def signed_course_credential(
     completion: CourseCompleted,
     now: datetime,
 ) -> Credential:
-    """The credential a completion earns under `issuance`, signed in this process; no I/O."""
+    """The credential a completion earns under `issuance`, signed; no I/O."""
     document = platform.sign(domain.course_credential(issuance, course, completion), issuance.issuer_did, now)
-    return course_credential(issuance, course, completion, document)
-
-
-def course_credential(
-    issuance: Issuance, course: CourseSnapshot, completion: CourseCompleted, document: str
-) -> Credential:
-    """The record of the credential a completion earns under `issuance`, its signed `document` given."""
     return Credential(
         credential_id=issuance.credential_id,
         kind=CredentialKind.COURSE,

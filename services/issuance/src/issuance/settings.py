@@ -47,9 +47,8 @@ class Settings(ServiceSettings):
         ge=1,
         le=64,
         description=(
-            "Processes that sign minted credentials (a batch split among them) and check the proofs "
-            "POST /verify is sent, off the event loop: each takes one CPU while it works, and some "
-            "150 MB."
+            "Processes that check the proofs POST /verify is sent, off the event loop: each takes one "
+            "CPU while it works, and some 150 MB."
         ),
     )
     verify_max_concurrent: int = Field(
