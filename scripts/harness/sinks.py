@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from notifications.smtp_sink import Handler, MailStore, SinkSettings, create_app, smtp_server
+from notifications.smtp_sink import MailStore, SinkSettings, create_app, smtp_server
 
 HOST = "127.0.0.1"
 CREDENTIAL_IN_TEXT = re.compile(
@@ -61,13 +61,13 @@ class _AppendOnly:
 # --- the mail sink -----------------------------------------------------------------------------
 
 
-class JournalingHandler(Handler):
-    """The local sink's SMTP side, writing one journal line per accepted email before the 250
-    reply: an email killed between the two is sent again under the same Message-ID, which the
-    count tells apart from a second email. (The HTTP side serves the liveness probe only.)"""
+class JournalingHandler:
+    """aiosmtpd's handler for the run's mail sink: one journal line per accepted email, written
+    before the 250 reply: an email killed between the two is sent again under the same Message-ID,
+    which the count tells apart from a second email. (The sink's HTTP side, with an empty store,
+    serves the liveness probe only.)"""
 
-    def __init__(self, store: MailStore, journal: Path) -> None:
-        super().__init__(store)
+    def __init__(self, journal: Path) -> None:
         self._journal = _AppendOnly(journal)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
@@ -75,7 +75,7 @@ class JournalingHandler(Handler):
         # The headers alone are parsed, and the body searched as it came, decoded from quoted-
         # printable (whose soft line breaks may cut the link): a full parse of every email, as the
         # local sink's store makes, took a fifth of the machine in a 100,000-completion run. Nor
-        # are the emails kept in that store: nothing reads them back, the journal is the record.
+        # are the emails kept in a store: nothing reads them back, the journal is the record.
         headers = BytesHeaderParser(policy=policy.default).parsebytes(raw)
         found = CREDENTIAL_IN_TEXT.search(binascii.a2b_qp(raw).decode("utf-8", "replace"))
         if found is None and b"base64" in raw:
@@ -98,7 +98,7 @@ class JournalingHandler(Handler):
 async def serve_mail_sink(journal: Path) -> None:
     settings = SinkSettings()
     store = MailStore(settings.max_messages)
-    async with smtp_server(JournalingHandler(store, journal), settings.host, settings.smtp_port):
+    async with smtp_server(JournalingHandler(journal), settings.host, settings.smtp_port):
         config = uvicorn.Config(
             create_app(store), host=settings.host, port=settings.http_port, log_level="warning"
         )

@@ -17,7 +17,7 @@ import pytest
 from notifications import messages
 from notifications.delivery import SmtpConnections, mime_email
 from notifications.settings import Settings
-from notifications.smtp_sink import MailStore, smtp_server
+from notifications.smtp_sink import smtp_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import faults
@@ -318,7 +318,7 @@ async def test_the_mail_sink_journals_the_credential_an_email_links_to(
     welcome = messages.Email("Enrolled", f"Hello {name}, welcome.\n", "<p>Welcome</p>")
     sender = "microcred <noreply@example.org>"
     journal = tmp_path / "mail.jsonl"
-    async with smtp_server(JournalingHandler(MailStore(), journal), port=0) as port:
+    async with smtp_server(JournalingHandler(journal), port=0) as port:
         connections = SmtpConnections(Settings.model_construct(smtp_port=port, smtp_from=sender))
         await connections.send(mime_email(sender, name, address, earned, "<a@example.org>"), address)
         await connections.send(mime_email(sender, name, address, welcome, "<b@example.org>"), address)

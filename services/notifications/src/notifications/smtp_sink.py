@@ -105,8 +105,9 @@ def _part(message: EmailMessage, subtype: str) -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def smtp_server(handler: Handler, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
-    """Serve SMTP on the running loop; yields the port (a free one when `port` is 0)."""
+async def smtp_server(handler: object, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
+    """Serve SMTP on the running loop with an aiosmtpd handler (`Handler`, or one of its own);
+    yields the port (a free one when `port` is 0)."""
     loop = asyncio.get_running_loop()
     # SMTPUTF8: notifications sends to an address that is not ASCII with it, as a mail server must take.
     server = await loop.create_server(
