@@ -499,6 +499,38 @@ def test_poison_graphs_are_refused_quickly(size: int) -> None:
     assert time.perf_counter() - started < 1
 
 
+def test_same_shaped_documents_are_checked_for_poison_on_the_template_path() -> None:
+    # A chain of nested blank nodes: with distinct names every node is told apart at once; with
+    # equal names the inner ones are interlinked and indistinguishable, over the work limit.
+    def chain(names: list[str]) -> dict[str, Any]:
+        context = {"p": "https://p.example/p", "name": "https://p.example/name"}
+        node: dict[str, Any] = {"name": names[-1]}
+        for name in reversed(names[:-1]):
+            node = {"name": name, "p": node}
+        return {"@context": context, **node}
+
+    distinct = [f"node {n}" for n in range(12)]
+    assert canonicalize(chain(distinct)) == full_path(chain(distinct))  # first sighting
+    assert canonicalize(chain(distinct[::-1])) == full_path(chain(distinct[::-1]))  # template built
+    for _ in range(2):
+        with pytest.raises(CanonicalizationError, match="blank nodes"):
+            canonicalize(chain(["same"] * 12))
+
+
+def test_credentials_skip_the_work_check_on_the_template_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Their blank nodes could not exceed the limit whatever their values: the template knows.
+    canonicalize(ob_credential(alignments=2))
+    canonicalize(ob_credential(alignments=2))
+    other = ob_credential({"name": "Another learner's badge"}, alignments=2)
+    expected = full_path(other)
+
+    def no_check(*args: Any) -> Any:
+        raise AssertionError("the work check ran")
+
+    monkeypatch.setattr(jsonld, "_check_canonicalization_work", no_check)
+    assert canonicalize(other) == expected
+
+
 def test_repeated_structures_still_canonicalise() -> None:
     # Identical sibling objects are ambiguous blank nodes, but each is linked only to distinct ones.
     credential = ob_credential(alignments=0)
