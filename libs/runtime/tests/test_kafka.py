@@ -293,7 +293,7 @@ class RecordingConsumer:
 async def test_subscribe_leaves_offsets_to_the_runtime_on_prefixed_topics_and_group() -> None:
     broker, consumer = KafkaBroker("kafka:9092"), RecordingConsumer()
 
-    kafka.subscribe(broker, consumer, membership=MEMBERSHIP, prefix="staging.")  # type: ignore[arg-type]  # a fake consumer
+    kafka.subscribe(broker, consumer, membership=MEMBERSHIP, prefix="staging.", fetch_max_wait_ms=80)  # type: ignore[arg-type]  # a fake consumer
 
     (subscriber,) = broker.subscribers
     assert isinstance(subscriber, LogicSubscriber)
@@ -305,6 +305,8 @@ async def test_subscribe_leaves_offsets_to_the_runtime_on_prefixed_topics_and_gr
     # What FastStream will hand aiokafka's consumer (no public way to read it back).
     options = subscriber._connection_args
     assert options["enable_auto_commit"] is False
+    # Not Kafka's 500 ms: a fetch of idle partitions would hold up the busy ones' next records.
+    assert options["fetch_max_wait_ms"] == 80
     assert (
         options["session_timeout_ms"],
         options["heartbeat_interval_ms"],
@@ -332,7 +334,7 @@ def test_membership_comes_from_the_settings() -> None:
 
 async def test_a_subscribed_consumer_receives_the_raw_kafka_record() -> None:
     broker, consumer = KafkaBroker("kafka:9092"), RecordingConsumer()
-    kafka.subscribe(broker, consumer, membership=MEMBERSHIP, prefix="staging.")  # type: ignore[arg-type]  # a fake consumer
+    kafka.subscribe(broker, consumer, membership=MEMBERSHIP, prefix="staging.", fetch_max_wait_ms=80)  # type: ignore[arg-type]  # a fake consumer
     (record,) = records(1)
 
     async with TestKafkaBroker(broker, connect_only=False) as test_broker:

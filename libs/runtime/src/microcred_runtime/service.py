@@ -521,6 +521,7 @@ class Service(Generic[SettingsT]):
                     membership=kafka.Membership.of(settings),
                     prefix=prefix,
                     batch_size=settings.consumer_batch_size,
+                    fetch_max_wait_ms=round(settings.consumer_fetch_max_wait_seconds * 1000),
                 )
 
             async def start_consumers() -> None:

@@ -137,6 +137,16 @@ class ServiceSettings(BaseSettings):
             "to this. 1 applies each on its own."
         ),
     )
+    consumer_fetch_max_wait_seconds: float = Field(
+        default=0.1,
+        gt=0,
+        le=30,
+        description=(
+            "Longest the broker holds a fetch for partitions with no new records. A consumer sends "
+            "its next fetch only after it, so new records may wait this long behind idle topics; "
+            "lower costs idle consumers more fetches."
+        ),
+    )
     # Consumer-group membership. Dynamic members with a short session, not static membership
     # (group.instance.id): a SIGKILLed replica's partitions go to the survivors once its session
     # expires, either way, and only a dynamic member says goodbye (LeaveGroup) on SIGTERM, so a
