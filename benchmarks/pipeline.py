@@ -131,6 +131,8 @@ NOISY_SHARE = 0.15
 # A paced phase kept up when its credentials were recorded at this share of the offered rate.
 KEPT_UP = 0.95
 LOAD_GENERATOR = "bench (load generator)"
+# The SMTP server the emails go to: in production another machine's work, so not the system's.
+MAIL_SINK = "mail sink (the bench's SMTP server)"
 KAFKA = "kafka (whole broker)"
 
 
@@ -282,11 +284,12 @@ class CpuSplit:
 
     @property
     def own_seconds(self) -> float:
-        """CPU seconds of the system under test: Kafka, PostgreSQL and the services, not the load."""
+        """CPU seconds of the system under test: Kafka, PostgreSQL and the services, not the load
+        generator or the mail sink."""
         return sum(
             seconds
             for name, seconds in self.parts.items()
-            if math.isfinite(seconds) and name != LOAD_GENERATOR
+            if math.isfinite(seconds) and name not in (LOAD_GENERATOR, MAIL_SINK)
         )
 
     @classmethod
@@ -620,6 +623,24 @@ async def notifications_recorded(dsn: str, expected: int, within: float) -> floa
         while time.monotonic() < deadline:
             count = await conn.fetchval("SELECT count(*) FROM notifications WHERE kind = 'credential.issued'")
             if count >= expected:
+                return time.monotonic()
+            await asyncio.sleep(0.25)
+        return None
+    finally:
+        await conn.close()
+
+
+async def deliveries_done(dsn: str, within: float) -> float | None:
+    """Wait until no email or webhook is waiting to be sent (pending, or being sent); when
+    (monotonic), or None. Sending happens after the notification is recorded, so a phase's CPU
+    counts it only when the phase waits for this."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if not await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE state IN ('pending', 'sending')"
+            ):
                 return time.monotonic()
             await asyncio.sleep(0.25)
         return None
@@ -1218,7 +1239,7 @@ def cpu_summary(split: CpuSplit, credentials: int) -> str:
         ((name, seconds) for name, seconds in split.parts.items() if math.isfinite(seconds)),
         key=lambda item: -item[1],
     )
-    parts = ", ".join(f"{name.split(' ')[0]} {seconds / per:.2f}" for name, seconds in known)
+    parts = ", ".join(f"{name.split(' (')[0]} {seconds / per:.2f}" for name, seconds in known)
     return (
         f"CPU: the machine {100 * split.machine / max(available, 1e-9):.0f}% busy,"
         f" {split.machine / per:.1f} ms per credential; {parts}"
@@ -1280,7 +1301,7 @@ class Paced:
     latencies: list[float]
     stages: list[list[float]]
     recorded_rate: float  # steady_rate of the phase's recording times
-    cpu: CpuSplit  # from its first report to its last credential
+    cpu: CpuSplit  # from its first report to the last email or webhook its credentials caused
     fraction: float | None = None  # of the sustained rate; None for the --rate phase
 
     @property
@@ -1298,6 +1319,7 @@ class Measured:
     recorded: list[float]
     complete: bool
     notified: float | None
+    delivered: float | None
     sustained: float
     throughput_cpu: CpuSplit
     profiles: dict[str, Path]
@@ -1348,7 +1370,7 @@ async def run(arguments: argparse.Namespace) -> Measured:
                 process.start()
             try:
                 wait_ready(everything)
-                return await measure(arguments, environment, services, keys_dir, logs)
+                return await measure(arguments, environment, services, sink, keys_dir, logs)
             finally:
                 harness_processes.stop_all(everything)
 
@@ -1381,6 +1403,7 @@ async def measure(
     arguments: argparse.Namespace,
     environment: Environment,
     services: dict[str, Process],
+    sink: Process,
     keys_dir: Path,
     logs: Path,
 ) -> Measured:
@@ -1405,10 +1428,17 @@ async def measure(
         sent_at = {learner.enrollment_id: reporter.sent_at[learner.enrollment_id] for learner in sent}
         return await stage_times(environment, sent_at, recorded.at)
 
+    notified_so_far = 0  # credential notifications the run has caused so far
+
     async def paced_phase(sent: Sequence[Learnership], rate: float, fraction: float | None) -> Paced:
+        nonlocal notified_so_far
         before = meter.sample()
         offered = await reporter.paced(sent, rate)
         await recorded.until([learner.enrollment_id for learner in sent], within=arguments.drain)
+        # The phase's emails and webhooks are its work too, and must not load the next phase.
+        notified_so_far += len(sent)
+        await notifications_recorded(notifications_dsn, notified_so_far, within=arguments.drain)
+        await deliveries_done(notifications_dsn, within=arguments.drain)
         cpu = CpuSplit.between(before, meter.sample())
         times = [
             recorded.at[learner.enrollment_id] for learner in sent if learner.enrollment_id in recorded.at
@@ -1416,7 +1446,9 @@ async def measure(
         return Paced(offered, latencies_of(sent), await stages_of(sent), steady_rate(times), cpu, fraction)
 
     reporter = Reporter(environment, partner, course)
-    meter = CpuMeter({name: pid(process) for name, process in services.items()}, environment)
+    meter = CpuMeter(
+        {name: pid(process) for name, process in services.items()} | {MAIL_SINK: pid(sink)}, environment
+    )
     notifications_dsn = environment.database_url("notifications")
     await reporter.producer.start()
     try:
@@ -1441,13 +1473,15 @@ async def measure(
             notified = await notifications_recorded(
                 notifications_dsn, notified_so_far, within=max(deadline - time.monotonic(), 1.0)
             )
+            delivered = await deliveries_done(notifications_dsn, within=max(deadline - time.monotonic(), 1.0))
             throughput_cpu = CpuSplit.between(before, meter.sample())
             times = [recorded.at[i] for i in ids if i in recorded.at]
             complete = len(times) == completions
-            if not complete or notified is None:
+            if not complete or notified is None or delivered is None:
                 # Let the rest through (not measured), so that it does not load the phases after.
                 await recorded.until(ids, within=arguments.drain)
                 await notifications_recorded(notifications_dsn, notified_so_far, within=arguments.drain)
+                await deliveries_done(notifications_dsn, within=arguments.drain)
             sustained = steady_rate(times)
 
             # 2b. a shorter burst with py-spy attached: its sampling costs CPU, so it is not measured
@@ -1462,6 +1496,7 @@ async def measure(
                     await recorded.until(ids, within=arguments.timeout)
                 notified_so_far += len(profiled)
                 await notifications_recorded(notifications_dsn, notified_so_far, within=arguments.timeout)
+                await deliveries_done(notifications_dsn, within=arguments.timeout)
 
             # 3. the raw ceiling
             platform = Platform("http://127.0.0.1:8004", keys.load_keyring(keys_dir))
@@ -1502,6 +1537,7 @@ async def measure(
                 recorded=times,
                 complete=complete,
                 notified=notified,
+                delivered=delivered,
                 sustained=sustained,
                 throughput_cpu=throughput_cpu,
                 profiles=profiles,
@@ -1628,7 +1664,14 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
         )
     else:
         figures.add("  notifications: not all recorded within the wait")
-    figures.add("  CPU over the phase (first publish to last notification):")
+    if m.delivered is not None:
+        figures.add(
+            f"  every email and webhook they caused sent {m.delivered - m.first_sent:.1f} s"
+            " after the first publish"
+        )
+    else:
+        figures.add("  emails and webhooks: not all sent within the wait")
+    figures.add("  CPU over the phase (first publish to the last email or webhook sent):")
     for line in cpu_lines(m.throughput_cpu, len(m.recorded)):
         figures.add(line)
     if m.profiles:
