@@ -252,7 +252,7 @@ class CpuSample:
 class CpuMeter:
     """CPU seconds of Kafka, PostgreSQL (this run's share), each service and this process."""
 
-    def __init__(self, services: dict[str, int], environment: Environment) -> None:
+    def __init__(self, services: dict[str, list[int]], environment: Environment) -> None:
         self.services = services
         self.databases_prefix = environment.database("")
         self._ports = (
@@ -267,7 +267,10 @@ class CpuMeter:
         return listener_pid(kafka_port), listener_pid(postgres_port)
 
     def sample(self) -> CpuSample:
-        parts = {name: family_cpu_seconds(pid) for name, pid in self.services.items()}
+        parts = {
+            name: {child: seconds for pid in pids for child, seconds in family_cpu_seconds(pid).items()}
+            for name, pids in self.services.items()
+        }
         parts[KAFKA] = {self.kafka: cpu_seconds(self.kafka)} if self.kafka else {}
         parts["postgresql"] = (
             postgres_processes(self.postmaster, self.databases_prefix) if self.postmaster else {}
@@ -549,6 +552,11 @@ class Reporter:
 # --- observing credentials as they are recorded ----------------------------------------------
 
 
+# How far back (in outbox ids) a row can still appear: far more than the replicas' batches in
+# flight at once (a batch takes at most CONSUMER_BATCH_SIZE ids, and MINT_CHUNK more for pathways).
+LOOKBACK = 5000
+
+
 class Recorded:
     """When each credential became visible in issuance's database, by enrollment id.
 
@@ -561,6 +569,7 @@ class Recorded:
         self._dsn = dsn
         self.at: dict[uuid.UUID, float] = {}
         self._last_id = 0
+        self._seen: set[int] = set()  # the ids read within LOOKBACK of the last
         self._pending_since: float | None = None
         self._wakeup = asyncio.Event()
         self._grown = asyncio.Event()
@@ -591,14 +600,21 @@ class Recorded:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=0.5)
             self._wakeup.clear()
             stamp, self._pending_since = self._pending_since or time.monotonic(), None
+            # Replicas commit side by side, so a row can become visible after one with a higher id
+            # was read: the read looks back LOOKBACK ids and leaves out those already seen.
+            floor = max(self._last_id - LOOKBACK, 0)
+            self._seen = {row_id for row_id in self._seen if row_id > floor}
             rows = await reader.fetch(
-                "SELECT id, payload FROM outbox WHERE id > $1 AND event_type = $2 ORDER BY id",
-                self._last_id,
+                "SELECT id, payload FROM outbox WHERE id > $1 AND event_type = $2"
+                " AND id <> ALL($3::bigint[]) ORDER BY id",
+                floor,
                 CredentialIssued.TYPE,
+                list(self._seen),
             )
             for row in rows:
                 self.at[uuid.UUID(json.loads(row["payload"])["enrollment_id"])] = stamp
-                self._last_id = row["id"]
+                self._seen.add(row["id"])
+                self._last_id = max(self._last_id, row["id"])
             if rows:
                 self._grown.set()
 
@@ -1267,11 +1283,16 @@ def service_processes(
     smtp_port: int,
     trace_ratio: float,
     catalog_workers: int,
-) -> dict[str, Process]:
+    replicas: int,
+) -> dict[str, list[Process]]:
+    """Each service's processes: `replicas` of each consumer of events, in one consumer group as
+    deployed, and the catalog alone (its HTTP workers are its scale)."""
     jwks = scratch / "jwks.json"
     jwks.write_text(json.dumps({"keys": []}))
-    processes = {}
-    for name in SERVICES:
+    processes: dict[str, list[Process]] = {}
+    for name, replica in itertools.product(SERVICES, range(replicas)):
+        if name == "catalog" and replica:
+            continue
         port = free_port()
         env = {
             "DATABASE_URL": environment.database_url(name),
@@ -1289,7 +1310,10 @@ def service_processes(
             env |= {"ISSUER_KEYS_DIR": str(keys_dir), "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"}
         if name == "notifications":
             env |= {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port)}
-        processes[name] = harness_processes.service(name, port=port, env=env, logs=logs)
+        started = harness_processes.service(
+            name, port=port, env=env, logs=logs, replica=replica + 1 if replica else None
+        )
+        processes.setdefault(name, []).append(started)
     return processes
 
 
@@ -1355,7 +1379,7 @@ async def run(arguments: argparse.Namespace) -> Measured:
                 f"http://127.0.0.1:{sink_http}/health/live",
                 logs / "mail-sink.log",
             )
-            services = service_processes(
+            replicas = service_processes(
                 environment,
                 scratch,
                 logs,
@@ -1363,14 +1387,15 @@ async def run(arguments: argparse.Namespace) -> Measured:
                 smtp_port,
                 arguments.trace_ratio,
                 arguments.catalog_workers,
+                arguments.replicas,
             )
-            everything = [sink, *services.values()]
+            everything = [sink, *itertools.chain.from_iterable(replicas.values())]
             for process in everything:
                 process.log.write_bytes(b"")
                 process.start()
             try:
                 wait_ready(everything)
-                return await measure(arguments, environment, services, sink, keys_dir, logs)
+                return await measure(arguments, environment, replicas, sink, keys_dir, logs)
             finally:
                 harness_processes.stop_all(everything)
 
@@ -1402,11 +1427,12 @@ async def set_up(
 async def measure(
     arguments: argparse.Namespace,
     environment: Environment,
-    services: dict[str, Process],
+    replicas: dict[str, list[Process]],
     sink: Process,
     keys_dir: Path,
     logs: Path,
 ) -> Measured:
+    services = {name: processes[0] for name, processes in replicas.items()}
     warmup, completions = arguments.warmup, arguments.completions
     profile_seconds = arguments.profile if py_spy() else 0
     paced_count = int(arguments.rate * arguments.duration)
@@ -1447,7 +1473,9 @@ async def measure(
 
     reporter = Reporter(environment, partner, course)
     meter = CpuMeter(
-        {name: pid(process) for name, process in services.items()} | {MAIL_SINK: pid(sink)}, environment
+        {name: [pid(process) for process in processes] for name, processes in replicas.items()}
+        | {MAIL_SINK: [pid(sink)]},
+        environment,
     )
     notifications_dsn = environment.database_url("notifications")
     await reporter.producer.start()
@@ -1524,7 +1552,10 @@ async def measure(
 
             # 6. latency at the offered load
             paced = await paced_phase(take(paced_count), arguments.rate, None)
-            rss = {name: largest_peak_rss_mb(pid(process)) for name, process in services.items()}
+            rss = {
+                name: max(largest_peak_rss_mb(pid(process)) for process in processes)
+                for name, processes in replicas.items()
+            }
             if meter.servers() != (meter.kafka, meter.postmaster):
                 raise SystemExit(
                     "Kafka or PostgreSQL restarted during the run (another job on this machine?):"
@@ -1767,6 +1798,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--low-duration", type=float, default=20.0, help="each one's seconds; 0 skips them (20)"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="processes of each service consuming events (enrollment, issuance, notifications) (1)",
     )
     parser.add_argument("--ceiling", type=int, default=3000, help="events for the raw ceiling (3000)")
     parser.add_argument("--catalog-seconds", type=int, default=20, help="catalog load duration (20)")
