@@ -12,12 +12,12 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -25,11 +25,15 @@ from aiokafka import AIOKafkaProducer
 
 from microcred_events import CompletionReported, Topic
 
+sys.path.insert(0, str(Path(__file__).parent))
+import infra  # the settings `make up` reads
+
 ISSUER = "http://127.0.0.1:8000"
 CATALOG, ENROLLMENT, BILLING, ISSUANCE = (f"http://127.0.0.1:{port}" for port in (8001, 8002, 8003, 8004))
 SIMULATOR, MAIL = "http://127.0.0.1:8090", "http://127.0.0.1:8025"
-# The broker `make up` started: infra's port, moved by MICROCRED_KAFKA_PORT as it is there.
-KAFKA = f"127.0.0.1:{os.environ.get('MICROCRED_KAFKA_PORT', '').strip() or 9092}"
+# The broker `make up` uses, read from the same settings (KAFKA_BOOTSTRAP_SERVERS, else the
+# project's own broker on MICROCRED_KAFKA_PORT).
+KAFKA = infra.endpoints().kafka_bootstrap
 COURSE = "Durable Skills - Communication"
 T = TypeVar("T")
 
