@@ -34,7 +34,7 @@ SIMULATOR, MAIL = "http://127.0.0.1:8090", "http://127.0.0.1:8025"
 # The broker `make up` uses, read from the same settings (KAFKA_BOOTSTRAP_SERVERS, else the
 # project's own broker on MICROCRED_KAFKA_PORT).
 KAFKA = infra.endpoints().kafka_bootstrap
-COURSE = "Durable Skills - Communication"
+COURSE = "Durable Skills: Communication"
 T = TypeVar("T")
 
 

@@ -157,7 +157,7 @@ def _webhook(payment: dict[str, Any], *, created: int | None = None) -> bytes:
 async def test_paid_course_enrolled_paid_activated_and_completed(
     system: System, topic_reader: Any, topic_prefix: str
 ) -> None:
-    course_id = await system.published_course("Durable Skills - Communication", 10_000)
+    course_id = await system.published_course("Durable Skills: Communication", 10_000)
     enrolled = await system.enroll("ada", course_id, key="ada-1")
     assert enrolled.status_code == 201, enrolled.text
     enrollment_id = enrolled.json()["enrollment_id"]

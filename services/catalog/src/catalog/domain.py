@@ -86,7 +86,7 @@ class CourseDetails(_Document):
         json_schema_extra={"examples": [_example(CourseSnapshot, "course_id", "version")]},
     )
 
-    title: str = Field(min_length=1, max_length=200, examples=["Durable Skills - Communication"])
+    title: str = Field(min_length=1, max_length=200, examples=["Durable Skills: Communication"])
     overview: str = Field(
         min_length=1,
         max_length=5000,

@@ -74,7 +74,7 @@ def _usd(dollars: int) -> Money:
 
 COURSES: Mapping[UUID, CourseDetails] = {
     COMMUNICATION: CourseDetails(
-        title="Durable Skills - Communication",
+        title="Durable Skills: Communication",
         overview=(
             "Clear communication is the skill employers ask for most, and the one most often assumed "
             "rather than taught. Over four self-paced weeks you practise writing messages that get read "
@@ -108,7 +108,7 @@ COURSES: Mapping[UUID, CourseDetails] = {
         ),
     ),
     CRITICAL_THINKING: CourseDetails(
-        title="Durable Skills - Critical Thinking",
+        title="Durable Skills: Critical Thinking",
         overview=(
             "Decisions at work rarely come with all the facts. This course gives you a practical toolkit "
             "for reasoning under uncertainty: separating claims from evidence, spotting common fallacies "
