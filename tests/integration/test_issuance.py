@@ -301,6 +301,25 @@ async def test_the_proof_verifies_with_the_key_the_issuer_did_document_publishes
     assert [key["kid"] for key in jwks["keys"]] == ["key-20260101"]
 
 
+async def test_an_unknown_credential_is_a_page_for_browsers_and_a_problem_for_clients(
+    harness: Harness,
+) -> None:
+    unknown = uuid.uuid4()
+    browser = await harness.api.get(
+        f"/credentials/{unknown}", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    )
+    client = await harness.api.get(f"/credentials/{unknown}", headers={"Accept": "application/json"})
+
+    assert browser.status_code == 404
+    assert browser.headers["content-type"] == "text/html; charset=utf-8"
+    assert "No such credential" in browser.text
+    assert str(unknown) in browser.text
+    assert "Content-Security-Policy" in browser.headers
+    assert client.status_code == 404
+    assert client.headers["content-type"] == "application/problem+json"
+    assert client.json()["type"] == "urn:microcred:problem:credential-not-found"
+
+
 async def test_the_credential_passes_the_open_badges_3_schema(harness: Harness) -> None:
     if not SCHEMA.exists():
         pytest.skip(f"{SCHEMA} is not there: the conformance data lives beside the repository, in ../shared")
@@ -430,6 +449,7 @@ async def test_suspension_is_reported_until_the_credential_is_reinstated(harness
     assert while_suspended["verified"] == "invalid"
     assert while_suspended["checks"]["status"]["detail"] == "suspended by its issuer"
     assert "Suspended by the issuer" in page.text
+    assert "Add to LinkedIn profile" not in page.text
     assert reinstated.status_code == 200, reinstated.text
     assert reinstated.json()["status"] == "valid"
     assert after["verified"] == "valid", after

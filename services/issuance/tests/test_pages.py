@@ -105,6 +105,28 @@ def test_the_page_says_when_a_credential_is_no_longer_good(status: DisplayStatus
     assert shown in " ".join(Parsed(pages.credential_page(view(status=status))).text)
 
 
+@pytest.mark.parametrize(
+    ("status", "offered"),
+    [
+        (DisplayStatus.VALID, True),
+        (DisplayStatus.EXPIRED, True),  # with its expiry date, as LinkedIn records one
+        (DisplayStatus.REVOKED, False),
+        (DisplayStatus.SUSPENDED, False),
+    ],
+)
+def test_only_a_credential_in_good_standing_offers_the_linkedin_link(
+    status: DisplayStatus, offered: bool
+) -> None:
+    assert ("Add to LinkedIn profile" in Parsed(pages.credential_page(view(status=status))).links) is offered
+
+
+def test_the_not_found_page_escapes_what_it_was_given() -> None:
+    parsed = Parsed(pages.not_found_page(HOSTILE))
+
+    assert "script" not in parsed.tags
+    assert HOSTILE in " ".join(parsed.text)
+
+
 def test_the_linkedin_link_fills_in_the_certification() -> None:
     parsed = Parsed(pages.credential_page(view(name="C++ & Rust: 100%")))
     link = urlsplit(parsed.links["Add to LinkedIn profile"])

@@ -155,6 +155,16 @@ _CREDENTIAL_CONTENT = {
 }
 
 
+# A browser is answered with a page, everyone else with the problem.
+_NOT_FOUND_CONTENT = {
+    "description": "No such credential.",
+    "content": {
+        **_problems({404: "No such credential."})[404]["content"],
+        "text/html": {"schema": {"type": "string", "description": "A page saying so."}},
+    },
+}
+
+
 @credentials.get(
     "/{credential_id}",
     summary="A credential: JSON-LD, or its page for browsers",
@@ -166,7 +176,7 @@ _CREDENTIAL_CONTENT = {
         "whoever has the link may see it, as with a paper certificate."
     ),
     response_class=Response,
-    responses={200: {"content": _CREDENTIAL_CONTENT}, **_problems({404: "No such credential."})},
+    responses={200: {"content": _CREDENTIAL_CONTENT}, 404: _NOT_FOUND_CONTENT},
 )
 async def get_credential(
     credential_id: UUID,
@@ -178,11 +188,24 @@ async def get_credential(
         Query(description="Overrides `Accept`: a browser link to the JSON-LD itself uses `?format=json`."),
     ] = None,
 ) -> Response:
-    async with db.acquire() as conn:
-        credential = await service.get_credential(conn, credential_id)
     accept = request.headers.get("accept", "")
     headers = {"Vary": "Accept"}
-    if format == "html" or (format is None and prefers_html(accept)):
+    page = format == "html" or (format is None and prefers_html(accept))
+    async with db.acquire() as conn:
+        try:
+            credential = await service.get_credential(conn, credential_id)
+        except Problem as problem:
+            if not page or problem.status != 404:
+                raise
+            # A person who followed a broken link gets a page; API clients keep the problem JSON.
+            headers["Content-Security-Policy"] = _PAGE_POLICY
+            return Response(
+                pages.not_found_page(str(credential_id)),
+                status_code=404,
+                media_type="text/html; charset=utf-8",
+                headers=headers,
+            )
+    if page:
         view = pages.CredentialView.of(
             credential,
             json.loads(credential.document),

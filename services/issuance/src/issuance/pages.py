@@ -131,6 +131,12 @@ def credential_page(view: CredentialView) -> str:
     summary = f"{view.learner_name} earned {view.name}, issued by {view.issuer_name}."
     status_text = _STATUS_TEXT[view.status]
     skills = "".join(f"<li>{_link(url, name)}</li>" for name, url in view.skills if name)
+    # A revoked or suspended credential is not one to show off: no link puts it on a profile.
+    linkedin = (
+        f'<a id="linkedin" href="{escape(linkedin_url(view))}" rel="noopener">Add to LinkedIn profile</a>\n'
+        if view.status in (DisplayStatus.VALID, DisplayStatus.EXPIRED)
+        else ""
+    )
     evidence = "".join(
         f"<li>{_link(url, url or '')}{(' ' + escape(narrative)) if narrative else ''}</li>"
         for url, narrative in view.evidence
@@ -203,14 +209,41 @@ by <strong id="issuer-name">{_link(view.issuer_url, view.issuer_name)}</strong><
 {f'<h2>Skills</h2><ul id="skills">{skills}</ul>' if skills else ""}
 {f'<h2>Evidence</h2><ul id="evidence">{evidence}</ul>' if evidence else ""}
 <p class="actions">
-<a id="linkedin" href="{escape(linkedin_url(view))}" rel="noopener">Add to LinkedIn profile</a>
-<a href="{escape(view.credential_url)}?format=json" type="application/ld+json">Signed credential (JSON-LD)</a>
+{linkedin}<a href="{escape(view.credential_url)}?format=json"
+type="application/ld+json">Signed credential (JSON-LD)</a>
 <a href="{escape(view.jwt_url)}" type="application/vc+jwt">VC-JWT</a>
 </p>
 <p class="verify" id="verify">This is a signed Open Badges 3.0 credential: you need not take this page's
 word for it. Check it with any Open Badges 3.0 verifier, or POST its JSON to
 <code>{escape(view.verify_url)}</code>. The signature, the dates and the issuer's revocation list
 are checked.</p>
+</main>
+</body>
+</html>
+"""
+
+
+def not_found_page(credential_id: str) -> str:
+    """The page a browser gets for a credential id that names no credential."""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex">
+<title>No such credential</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1f2328; }}
+main {{ max-width: 44rem; margin: 2rem auto; background: #fff; padding: 2rem; border-radius: 12px;
+        box-shadow: 0 1px 4px rgba(0,0,0,.12); }}
+</style>
+</head>
+<body>
+<main>
+<h1>No such credential</h1>
+<p id="not-found">No credential has the id <code>{escape(credential_id)}</code>. Check the link you were
+given: it may have been cut short or mistyped. A credential that was revoked still has its page,
+which says so.</p>
 </main>
 </body>
 </html>
