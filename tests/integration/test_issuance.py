@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 import httpx
 import jsonschema  # type: ignore[import-untyped]  # no stubs in the dev group
+import jwt
 import pytest
 import uvicorn
 from aiokafka import AIOKafkaProducer
@@ -298,7 +299,7 @@ async def test_the_proof_verifies_with_the_key_the_issuer_did_document_publishes
     assert not proofs.verify(tampered, public_key)
     assert (await h.api.get(f"/issuers/{uuid.uuid4()}/did.json")).status_code == 404
     jwks = (await h.api.get("/.well-known/jwks.json")).json()
-    assert [key["kid"] for key in jwks["keys"]] == ["key-20260101"]
+    assert [key["kid"] for key in jwks["keys"]] == ["did:web:issuance.test#key-20260101"]
 
 
 async def test_an_unknown_credential_is_a_page_for_browsers_and_a_problem_for_clients(
@@ -719,6 +720,52 @@ class _Dom(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+
+
+async def test_a_standard_jwks_client_finds_the_key_a_vc_jwt_names(
+    make_settings: Callable[..., Any],
+    new_database: Callable[[], Any],
+    producer: AIOKafkaProducer,
+    topic_prefix: str,
+    bearer: Callable[..., dict[str, str]],
+    topic_reader: Callable[..., Any],
+    wait_for: Callable[..., Any],
+    keys_dir: Path,
+) -> None:
+    # PyJWT's PyJWKClient, as an employer's code would use it: it fetches the JWKS over HTTP and
+    # picks the key whose `kid` is the token header's, with nothing of ours in between.
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    database = await new_database()
+    settings = make_settings(
+        issuance.settings.Settings, database, issuer_keys_dir=keys_dir, public_base_url=base
+    )
+    db = await asyncpg.connect(database)
+    try:
+        async with (
+            _uvicorn(issuance.main.create_app(settings), port),
+            httpx.AsyncClient(base_url=base) as api,
+        ):
+            h = Harness(api, db, producer, topic_prefix, bearer, topic_reader, wait_for)
+            course = await h.publish_course()
+            completion = h.completion(course, learner())
+            await h.complete(completion)
+            credential_id = (await h.credential_of(completion.enrollment_id))["credential_id"]
+            document = await h.document(credential_id)
+            token = (await api.get(f"/credentials/{credential_id}/jwt")).text
+            client = jwt.PyJWKClient(f"{base}/issuers/{course.issuer.issuer_id}/jwks.json")
+            signing_key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
+            platform_client = jwt.PyJWKClient(f"{base}/.well-known/jwks.json")
+            with pytest.raises(jwt.PyJWKClientError):  # the platform's own keys are named by its DID
+                await asyncio.to_thread(platform_client.get_signing_key_from_jwt, token)
+    finally:
+        await db.close()
+
+    header = jwt.get_unverified_header(token)
+    assert header["kid"].startswith(f"{document['issuer']['id']}#key-")  # the issuer's DID URL
+    assert signing_key.key_id == header["kid"]
+    payload = json.loads(jwt.PyJWS().decode(token, key=signing_key.key, algorithms=["EdDSA"]))
+    assert payload == {name: value for name, value in document.items() if name != "proof"}
 
 
 async def test_a_browser_renders_the_credential_page(

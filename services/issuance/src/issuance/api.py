@@ -221,7 +221,11 @@ async def get_credential(
 @credentials.get(
     "/{credential_id}/jwt",
     summary="A credential as a VC-JWT",
-    description="The same credential secured as a VC-JWT (JOSE, EdDSA), `application/vc+jwt`.",
+    description=(
+        "The same credential secured as a VC-JWT (JOSE, EdDSA), `application/vc+jwt`. Its header's "
+        "`kid` is the issuer's DID URL: resolve it through `/issuers/{issuer_id}/did.json`, or look "
+        "it up in `/issuers/{issuer_id}/jwks.json`."
+    ),
     response_class=Response,
     responses={
         200: {"content": {VC_JWT: {"schema": {"type": "string"}}}},
@@ -415,6 +419,21 @@ async def get_issuer_did(issuer_id: UUID, db: Db, platform: PlatformDep) -> dict
 
 
 @published.get(
+    "/issuers/{issuer_id}/jwks.json",
+    summary="An institution's public keys (JWKS)",
+    description=(
+        "The keys of the institution's DID document as a JSON Web Key Set (OKP / Ed25519), old and "
+        "new. Each `kid` is the full DID URL (`did:web:...:issuers:<id>#key-...`), the `kid` its "
+        "VC-JWTs carry in their header, so a standard JWKS client finds the key from the token."
+    ),
+    responses=_problems({404: "No such issuer."}),
+)
+async def get_issuer_jwks(issuer_id: UUID, db: Db, platform: PlatformDep) -> dict[str, Any]:
+    async with db.acquire() as conn:
+        return await service.issuer_jwks(conn, platform, issuer_id)
+
+
+@published.get(
     "/.well-known/did.json",
     summary="The platform's DID document (did:web)",
     description="The platform's own did:web: it signs the status lists.",
@@ -426,10 +445,14 @@ async def get_platform_did(platform: PlatformDep) -> dict[str, Any]:
 @published.get(
     "/.well-known/jwks.json",
     summary="The platform's public keys (JWKS)",
-    description="Every signing key, old and new, as a JSON Web Key Set (OKP / Ed25519); `kid` is the key id.",
+    description=(
+        "Every signing key, old and new, as a JSON Web Key Set (OKP / Ed25519); each `kid` is the "
+        "key's DID URL in the platform's own did:web (`did:web:<host>#key-...`). An institution's "
+        "VC-JWTs name its DID instead: their keys are at `/issuers/{issuer_id}/jwks.json`."
+    ),
 )
 async def get_jwks(platform: PlatformDep) -> dict[str, Any]:
-    return jwks(platform.keyring)
+    return jwks(platform.keyring, did=platform.did)
 
 
 # --- verification ----------------------------------------------------------------------------

@@ -79,7 +79,7 @@ from microcred_runtime import (
 from . import domain, proofs, repository, status_list
 from .domain import Credential, Issuance, StatusChangeRefused
 from .jose import to_vc_jwt
-from .keys import KeyRing, SigningKey, did_document, did_web
+from .keys import KeyRing, SigningKey, did_document, did_web, jwks
 
 log = logging.getLogger(__name__)
 
@@ -635,9 +635,20 @@ async def status_list_document(conn: Connection, list_id: UUID) -> str:
 
 async def issuer_did_document(conn: Connection, platform: Platform, issuer_id: UUID) -> dict[str, Any]:
     """The did:web document of an institution seen in the catalog: the platform's keys."""
+    await _require_issuer(conn, issuer_id)
+    return did_document(platform.issuer_did(issuer_id), platform.keyring)
+
+
+async def issuer_jwks(conn: Connection, platform: Platform, issuer_id: UUID) -> dict[str, Any]:
+    """An institution's keys as a JWK Set, each `kid` the DID URL its VC-JWTs name in their header
+    (`did:web:...:issuers:<id>#key-...`), so a JWKS client finds the key by the header alone."""
+    await _require_issuer(conn, issuer_id)
+    return jwks(platform.keyring, did=platform.issuer_did(issuer_id))
+
+
+async def _require_issuer(conn: Connection, issuer_id: UUID) -> None:
     if not await repository.issuer_known(conn, issuer_id):
         raise Problem(404, "issuer-not-found", f"no issuer {issuer_id}")
-    return did_document(platform.issuer_did(issuer_id), platform.keyring)
 
 
 def _not_found(credential_id: UUID) -> Problem:
