@@ -193,6 +193,18 @@ def family_cpu_seconds(pid: int) -> dict[int, float]:
 _POSTGRES_SHARED = ("walwriter", "checkpointer", "background writer", "autovacuum", "logical replication")
 
 
+# The server pids of this process's own connections to the run's databases (the observer's, the
+# waits'): their backends' CPU is the load generator's, not the system's.
+OWN_BACKENDS: set[int] = set()
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """A connection of the load generator's: its backend's CPU is counted as the bench's."""
+    conn = await asyncpg.connect(dsn)
+    OWN_BACKENDS.add(conn.get_server_pid())
+    return conn
+
+
 def postgres_processes(postmaster: int, databases_prefix: str) -> dict[int, float]:
     """CPU seconds of the postmaster, its shared processes, and the backends of this run's
     databases; other databases' backends (other jobs on a shared server) are left out."""
@@ -272,10 +284,11 @@ class CpuMeter:
             for name, pids in self.services.items()
         }
         parts[KAFKA] = {self.kafka: cpu_seconds(self.kafka)} if self.kafka else {}
-        parts["postgresql"] = (
-            postgres_processes(self.postmaster, self.databases_prefix) if self.postmaster else {}
-        )
-        parts[LOAD_GENERATOR] = {os.getpid(): cpu_seconds(os.getpid())}
+        postgres = postgres_processes(self.postmaster, self.databases_prefix) if self.postmaster else {}
+        parts["postgresql"] = {pid: seconds for pid, seconds in postgres.items() if pid not in OWN_BACKENDS}
+        parts[LOAD_GENERATOR] = {os.getpid(): cpu_seconds(os.getpid())} | {
+            pid: seconds for pid, seconds in postgres.items() if pid in OWN_BACKENDS
+        }
         return CpuSample(time.monotonic(), machine_busy_seconds(), parts)
 
 
@@ -552,9 +565,9 @@ class Reporter:
 # --- observing credentials as they are recorded ----------------------------------------------
 
 
-# How far back (in outbox ids) a row can still appear: far more than the replicas' batches in
+# How far back (in outbox ids) a row can still appear: several times the replicas' batches in
 # flight at once (a batch takes at most CONSUMER_BATCH_SIZE ids, and MINT_CHUNK more for pathways).
-LOOKBACK = 5000
+LOOKBACK = 1500
 
 
 class Recorded:
@@ -576,8 +589,8 @@ class Recorded:
 
     @contextlib.asynccontextmanager
     async def watching(self) -> AsyncIterator[Recorded]:
-        listener = await asyncpg.connect(self._dsn)
-        reader = await asyncpg.connect(self._dsn)
+        listener = await connect(self._dsn)
+        reader = await connect(self._dsn)
         await listener.add_listener(CHANNEL, self._notified)
         task = asyncio.create_task(self._run(reader))
         try:
@@ -605,8 +618,9 @@ class Recorded:
             floor = max(self._last_id - LOOKBACK, 0)
             self._seen = {row_id for row_id in self._seen if row_id > floor}
             rows = await reader.fetch(
+                # NOT IN over a subquery is hashed; `<> ALL($3)` compares each row with every id.
                 "SELECT id, payload FROM outbox WHERE id > $1 AND event_type = $2"
-                " AND id <> ALL($3::bigint[]) ORDER BY id",
+                " AND id NOT IN (SELECT unnest($3::bigint[])) ORDER BY id",
                 floor,
                 CredentialIssued.TYPE,
                 list(self._seen),
@@ -633,7 +647,7 @@ class Recorded:
 
 async def notifications_recorded(dsn: str, expected: int, within: float) -> float | None:
     """Wait until `expected` credential notifications are recorded; when (monotonic), or None."""
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
@@ -650,7 +664,7 @@ async def deliveries_done(dsn: str, within: float) -> float | None:
     """Wait until no email or webhook is waiting to be sent (pending, or being sent); when
     (monotonic), or None. Sending happens after the notification is recorded, so a phase's CPU
     counts it only when the phase waits for this."""
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)
     try:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
@@ -683,7 +697,7 @@ async def stage_times(
     credential whose every stamp was found."""
     to_wall = time.time() - time.monotonic()  # the databases stamp wall-clock time, on this machine
     ids = [str(enrollment_id) for enrollment_id in sent]
-    enrollment = await asyncpg.connect(environment.database_url("enrollment"))
+    enrollment = await connect(environment.database_url("enrollment"))
     try:
         completed = await enrollment.fetch(
             "SELECT event_id::text, payload_id, extract(epoch FROM created_at) AS began,"
@@ -696,7 +710,7 @@ async def stage_times(
         )
     finally:
         await enrollment.close()
-    issuance = await asyncpg.connect(environment.database_url("issuance"))
+    issuance = await connect(environment.database_url("issuance"))
     try:
         rows = await issuance.fetch(
             "SELECT event_id, extract(epoch FROM processed_at) AS began FROM inbox"
@@ -1307,7 +1321,9 @@ def service_processes(
         if name == "catalog":
             env |= {"HTTP_WORKERS": str(catalog_workers)}
         if name == "issuance":
-            env |= {"ISSUER_KEYS_DIR": str(keys_dir), "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"}
+            # One public address for all replicas, as behind a Service: it names the issuer's DID.
+            first = processes["issuance"][0].ready_url.rsplit("/health", 1)[0] if replica else None
+            env |= {"ISSUER_KEYS_DIR": str(keys_dir), "PUBLIC_BASE_URL": first or f"http://127.0.0.1:{port}"}
         if name == "notifications":
             env |= {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port)}
         started = harness_processes.service(

@@ -52,6 +52,22 @@ async def test_a_text_only_email_has_no_html(sink: tuple[MailStore, int]) -> Non
     assert store.messages()[0].html is None
 
 
+async def test_an_email_that_cannot_be_parsed_hides_no_other(sink: tuple[MailStore, int]) -> None:
+    store, port = sink
+    unreadable = b"Subject: bogus\r\nContent-Type: text/plain; charset=x-bogus\r\n\r\nnot to be decoded\r\n"
+    await aiosmtplib.send(
+        unreadable, sender="a@example.org", recipients=["b@example.org"], hostname="127.0.0.1", port=port
+    )
+    await aiosmtplib.send(email("Readable"), hostname="127.0.0.1", port=port, timeout=5)
+
+    first, second = store.messages()
+    assert first.subject.startswith("(unreadable email")
+    assert first.text is not None
+    assert "not to be decoded" in first.text
+    assert second.subject == "Readable"
+    assert store.messages()[1] is second  # parsed once, when first read
+
+
 async def test_the_sink_keeps_only_the_newest(sink: tuple[MailStore, int]) -> None:
     store, port = sink
     for number in range(5):

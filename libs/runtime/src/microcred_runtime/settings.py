@@ -139,7 +139,7 @@ class ServiceSettings(BaseSettings):
     )
     consumer_fetch_max_wait_seconds: float = Field(
         default=0.1,
-        gt=0,
+        ge=0.001,  # whole milliseconds: less would be 0, a fetch loop that never waits
         le=30,
         description=(
             "Longest the broker holds a fetch for partitions with no new records. A consumer sends "

@@ -196,8 +196,9 @@ def _linked_blank_nodes(quads: list[ox.Quad]) -> dict[ox.BlankNode, set[ox.Quad]
 
 
 def _canonicalization_work(quads_of: dict[ox.BlankNode, set[ox.Quad]], ambiguous: set[ox.BlankNode]) -> int:
-    """The sum of (size)! over the connected groups of ``ambiguous`` nodes. It only grows with
-    ``ambiguous``: groups merge, and (a + b)! >= a! + b!."""
+    """The sum of (size)! over the connected groups of ``ambiguous`` nodes, given up on once over
+    the limit. Whether it is over the limit only grows with ``ambiguous``: groups merge, and
+    (a + b)! >= a! + b!."""
     work, seen = 0, set[ox.BlankNode]()
     for start in ambiguous:
         if start in seen:

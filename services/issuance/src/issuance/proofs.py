@@ -93,7 +93,7 @@ def _proof(
         "verificationMethod": verification_method,
         "proofPurpose": proof_purpose,
     }
-    signature = key.private_key.sign(_hash_data(credential, options, loader))
+    signature = key.private_key.sign(_hash_data(credential, options, loader, cache_config=True))
     return {**options, "proofValue": "z" + base58.b58encode(signature).decode()}
 
 
@@ -171,12 +171,20 @@ def _single_proof(secured: Any) -> dict[str, Any] | None:
     return proof if isinstance(proof, dict) else None
 
 
-def _hash_data(document: dict[str, Any], options: dict[str, Any], loader: DocumentLoader | None) -> bytes:
+def _hash_data(
+    document: dict[str, Any],
+    options: dict[str, Any],
+    loader: DocumentLoader | None,
+    *,
+    cache_config: bool = False,
+) -> bytes:
     # §3.3.5: the proof configuration is the options with the document's @context.
     proof_config = {**options, "@context": document.get("@context")}
+    # Only our own signing is cached: a verified document's context is anyone's, and large
+    # contexts of hostile documents would be kept alive in the cache.
     canonical_config = (
         _canonical_config(json.dumps(proof_config, sort_keys=True))
-        if loader is None
+        if cache_config and loader is None
         else canonicalize(proof_config, loader=loader)
     )
     return (

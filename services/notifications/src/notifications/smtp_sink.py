@@ -52,26 +52,41 @@ class CaughtMail(BaseModel):
     received_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Received:
     mail_from: str
     rcpt_tos: list[str]
     raw: bytes
     received_at: datetime
+    _parsed: CaughtMail | None = None
 
     def parsed(self) -> CaughtMail:
-        message = BytesParser(policy=policy.default).parsebytes(self.raw)
-        assert isinstance(message, EmailMessage)  # what policy.default makes
-        return CaughtMail.model_validate(
-            {
-                "from": self.mail_from,
-                "to": self.rcpt_tos,
+        """The email as read, parsed on the first read only."""
+        if self._parsed is None:
+            self._parsed = self._parse()
+        return self._parsed
+
+    def _parse(self) -> CaughtMail:
+        fields: dict[str, object] = {
+            "from": self.mail_from,
+            "to": self.rcpt_tos,
+            "received_at": self.received_at,
+        }
+        try:
+            message = BytesParser(policy=policy.default).parsebytes(self.raw)
+            assert isinstance(message, EmailMessage)  # what policy.default makes
+            fields |= {
                 "subject": str(message.get("subject", "")),
                 "text": _part(message, "plain"),
                 "html": _part(message, "html"),
-                "received_at": self.received_at,
             }
-        )
+        except Exception as error:  # one email nobody can read must not hide the others
+            fields |= {
+                "subject": f"(unreadable email: {error})",
+                "text": self.raw.decode("utf-8", "replace"),
+                "html": None,
+            }
+        return CaughtMail.model_validate(fields)
 
 
 class MailStore:
