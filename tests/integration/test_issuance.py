@@ -10,6 +10,7 @@ a real headless Chromium.
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import os
 import socket
@@ -31,6 +32,7 @@ import pytest
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
+from PIL import Image
 
 import issuance.main
 import issuance.settings
@@ -812,6 +814,15 @@ async def test_a_browser_renders_the_credential_page(
                 url,
                 profile=tmp_path / "profile-shot",
             )
+            # The preview image as a browser gets it: the PNG card, decoded by Chromium itself.
+            card = await api.get(f"/credentials/{credential_id}/card.png")
+            card_shot = tmp_path / "card.png"
+            await _chromium(
+                f"--screenshot={card_shot}",
+                "--window-size=1200,630",
+                f"{url}/card.png",
+                profile=tmp_path / "profile-card",
+            )
     finally:
         await db.close()
 
@@ -826,7 +837,13 @@ async def test_a_browser_renders_the_credential_page(
     assert f"certUrl={url.replace(':', '%3A').replace('/', '%2F')}" in dom.hrefs["linkedin"]
     assert dom.meta["og:title"] == course.achievement.name
     assert dom.meta["og:url"] == url
-    assert dom.meta["og:image"] == f"{url}/badge.svg"
+    assert dom.meta["og:image"] == f"{url}/card.png"
+    assert (dom.meta["og:image:width"], dom.meta["og:image:height"]) == ("1200", "630")
+    assert card.status_code == 200
+    assert card.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(card.content)) as decoded:
+        assert (decoded.format, decoded.size) == ("PNG", (1200, 630))
+    assert _png_colours(card_shot.read_bytes()) > 50, "Chromium drew the card, not a broken-image icon"
     assert dom.meta["og:type"] == "website"
     assert "Ada <Lovelace> & Co" in dom.meta["og:description"]
     png = screenshot.read_bytes()

@@ -24,6 +24,7 @@ def view(**changes: Any) -> CredentialView:
     values: dict[str, Any] = {
         "credential_url": URL,
         "badge_url": f"{URL}/badge.svg",
+        "card_url": f"{URL}/card.png",
         "jwt_url": f"{URL}/jwt",
         "verify_url": "https://credentials.microcred.example/verify",
         "name": "Data Analysis Foundations",
@@ -86,10 +87,12 @@ def test_the_page_shows_the_credential_and_previews_well() -> None:
     assert [item for item in shown if item not in text] == []
     assert parsed.meta["og:title"] == "Data Analysis Foundations"
     assert parsed.meta["og:url"] == URL
-    assert parsed.meta["og:image"] == f"{URL}/badge.svg"
+    assert parsed.meta["og:image"] == f"{URL}/card.png"
+    assert parsed.meta["og:image:type"] == "image/png"
+    assert parsed.meta["twitter:card"] == "summary_large_image"
+    assert parsed.meta["twitter:image"] == f"{URL}/card.png"
     assert parsed.meta["og:type"] == "website"
     assert "Ada Lovelace earned Data Analysis Foundations" in parsed.meta["og:description"]
-    assert parsed.meta["twitter:card"] == "summary"
     assert parsed.links["Northwind University"] == "https://northwind.example.edu/"
 
 

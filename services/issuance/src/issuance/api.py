@@ -5,6 +5,7 @@ documents and keys, and verification of any credential. Learners list their own 
 staff list anyone's and revoke, suspend or reinstate them.
 """
 
+import asyncio
 import json
 import re
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from microcred_runtime import (
     problem_doc,
 )
 
-from . import pages, service
+from . import images, pages, service
 from .domain import REASON_MAX_LENGTH, Credential, DisplayStatus
 from .keys import did_document, jwks
 from .proof_workers import ProofWorkers, VerifierBusy
@@ -257,6 +258,51 @@ async def get_badge(credential_id: UUID, db: Db) -> Response:
             "X-Content-Type-Options": "nosniff",
         },
     )
+
+
+@credentials.get(
+    "/{credential_id}/badge.png",
+    summary="A credential's badge, as PNG",
+    description=(
+        "The badge as a 600x600 PNG with a transparent background, for an email signature, a CV or "
+        "a site that takes no SVG."
+    ),
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **_problems({404: "No such credential."})},
+)
+async def get_badge_png(credential_id: UUID, db: Db) -> Response:
+    async with db.acquire() as conn:
+        credential = await service.get_credential(conn, credential_id)
+    issuer_name = str(json.loads(credential.document)["issuer"]["name"])
+    png = await asyncio.to_thread(images.badge_png, credential.achievement_name, issuer_name)
+    # The names in a signed credential never change.
+    return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
+
+
+@credentials.get(
+    "/{credential_id}/card.png",
+    summary="A credential's share card, as PNG",
+    description=(
+        "A 1200x630 PNG for link previews (the page's `og:image`): the badge, the credential's and "
+        "the learner's names, the issuer, the date and the status, which it shows within five minutes "
+        "of a change."
+    ),
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **_problems({404: "No such credential."})},
+)
+async def get_share_card(credential_id: UUID, db: Db) -> Response:
+    async with db.acquire() as conn:
+        credential = await service.get_credential(conn, credential_id)
+    document = json.loads(credential.document)
+    png = await asyncio.to_thread(
+        images.share_card_png,
+        str(document.get("name") or credential.achievement_name),
+        str(document["issuer"]["name"]),
+        credential.learner.display_name,
+        credential.issued_at,
+        credential.status(_now()),
+    )
+    return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=300"})
 
 
 # --- lists -----------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from .domain import Credential, DisplayStatus
 
-_STATUS_TEXT = {
+STATUS_TEXT = {
     DisplayStatus.VALID: "Valid",
     DisplayStatus.REVOKED: "Revoked by the issuer",
     DisplayStatus.SUSPENDED: "Suspended by the issuer",
     DisplayStatus.EXPIRED: "Expired",
 }
-_STATUS_COLOUR = {
+STATUS_COLOUR = {
     DisplayStatus.VALID: "#1b7f3b",
     DisplayStatus.REVOKED: "#b3261e",
     DisplayStatus.SUSPENDED: "#9a6700",
@@ -34,6 +34,7 @@ class CredentialView:
 
     credential_url: str
     badge_url: str
+    card_url: str
     jwt_url: str
     verify_url: str
     name: str
@@ -65,6 +66,7 @@ class CredentialView:
         return cls(
             credential_url=credential_url,
             badge_url=f"{credential_url}/badge.svg",
+            card_url=f"{credential_url}/card.png",
             jwt_url=f"{credential_url}/jwt",
             verify_url=verify_url,
             name=str(document.get("name") or achievement.get("name") or credential.achievement_name),
@@ -129,7 +131,7 @@ def _link(url: str | None, text: str) -> str:
 def credential_page(view: CredentialView) -> str:
     """The human-readable page of a credential, with Open Graph and Twitter card tags."""
     summary = f"{view.learner_name} earned {view.name}, issued by {view.issuer_name}."
-    status_text = _STATUS_TEXT[view.status]
+    status_text = STATUS_TEXT[view.status]
     skills = "".join(f"<li>{_link(url, name)}</li>" for name, url in view.skills if name)
     # A revoked or suspended credential is not one to show off: no link puts it on a profile.
     linkedin = (
@@ -147,16 +149,21 @@ def credential_page(view: CredentialView) -> str:
         if view.valid_until
         else "<dt>Expires</dt><dd>Does not expire</dd>"
     )
+    # Link previews (LinkedIn, Facebook, X, Slack) show a raster image only: the PNG card.
     meta = {
         "og:title": view.name,
         "og:description": summary,
-        "og:image": view.badge_url,
+        "og:image": view.card_url,
+        "og:image:type": "image/png",
+        "og:image:width": "1200",
+        "og:image:height": "630",
+        "og:image:alt": summary,
         "og:url": view.credential_url,
         "og:type": "website",
-        "twitter:card": "summary",
+        "twitter:card": "summary_large_image",
         "twitter:title": view.name,
         "twitter:description": summary,
-        "twitter:image": view.badge_url,
+        "twitter:image": view.card_url,
     }
     meta_tags = "\n".join(
         f'<meta {"property" if name.startswith("og:") else "name"}="{name}" content="{escape(value)}">'
@@ -179,7 +186,7 @@ header {{ display: flex; gap: 1.5rem; align-items: center; }}
 header img {{ width: 8rem; height: 8rem; }}
 h1 {{ margin: 0 0 .25rem; font-size: 1.6rem; }}
 .status {{ display: inline-block; padding: .2rem .7rem; border-radius: 999px; color: #fff;
-           background: {_STATUS_COLOUR[view.status]}; font-weight: 600; }}
+           background: {STATUS_COLOUR[view.status]}; font-weight: 600; }}
 dl {{ display: grid; grid-template-columns: max-content 1fr; gap: .4rem 1rem; }}
 dt {{ font-weight: 600; }}
 dd {{ margin: 0; }}

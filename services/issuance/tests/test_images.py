@@ -1,0 +1,80 @@
+"""The PNG badge and share card: real PNGs of the right size, showing the status, whatever the text."""
+
+import io
+import struct
+from datetime import UTC, datetime
+
+import pytest
+from PIL import Image, ImageColor
+
+from issuance import images
+from issuance.domain import DisplayStatus
+from issuance.pages import STATUS_COLOUR
+
+ISSUED = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+
+
+def decoded(png: bytes) -> Image.Image:
+    # The header as the PNG specification lays it out, read without Pillow...
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    # ...and the whole image decoded.
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    assert image.size == (width, height)
+    return image
+
+
+def near(colour: tuple[int, ...], expected: str, tolerance: int = 12) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(colour, ImageColor.getrgb(expected), strict=False))
+
+
+@pytest.mark.parametrize("status", list(DisplayStatus))
+def test_the_share_card_is_a_1200_by_630_png_showing_the_status(status: DisplayStatus) -> None:
+    card = decoded(
+        images.share_card_png("Data Analysis", "Northwind University", "Ada Lovelace", ISSUED, status)
+    )
+
+    assert (card.format, card.size, card.mode) == ("PNG", images.CARD_SIZE, "RGB")
+    assert near(card.getpixel((10, 10)), "#f4f5f7")  # type: ignore[arg-type]  # RGB: a tuple
+    assert near(card.getpixel((274, 120)), "#d9a520")  # type: ignore[arg-type]  # the seal's gold ring
+    pill = card.crop((530, images.CARD_SIZE[1] - 130, 560, images.CARD_SIZE[1] - 76))
+    colours = [colour for _, colour in pill.getcolors(maxcolors=4096) or [] if isinstance(colour, tuple)]
+    assert any(near(colour, STATUS_COLOUR[status]) for colour in colours)
+
+
+def test_the_badge_is_a_square_png_with_a_transparent_background() -> None:
+    badge = decoded(images.badge_png("Data Analysis", "Northwind University"))
+
+    assert (badge.size, badge.mode) == ((images.BADGE_SIZE, images.BADGE_SIZE), "RGBA")
+    assert badge.getpixel((0, 0))[3] == 0  # type: ignore[index]  # RGBA: a tuple
+    assert badge.getpixel((images.BADGE_SIZE // 2, images.BADGE_SIZE // 2))[3] == 255  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "A" * 300,
+        "An achievement name long enough to need wrapping over more lines than the card has room for",
+        "Datenanalyse mit Python: Grundlagen für Einsteigerinnen und Einsteiger",
+        "数据分析基础",  # no glyphs in the bundled font: boxes, not a failure
+        "",
+    ],
+)
+def test_any_text_makes_an_image(name: str) -> None:
+    card = decoded(
+        images.share_card_png(name, name or "Issuer", name or "Learner", ISSUED, DisplayStatus.VALID)
+    )
+    badge = decoded(images.badge_png(name, name))
+
+    assert card.size == images.CARD_SIZE
+    assert badge.size == (images.BADGE_SIZE, images.BADGE_SIZE)
+
+
+def test_an_image_is_drawn_once_for_the_same_inputs() -> None:
+    first = images.share_card_png("Cached", "Issuer", "Learner", ISSUED, DisplayStatus.VALID)
+    again = images.share_card_png("Cached", "Issuer", "Learner", ISSUED, DisplayStatus.VALID)
+    revoked = images.share_card_png("Cached", "Issuer", "Learner", ISSUED, DisplayStatus.REVOKED)
+
+    assert again is first
+    assert revoked != first
