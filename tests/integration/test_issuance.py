@@ -561,6 +561,18 @@ async def test_the_pathway_credential_is_minted_once_when_its_last_course_comple
     listed = (await h.api.get("/me/credentials", headers=h.learner_token(ada))).json()
     assert [item["kind"] for item in listed["items"]].count("pathway") == 1
     assert len(listed["items"]) == 3
+    # The pathway credential names the course credentials it stands on, signed, and so does the list.
+    courses = {
+        item["course_id"]: item["credential_id"] for item in listed["items"] if item["kind"] == "course"
+    }
+    parts = [courses[str(first.course_id)], courses[str(second.course_id)]]
+    assert [item["id"] for item in document["evidence"]] == [f"{BASE}/credentials/{part}" for part in parts]
+    assert [item["name"] for item in document["evidence"]] == [
+        first.achievement.name,
+        second.achievement.name,
+    ]
+    (listed_pathway,) = [item for item in listed["items"] if item["kind"] == "pathway"]
+    assert listed_pathway["parts"] == parts
     nobody = (await h.api.get("/me/credentials", headers=h.learner_token(learner("Grace Hopper")))).json()
     assert nobody["items"] == []
     by_staff = await h.api.get(

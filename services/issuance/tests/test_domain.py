@@ -162,16 +162,34 @@ def test_a_course_without_a_validity_period_gives_a_credential_that_does_not_exp
     assert domain.valid_until(snapshot, T0) is None
 
 
+PART_IDS = [uuid.uuid4(), uuid.uuid4()]
+PARTS = [
+    domain.PathwayPart(f"https://credentials.microcred.example/credentials/{part_id}", name)
+    for part_id, name in zip(PART_IDS, ["Durable Skills: Communication", "Ünïcode <b>\"&'</b>"], strict=True)
+]
+
+
 def test_a_pathway_credential_is_issued_by_the_pathway_issuer_for_its_achievement() -> None:
     snapshot = pathway(uuid.uuid4(), uuid.uuid4())
     made = issuance(snapshot.issuer.issuer_id)
 
-    credential = domain.pathway_credential(made, snapshot, LEARNER)
+    credential = domain.pathway_credential(made, snapshot, LEARNER, PARTS)
 
     assert credential["name"] == snapshot.achievement.name
     assert credential["credentialSubject"]["achievement"]["id"] == snapshot.achievement.achievement_id.urn
     assert "validUntil" not in credential
-    assert "evidence" not in credential
+
+
+def test_a_pathway_credential_names_the_course_credentials_it_stands_on() -> None:
+    snapshot = pathway(uuid.uuid4(), uuid.uuid4())
+    credential = domain.pathway_credential(issuance(snapshot.issuer.issuer_id), snapshot, LEARNER, PARTS)
+
+    assert [(item["id"], item["name"]) for item in credential["evidence"]] == [
+        (part.credential_url, part.name) for part in PARTS
+    ]
+    assert domain.part_ids(credential) == PART_IDS
+    course_credential = domain.course_credential(issuance(uuid.uuid4()), course(), completion(score=88))
+    assert domain.part_ids(course_credential) == []
 
 
 def signed_credentials(platform: Platform) -> list[dict[str, Any]]:
@@ -194,7 +212,9 @@ def signed_credentials(platform: Platform) -> list[dict[str, Any]]:
     stacked = pathway(uuid.uuid4(), uuid.uuid4())
     made = issuance(stacked.issuer.issuer_id)
     documents.append(
-        json.loads(platform.sign(domain.pathway_credential(made, stacked, LEARNER), made.issuer_did, T0))
+        json.loads(
+            platform.sign(domain.pathway_credential(made, stacked, LEARNER, PARTS), made.issuer_did, T0)
+        )
     )
     return documents
 

@@ -54,6 +54,27 @@ def test_the_credential_email_links_to_the_credential_page() -> None:
     assert messages.in_app(notice_for(event).kind, content(event)).link == url
 
 
+def test_a_pathway_credential_is_announced_as_one() -> None:
+    course = example(CredentialIssued)
+    pathway = example(
+        CredentialIssued,
+        kind="pathway",
+        achievement_name="Durable Skills",
+        pathway_id="3f1d2c4b-5a6e-4f70-8a9b-0c1d2e3f4a5b",
+        course_id=None,
+        enrollment_id=None,
+    )
+    course_email = messages.email(notice_for(course).kind, content(course), "Ada")
+    pathway_email = messages.email(notice_for(pathway).kind, content(pathway), "Ada")
+
+    assert pathway_email.subject == 'Your pathway credential "Durable Skills" is ready'
+    assert "course credentials of the pathway" in pathway_email.text
+    assert "course credentials of the pathway" in pathway_email.html
+    assert "pathway" not in course_email.subject
+    assert "course credentials of the pathway" not in course_email.text
+    assert messages.in_app(notice_for(pathway).kind, content(pathway)).title == pathway_email.subject
+
+
 def test_money_and_course_titles_are_shown() -> None:
     from microcred_events import PaymentSettled
 

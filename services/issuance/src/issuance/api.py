@@ -32,7 +32,7 @@ from microcred_runtime import (
 )
 
 from . import images, pages, service
-from .domain import REASON_MAX_LENGTH, Credential, DisplayStatus
+from .domain import REASON_MAX_LENGTH, Credential, DisplayStatus, part_ids
 from .keys import did_document, jwks
 from .proof_workers import ProofWorkers, VerifierBusy
 from .service import Platform
@@ -110,10 +110,19 @@ class CredentialOut(BaseModel):
     revocation_reason: str | None = None
     suspended_at: datetime | None = None
     suspension_reason: str | None = None
+    parts: list[UUID] = Field(
+        default=[],
+        description=(
+            "For a pathway credential, the course credentials it stands on, as its evidence names them "
+            "(empty for a course credential)."
+        ),
+    )
 
     @classmethod
     def of(cls, credential: Credential, platform: Platform, now: datetime) -> Self:
+        parts = part_ids(json.loads(credential.document)) if credential.kind is CredentialKind.PATHWAY else []
         return cls(
+            parts=parts,
             credential_id=credential.credential_id,
             kind=credential.kind,
             credential_url=platform.credential_url(credential.credential_id),

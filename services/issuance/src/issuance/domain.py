@@ -9,9 +9,10 @@ Status: a credential is revoked (final) or suspended (until reinstated); revocat
 a suspension. Its displayed status is revoked, suspended, expired or valid, in that precedence.
 """
 
+import contextlib
 import enum
 import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -191,8 +192,24 @@ def course_credential(
     )
 
 
-def pathway_credential(issuance: Issuance, pathway: PathwaySnapshot, learner: Learner) -> dict[str, Any]:
-    """The unsigned credential for a completed pathway: awarded now, for as long as it is held."""
+# The `genre` of the evidence items by which a pathway credential names the course credentials it
+# stands on (Open Badges 3.0 Evidence: `id` the course credential's URL, `name` its name).
+PART_GENRE = "Course credential"
+
+
+@dataclass(frozen=True)
+class PathwayPart:
+    """A course credential a pathway credential stands on."""
+
+    credential_url: str
+    name: str
+
+
+def pathway_credential(
+    issuance: Issuance, pathway: PathwaySnapshot, learner: Learner, parts: Sequence[PathwayPart]
+) -> dict[str, Any]:
+    """The unsigned credential for a completed pathway: awarded now, for as long as it is held. Its
+    evidence names the course credentials it stands on, in the pathway's order."""
     return _credential(
         issuance,
         issuer=pathway.issuer,
@@ -200,8 +217,28 @@ def pathway_credential(issuance: Issuance, pathway: PathwaySnapshot, learner: Le
         learner=learner,
         valid_until=None,
         awarded_at=None,
-        evidence_items=[],
+        evidence_items=[
+            {
+                "id": part.credential_url,
+                "type": ["Evidence"],
+                "name": part.name,
+                "genre": PART_GENRE,
+                "narrative": f"Holds the course credential {part.name}, part of this pathway.",
+            }
+            for part in parts
+        ],
     )
+
+
+def part_ids(document: dict[str, Any]) -> list[UUID]:
+    """The ids of the course credentials a pathway credential names as its parts (none for a
+    course credential): the last segment of each part's URL."""
+    found = []
+    for item in document.get("evidence", []):
+        if isinstance(item, dict) and item.get("genre") == PART_GENRE and isinstance(item.get("id"), str):
+            with contextlib.suppress(ValueError):
+                found.append(UUID(item["id"].rstrip("/").rpartition("/")[2]))
+    return found
 
 
 def completed_pathways(

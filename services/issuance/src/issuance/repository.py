@@ -444,6 +444,22 @@ async def current_course_ids(conn: Connection, learner_id: UUID, now: datetime) 
     return {row["course_id"] for row in rows}
 
 
+async def current_course_credentials(
+    conn: Connection, learner_id: UUID, course_ids: Sequence[UUID], now: datetime
+) -> dict[UUID, tuple[UUID, str]]:
+    """The learner's newest current credential for each of these courses: (id, name) by course."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT ON (course_id) course_id, credential_id, achievement_name FROM credentials"
+        " WHERE learner_id = $1 AND kind = 'course' AND course_id = ANY($2::uuid[])"
+        " AND revoked_at IS NULL AND suspended_at IS NULL AND (valid_until IS NULL OR valid_until > $3)"
+        " ORDER BY course_id, issued_at DESC",
+        learner_id,
+        list(course_ids),
+        now,
+    )
+    return {row["course_id"]: (row["credential_id"], row["achievement_name"]) for row in rows}
+
+
 async def learners_holding_all(conn: Connection, course_ids: list[UUID], now: datetime) -> list[UUID]:
     """Learners with a current credential for every one of these courses."""
     rows = await conn.fetch(

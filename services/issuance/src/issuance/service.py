@@ -317,7 +317,14 @@ async def _issue_pathway_credential(
     conn: Connection, platform: Platform, pathway: PathwaySnapshot, learner: Learner, now: datetime
 ) -> None:
     (issuance,) = await _issuances(conn, platform, [pathway.issuer.issuer_id], now)
-    document = platform.sign(domain.pathway_credential(issuance, pathway, learner), issuance.issuer_did, now)
+    held = await repository.current_course_credentials(conn, learner.learner_id, pathway.course_ids, now)
+    parts = [
+        domain.PathwayPart(platform.credential_url(held[course_id][0]), held[course_id][1])
+        for course_id in pathway.course_ids
+    ]
+    document = platform.sign(
+        domain.pathway_credential(issuance, pathway, learner, parts), issuance.issuer_did, now
+    )
     credential = Credential(
         credential_id=issuance.credential_id,
         kind=CredentialKind.PATHWAY,
