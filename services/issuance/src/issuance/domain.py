@@ -192,6 +192,13 @@ def course_credential(
     )
 
 
+class CascadePolicy(enum.StrEnum):
+    """What revoking a course credential does to the pathway credentials that stand on it."""
+
+    REVOKE = "revoke"
+    SUSPEND = "suspend"
+
+
 # The `genre` of the evidence items by which a pathway credential names the course credentials it
 # stands on (Open Badges 3.0 Evidence: `id` the course credential's URL, `name` its name).
 PART_GENRE = "Course credential"
@@ -301,6 +308,14 @@ def _reason(reason: str) -> str:
     if not reason:
         raise StatusChangeRefused("a reason is required")
     return reason
+
+
+def cascade_reason(part: Credential) -> str:
+    """Why a pathway credential lost its standing with `part`, a revoked course credential."""
+    reason = (
+        f"The course credential {part.achievement_name} it stands on was revoked: {part.revocation_reason}"
+    )
+    return reason[: REASON_MAX_LENGTH - 3] + "..." if len(reason) > REASON_MAX_LENGTH else reason
 
 
 def revoke(

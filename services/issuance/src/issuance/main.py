@@ -23,7 +23,11 @@ class IssuanceService(Service[Settings]):
         settings = settings or load_settings(Settings)
         # Loaded once per process: a rotated key (a new file and `active` in ISSUER_KEYS_DIR) signs
         # after a restart, e.g. the rollout that follows updating the Kubernetes Secret.
-        platform = Platform(settings.base_url, load_keyring(settings.issuer_keys_dir))
+        platform = Platform(
+            settings.base_url,
+            load_keyring(settings.issuer_keys_dir),
+            pathway_cascade=settings.pathway_cascade,
+        )
         trust = Trust(
             frozenset(settings.verify_trusted_hosts),
             settings.verify_fetch_timeout_seconds,

@@ -444,6 +444,16 @@ async def current_course_ids(conn: Connection, learner_id: UUID, now: datetime) 
     return {row["course_id"] for row in rows}
 
 
+async def live_pathway_credentials(conn: Connection, learner_id: UUID) -> list[Credential]:
+    """The learner's pathway credentials that are not revoked, locked for a status change."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM credentials WHERE learner_id = $1 AND kind = 'pathway'"
+        " AND revoked_at IS NULL ORDER BY credential_id FOR UPDATE",
+        learner_id,
+    )
+    return [_credential(row) for row in rows]
+
+
 async def current_course_credentials(
     conn: Connection, learner_id: UUID, course_ids: Sequence[UUID], now: datetime
 ) -> dict[UUID, tuple[UUID, str]]:

@@ -61,6 +61,7 @@ from microcred_events import (
     CourseSnapshot,
     CourseUpdated,
     CredentialKind,
+    CredentialRevoked,
     Learner,
     PathwayPublished,
     PathwaySnapshot,
@@ -77,7 +78,7 @@ from microcred_runtime import (
 )
 
 from . import domain, proofs, repository, status_list
-from .domain import Credential, Issuance, StatusChangeRefused
+from .domain import CascadePolicy, Credential, Issuance, StatusChangeRefused
 from .jose import to_vc_jwt
 from .keys import KeyRing, SigningKey, did_document, did_web, jwks
 
@@ -105,6 +106,7 @@ class Platform:
 
     base_url: str
     keyring: KeyRing
+    pathway_cascade: CascadePolicy = CascadePolicy.REVOKE
 
     @property
     def did(self) -> str:
@@ -490,7 +492,9 @@ async def finish_pathway(conn: Connection, platform: Platform, learner_id: UUID,
 async def revoke_credential(
     conn: Connection, platform: Platform, staff: Principal, credential_id: UUID, reason: str
 ) -> Credential:
-    """Revoke for good: set the credential's bit and re-sign its status list, in this transaction."""
+    """Revoke for good: set the credential's bit and re-sign its status list, in this transaction.
+    The pathway credentials that stand on a revoked course credential are revoked (or suspended, as
+    `Platform.pathway_cascade` says) in the same transaction, each with its event."""
     credential = await _credential_for_change(conn, staff, credential_id)
     now = _now()
     try:
@@ -499,13 +503,49 @@ async def revoke_credential(
         raise Problem(
             409, "credential-status", str(exc), credential_status=credential.status(now).value
         ) from None
+    await _record_revocation(conn, platform, revoked, event, staff.actor, now)
+    if revoked.kind is CredentialKind.COURSE:
+        await _cascade(conn, platform, revoked, staff.actor, now)
+    return revoked
+
+
+async def _record_revocation(
+    conn: Connection,
+    platform: Platform,
+    revoked: Credential,
+    event: CredentialRevoked,
+    actor: str,
+    now: datetime,
+) -> None:
     await repository.save_status(conn, revoked)
     await repository.record_status_change(
-        conn, credential_id, "revoked", revoked.revocation_reason, staff.actor, now
+        conn, revoked.credential_id, "revoked", revoked.revocation_reason, actor, now
     )
     await _set_status_bit(conn, platform, revoked, now)
     await outbox.add(conn, event)
-    return revoked
+
+
+async def _cascade(conn: Connection, platform: Platform, part: Credential, actor: str, now: datetime) -> None:
+    """The pathway credentials that name `part`, a course credential just revoked, among their
+    parts lose their standing too. The learner's lock orders this with stacking: a pathway
+    credential minted before it is found here, and one minted after it no longer counts `part`."""
+    await repository.lock_learners(conn, [part.learner.learner_id])
+    reason = domain.cascade_reason(part)
+    for standing in await repository.live_pathway_credentials(conn, part.learner.learner_id):
+        if part.credential_id not in domain.part_ids(json.loads(standing.document)):
+            continue
+        if platform.pathway_cascade is CascadePolicy.SUSPEND:
+            if standing.suspended_at is not None:
+                continue
+            suspended, suspension = domain.suspend(standing, reason, now, actor)
+            await repository.save_status(conn, suspended)
+            await repository.record_status_change(
+                conn, suspended.credential_id, "suspended", suspended.suspension_reason, actor, now
+            )
+            await outbox.add(conn, suspension)
+        else:
+            revoked, revocation = domain.revoke(standing, reason, now, actor)
+            await _record_revocation(conn, platform, revoked, revocation, actor, now)
 
 
 async def suspend_credential(

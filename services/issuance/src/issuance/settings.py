@@ -5,6 +5,7 @@ from pydantic import Field, HttpUrl, field_validator, model_validator
 
 from microcred_runtime import ServiceSettings
 
+from .domain import CascadePolicy
 from .keys import KeyRingError, load_keyring
 
 
@@ -19,6 +20,14 @@ class Settings(ServiceSettings):
             )
         ),
     ]
+    pathway_cascade: CascadePolicy = Field(
+        default=CascadePolicy.REVOKE,
+        description=(
+            "What revoking a course credential does to the pathway credentials that stand on it: "
+            "`revoke` them too, or `suspend` them (staff may reinstate one). Either way with the reason, "
+            "in the same transaction."
+        ),
+    )
     public_base_url: HttpUrl = Field(
         default=HttpUrl("http://127.0.0.1:8004"),
         description=(

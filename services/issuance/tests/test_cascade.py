@@ -1,0 +1,147 @@
+"""Revoking a course credential takes the pathway credentials that stand on it with it: revoked, or
+suspended by policy, with the reason, in the revocation's transaction, each with its event."""
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from issuance import service, status_list
+from issuance.domain import CascadePolicy, Credential, DisplayStatus
+from issuance.service import Platform
+from microcred_events import CredentialRevoked, PathwayPublished, StatusPurpose
+from microcred_runtime import Principal, Problem, Role
+
+from .conftest import a_completion, a_course, a_learner, a_pathway, mint, published
+
+ADMIN = Principal("admin-1", frozenset({Role.ADMIN}))
+
+pytestmark = pytest.mark.integration
+
+
+class Holder:
+    """A learner holding both course credentials of a pathway and the pathway credential."""
+
+    def __init__(self, pool: asyncpg.Pool, platform: Platform) -> None:
+        self.pool, self.platform = pool, platform
+        self.courses = (a_course(), a_course())
+        self.pathway = a_pathway(*self.courses)
+        self.learner = a_learner()
+
+    async def earn_all(self) -> tuple[list[UUID], UUID]:
+        completions = [a_completion(course, self.learner) for course in self.courses]
+        async with self.pool.acquire() as conn, conn.transaction():
+            for course in self.courses:
+                await service.record_course(conn, self.platform, published(course))
+            await service.record_pathway(
+                conn, self.platform, PathwayPublished(pathway=self.pathway, published_at=datetime.now(UTC))
+            )
+            await mint(conn, self.platform, *completions)
+        parts = [
+            await self.pool.fetchval(
+                "SELECT credential_id FROM credentials WHERE enrollment_id = $1", completion.enrollment_id
+            )
+            for completion in completions
+        ]
+        stacked = await self.pool.fetchval(
+            "SELECT credential_id FROM credentials WHERE kind = 'pathway' AND learner_id = $1",
+            self.learner.learner_id,
+        )
+        return parts, stacked
+
+    async def revoke(self, credential_id: UUID, reason: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await service.revoke_credential(conn, self.platform, ADMIN, credential_id, reason)
+
+    async def credential(self, credential_id: UUID) -> Credential:
+        async with self.pool.acquire() as conn:
+            return await service.get_credential(conn, credential_id)
+
+    async def revocations(self) -> list[CredentialRevoked]:
+        rows = await self.pool.fetch(
+            "SELECT payload FROM outbox WHERE event_type = $1 ORDER BY id", CredentialRevoked.TYPE
+        )
+        return [CredentialRevoked.model_validate(json.loads(row["payload"])) for row in rows]
+
+
+async def test_revoking_a_part_revokes_the_pathway_credential_with_the_reason(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    holder = Holder(pool, platform)
+    parts, stacked = await holder.earn_all()
+
+    await holder.revoke(parts[0], "plagiarised final project")
+
+    pathway_credential = await holder.credential(stacked)
+    assert pathway_credential.status(datetime.now(UTC)) is DisplayStatus.REVOKED
+    assert pathway_credential.revocation_reason is not None
+    assert "plagiarised final project" in pathway_credential.revocation_reason
+    assert holder.courses[0].achievement.name in pathway_credential.revocation_reason
+    events = await holder.revocations()
+    assert [(event.credential_id, event.status_purpose) for event in events] == [
+        (parts[0], StatusPurpose.REVOCATION),
+        (stacked, StatusPurpose.REVOCATION),
+    ]
+    # Its bit is set in its status list, as for any revocation: outside verifiers see it.
+    bits = await pool.fetchval(
+        "SELECT bits FROM status_lists WHERE list_id = $1", pathway_credential.revocation_list_id
+    )
+    assert status_list.get_bit(bits, pathway_credential.revocation_index)
+    assert (await holder.credential(parts[1])).status(datetime.now(UTC)) is DisplayStatus.VALID
+
+
+async def test_by_policy_the_pathway_credential_is_suspended_and_can_be_reinstated(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    holder = Holder(pool, dataclasses.replace(platform, pathway_cascade=CascadePolicy.SUSPEND))
+    parts, stacked = await holder.earn_all()
+
+    await holder.revoke(parts[1], "score entered for the wrong learner")
+
+    suspended = await holder.credential(stacked)
+    assert suspended.status(datetime.now(UTC)) is DisplayStatus.SUSPENDED
+    assert suspended.suspension_reason is not None
+    assert "score entered for the wrong learner" in suspended.suspension_reason
+    assert [event.status_purpose for event in await holder.revocations()] == [
+        StatusPurpose.REVOCATION,
+        StatusPurpose.SUSPENSION,
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        reinstated = await service.reinstate_credential(conn, holder.platform, ADMIN, stacked)
+    assert reinstated.status(datetime.now(UTC)) is DisplayStatus.VALID
+
+
+async def test_a_revocation_that_fails_changes_no_pathway_credential(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    holder = Holder(pool, platform)
+    parts, _ = await holder.earn_all()
+    await holder.revoke(parts[0], "first revocation")
+
+    with pytest.raises(Problem):
+        await holder.revoke(parts[0], "again")
+
+    assert len(await holder.revocations()) == 2  # the first revocation's two, nothing more
+
+
+async def test_revoking_a_course_credential_of_no_pathway_touches_nothing_else(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    holder = Holder(pool, platform)
+    _, stacked = await holder.earn_all()
+    elsewhere = a_course()
+    completion = a_completion(elsewhere, holder.learner)
+    async with pool.acquire() as conn, conn.transaction():
+        await service.record_course(conn, platform, published(elsewhere))
+        await mint(conn, platform, completion)
+    other = await pool.fetchval(
+        "SELECT credential_id FROM credentials WHERE enrollment_id = $1", completion.enrollment_id
+    )
+
+    await holder.revoke(other, "not part of the pathway")
+
+    assert (await holder.credential(stacked)).status(datetime.now(UTC)) is DisplayStatus.VALID
+    assert [event.credential_id for event in await holder.revocations()] == [other]
