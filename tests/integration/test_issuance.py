@@ -31,6 +31,7 @@ import jwt
 import pytest
 import uvicorn
 from aiokafka import AIOKafkaProducer
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi import FastAPI
 from PIL import Image
 
@@ -302,6 +303,38 @@ async def test_the_proof_verifies_with_the_key_the_issuer_did_document_publishes
     assert (await h.api.get(f"/issuers/{uuid.uuid4()}/did.json")).status_code == 404
     jwks = (await h.api.get("/.well-known/jwks.json")).json()
     assert [key["kid"] for key in jwks["keys"]] == ["did:web:issuance.test#key-20260101"]
+
+
+async def test_a_downloaded_baked_badge_verifies_with_an_independent_verifier(harness: Harness) -> None:
+    # openbadgeslib, as an employer's tool: it extracts the credential from the file and checks
+    # its proof with the key the issuer's DID document publishes.
+    from openbadgeslib.ob3.ldp import verify_data_integrity_proof
+    from openbadgeslib.ob3.verifier import OB3Verifier
+
+    h = harness
+    course = await h.publish_course()
+    completion = h.completion(course, learner())
+    await h.complete(completion)
+    credential_id = (await h.credential_of(completion.enrollment_id))["credential_id"]
+    document = await h.document(credential_id)
+    did_document = (await h.api.get(f"/issuers/{course.issuer.issuer_id}/did.json")).json()
+    (method,) = did_document["verificationMethod"]
+    public_pem = keys.public_key_from_multibase(method["publicKeyMultibase"]).public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
+    )
+
+    png = await h.api.get(f"/credentials/{credential_id}/baked.png")
+    svg = await h.api.get(f"/credentials/{credential_id}/baked.svg")
+
+    assert png.headers["content-type"] == "image/png"
+    assert png.headers["content-disposition"].startswith("attachment; filename=")
+    assert svg.headers["content-type"] == "image/svg+xml"
+    for carried in (
+        OB3Verifier.extract_token_from_png(png.content),
+        OB3Verifier.extract_token_from_svg(svg.content),
+    ):
+        assert json.loads(carried) == document
+        verify_data_integrity_proof(json.loads(carried), public_pem)  # raises unless it verifies
 
 
 async def test_an_unknown_credential_is_a_page_for_browsers_and_a_problem_for_clients(

@@ -1,15 +1,24 @@
-"""The PNG badge and share card: real PNGs of the right size, showing the status, whatever the text."""
+"""The PNG badge and share card: real PNGs of the right size, showing the status, whatever the text;
+and the baked badges, which carry the signed credential."""
 
 import io
+import json
 import struct
 from datetime import UTC, datetime
+from xml.etree import ElementTree
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from PIL import Image, ImageColor
 
-from issuance import images
+from issuance import images, pages
 from issuance.domain import DisplayStatus
+from issuance.keys import SigningKey
 from issuance.pages import STATUS_COLOUR
+from issuance.proofs import signed_json
+
+from . import test_proofs
 
 ISSUED = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 
@@ -78,3 +87,23 @@ def test_an_image_is_drawn_once_for_the_same_inputs() -> None:
 
     assert again is first
     assert revoked != first
+
+
+def test_a_baked_badge_carries_the_credential_to_an_independent_verifier() -> None:
+    # openbadgeslib extracts it (its OB 3.0 carriers) and checks its proof (its own eddsa-rdfc-2022).
+    from openbadgeslib.ob3.ldp import verify_data_integrity_proof
+    from openbadgeslib.ob3.verifier import OB3Verifier
+
+    key = SigningKey("key-20261206", Ed25519PrivateKey.generate(), ISSUED)
+    unsigned = {**test_proofs.credential(), "name": 'Data Analysis ]]> <b>"&</b>'}
+    signed = signed_json(unsigned, key, verification_method=test_proofs.METHOD, created=ISSUED)
+    public_pem = key.public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+
+    png = images.baked_png(images.badge_png("Data Analysis", "Northwind University"), signed)
+    svg = pages.baked_svg("Data Analysis", "Northwind University", signed).encode()
+
+    assert decoded(png).size == (images.BADGE_SIZE, images.BADGE_SIZE)  # still an image
+    ElementTree.fromstring(svg)  # noqa: S314  (our own SVG: still well-formed XML)
+    for carried in (OB3Verifier.extract_token_from_png(png), OB3Verifier.extract_token_from_svg(svg)):
+        assert carried == signed
+        verify_data_integrity_proof(json.loads(carried), public_pem)  # raises unless it verifies

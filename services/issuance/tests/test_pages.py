@@ -123,6 +123,13 @@ def test_only_a_credential_in_good_standing_offers_the_linkedin_link(
     assert ("Add to LinkedIn profile" in Parsed(pages.credential_page(view(status=status))).links) is offered
 
 
+def test_the_page_offers_the_baked_badges_to_download() -> None:
+    links = Parsed(pages.credential_page(view())).links
+
+    assert links["Badge with the credential inside (PNG)"] == f"{URL}/baked.png"
+    assert links["(SVG)"] == f"{URL}/baked.svg"
+
+
 def test_the_not_found_page_escapes_what_it_was_given() -> None:
     parsed = Parsed(pages.not_found_page(HOSTILE))
 

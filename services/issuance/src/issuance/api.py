@@ -248,6 +248,13 @@ async def get_credential_jwt(credential_id: UUID, db: Db, platform: PlatformDep)
     return Response(service.credential_jwt(platform, credential), media_type=VC_JWT)
 
 
+# An SVG opened on its own is a document: nothing in it runs or loads.
+_SVG_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
 @credentials.get(
     "/{credential_id}/badge.svg",
     summary="A credential's badge image",
@@ -262,10 +269,7 @@ async def get_badge(credential_id: UUID, db: Db) -> Response:
     return Response(
         pages.badge_svg(credential.achievement_name, str(document["issuer"]["name"])),
         media_type="image/svg+xml",
-        headers={
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
-            "X-Content-Type-Options": "nosniff",
-        },
+        headers=_SVG_HEADERS,
     )
 
 
@@ -286,6 +290,55 @@ async def get_badge_png(credential_id: UUID, db: Db) -> Response:
     png = await asyncio.to_thread(images.badge_png, credential.achievement_name, issuer_name)
     # The names in a signed credential never change.
     return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
+
+
+_BAKED_DESCRIPTION = (
+    "The badge with the signed credential baked in (Open Badges 3.0 §5.3), to download: a copy "
+    "placed on a website or in an email signature carries its own proof, which any Open Badges 3.0 "
+    "verifier extracts and checks."
+)
+
+
+@credentials.get(
+    "/{credential_id}/baked.png",
+    summary="The badge as PNG, with the credential baked in",
+    description=f"{_BAKED_DESCRIPTION} The credential is in an `openbadgecredential` iTXt chunk.",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **_problems({404: "No such credential."})},
+)
+async def get_baked_png(credential_id: UUID, db: Db) -> Response:
+    async with db.acquire() as conn:
+        credential = await service.get_credential(conn, credential_id)
+    issuer_name = str(json.loads(credential.document)["issuer"]["name"])
+    badge = await asyncio.to_thread(images.badge_png, credential.achievement_name, issuer_name)
+    return Response(
+        images.baked_png(badge, credential.document),
+        media_type="image/png",
+        headers={"Content-Disposition": _attachment(credential, "png")},
+    )
+
+
+@credentials.get(
+    "/{credential_id}/baked.svg",
+    summary="The badge as SVG, with the credential baked in",
+    description=f"{_BAKED_DESCRIPTION} The credential is in an `openbadges:credential` element.",
+    response_class=Response,
+    responses={200: {"content": {"image/svg+xml": {}}}, **_problems({404: "No such credential."})},
+)
+async def get_baked_svg(credential_id: UUID, db: Db) -> Response:
+    async with db.acquire() as conn:
+        credential = await service.get_credential(conn, credential_id)
+    issuer_name = str(json.loads(credential.document)["issuer"]["name"])
+    return Response(
+        pages.baked_svg(credential.achievement_name, issuer_name, credential.document),
+        media_type="image/svg+xml",
+        headers={**_SVG_HEADERS, "Content-Disposition": _attachment(credential, "svg")},
+    )
+
+
+def _attachment(credential: Credential, extension: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", credential.achievement_name).strip("-").lower() or "badge"
+    return f'attachment; filename="{stem[:80]}.{extension}"'
 
 
 @credentials.get(

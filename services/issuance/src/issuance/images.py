@@ -12,7 +12,9 @@ as boxes rather than failing.
 
 import functools
 import io
+import struct
 import textwrap
+import zlib
 from datetime import datetime
 from typing import Final
 
@@ -69,6 +71,20 @@ def share_card_png(
     draw.rounded_rectangle((left, top, left + width + 44, top + 54), radius=27, fill=STATUS_COLOUR[status])
     draw.text((left + 22, top + 11), label, font=pill, fill="white")
     return _png(card)
+
+
+# Open Badges 3.0 baking (§5.3): the signed credential travels inside the badge image.
+BAKED_KEYWORD: Final = b"openbadgecredential"
+
+
+def baked_png(badge: bytes, credential_json: str) -> bytes:
+    """`badge` (a PNG) with the signed credential in an uncompressed `openbadgecredential` iTXt
+    chunk before IEND, so a copy of the image carries its own proof."""
+    assert badge.endswith(b"IEND\xaeB`\x82"), "a PNG ends with its IEND chunk"
+    # keyword, NUL, compression flag and method (none), empty language tag and translated keyword
+    data = BAKED_KEYWORD + b"\0\0\0\0\0" + credential_json.encode()
+    chunk = struct.pack(">I", len(data)) + b"iTXt" + data + struct.pack(">I", zlib.crc32(b"iTXt" + data))
+    return badge[:-12] + chunk + badge[-12:]
 
 
 def _badge(name: str, issuer_name: str, size: int) -> Image.Image:

@@ -219,6 +219,9 @@ by <strong id="issuer-name">{_link(view.issuer_url, view.issuer_name)}</strong><
 {linkedin}<a href="{escape(view.credential_url)}?format=json"
 type="application/ld+json">Signed credential (JSON-LD)</a>
 <a href="{escape(view.jwt_url)}" type="application/vc+jwt">VC-JWT</a>
+<a id="baked-png" href="{escape(view.credential_url)}/baked.png"
+download>Badge with the credential inside (PNG)</a>
+<a id="baked-svg" href="{escape(view.credential_url)}/baked.svg" download>(SVG)</a>
 </p>
 <p class="verify" id="verify">This is a signed Open Badges 3.0 credential: you need not take this page's
 word for it. Check it with any Open Badges 3.0 verifier, or POST its JSON to
@@ -255,6 +258,18 @@ which says so.</p>
 </body>
 </html>
 """
+
+
+BAKED_NAMESPACE = "https://purl.imsglobal.org/ob/v3p0"
+
+
+def baked_svg(name: str, issuer_name: str, credential_json: str) -> str:
+    """The badge with the signed credential in an `openbadges:credential` element (Open Badges 3.0
+    baking, §5.3), as CDATA: the JSON as it is, a "]]>" in it split across two sections."""
+    cdata = "<![CDATA[" + credential_json.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+    svg = badge_svg(name, issuer_name)
+    svg = svg.replace("<svg ", f'<svg xmlns:openbadges="{BAKED_NAMESPACE}" ', 1)
+    return svg.replace("</svg>", f"<openbadges:credential>{cdata}</openbadges:credential>\n</svg>", 1)
 
 
 def badge_svg(name: str, issuer_name: str) -> str:
