@@ -473,9 +473,13 @@ async def test_suspension_is_reported_until_the_credential_is_reinstated(harness
     document = await h.document(row["credential_id"])
     url = f"/credentials/{row['credential_id']}/suspension"
 
+    before = await h.api.get(f"/credentials/{row['credential_id']}/verification")
     suspended = await h.api.post(url, json={"reason": "Under review."}, headers=h.staff())
     while_suspended = await h.verify(document)
     page = await h.api.get(f"/credentials/{row['credential_id']}", headers={"Accept": "text/html"})
+    checks_page = await h.api.get(
+        f"/credentials/{row['credential_id']}/verification", headers={"Accept": "text/html"}
+    )
     reinstated = await h.api.delete(url, headers=h.staff())
     after = await h.verify(document)
     not_suspended = await h.api.delete(url, headers=h.staff())
@@ -486,6 +490,14 @@ async def test_suspension_is_reported_until_the_credential_is_reinstated(harness
     assert while_suspended["checks"]["status"]["detail"] == "suspended by its issuer"
     assert "Suspended by the issuer" in page.text
     assert "Add to LinkedIn profile" not in page.text
+    # The page's Verify button: the same checks as POST /verify, on the credential as issued.
+    assert before.status_code == 200, before.text
+    assert before.json()["verified"] == "valid"
+    assert {check["result"] for check in before.json()["checks"].values()} == {"passed"}
+    assert checks_page.headers["content-type"] == "text/html; charset=utf-8"
+    assert 'data-verdict="invalid"' in checks_page.text
+    assert 'data-check="status" data-result="failed"' in checks_page.text
+    assert "suspended by its issuer" in checks_page.text
     assert reinstated.status_code == 200, reinstated.text
     assert reinstated.json()["status"] == "valid"
     assert after["verified"] == "valid", after
@@ -859,6 +871,10 @@ async def test_a_browser_renders_the_credential_page(
                 url,
                 profile=tmp_path / "profile-shot",
             )
+            # The Verify button's target, as the browser shows it after a click.
+            verification = _Dom(
+                await _chromium("--dump-dom", f"{url}/verification", profile=tmp_path / "profile-verify")
+            )
             # The preview image as a browser gets it: the PNG card, decoded by Chromium itself.
             card = await api.get(f"/credentials/{credential_id}/card.png")
             card_shot = tmp_path / "card.png"
@@ -882,6 +898,11 @@ async def test_a_browser_renders_the_credential_page(
     assert f"certUrl={url.replace(':', '%3A').replace('/', '%2F')}" in dom.hrefs["linkedin"]
     assert dom.meta["og:title"] == course.achievement.name
     assert dom.meta["og:url"] == url
+    assert dom.hrefs["verify-button"] == f"{url}/verification"
+    shown = " ".join(" ".join(verification.text).split())
+    assert "Verified: every check passed" in shown
+    for check in ("Structure", "Signature", "Dates", "Status"):
+        assert f"passed {check}:" in shown
     assert dom.meta["og:image"] == f"{url}/card.png"
     assert (dom.meta["og:image:width"], dom.meta["og:image:height"]) == ("1200", "630")
     assert card.status_code == 200

@@ -123,6 +123,29 @@ def test_only_a_credential_in_good_standing_offers_the_linkedin_link(
     assert ("Add to LinkedIn profile" in Parsed(pages.credential_page(view(status=status))).links) is offered
 
 
+def test_the_verify_button_opens_the_issuers_checks() -> None:
+    assert Parsed(pages.credential_page(view())).links["Verify"] == f"{URL}/verification"
+
+
+def test_the_verification_page_shows_each_check_and_escapes_its_detail() -> None:
+    checks = [
+        ("structure", "passed", "an OpenBadgeCredential"),
+        ("signature", "passed", "signed by did:web:x#key-1"),
+        ("dates", "passed", "within its validity"),
+        ("status", "failed", HOSTILE),
+    ]
+    parsed = Parsed(
+        pages.verification_page(HOSTILE, URL, "invalid", checks, datetime(2026, 12, 6, tzinfo=UTC))
+    )
+    text = " ".join(parsed.text)
+
+    assert "script" not in parsed.tags
+    assert "Not valid: a check failed" in text
+    assert "Status: neither revoked nor suspended by the issuer" in text
+    assert HOSTILE in text
+    assert parsed.links["Back to the credential"] == URL
+
+
 def test_the_page_offers_the_baked_badges_to_download() -> None:
     links = Parsed(pages.credential_page(view())).links
 

@@ -651,6 +651,64 @@ async def verify(
     # Admitted once the body is in: a client that sends it slowly holds no verification's turn.
     body = await request.body()
     presented = _presented(body, request.headers.get("content-type", ""))
+    return await _verification(presented, runtime, platform, trust, fetch, workers)
+
+
+@credentials.get(
+    "/{credential_id}/verification",
+    summary="Verify a credential we issued, as it was issued",
+    dependencies=[RateLimited],
+    description=(
+        "The checks of `POST /verify` run on this credential, byte for byte as issued: what the "
+        "Verify button of the credential's page shows. JSON, or a page for browsers (`Accept` "
+        "preferring `text/html`)."
+    ),
+    response_model=VerificationOut,
+    responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}}},
+        **_problems(
+            {
+                404: "No such credential.",
+                503: "VERIFY_MAX_CONCURRENT verifications are under way (`verifier-busy`); see Retry-After.",
+            }
+        ),
+    },
+)
+async def get_verification(
+    credential_id: UUID,
+    request: Request,
+    db: Db,
+    runtime: RuntimeDep,
+    platform: PlatformDep,
+    trust: TrustDep,
+    fetch: FetchDep,
+    workers: ProofWorkersDep,
+) -> Response:
+    async with db.acquire() as conn:
+        credential = await service.get_credential(conn, credential_id)
+    out = await _verification(json.loads(credential.document), runtime, platform, trust, fetch, workers)
+    headers = {"Vary": "Accept", "Cache-Control": "no-store"}
+    if not prefers_html(request.headers.get("accept", "")):
+        return Response(out.model_dump_json(), media_type="application/json", headers=headers)
+    page = pages.verification_page(
+        credential.achievement_name,
+        platform.credential_url(credential_id),
+        out.verified,
+        [(name, check.result, check.detail) for name, check in out.checks],
+        out.checked_at,
+    )
+    headers["Content-Security-Policy"] = _PAGE_POLICY
+    return Response(page, media_type="text/html; charset=utf-8", headers=headers)
+
+
+async def _verification(
+    presented: dict[str, Any] | str,
+    runtime: RuntimeDep,
+    platform: Platform,
+    trust: Trust,
+    fetch: Fetch,
+    workers: ProofWorkers,
+) -> VerificationOut:
     now = _now()
     records = DatabaseRecords(runtime.pool)
     try:

@@ -192,6 +192,8 @@ dt {{ font-weight: 600; }}
 dd {{ margin: 0; }}
 .actions a {{ display: inline-block; margin: .5rem 1rem .5rem 0; }}
 .verify {{ font-size: .9rem; color: #57606a; border-top: 1px solid #d0d7de; padding-top: 1rem; }}
+.button {{ display: inline-block; padding: .5rem 1.2rem; border-radius: 6px; background: #3b5bdb;
+           color: #fff; text-decoration: none; font-weight: 600; }}
 </style>
 </head>
 <body>
@@ -223,10 +225,67 @@ type="application/ld+json">Signed credential (JSON-LD)</a>
 download>Badge with the credential inside (PNG)</a>
 <a id="baked-svg" href="{escape(view.credential_url)}/baked.svg" download>(SVG)</a>
 </p>
+<p><a class="button" id="verify-button" href="{escape(view.credential_url)}/verification">Verify</a></p>
 <p class="verify" id="verify">This is a signed Open Badges 3.0 credential: you need not take this page's
 word for it. Check it with any Open Badges 3.0 verifier, or POST its JSON to
 <code>{escape(view.verify_url)}</code>. The signature, the dates and the issuer's revocation list
 are checked.</p>
+</main>
+</body>
+</html>
+"""
+
+
+_CHECK_NAMES = {
+    "structure": "Structure: an Open Badges 3.0 credential, its members and contexts",
+    "signature": "Signature: the proof, by a key of the issuer's DID",
+    "dates": "Dates: issued, and not expired",
+    "status": "Status: neither revoked nor suspended by the issuer",
+}
+_RESULT_COLOUR = {"passed": "#1b7f3b", "failed": "#b3261e", "unknown": "#6e6e6e"}
+_VERDICT_TEXT = {
+    "valid": "Verified: every check passed",
+    "invalid": "Not valid: a check failed",
+    "unknown": "Could not be verified: a check could not be decided",
+}
+
+
+def verification_page(
+    name: str, credential_url: str, verdict: str, checks: list[tuple[str, str, str]], checked_at: datetime
+) -> str:
+    """The issuer's checks of a credential, each with its result and why, for people."""
+    rows = "".join(
+        f'<li data-check="{escape(check)}" data-result="{escape(result)}"><span class="result"'
+        f' style="background:{_RESULT_COLOUR.get(result, "#6e6e6e")}">{escape(result)}</span> '
+        f"<strong>{escape(_CHECK_NAMES.get(check, check))}</strong><br><small>{escape(detail)}</small></li>"
+        for check, result, detail in checks
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="robots" content="noindex">
+<title>Verification - {escape(name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1f2328; }}
+main {{ max-width: 44rem; margin: 2rem auto; background: #fff; padding: 2rem; border-radius: 12px;
+        box-shadow: 0 1px 4px rgba(0,0,0,.12); }}
+ul {{ list-style: none; padding: 0; }}
+li {{ margin: 0 0 1rem; }}
+.result {{ display: inline-block; min-width: 5rem; text-align: center; padding: .1rem .5rem;
+           border-radius: 999px; color: #fff; font-weight: 600; }}
+small {{ color: #57606a; }}
+</style>
+</head>
+<body>
+<main>
+<h1>{escape(name)}</h1>
+<p id="verdict" data-verdict="{escape(verdict)}">
+<strong>{escape(_VERDICT_TEXT.get(verdict, verdict))}</strong>,
+checked {escape(f"{checked_at:%d %B %Y %H:%M} UTC")} by its issuer's service.</p>
+<ul id="checks">{rows}</ul>
+<p><a href="{escape(credential_url)}">Back to the credential</a></p>
 </main>
 </body>
 </html>
