@@ -260,59 +260,48 @@ def verification_page(
         f"<strong>{escape(_CHECK_NAMES.get(check, check))}</strong><br><small>{escape(detail)}</small></li>"
         for check, result, detail in checks
     )
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="robots" content="noindex">
-<title>Verification - {escape(name)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1f2328; }}
-main {{ max-width: 44rem; margin: 2rem auto; background: #fff; padding: 2rem; border-radius: 12px;
-        box-shadow: 0 1px 4px rgba(0,0,0,.12); }}
-ul {{ list-style: none; padding: 0; }}
-li {{ margin: 0 0 1rem; }}
-.result {{ display: inline-block; min-width: 5rem; text-align: center; padding: .1rem .5rem;
-           border-radius: 999px; color: #fff; font-weight: 600; }}
-small {{ color: #57606a; }}
-</style>
-</head>
-<body>
-<main>
-<h1>{escape(name)}</h1>
+    style = """ul { list-style: none; padding: 0; }
+li { margin: 0 0 1rem; }
+.result { display: inline-block; min-width: 5rem; text-align: center; padding: .1rem .5rem;
+          border-radius: 999px; color: #fff; font-weight: 600; }
+small { color: #57606a; }"""
+    body = f"""<h1>{escape(name)}</h1>
 <p id="verdict" data-verdict="{escape(verdict)}">
 <strong>{escape(_VERDICT_TEXT.get(verdict, verdict))}</strong>,
 checked {escape(f"{checked_at:%d %B %Y %H:%M} UTC")} by its issuer's service.</p>
 <ul id="checks">{rows}</ul>
-<p><a href="{escape(credential_url)}">Back to the credential</a></p>
-</main>
-</body>
-</html>
-"""
+<p><a href="{escape(credential_url)}">Back to the credential</a></p>"""
+    return _unlisted_page(f"Verification - {name}", body, style)
 
 
 def not_found_page(credential_id: str) -> str:
     """The page a browser gets for a credential id that names no credential."""
+    body = f"""<h1>No such credential</h1>
+<p id="not-found">No credential has the id <code>{escape(credential_id)}</code>. Check the link you were
+given: it may have been cut short or mistyped. A credential that was revoked still has its page,
+which says so.</p>"""
+    return _unlisted_page("No such credential", body)
+
+
+def _unlisted_page(title: str, body: str, style: str = "") -> str:
+    """A page in the credential page's look that search engines leave out; `body` is HTML."""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="robots" content="noindex">
-<title>No such credential</title>
+<title>{escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1f2328; }}
 main {{ max-width: 44rem; margin: 2rem auto; background: #fff; padding: 2rem; border-radius: 12px;
         box-shadow: 0 1px 4px rgba(0,0,0,.12); }}
+{style}
 </style>
 </head>
 <body>
 <main>
-<h1>No such credential</h1>
-<p id="not-found">No credential has the id <code>{escape(credential_id)}</code>. Check the link you were
-given: it may have been cut short or mistyped. A credential that was revoked still has its page,
-which says so.</p>
+{body}
 </main>
 </body>
 </html>
