@@ -4,6 +4,7 @@ suspended by policy, with the reason, in the revocation's transaction, each with
 import dataclasses
 import json
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -13,7 +14,7 @@ from issuance import service, status_list
 from issuance.domain import CascadePolicy, Credential, DisplayStatus
 from issuance.service import Platform
 from microcred_events import CredentialRevoked, PathwayPublished, StatusPurpose
-from microcred_runtime import Principal, Problem, Role
+from microcred_runtime import Principal, Role
 
 from .conftest import a_completion, a_course, a_learner, a_pathway, mint, published
 
@@ -114,17 +115,29 @@ async def test_by_policy_the_pathway_credential_is_suspended_and_can_be_reinstat
     assert reinstated.status(datetime.now(UTC)) is DisplayStatus.VALID
 
 
-async def test_a_revocation_that_fails_changes_no_pathway_credential(
-    pool: asyncpg.Pool, platform: Platform
+async def test_a_cascade_that_fails_partway_leaves_everything_as_it_was(
+    pool: asyncpg.Pool, platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     holder = Holder(pool, platform)
-    parts, _ = await holder.earn_all()
-    await holder.revoke(parts[0], "first revocation")
+    parts, stacked = await holder.earn_all()
+    set_status_bit = service._set_status_bit
+    calls = 0
 
-    with pytest.raises(Problem):
-        await holder.revoke(parts[0], "again")
+    async def fails_the_second_time(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the pathway credential's bit, after the course credential's
+            raise RuntimeError("the status list could not be written")
+        await set_status_bit(*args)
 
-    assert len(await holder.revocations()) == 2  # the first revocation's two, nothing more
+    monkeypatch.setattr(service, "_set_status_bit", fails_the_second_time)
+    with pytest.raises(RuntimeError):
+        await holder.revoke(parts[0], "plagiarised final project")
+
+    assert calls == 2
+    for credential_id in (parts[0], stacked):
+        assert (await holder.credential(credential_id)).status(datetime.now(UTC)) is DisplayStatus.VALID
+    assert await holder.revocations() == []
 
 
 async def test_revoking_a_course_credential_of_no_pathway_touches_nothing_else(

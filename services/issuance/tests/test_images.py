@@ -64,6 +64,7 @@ def test_the_badge_is_a_square_png_with_a_transparent_background() -> None:
     "name",
     [
         "A" * 300,
+        "word " * 3000,  # cut to MAX_TEXT before it is laid out
         "An achievement name long enough to need wrapping over more lines than the card has room for",
         "Datenanalyse mit Python: Grundlagen für Einsteigerinnen und Einsteiger",
         "数据分析基础",  # no glyphs in the bundled font: boxes, not a failure
@@ -103,7 +104,19 @@ def test_a_baked_badge_carries_the_credential_to_an_independent_verifier() -> No
     svg = pages.baked_svg("Data Analysis", "Northwind University", signed).encode()
 
     assert decoded(png).size == (images.BADGE_SIZE, images.BADGE_SIZE)  # still an image
-    ElementTree.fromstring(svg)  # noqa: S314  (our own SVG: still well-formed XML)
+    root = ElementTree.fromstring(svg)  # noqa: S314  (our own SVG: still well-formed XML)
+    assert root[0].tag == "{https://purl.imsglobal.org/ob/v3p0}credential"  # first, as §5.3 places it
     for carried in (OB3Verifier.extract_token_from_png(png), OB3Verifier.extract_token_from_svg(svg)):
-        assert carried == signed
+        assert json.loads(carried) == json.loads(signed)
         verify_data_integrity_proof(json.loads(carried), public_pem)  # raises unless it verifies
+
+
+def test_a_baked_svg_stays_well_formed_whatever_the_credential_holds() -> None:
+    # U+FFFE is a JSON string character that XML does not allow: it travels as a JSON escape.
+    from openbadgeslib.ob3.verifier import OB3Verifier
+
+    credential = json.dumps({"name": "\ufffe\uffff ]]> ]]]]> <![CDATA[ &amp;"}, ensure_ascii=False)
+    svg = pages.baked_svg("Data Analysis", "Northwind University", credential).encode()
+
+    ElementTree.fromstring(svg)  # noqa: S314  (our own SVG: still well-formed XML)
+    assert json.loads(OB3Verifier.extract_token_from_svg(svg)) == json.loads(credential)

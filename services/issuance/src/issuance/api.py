@@ -8,6 +8,7 @@ staff list anyone's and revoke, suspend or reinstate them.
 import asyncio
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 from uuid import UUID
@@ -275,6 +276,7 @@ async def get_badge(credential_id: UUID, db: Db) -> Response:
 
 @credentials.get(
     "/{credential_id}/badge.png",
+    dependencies=[RateLimited],  # each drawing costs CPU
     summary="A credential's badge, as PNG",
     description=(
         "The badge as a 600x600 PNG with a transparent background, for an email signature, a CV or "
@@ -287,9 +289,14 @@ async def get_badge_png(credential_id: UUID, db: Db) -> Response:
     async with db.acquire() as conn:
         credential = await service.get_credential(conn, credential_id)
     issuer_name = str(json.loads(credential.document)["issuer"]["name"])
-    png = await asyncio.to_thread(images.badge_png, credential.achievement_name, issuer_name)
+    png = await _drawn(images.badge_png, credential.achievement_name, issuer_name)
     # The names in a signed credential never change.
     return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
+
+
+async def _drawn(draw: Callable[..., bytes], *arguments: Any) -> bytes:
+    """An image drawn on `images.DRAWING`, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(images.DRAWING, draw, *arguments)
 
 
 _BAKED_DESCRIPTION = (
@@ -301,6 +308,7 @@ _BAKED_DESCRIPTION = (
 
 @credentials.get(
     "/{credential_id}/baked.png",
+    dependencies=[RateLimited],  # each drawing costs CPU
     summary="The badge as PNG, with the credential baked in",
     description=f"{_BAKED_DESCRIPTION} The credential is in an `openbadgecredential` iTXt chunk.",
     response_class=Response,
@@ -310,7 +318,7 @@ async def get_baked_png(credential_id: UUID, db: Db) -> Response:
     async with db.acquire() as conn:
         credential = await service.get_credential(conn, credential_id)
     issuer_name = str(json.loads(credential.document)["issuer"]["name"])
-    badge = await asyncio.to_thread(images.badge_png, credential.achievement_name, issuer_name)
+    badge = await _drawn(images.badge_png, credential.achievement_name, issuer_name)
     return Response(
         images.baked_png(badge, credential.document),
         media_type="image/png",
@@ -343,6 +351,7 @@ def _attachment(credential: Credential, extension: str) -> str:
 
 @credentials.get(
     "/{credential_id}/card.png",
+    dependencies=[RateLimited],  # each drawing costs CPU
     summary="A credential's share card, as PNG",
     description=(
         "A 1200x630 PNG for link previews (the page's `og:image`): the badge, the credential's and "
@@ -356,7 +365,7 @@ async def get_share_card(credential_id: UUID, db: Db) -> Response:
     async with db.acquire() as conn:
         credential = await service.get_credential(conn, credential_id)
     document = json.loads(credential.document)
-    png = await asyncio.to_thread(
+    png = await _drawn(
         images.share_card_png,
         str(document.get("name") or credential.achievement_name),
         str(document["issuer"]["name"]),

@@ -225,7 +225,8 @@ type="application/ld+json">Signed credential (JSON-LD)</a>
 download>Badge with the credential inside (PNG)</a>
 <a id="baked-svg" href="{escape(view.credential_url)}/baked.svg" download>(SVG)</a>
 </p>
-<p><a class="button" id="verify-button" href="{escape(view.credential_url)}/verification">Verify</a></p>
+<p><a class="button" id="verify-button" href="{escape(view.credential_url)}/verification"
+rel="nofollow">Verify</a></p>
 <p class="verify" id="verify">This is a signed Open Badges 3.0 credential: you need not take this page's
 word for it. Check it with any Open Badges 3.0 verifier, or POST its JSON to
 <code>{escape(view.verify_url)}</code>. The signature, the dates and the issuer's revocation list
@@ -313,11 +314,14 @@ BAKED_NAMESPACE = "https://purl.imsglobal.org/ob/v3p0"
 
 def baked_svg(name: str, issuer_name: str, credential_json: str) -> str:
     """The badge with the signed credential in an `openbadges:credential` element (Open Badges 3.0
-    baking, §5.3), as CDATA: the JSON as it is, a "]]>" in it split across two sections."""
-    cdata = "<![CDATA[" + credential_json.replace("]]>", "]]]]><![CDATA[>") + "]]>"
-    svg = badge_svg(name, issuer_name)
-    svg = svg.replace("<svg ", f'<svg xmlns:openbadges="{BAKED_NAMESPACE}" ', 1)
-    return svg.replace("</svg>", f"<openbadges:credential>{cdata}</openbadges:credential>\n</svg>", 1)
+    baking, §5.3), first in the `<svg>` element as the specification places it, as CDATA: the
+    JSON as it is, a "]]>" in it split across two sections, and U+FFFE and U+FFFF (which JSON
+    allows and XML does not) as JSON escapes."""
+    text = credential_json.replace("\ufffe", "\\ufffe").replace("\uffff", "\\uffff")
+    cdata = "<![CDATA[" + text.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+    head, _, rest = badge_svg(name, issuer_name).partition(">\n")  # the opening <svg ...> tag
+    head = head.replace("<svg ", f'<svg xmlns:openbadges="{BAKED_NAMESPACE}" ', 1)
+    return f"{head}>\n<openbadges:credential>{cdata}</openbadges:credential>\n{rest}"
 
 
 def badge_svg(name: str, issuer_name: str) -> str:

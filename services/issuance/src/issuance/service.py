@@ -178,7 +178,10 @@ async def record_pathway(conn: Connection, platform: Platform, event: PathwayPub
     # sees them; those minted later find this pathway when they stack.
     await repository.lock_courses(conn, pathway.course_ids, exclusive=True)
     now = _now()
-    for learner_id in await repository.learners_holding_all(conn, list(pathway.course_ids), now):
+    holding = await repository.learners_holding_all(conn, list(pathway.course_ids), now)
+    # Each learner's lock orders the minting with a revocation of one of their parts (`_cascade`).
+    await repository.lock_learners(conn, holding)
+    for learner_id in holding:
         if not await repository.misses_pathway_credential(conn, learner_id, pathway, now):
             continue
         learner = await repository.latest_learner(conn, learner_id)
@@ -318,8 +321,11 @@ def signed_course_credential(
 async def _issue_pathway_credential(
     conn: Connection, platform: Platform, pathway: PathwaySnapshot, learner: Learner, now: datetime
 ) -> None:
-    (issuance,) = await _issuances(conn, platform, [pathway.issuer.issuer_id], now)
     held = await repository.current_course_credentials(conn, learner.learner_id, pathway.course_ids, now)
+    if not held.keys() >= set(pathway.course_ids):
+        # A part was suspended (or expired) since the caller's read: the pathway is not complete.
+        return
+    (issuance,) = await _issuances(conn, platform, [pathway.issuer.issuer_id], now)
     parts = [
         domain.PathwayPart(platform.credential_url(held[course_id][0]), held[course_id][1])
         for course_id in pathway.course_ids
@@ -503,9 +509,11 @@ async def revoke_credential(
         raise Problem(
             409, "credential-status", str(exc), credential_status=credential.status(now).value
         ) from None
+    # What the cascade changes is locked before any status list is: the learner (ordered with
+    # stacking), then the pathway credentials, as a revocation of one of those takes its row first.
+    standing = await _standing_on(conn, revoked) if revoked.kind is CredentialKind.COURSE else []
     await _record_revocation(conn, platform, revoked, event, staff.actor, now)
-    if revoked.kind is CredentialKind.COURSE:
-        await _cascade(conn, platform, revoked, staff.actor, now)
+    await _cascade(conn, platform, revoked, standing, staff.actor, now)
     return revoked
 
 
@@ -525,26 +533,48 @@ async def _record_revocation(
     await outbox.add(conn, event)
 
 
-async def _cascade(conn: Connection, platform: Platform, part: Credential, actor: str, now: datetime) -> None:
-    """The pathway credentials that name `part`, a course credential just revoked, among their
-    parts lose their standing too. The learner's lock orders this with stacking: a pathway
-    credential minted before it is found here, and one minted after it no longer counts `part`."""
+async def _standing_on(conn: Connection, part: Credential) -> list[Credential]:
+    """The live pathway credentials of `part`'s holder that stand on it, locked. The learner's
+    lock orders this with minting: a pathway credential minted before it is found here, and one
+    minted after the revocation no longer counts `part`. One issued before pathway credentials
+    named their parts stands on it if its pathway has `part`'s course."""
     await repository.lock_learners(conn, [part.learner.learner_id])
+    pathways_of_course = (
+        {pathway.pathway_id for pathway in await repository.pathways_with_courses(conn, [part.course_id])}
+        if part.course_id is not None
+        else set()
+    )
+    standing = []
+    for candidate in await repository.live_pathway_credentials(conn, part.learner.learner_id):
+        parts = domain.part_ids(json.loads(candidate.document))
+        if part.credential_id in parts or (not parts and candidate.pathway_id in pathways_of_course):
+            standing.append(candidate)
+    return standing
+
+
+async def _cascade(
+    conn: Connection,
+    platform: Platform,
+    part: Credential,
+    standing: Sequence[Credential],
+    actor: str,
+    now: datetime,
+) -> None:
+    """The pathway credentials standing on `part`, a course credential just revoked, lose their
+    standing too: revoked, or suspended (as `platform.pathway_cascade` says), with the reason."""
     reason = domain.cascade_reason(part)
-    for standing in await repository.live_pathway_credentials(conn, part.learner.learner_id):
-        if part.credential_id not in domain.part_ids(json.loads(standing.document)):
-            continue
+    for pathway_credential in standing:
         if platform.pathway_cascade is CascadePolicy.SUSPEND:
-            if standing.suspended_at is not None:
+            if pathway_credential.suspended_at is not None:
                 continue
-            suspended, suspension = domain.suspend(standing, reason, now, actor)
+            suspended, suspension = domain.suspend(pathway_credential, reason, now, actor)
             await repository.save_status(conn, suspended)
             await repository.record_status_change(
                 conn, suspended.credential_id, "suspended", suspended.suspension_reason, actor, now
             )
             await outbox.add(conn, suspension)
         else:
-            revoked, revocation = domain.revoke(standing, reason, now, actor)
+            revoked, revocation = domain.revoke(pathway_credential, reason, now, actor)
             await _record_revocation(conn, platform, revoked, revocation, actor, now)
 
 
