@@ -14,7 +14,7 @@ from issuance import service, status_list
 from issuance.domain import CascadePolicy, Credential, DisplayStatus
 from issuance.service import Platform
 from microcred_events import CredentialRevoked, PathwayPublished, StatusPurpose
-from microcred_runtime import Principal, Role
+from microcred_runtime import Principal, Problem, Role
 
 from .conftest import a_completion, a_course, a_learner, a_pathway, mint, published
 
@@ -94,7 +94,7 @@ async def test_revoking_a_part_revokes_the_pathway_credential_with_the_reason(
     assert (await holder.credential(parts[1])).status(datetime.now(UTC)) is DisplayStatus.VALID
 
 
-async def test_by_policy_the_pathway_credential_is_suspended_and_can_be_reinstated(
+async def test_by_policy_the_pathway_credential_is_suspended_and_stays_so(
     pool: asyncpg.Pool, platform: Platform
 ) -> None:
     holder = Holder(pool, dataclasses.replace(platform, pathway_cascade=CascadePolicy.SUSPEND))
@@ -110,9 +110,12 @@ async def test_by_policy_the_pathway_credential_is_suspended_and_can_be_reinstat
         StatusPurpose.REVOCATION,
         StatusPurpose.SUSPENSION,
     ]
-    async with pool.acquire() as conn, conn.transaction():
-        reinstated = await service.reinstate_credential(conn, holder.platform, ADMIN, stacked)
-    assert reinstated.status(datetime.now(UTC)) is DisplayStatus.VALID
+    # Standing on a revoked part, it stays suspended.
+    with pytest.raises(Problem) as refused:
+        async with pool.acquire() as conn, conn.transaction():
+            await service.reinstate_credential(conn, holder.platform, ADMIN, stacked)
+    assert (refused.value.status, refused.value.kind) == (409, "part-revoked")
+    assert (await holder.credential(stacked)).status(datetime.now(UTC)) is DisplayStatus.SUSPENDED
 
 
 async def test_a_cascade_that_fails_partway_leaves_everything_as_it_was(

@@ -426,7 +426,10 @@ _STATUS_PROBLEMS = _problems(
         403: "Not staff, staff of another issuer (`issuer-scope`), or the credential's holder "
         "(`own-credential`).",
         404: "No such credential.",
-        409: "The change does not apply (already revoked, already suspended, not suspended).",
+        409: (
+            "The change does not apply (already revoked, already suspended, not suspended; a pathway "
+            "credential standing on a revoked course credential is not reinstated)."
+        ),
     }
 )
 

@@ -444,6 +444,18 @@ async def current_course_ids(conn: Connection, learner_id: UUID, now: datetime) 
     return {row["course_id"] for row in rows}
 
 
+async def revoked_among(conn: Connection, credential_ids: Sequence[UUID]) -> list[UUID]:
+    """Those of these credentials that are revoked."""
+    if not credential_ids:
+        return []
+    rows = await conn.fetch(
+        "SELECT credential_id FROM credentials"
+        " WHERE credential_id = ANY($1::uuid[]) AND revoked_at IS NOT NULL ORDER BY credential_id",
+        list(credential_ids),
+    )
+    return [row["credential_id"] for row in rows]
+
+
 async def live_pathway_credentials(conn: Connection, learner_id: UUID) -> list[Credential]:
     """The learner's pathway credentials that are not revoked, locked for a status change."""
     rows = await conn.fetch(

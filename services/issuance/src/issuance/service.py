@@ -601,7 +601,8 @@ async def suspend_credential(
 async def reinstate_credential(
     conn: Connection, platform: Platform, staff: Principal, credential_id: UUID
 ) -> Credential:
-    """Lift a suspension; a pathway the credential completes is then minted if it was not yet."""
+    """Lift a suspension; a pathway the credential completes is then minted if it was not yet.
+    A pathway credential one of whose parts is revoked stays suspended (409)."""
     credential = await _credential_for_change(conn, staff, credential_id)
     now = _now()
     try:
@@ -610,6 +611,14 @@ async def reinstate_credential(
         raise Problem(
             409, "credential-status", str(exc), credential_status=credential.status(now).value
         ) from None
+    revoked_parts = await repository.revoked_among(conn, domain.part_ids(json.loads(credential.document)))
+    if revoked_parts:
+        raise Problem(
+            409,
+            "part-revoked",
+            "a course credential this pathway credential stands on is revoked: it cannot be reinstated",
+            revoked_parts=[str(part) for part in revoked_parts],
+        )
     await repository.save_status(conn, reinstated)
     await repository.record_status_change(conn, credential_id, "reinstated", None, staff.actor, now)
     await outbox.add(conn, event)
