@@ -161,3 +161,71 @@ async def test_revoking_a_course_credential_of_no_pathway_touches_nothing_else(
 
     assert (await holder.credential(stacked)).status(datetime.now(UTC)) is DisplayStatus.VALID
     assert [event.credential_id for event in await holder.revocations()] == [other]
+
+
+async def suspend(holder: Holder, credential_id: UUID, reason: str) -> None:
+    async with holder.pool.acquire() as conn, conn.transaction():
+        await service.suspend_credential(conn, holder.platform, ADMIN, credential_id, reason)
+
+
+async def reinstate(holder: Holder, credential_id: UUID) -> None:
+    async with holder.pool.acquire() as conn, conn.transaction():
+        await service.reinstate_credential(conn, holder.platform, ADMIN, credential_id)
+
+
+async def status(holder: Holder, credential_id: UUID) -> DisplayStatus:
+    return (await holder.credential(credential_id)).status(datetime.now(UTC))
+
+
+async def test_a_suspended_part_suspends_the_pathway_credential_until_it_is_reinstated(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    holder = Holder(pool, platform)
+    parts, stacked = await holder.earn_all()
+
+    await suspend(holder, parts[0], "completion under review")
+    suspended = await holder.credential(stacked)
+    await reinstate(holder, parts[0])
+
+    assert suspended.status(datetime.now(UTC)) is DisplayStatus.SUSPENDED
+    assert suspended.suspension_reason is not None
+    assert "was suspended: completion under review" in suspended.suspension_reason
+    assert await status(holder, stacked) is DisplayStatus.VALID
+    caused = await pool.fetch(
+        "SELECT change, caused_by FROM credential_status_changes WHERE credential_id = $1 ORDER BY id",
+        stacked,
+    )
+    assert [(row["change"], row["caused_by"]) for row in caused] == [
+        ("suspended", parts[0]),
+        ("reinstated", parts[0]),
+    ]
+    assert len(await pool.fetch("SELECT FROM credentials WHERE kind = 'pathway'")) == 1  # none minted anew
+
+
+async def test_the_pathway_credential_comes_back_only_when_every_part_has(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    holder = Holder(pool, platform)
+    parts, stacked = await holder.earn_all()
+    await suspend(holder, parts[0], "first under review")
+    await suspend(holder, parts[1], "second under review")
+
+    await reinstate(holder, parts[0])
+    while_one_is_suspended = await status(holder, stacked)
+    await reinstate(holder, parts[1])
+
+    assert while_one_is_suspended is DisplayStatus.SUSPENDED
+    assert await status(holder, stacked) is DisplayStatus.VALID
+
+
+async def test_staffs_own_suspension_of_a_pathway_credential_is_not_lifted_by_a_part(
+    pool: asyncpg.Pool, platform: Platform
+) -> None:
+    holder = Holder(pool, platform)
+    parts, stacked = await holder.earn_all()
+    await suspend(holder, stacked, "pathway awarded by mistake?")
+    await suspend(holder, parts[0], "under review")
+
+    await reinstate(holder, parts[0])
+
+    assert await status(holder, stacked) is DisplayStatus.SUSPENDED

@@ -110,7 +110,7 @@ async def test_reinstating_a_course_credential_does_not_mint_a_revoked_pathway_c
     stacked = await revoked.stack_and_revoke()
     first = await course_credential(revoked.pool, revoked.completions[0])
     async with revoked.pool.acquire() as conn, conn.transaction():
-        await service.suspend_credential(conn, ADMIN, first, "checking the completion")
+        await service.suspend_credential(conn, revoked.platform, ADMIN, first, "checking the completion")
     async with revoked.pool.acquire() as conn, conn.transaction():
         await service.reinstate_credential(conn, revoked.platform, ADMIN, first)
 

@@ -485,7 +485,7 @@ async def suspend(
     credential_id: UUID, request: StatusChange, staff: Staff, db: Db, platform: PlatformDep
 ) -> CredentialOut:
     async with db.acquire() as conn, conn.transaction():
-        credential = await service.suspend_credential(conn, staff, credential_id, request.reason)
+        credential = await service.suspend_credential(conn, platform, staff, credential_id, request.reason)
     return CredentialOut.of(credential, platform, _now())
 
 

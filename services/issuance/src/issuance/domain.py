@@ -311,10 +311,14 @@ def _reason(reason: str) -> str:
 
 
 def cascade_reason(part: Credential) -> str:
-    """Why a pathway credential lost its standing with `part`, a revoked course credential."""
-    reason = (
-        f"The course credential {part.achievement_name} it stands on was revoked: {part.revocation_reason}"
+    """Why a pathway credential lost its standing with `part`, a course credential just revoked
+    or suspended."""
+    change, why = (
+        ("revoked", part.revocation_reason)
+        if part.revoked_at is not None
+        else ("suspended", part.suspension_reason)
     )
+    reason = f"The course credential {part.achievement_name} it stands on was {change}: {why}"
     return reason[: REASON_MAX_LENGTH - 3] + "..." if len(reason) > REASON_MAX_LENGTH else reason
 
 

@@ -389,17 +389,42 @@ async def save_status(conn: Connection, credential: Credential) -> None:
 
 
 async def record_status_change(
-    conn: Connection, credential_id: UUID, change: str, reason: str | None, actor: str, at: datetime
+    conn: Connection,
+    credential_id: UUID,
+    change: str,
+    reason: str | None,
+    actor: str,
+    at: datetime,
+    *,
+    caused_by: UUID | None = None,
 ) -> None:
+    """`caused_by`: the course credential whose change cascaded to this (pathway) credential."""
     await conn.execute(
-        "INSERT INTO credential_status_changes (credential_id, change, reason, actor, changed_at)"
-        " VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO credential_status_changes (credential_id, change, reason, actor, changed_at, caused_by)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
         credential_id,
         change,
         reason,
         actor,
         at,
+        caused_by,
     )
+
+
+async def suspended_by_cascade(conn: Connection, learner_id: UUID) -> list[Credential]:
+    """The learner's pathway credentials suspended because a part was (their latest status change
+    has a cause; staff's own suspensions have none), locked."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM credentials c
+        WHERE c.learner_id = $1 AND c.kind = 'pathway' AND c.suspended_at IS NOT NULL
+          AND (SELECT s.caused_by FROM credential_status_changes s
+               WHERE s.credential_id = c.credential_id ORDER BY s.id DESC LIMIT 1) IS NOT NULL
+        ORDER BY c.credential_id FOR UPDATE
+        """,
+        learner_id,
+    )
+    return [_credential(row) for row in rows]
 
 
 async def status_changes(conn: Connection, credential_id: UUID) -> list[StatusChange]:
@@ -442,6 +467,18 @@ async def current_course_ids(conn: Connection, learner_id: UUID, now: datetime) 
         now,
     )
     return {row["course_id"] for row in rows}
+
+
+async def not_in_good_standing(conn: Connection, credential_ids: Sequence[UUID]) -> bool:
+    """Whether any of these credentials is revoked or suspended."""
+    return bool(
+        credential_ids
+        and await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM credentials WHERE credential_id = ANY($1::uuid[])"
+            " AND (revoked_at IS NOT NULL OR suspended_at IS NOT NULL))",
+            list(credential_ids),
+        )
+    )
 
 
 async def revoked_among(conn: Connection, credential_ids: Sequence[UUID]) -> list[UUID]:

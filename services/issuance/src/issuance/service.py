@@ -524,10 +524,11 @@ async def _record_revocation(
     event: CredentialRevoked,
     actor: str,
     now: datetime,
+    caused_by: UUID | None = None,
 ) -> None:
     await repository.save_status(conn, revoked)
     await repository.record_status_change(
-        conn, revoked.credential_id, "revoked", revoked.revocation_reason, actor, now
+        conn, revoked.credential_id, "revoked", revoked.revocation_reason, actor, now, caused_by=caused_by
     )
     await _set_status_bit(conn, platform, revoked, now)
     await outbox.add(conn, event)
@@ -564,38 +565,74 @@ async def _cascade(
     standing too: revoked, or suspended (as `platform.pathway_cascade` says), with the reason."""
     reason = domain.cascade_reason(part)
     for pathway_credential in standing:
-        if platform.pathway_cascade is CascadePolicy.SUSPEND:
-            if pathway_credential.suspended_at is not None:
-                continue
-            suspended, suspension = domain.suspend(pathway_credential, reason, now, actor)
-            await repository.save_status(conn, suspended)
-            await repository.record_status_change(
-                conn, suspended.credential_id, "suspended", suspended.suspension_reason, actor, now
-            )
-            await outbox.add(conn, suspension)
+        if part.revoked_at is None or platform.pathway_cascade is CascadePolicy.SUSPEND:
+            if pathway_credential.suspended_at is None:
+                await _suspend(conn, pathway_credential, reason, actor, now, caused_by=part.credential_id)
         else:
             revoked, revocation = domain.revoke(pathway_credential, reason, now, actor)
-            await _record_revocation(conn, platform, revoked, revocation, actor, now)
+            await _record_revocation(
+                conn, platform, revoked, revocation, actor, now, caused_by=part.credential_id
+            )
+
+
+async def _suspend(
+    conn: Connection,
+    credential: Credential,
+    reason: str,
+    actor: str,
+    now: datetime,
+    *,
+    caused_by: UUID | None,
+) -> Credential:
+    suspended, event = domain.suspend(credential, reason, now, actor)
+    await repository.save_status(conn, suspended)
+    await repository.record_status_change(
+        conn,
+        suspended.credential_id,
+        "suspended",
+        suspended.suspension_reason,
+        actor,
+        now,
+        caused_by=caused_by,
+    )
+    await outbox.add(conn, event)
+    return suspended
 
 
 async def suspend_credential(
-    conn: Connection, staff: Principal, credential_id: UUID, reason: str
+    conn: Connection, platform: Platform, staff: Principal, credential_id: UUID, reason: str
 ) -> Credential:
-    """Suspend until reinstated; verification reports the credential as suspended meanwhile."""
+    """Suspend until reinstated; verification reports the credential as suspended meanwhile. The
+    pathway credentials that stand on a suspended course credential are suspended with it, and
+    reinstated with it."""
     credential = await _credential_for_change(conn, staff, credential_id)
     now = _now()
     try:
-        suspended, event = domain.suspend(credential, reason, now, staff.actor)
+        domain.suspend(credential, reason, now, staff.actor)
     except StatusChangeRefused as exc:
         raise Problem(
             409, "credential-status", str(exc), credential_status=credential.status(now).value
         ) from None
-    await repository.save_status(conn, suspended)
-    await repository.record_status_change(
-        conn, credential_id, "suspended", suspended.suspension_reason, staff.actor, now
-    )
-    await outbox.add(conn, event)
+    standing = await _standing_on(conn, credential) if credential.kind is CredentialKind.COURSE else []
+    suspended = await _suspend(conn, credential, reason, staff.actor, now, caused_by=None)
+    await _cascade(conn, platform, suspended, standing, staff.actor, now)
     return suspended
+
+
+async def _lift_cascaded_suspensions(conn: Connection, part: Credential, actor: str, now: datetime) -> None:
+    """Reinstate the pathway credentials standing on `part` that a part's suspension suspended,
+    once none of their parts is suspended or revoked any more (staff's own suspensions stay)."""
+    await repository.lock_learners(conn, [part.learner.learner_id])
+    for pathway_credential in await repository.suspended_by_cascade(conn, part.learner.learner_id):
+        parts = domain.part_ids(json.loads(pathway_credential.document))
+        if part.credential_id not in parts or await repository.not_in_good_standing(conn, parts):
+            continue
+        reinstated, event = domain.reinstate(pathway_credential, now, actor)
+        await repository.save_status(conn, reinstated)
+        await repository.record_status_change(
+            conn, reinstated.credential_id, "reinstated", None, actor, now, caused_by=part.credential_id
+        )
+        await outbox.add(conn, event)
 
 
 async def reinstate_credential(
@@ -622,11 +659,14 @@ async def reinstate_credential(
     await repository.save_status(conn, reinstated)
     await repository.record_status_change(conn, credential_id, "reinstated", None, staff.actor, now)
     await outbox.add(conn, event)
-    if reinstated.course_id is not None and reinstated.counts_towards_pathways(now):
+    if reinstated.course_id is not None:
+        # The course before the learner, as minting takes them.
         await repository.lock_courses(conn, [reinstated.course_id], exclusive=False)
-        await _stack(
-            conn, platform, [(trace.get_current_span(), reinstated.learner, reinstated.course_id)], now
-        )
+        await _lift_cascaded_suspensions(conn, reinstated, staff.actor, now)
+        if reinstated.counts_towards_pathways(now):
+            await _stack(
+                conn, platform, [(trace.get_current_span(), reinstated.learner, reinstated.course_id)], now
+            )
     return reinstated
 
 
