@@ -27,6 +27,8 @@ from microcred_events import (
     CoursePublished,
     CourseRetired,
     CourseSnapshot,
+    CredentialIssued,
+    CredentialRevoked,
     EnrollmentActivated,
     EnrollmentCancelled,
     EnrollmentCreated,
@@ -37,6 +39,7 @@ from microcred_events import (
     PaymentFailed,
     PaymentSettled,
     RefundIssued,
+    StatusPurpose,
     Topic,
     decode,
     encode,
@@ -398,6 +401,51 @@ async def test_a_settled_payment_activates_the_enrollment_once(harness: Harness)
     _, activated = await h.published(enrollment_id)
     assert isinstance(activated, EnrollmentActivated)
     assert activated.payment_id == payment_id
+
+
+async def test_a_learner_holding_a_valid_credential_is_told_before_paying_again(harness: Harness) -> None:
+    h = harness
+    ada = h.learner("ada")
+    first = await h.enrolled(ada, h.courses.paid)
+    learner_id = uuid.UUID(first["learner"]["learner_id"])
+    issued = CredentialIssued.model_validate(
+        {
+            **example_data(CredentialIssued),
+            "credential_id": str(uuid.uuid4()),
+            "learner_id": str(learner_id),
+            "enrollment_id": first["enrollment_id"],
+            "course_id": str(h.courses.paid),
+            "valid_until": None,
+        }
+    )
+    assert await h.consumed(await h.send(issued, "urn:microcred:issuance"))
+    await h.api.post(
+        f"/enrollments/{first['enrollment_id']}/cancellation", json={}, headers=ada
+    )  # the first enrollment out of the way: only the credential stands in the way now
+
+    told = await h.enroll(ada, h.courses.paid)
+    again = await h.api.post(
+        "/enrollments",
+        json={"course_id": str(h.courses.paid), "again": True},
+        headers={**ada, "Idempotency-Key": str(uuid.uuid4())},
+    )
+    revoked = CredentialRevoked(
+        credential_id=issued.credential_id,
+        learner_id=learner_id,
+        status_purpose=StatusPurpose.REVOCATION,
+        reason="Awarded by mistake.",
+        revoked_at=datetime.now(UTC),
+    )
+    assert await h.consumed(await h.send(revoked, "urn:microcred:issuance"))
+    await h.api.post(f"/enrollments/{again.json()['enrollment_id']}/cancellation", json={}, headers=ada)
+    after_revocation = await h.enroll(ada, h.courses.paid)
+
+    assert told.status_code == 409, told.text
+    assert told.headers["content-type"] == "application/problem+json"
+    assert told.json()["type"] == "urn:microcred:problem:credential-held"
+    assert told.json()["credential_id"] == str(issued.credential_id)
+    assert again.status_code == 201, again.text
+    assert after_revocation.status_code == 201, after_revocation.text
 
 
 async def test_a_failed_payment_cancels_the_pending_enrollment(harness: Harness) -> None:

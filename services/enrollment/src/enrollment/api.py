@@ -64,6 +64,13 @@ class EnrollmentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     course_id: UUID = Field(description="The course to enroll in.", examples=[_COURSE_ID])
+    again: bool = Field(
+        default=False,
+        description=(
+            "Enroll although the caller holds a valid credential for the course (otherwise refused "
+            "with `credential-held`, so nobody pays twice by mistake)."
+        ),
+    )
 
 
 class CancellationRequest(BaseModel):
@@ -193,8 +200,10 @@ IdempotencyKey = Annotated[
         {
             400: "No `Idempotency-Key` header.",
             403: "The token carries no (valid) `email` claim.",
-            409: "The course is retired (`course-not-open`), or the caller already has a live "
-            "enrollment in it (`already-enrolled`, naming it in `enrollment_id`).",
+            409: "The course is retired (`course-not-open`), the caller already has a live "
+            "enrollment in it (`already-enrolled`, naming it in `enrollment_id`), or holds a valid "
+            "credential for it (`credential-held`, naming it in `credential_id`; send `again` to "
+            "enroll anyway).",
             422: "No published course with that id (`course-not-found`), the key was used with "
             "another request (`idempotency-key-reused`), or the request is malformed.",
         }
@@ -208,7 +217,9 @@ async def enroll(
             400, "idempotency-key-required", "send an Idempotency-Key header (a new UUID per enrollment)"
         )
     async with db.acquire() as conn, conn.transaction():
-        response = await service.enroll(conn, caller, request.course_id, idempotency_key, _render)
+        response = await service.enroll(
+            conn, caller, request.course_id, idempotency_key, _render, again=request.again
+        )
     return JSONResponse(response.body, status_code=response.status)
 
 

@@ -14,8 +14,12 @@ from microcred_events import (
     CompletedBy,
     CompletionReported,
     CourseSnapshot,
+    CredentialIssued,
+    CredentialReinstated,
+    CredentialRevoked,
     Learner,
     Money,
+    StatusPurpose,
 )
 from microcred_runtime import Connection
 
@@ -237,6 +241,54 @@ async def insert_enrollment(conn: Connection, enrollment: Enrollment) -> bool:
         *_values(enrollment),
     )
     return bool(inserted)
+
+
+async def record_held_credential(conn: Connection, event: CredentialIssued) -> None:
+    await conn.execute(
+        "INSERT INTO held_credentials (credential_id, learner_id, course_id, valid_until)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (credential_id) DO NOTHING",
+        event.credential_id,
+        event.learner_id,
+        event.course_id,
+        event.valid_until,
+    )
+
+
+async def record_held_credential_status(
+    conn: Connection, event: CredentialRevoked | CredentialReinstated
+) -> None:
+    """A pathway credential's (not held here) changes nothing."""
+    if isinstance(event, CredentialReinstated):
+        await conn.execute(
+            "UPDATE held_credentials SET suspended_at = NULL WHERE credential_id = $1", event.credential_id
+        )
+    elif event.status_purpose is StatusPurpose.REVOCATION:
+        await conn.execute(
+            "UPDATE held_credentials SET revoked_at = $2, suspended_at = NULL WHERE credential_id = $1",
+            event.credential_id,
+            event.revoked_at,
+        )
+    else:
+        await conn.execute(
+            "UPDATE held_credentials SET suspended_at = $2 WHERE credential_id = $1 AND revoked_at IS NULL",
+            event.credential_id,
+            event.revoked_at,
+        )
+
+
+async def valid_credential_for(
+    conn: Connection, learner_id: UUID, course_id: UUID, now: datetime
+) -> UUID | None:
+    """A credential for the course that the learner holds and that is valid now, if any."""
+    credential_id: UUID | None = await conn.fetchval(
+        "SELECT credential_id FROM held_credentials WHERE learner_id = $1 AND course_id = $2"
+        " AND revoked_at IS NULL AND suspended_at IS NULL AND (valid_until IS NULL OR valid_until > $3)"
+        " ORDER BY credential_id LIMIT 1",
+        learner_id,
+        course_id,
+        now,
+    )
+    return credential_id
 
 
 async def live_enrollment_id(conn: Connection, learner_id: UUID, course_id: UUID) -> UUID | None:

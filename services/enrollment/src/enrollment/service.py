@@ -88,14 +88,18 @@ async def enroll(
     course_id: UUID,
     idempotency_key: str,
     render: Callable[[Enrollment], dict[str, Any]],
+    *,
+    again: bool = False,
 ) -> StoredResponse:
     """Enroll the caller in a course, once per idempotency key.
 
     `render` makes the response body; it is stored with the key, so a retry with the same key and
     request gets the very response the first request got, even after the enrollment has moved on.
+    A learner who holds a valid credential for the course is told so (409) unless `again`.
     """
     learner = _learner(caller)
-    fingerprint = _fingerprint({"course_id": str(course_id)})
+    # `again` counts only when set: the keys stored before it existed keep their fingerprints.
+    fingerprint = _fingerprint({"course_id": str(course_id)} | ({"again": True} if again else {}))
     if not await repository.claim_idempotency_key(conn, caller.subject, idempotency_key, fingerprint):
         record = await repository.get_idempotency_record(conn, caller.subject, idempotency_key)
         if record.request_fingerprint != fingerprint:
@@ -111,6 +115,18 @@ async def enroll(
         # The catalog only publishes courses it opens to enrollment: unknown here means unknown,
         # not yet published, or published so recently that its event has not arrived.
         raise Problem(422, "course-not-found", f"no published course {course_id}", course_id=str(course_id))
+    held = (
+        None if again else await repository.valid_credential_for(conn, learner.learner_id, course_id, _now())
+    )
+    if held is not None:
+        raise Problem(
+            409,
+            "credential-held",
+            f"you already hold a valid credential for course {course_id}; to enroll (and pay) again "
+            'anyway, send "again": true',
+            course_id=str(course_id),
+            credential_id=str(held),
+        )
     try:
         transition = domain.enroll(uuid.uuid4(), learner, course, _now())
     except domain.CourseNotOpen as exc:

@@ -21,6 +21,10 @@ from microcred_events import (
     CoursePublished,
     CourseRetired,
     CourseUpdated,
+    CredentialIssued,
+    CredentialKind,
+    CredentialReinstated,
+    CredentialRevoked,
     InvalidEvent,
     PaymentFailed,
     PaymentSettled,
@@ -51,6 +55,18 @@ async def on_course_published(conn: Connection, event: CoursePublished | CourseU
 @subscriptions.on(CourseRetired)
 async def on_course_retired(conn: Connection, event: CourseRetired) -> None:
     await service.record_retirement(conn, event)
+
+
+# The course credentials learners hold (keyed by credential: one partition, in order).
+@subscriptions.on(CredentialIssued)
+async def on_credential_issued(conn: Connection, event: CredentialIssued) -> None:
+    if event.kind is CredentialKind.COURSE:
+        await repository.record_held_credential(conn, event)
+
+
+@subscriptions.on(CredentialRevoked, CredentialReinstated)
+async def on_credential_status(conn: Connection, event: CredentialRevoked | CredentialReinstated) -> None:
+    await repository.record_held_credential_status(conn, event)
 
 
 @subscriptions.on(PaymentSettled)
