@@ -70,7 +70,7 @@ CONSUMERS: dict[Topic, tuple[str, ...]] = {
     Topic.CATALOG_PATHWAY: ("issuance",),
     Topic.ENROLLMENT: ("billing", "issuance", "notifications"),
     Topic.BILLING_PAYMENT: ("enrollment", "notifications"),
-    Topic.ISSUANCE_CREDENTIAL: ("notifications",),
+    Topic.ISSUANCE_CREDENTIAL: ("enrollment", "notifications"),
 }
 
 
