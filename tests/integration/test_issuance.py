@@ -781,7 +781,8 @@ class _Dom(HTMLParser):
         self.text.append(data)
 
 
-async def test_a_standard_jwks_client_finds_the_key_a_vc_jwt_names(
+@pytest.fixture
+async def served(
     make_settings: Callable[..., Any],
     new_database: Callable[[], Any],
     producer: AIOKafkaProducer,
@@ -790,9 +791,9 @@ async def test_a_standard_jwks_client_finds_the_key_a_vc_jwt_names(
     topic_reader: Callable[..., Any],
     wait_for: Callable[..., Any],
     keys_dir: Path,
-) -> None:
-    # PyJWT's PyJWKClient, as an employer's code would use it: it fetches the JWKS over HTTP and
-    # picks the key whose `kid` is the token header's, with nothing of ours in between.
+) -> AsyncIterator[tuple[str, Harness]]:
+    """Issuance served over real HTTP on a port of its own (what outside tools need), its base URL
+    and a harness that calls it there."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     database = await new_database()
@@ -805,20 +806,26 @@ async def test_a_standard_jwks_client_finds_the_key_a_vc_jwt_names(
             _uvicorn(issuance.main.create_app(settings), port),
             httpx.AsyncClient(base_url=base) as api,
         ):
-            h = Harness(api, db, producer, topic_prefix, bearer, topic_reader, wait_for)
-            course = await h.publish_course()
-            completion = h.completion(course, learner())
-            await h.complete(completion)
-            credential_id = (await h.credential_of(completion.enrollment_id))["credential_id"]
-            document = await h.document(credential_id)
-            token = (await api.get(f"/credentials/{credential_id}/jwt")).text
-            client = jwt.PyJWKClient(f"{base}/issuers/{course.issuer.issuer_id}/jwks.json")
-            signing_key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
-            platform_client = jwt.PyJWKClient(f"{base}/.well-known/jwks.json")
-            with pytest.raises(jwt.PyJWKClientError):  # the platform's own keys are named by its DID
-                await asyncio.to_thread(platform_client.get_signing_key_from_jwt, token)
+            yield base, Harness(api, db, producer, topic_prefix, bearer, topic_reader, wait_for)
     finally:
         await db.close()
+
+
+async def test_a_standard_jwks_client_finds_the_key_a_vc_jwt_names(served: tuple[str, Harness]) -> None:
+    # PyJWT's PyJWKClient, as an employer's code would use it: it fetches the JWKS over HTTP and
+    # picks the key whose `kid` is the token header's, with nothing of ours in between.
+    base, h = served
+    course = await h.publish_course()
+    completion = h.completion(course, learner())
+    await h.complete(completion)
+    credential_id = (await h.credential_of(completion.enrollment_id))["credential_id"]
+    document = await h.document(credential_id)
+    token = (await h.api.get(f"/credentials/{credential_id}/jwt")).text
+    client = jwt.PyJWKClient(f"{base}/issuers/{course.issuer.issuer_id}/jwks.json")
+    signing_key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
+    platform_client = jwt.PyJWKClient(f"{base}/.well-known/jwks.json")
+    with pytest.raises(jwt.PyJWKClientError):  # the platform's own keys are named by its DID
+        await asyncio.to_thread(platform_client.get_signing_key_from_jwt, token)
 
     header = jwt.get_unverified_header(token)
     assert header["kid"].startswith(f"{document['issuer']['id']}#key-")  # the issuer's DID URL
@@ -827,65 +834,41 @@ async def test_a_standard_jwks_client_finds_the_key_a_vc_jwt_names(
     assert payload == {name: value for name, value in document.items() if name != "proof"}
 
 
-async def test_a_browser_renders_the_credential_page(
-    make_settings: Callable[..., Any],
-    new_database: Callable[[], Any],
-    producer: AIOKafkaProducer,
-    topic_prefix: str,
-    bearer: Callable[..., dict[str, str]],
-    topic_reader: Callable[..., Any],
-    wait_for: Callable[..., Any],
-    keys_dir: Path,
-    tmp_path: Path,
-) -> None:
-    if not CHROMIUM.exists():  # noqa: ASYNC240  (one stat, before anything runs)
+async def test_a_browser_renders_the_credential_page(served: tuple[str, Harness], tmp_path: Path) -> None:
+    if not CHROMIUM.exists():  # noqa: ASYNC240  (one stat, before the test's own work)
         message = f"{CHROMIUM} is missing: apt-get install -y chromium (CI installs it)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    database = await new_database()
-    settings = make_settings(
-        issuance.settings.Settings, database, issuer_keys_dir=keys_dir, public_base_url=base
-    )
-    db = await asyncpg.connect(database)
-    try:
-        async with (
-            _uvicorn(issuance.main.create_app(settings), port),
-            httpx.AsyncClient(base_url=base) as api,
-        ):
-            h = Harness(api, db, producer, topic_prefix, bearer, topic_reader, wait_for)
-            course = await h.publish_course(credential_validity_days=365)
-            ada = learner("Ada <Lovelace> & Co")
-            completion = h.completion(course, ada)
-            await h.complete(completion)
-            credential_id = (await h.credential_of(completion.enrollment_id))["credential_id"]
-            url = f"{base}/credentials/{credential_id}"
+    base, h = served
+    course = await h.publish_course(credential_validity_days=365)
+    ada = learner("Ada <Lovelace> & Co")
+    completion = h.completion(course, ada)
+    await h.complete(completion)
+    credential_id = (await h.credential_of(completion.enrollment_id))["credential_id"]
+    url = f"{base}/credentials/{credential_id}"
 
-            dom = _Dom(await _chromium("--dump-dom", url, profile=tmp_path / "profile-dom"))
-            screenshot = tmp_path / "page.png"
-            await _chromium(
-                f"--screenshot={screenshot}",
-                "--window-size=1200,1000",
-                url,
-                profile=tmp_path / "profile-shot",
-            )
-            # The Verify button's target, as the browser shows it after a click.
-            verification = _Dom(
-                await _chromium("--dump-dom", f"{url}/verification", profile=tmp_path / "profile-verify")
-            )
-            # The preview image as a browser gets it: the PNG card, decoded by Chromium itself.
-            card = await api.get(f"/credentials/{credential_id}/card.png")
-            card_shot = tmp_path / "card.png"
-            await _chromium(
-                f"--screenshot={card_shot}",
-                "--window-size=1200,630",
-                f"{url}/card.png",
-                profile=tmp_path / "profile-card",
-            )
-    finally:
-        await db.close()
+    dom = _Dom(await _chromium("--dump-dom", url, profile=tmp_path / "profile-dom"))
+    screenshot = tmp_path / "page.png"
+    await _chromium(
+        f"--screenshot={screenshot}",
+        "--window-size=1200,1000",
+        url,
+        profile=tmp_path / "profile-shot",
+    )
+    # The Verify button's target, as the browser shows it after a click.
+    verification = _Dom(
+        await _chromium("--dump-dom", f"{url}/verification", profile=tmp_path / "profile-verify")
+    )
+    # The preview image as a browser gets it: the PNG card, decoded by Chromium itself.
+    card = await h.api.get(f"/credentials/{credential_id}/card.png")
+    card_shot = tmp_path / "card.png"
+    await _chromium(
+        f"--screenshot={card_shot}",
+        "--window-size=1200,630",
+        f"{url}/card.png",
+        profile=tmp_path / "profile-card",
+    )
 
     text = " ".join(" ".join(dom.text).split())
     assert course.achievement.name in text
