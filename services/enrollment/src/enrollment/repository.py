@@ -243,14 +243,17 @@ async def insert_enrollment(conn: Connection, enrollment: Enrollment) -> bool:
     return bool(inserted)
 
 
-async def record_held_credential(conn: Connection, event: CredentialIssued) -> None:
+async def record_held_credentials(conn: Connection, events: Sequence[CredentialIssued]) -> None:
+    if not events:
+        return
     await conn.execute(
         "INSERT INTO held_credentials (credential_id, learner_id, course_id, valid_until)"
-        " VALUES ($1, $2, $3, $4) ON CONFLICT (credential_id) DO NOTHING",
-        event.credential_id,
-        event.learner_id,
-        event.course_id,
-        event.valid_until,
+        " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[])"
+        " ON CONFLICT (credential_id) DO NOTHING",
+        [event.credential_id for event in events],
+        [event.learner_id for event in events],
+        [event.course_id for event in events],
+        [event.valid_until for event in events],
     )
 
 

@@ -57,11 +57,14 @@ async def on_course_retired(conn: Connection, event: CourseRetired) -> None:
     await service.record_retirement(conn, event)
 
 
-# The course credentials learners hold (keyed by credential: one partition, in order).
-@subscriptions.on(CredentialIssued)
-async def on_credential_issued(conn: Connection, event: CredentialIssued) -> None:
-    if event.kind is CredentialKind.COURSE:
-        await repository.record_held_credential(conn, event)
+# The course credentials learners hold (keyed by credential: one partition, in order). One comes
+# with every credential minted: a poll's are recorded in one statement.
+@subscriptions.on_batch(CredentialIssued)
+async def on_credentials_issued(conn: Connection, deliveries: Sequence[Delivery]) -> None:
+    issued: list[CredentialIssued] = [delivery.content for delivery in deliveries]
+    await repository.record_held_credentials(
+        conn, [event for event in issued if event.kind is CredentialKind.COURSE]
+    )
 
 
 @subscriptions.on(CredentialRevoked, CredentialReinstated)

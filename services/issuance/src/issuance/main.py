@@ -12,6 +12,7 @@ from .keys import load_keyring
 from .proof_workers import ProofWorkers
 from .service import Platform
 from .settings import Settings
+from .signing_workers import SigningWorkers
 from .verification import Trust, http_fetcher
 
 
@@ -27,6 +28,7 @@ class IssuanceService(Service[Settings]):
             settings.base_url,
             load_keyring(settings.issuer_keys_dir),
             pathway_cascade=settings.pathway_cascade,
+            signers=SigningWorkers(settings.signing_workers),
         )
         trust = Trust(
             frozenset(settings.verify_trusted_hosts),
@@ -37,7 +39,7 @@ class IssuanceService(Service[Settings]):
         bound = dataclasses.replace(
             self,
             subscriptions=subscribers.subscriptions(platform),
-            background=[sweeper.sweeping(platform), workers.running],
+            background=[sweeper.sweeping(platform), workers.running, platform.signers.running],
         )
         app = Service.create_app(bound, settings)
         app.state.platform = platform
