@@ -288,22 +288,60 @@ async def test_checkout_then_pay_settles_the_payment_exactly_once(
     assert again.json()["type"] == "urn:microcred:problem:payment-not-due"
 
 
-async def test_a_declined_payment_fails(
+async def test_after_a_declined_card_the_learner_checks_out_again_and_pays(
     system: Billing, topic_reader: Callable[..., Any], topic_prefix: str
 ) -> None:
     learner = uuid.uuid4()
     payment = await system.payment_due(await system.enroll(learner))
-    checkout = await system.check_out(payment, learner)
+    first = await system.check_out(payment, learner)
 
-    declined = await system.pay(checkout["session_id"], outcome="declined")
+    declined = await system.pay(first["session_id"], outcome="declined")
+    again = await system.check_out(payment, learner)
+    told_again = await system.simulator.post(f"/events/{declined['event']['id']}/resend")
+    paid = await system.pay(again["session_id"])
 
     assert json.loads(declined["delivery"]["answer"]) == {"outcome": "failed", "duplicate": False}
-    [failed] = await billing_events(topic_reader, topic_prefix, payment["payment_id"], 1)
+    assert again["session_id"] != first["session_id"], "the declined session was handed out again"
+    assert json.loads(told_again.json()["answer"]) == {"outcome": "failed", "duplicate": True}
+    assert json.loads(paid["delivery"]["answer"]) == {"outcome": "settled", "duplicate": False}
+    failed, settled = await billing_events(topic_reader, topic_prefix, payment["payment_id"], 2)
     assert isinstance(failed, PaymentFailed)
-    assert failed.reason_code == "card_declined"
-    assert failed.amount == PRICE
-    view = await system.api.get(f"/payments/{payment['payment_id']}", headers=system.learner(learner))
-    assert view.json()["status"] == "failed"
+    assert (failed.reason_code, failed.amount, failed.retry_allowed) == ("card_declined", PRICE, True)
+    assert isinstance(settled, PaymentSettled)
+    view = (
+        await system.api.get(f"/payments/{payment['payment_id']}", headers=system.learner(learner))
+    ).json()
+    assert (view["status"], view["declines"]) == ("settled", 1)
+
+
+async def test_the_last_decline_allowed_fails_the_payment_for_good(
+    system: Billing, topic_reader: Callable[..., Any], topic_prefix: str
+) -> None:
+    learner = uuid.uuid4()
+    payment = await system.payment_due(await system.enroll(learner))
+    answers = []
+    for _ in range(3):  # PAYMENT_MAX_DECLINES' default
+        checkout = await system.check_out(payment, learner)
+        answers.append(
+            json.loads((await system.pay(checkout["session_id"], outcome="declined"))["delivery"]["answer"])
+        )
+    after = await system.api.post(
+        f"/payments/{payment['payment_id']}/checkout", headers=system.learner(learner)
+    )
+
+    assert answers == [{"outcome": "failed", "duplicate": False}] * 3
+    failures = await billing_events(topic_reader, topic_prefix, payment["payment_id"], 3)
+    assert [(type(event), getattr(event, "retry_allowed", None)) for event in failures] == [
+        (PaymentFailed, True),
+        (PaymentFailed, True),
+        (PaymentFailed, False),
+    ]
+    view = (
+        await system.api.get(f"/payments/{payment['payment_id']}", headers=system.learner(learner))
+    ).json()
+    assert (view["status"], view["declines"]) == ("failed", 3)
+    assert after.status_code == 409
+    assert after.json()["type"] == "urn:microcred:problem:payment-not-due"
 
 
 async def test_tampered_forged_and_stale_webhooks_are_refused_and_change_nothing(system: Billing) -> None:

@@ -113,23 +113,67 @@ def test_a_second_charge_for_a_settled_payment_is_a_discrepancy() -> None:
     assert refused.value.reason is DiscrepancyReason.NOT_DUE
 
 
-def test_a_decline_fails_a_due_payment() -> None:
-    payment = due()
-    failed, event = domain.fail(
-        payment, provider="simulator", reason_code="card_declined", reason="Declined.", failed_at=LATER
+def decline(
+    payment: Payment, session_id: str = "cs_1", max_declines: int = 3
+) -> tuple[Payment, PaymentFailed]:
+    return domain.fail(
+        payment,
+        provider="simulator",
+        session_id=session_id,
+        reason_code="card_declined",
+        reason="Declined.",
+        failed_at=LATER,
+        max_declines=max_declines,
     )
 
-    assert failed.status is PaymentStatus.FAILED
+
+def checked_out(payment: Payment, session_id: str = "cs_1") -> Payment:
+    return domain.attach_checkout(payment, session_id, f"http://provider/{session_id}", LATER)
+
+
+def test_a_decline_leaves_the_payment_due_for_another_checkout() -> None:
+    payment = checked_out(due())
+    declined, event = decline(payment)
+
+    assert declined.status is PaymentStatus.DUE
+    assert (declined.declines, declined.checkout_session_id, declined.checkout_url) == (1, None, None)
     assert isinstance(event, PaymentFailed)
     assert (event.payment_id, event.amount, event.reason_code) == (payment.payment_id, PRICE, "card_declined")
+    assert event.retry_allowed
+    # The next checkout is a new session at the provider, not the declined one again.
+    assert domain.checkout_key(declined) != domain.checkout_key(payment)
+
+
+def test_the_last_decline_allowed_fails_the_payment_for_good() -> None:
+    payment = due()
+    for attempt in range(1, 3):
+        payment, event = decline(checked_out(payment, f"cs_{attempt}"), f"cs_{attempt}")
+        assert (payment.status, event.retry_allowed) == (PaymentStatus.DUE, True)
+    failed, event = decline(checked_out(payment, "cs_3"), "cs_3")
+
+    assert (failed.status, failed.declines, event.retry_allowed) == (PaymentStatus.FAILED, 3, False)
+    with pytest.raises(PaymentRuleViolated):
+        checked_out(failed, "cs_4")
+
+
+def test_with_one_decline_allowed_the_first_is_final() -> None:
+    failed, event = decline(checked_out(due()), max_declines=1)
+    assert (failed.status, event.retry_allowed) == (PaymentStatus.FAILED, False)
+
+
+def test_a_decline_of_an_earlier_checkout_changes_nothing() -> None:
+    payment, _ = decline(checked_out(due(), "cs_1"), "cs_1")
+    with pytest.raises(PaymentRuleViolated) as refused:
+        decline(payment, "cs_1")  # told again, after the payment lost that session
+    assert refused.value.code == "stale-checkout"
+    with pytest.raises(PaymentRuleViolated):
+        decline(checked_out(payment, "cs_2"), "cs_1")
 
 
 @pytest.mark.parametrize("status", [PaymentStatus.SETTLED, PaymentStatus.VOIDED, PaymentStatus.FAILED])
 def test_only_a_due_payment_can_fail(status: PaymentStatus) -> None:
     with pytest.raises(PaymentRuleViolated):
-        domain.fail(
-            replace(due(), status=status), provider="s", reason_code="declined", reason="x", failed_at=LATER
-        )
+        decline(replace(checked_out(due()), status=status))
 
 
 def test_a_due_payment_is_voided_and_then_cannot_be_checked_out() -> None:

@@ -45,10 +45,13 @@ class PaymentSettled(Event):
 
 
 class PaymentFailed(Event):
-    """The payment could not be collected. Terminal for this payment.
+    """A charge of the payment could not be collected.
 
     Consumers may rely on: `reason_code` is a stable, provider-independent code to branch on;
-    `reason` is for people. Enrollment cancels the enrollment with reason `payment_failed`.
+    `reason` is for people. With `retry_allowed` the payment is still due and the learner may check
+    out again (another card); without it the payment has failed for good and enrollment cancels
+    the enrollment with reason `payment_failed`. Roll consumers out before a producer that sets
+    `retry_allowed`: one that does not know it reads every failure as final.
     """
 
     TYPE: ClassVar[str] = "org.microcred.billing.payment.failed.v1"
@@ -67,6 +70,14 @@ class PaymentFailed(Event):
     )
     reason: NonEmptyStr = Field(description="Explanation for people.", examples=["The card was declined."])
     failed_at: UtcDateTime = Field(description="When it failed.", examples=["2025-03-20T10:17:12Z"])
+    retry_allowed: bool = Field(
+        default=False,
+        description=(
+            "True when the payment is still due: the learner may check out again. False (and absent, "
+            "from producers before it) when this failure is final for the payment."
+        ),
+        examples=[True],
+    )
 
 
 class RefundIssued(Event):

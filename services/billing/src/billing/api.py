@@ -64,9 +64,13 @@ class PaymentOut(BaseModel):
         description="What has been returned so far.", examples=[{"amount_minor": 0, "currency": "EUR"}]
     )
     status: PaymentStatus = Field(
-        description="due -> settled | failed | voided; settled -> refunded once all of it is returned.",
+        description=(
+            "due -> settled | failed | voided; settled -> refunded once all of it is returned. A declined "
+            "charge leaves it due (check out again) until the last decline allowed fails it."
+        ),
         examples=["due"],
     )
+    declines: int = Field(description="Charges of it declined so far.", examples=[0])
     checkout_url: str | None = Field(
         description="Where the learner pays, once they have checked out.", examples=[None]
     )
@@ -83,6 +87,7 @@ class PaymentOut(BaseModel):
             amount=payment.amount,
             refunded=payment.refunded,
             status=payment.status,
+            declines=payment.declines,
             checkout_url=payment.checkout_url,
             created_at=payment.created_at,
             updated_at=payment.updated_at,
@@ -246,7 +251,9 @@ _WEBHOOK_EXAMPLE = {
     },
 )
 @max_body_bytes(MAX_WEBHOOK_BYTES)
-async def receive_provider_webhook(request: Request, db: Db, provider: Provider) -> WebhookReceipt:
+async def receive_provider_webhook(
+    request: Request, db: Db, provider: Provider, runtime: RuntimeDep
+) -> WebhookReceipt:
     # The signature covers the exact bytes sent: verify them before anything parses them.
     body = await request.body()
     try:
@@ -256,7 +263,9 @@ async def receive_provider_webhook(request: Request, db: Db, provider: Provider)
     if notice is None:
         return WebhookReceipt(outcome=NoticeOutcome.IGNORED, duplicate=False)
     async with db.acquire() as conn, conn.transaction():
-        result = await service.apply_notice(conn, provider.name, notice)
+        result = await service.apply_notice(
+            conn, provider.name, notice, max_declines=runtime.settings.payment_max_declines
+        )
     if result.outcome is NoticeOutcome.DISCREPANCY:
         # Committed above: the discrepancy is on record even though the settlement is refused.
         raise Problem(422, "payment-discrepancy", result.detail, duplicate=result.duplicate)

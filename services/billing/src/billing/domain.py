@@ -73,6 +73,8 @@ class Payment:
     # The institution that issues the course paid for: its staff may refund. None for payments
     # opened before enrollment named it (admins refund those).
     issuer_id: UUID | None = None
+    # Charges declined so far; the payment stays due (a new checkout) until the last one allowed.
+    declines: int = 0
 
     @property
     def refunded(self) -> Money:
@@ -165,11 +167,38 @@ def settle(
 
 
 def fail(
-    payment: Payment, *, provider: str, reason_code: str, reason: str, failed_at: datetime
+    payment: Payment,
+    *,
+    provider: str,
+    session_id: str,
+    reason_code: str,
+    reason: str,
+    failed_at: datetime,
+    max_declines: int,
 ) -> tuple[Payment, PaymentFailed]:
-    """The provider could not collect a due payment; terminal."""
+    """The provider could not collect a due payment at its checkout session `session_id`.
+
+    Below `max_declines` declines the payment stays due, without a checkout session, so that the
+    learner's next checkout opens a new one (another card); the `max_declines`th fails it for good.
+    A failure at any other session than the current one (an earlier checkout's, told late or
+    again) changes nothing: `PaymentRuleViolated`, as for a payment no longer due.
+    """
     require_due(payment)
-    failed = replace(payment, status=PaymentStatus.FAILED, provider=provider, updated_at=failed_at)
+    if session_id != payment.checkout_session_id:
+        raise PaymentRuleViolated(
+            "stale-checkout", f"checkout session {session_id} is not the payment's current one"
+        )
+    declines = payment.declines + 1
+    retry_allowed = declines < max_declines
+    failed = replace(
+        payment,
+        status=PaymentStatus.DUE if retry_allowed else PaymentStatus.FAILED,
+        declines=declines,
+        checkout_session_id=None,
+        checkout_url=None,
+        provider=provider,
+        updated_at=failed_at,
+    )
     return failed, PaymentFailed(
         payment_id=payment.payment_id,
         enrollment_id=payment.enrollment_id,
@@ -179,7 +208,13 @@ def fail(
         reason_code=reason_code,
         reason=reason,
         failed_at=failed_at,
+        retry_allowed=retry_allowed,
     )
+
+
+def checkout_key(payment: Payment) -> str:
+    """The idempotency key of the payment's checkout at the provider: one session per attempt."""
+    return f"{payment.payment_id}:checkout" + (f":{payment.declines}" if payment.declines else "")
 
 
 def void(payment: Payment, now: datetime) -> Payment:

@@ -14,7 +14,7 @@ from .domain import DiscrepancyReason, NoticeOutcome, Payment, PaymentStatus
 _COLUMNS = (
     "payment_id, enrollment_id, learner_id, amount_minor, currency, status, refunded_minor,"
     " checkout_session_id, checkout_url, provider, provider_reference, created_at, updated_at, settled_at,"
-    " issuer_id"
+    " issuer_id, declines"
 )
 
 
@@ -34,6 +34,7 @@ def _payment(row: asyncpg.Record) -> Payment:
         updated_at=row["updated_at"],
         settled_at=row["settled_at"],
         issuer_id=row["issuer_id"],
+        declines=row["declines"],
     )
 
 
@@ -41,7 +42,7 @@ async def insert_all(conn: Connection, payments: Sequence[Payment]) -> None:
     """Store new payments, in one round trip; one whose enrollment already has one is not stored."""
     await conn.executemany(
         f"INSERT INTO payments ({_COLUMNS})"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
         " ON CONFLICT (enrollment_id) DO NOTHING",
         [
             (
@@ -60,6 +61,7 @@ async def insert_all(conn: Connection, payments: Sequence[Payment]) -> None:
                 payment.updated_at,
                 payment.settled_at,
                 payment.issuer_id,
+                payment.declines,
             )
             for payment in payments
         ],
@@ -83,7 +85,8 @@ async def save(conn: Connection, payment: Payment) -> None:
     """Store the mutable part of a payment; amount, enrollment and learner never change."""
     await conn.execute(
         "UPDATE payments SET status = $2, refunded_minor = $3, checkout_session_id = $4, checkout_url = $5,"
-        " provider = $6, provider_reference = $7, updated_at = $8, settled_at = $9 WHERE payment_id = $1",
+        " provider = $6, provider_reference = $7, updated_at = $8, settled_at = $9, declines = $10"
+        " WHERE payment_id = $1",
         payment.payment_id,
         payment.status,
         payment.refunded_minor,
@@ -93,6 +96,7 @@ async def save(conn: Connection, payment: Payment) -> None:
         payment.provider_reference,
         payment.updated_at,
         payment.settled_at,
+        payment.declines,
     )
 
 

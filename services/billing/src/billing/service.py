@@ -122,7 +122,7 @@ async def check_out(
         provider.create_checkout(
             amount=payment.amount,
             reference=str(payment.payment_id),
-            idempotency_key=f"{payment.payment_id}:checkout",
+            idempotency_key=domain.checkout_key(payment),
         )
     )
     async with db.acquire() as conn, conn.transaction():
@@ -242,8 +242,11 @@ class NoticeResult:
     duplicate: bool
 
 
-async def apply_notice(conn: Connection, provider: str, notice: ProviderNotice) -> NoticeResult:
-    """Act on a provider's webhook once: a second delivery of the same event gets the first outcome."""
+async def apply_notice(
+    conn: Connection, provider: str, notice: ProviderNotice, *, max_declines: int
+) -> NoticeResult:
+    """Act on a provider's webhook once: a second delivery of the same event gets the first outcome.
+    A payment fails for good at its `max_declines`th declined charge."""
     kind = "succeeded" if isinstance(notice, ChargeSucceeded) else "failed"
     if not await repository.claim_provider_event(conn, provider, notice.event_id, kind):
         outcome, detail = await repository.provider_event_outcome(conn, provider, notice.event_id)
@@ -253,7 +256,7 @@ async def apply_notice(conn: Connection, provider: str, notice: ProviderNotice) 
         if isinstance(notice, ChargeSucceeded):
             outcome, detail = await _settle(conn, provider, notice, payment)
         else:
-            outcome, detail = await _fail(conn, provider, notice, payment)
+            outcome, detail = await _fail(conn, provider, notice, payment, max_declines)
     await repository.record_provider_event_outcome(
         conn,
         provider,
@@ -311,7 +314,7 @@ async def _settle(
 
 
 async def _fail(
-    conn: Connection, provider: str, notice: ChargeFailed, payment: Payment | None
+    conn: Connection, provider: str, notice: ChargeFailed, payment: Payment | None, max_declines: int
 ) -> tuple[NoticeOutcome, str]:
     if payment is None:
         return NoticeOutcome.IGNORED, f"no payment {notice.reference}"
@@ -319,12 +322,15 @@ async def _fail(
         failed, event = domain.fail(
             payment,
             provider=provider,
+            session_id=notice.session_id,
             reason_code=notice.reason_code,
             reason=notice.reason,
             failed_at=notice.failed_at,
+            max_declines=max_declines,
         )
     except PaymentRuleViolated as exc:
-        # A late decline of a payment settled or voided meanwhile changes nothing.
+        # A late decline of a payment settled or voided meanwhile, or of a checkout the learner
+        # has since replaced, changes nothing.
         return NoticeOutcome.IGNORED, str(exc)
     await repository.save(conn, failed)
     await outbox.add(conn, event)

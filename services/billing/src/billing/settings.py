@@ -14,3 +14,12 @@ class Settings(ServiceSettings):
     payment_webhook_secret: WebhookSecret = Field(
         description="Secret shared with the payment provider: it signs webhooks with it (HMAC-SHA256).",
     )
+    payment_max_declines: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description=(
+            "Declined charges a payment takes before it fails for good and the enrollment is cancelled; "
+            "before that, the learner checks out again (another card). 1: the first decline is final."
+        ),
+    )

@@ -256,7 +256,9 @@ async def fail_payment(conn: Connection, event: PaymentFailed) -> None:
     await _react(
         conn,
         event.enrollment_id,
-        lambda enrollment: domain.fail_payment(enrollment, event.reason, _now()),
+        lambda enrollment: domain.fail_payment(
+            enrollment, event.reason, _now(), retry_allowed=event.retry_allowed
+        ),
         payment_id=event.payment_id,
     )
 
