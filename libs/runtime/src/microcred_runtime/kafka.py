@@ -237,6 +237,7 @@ def subscribe(
     prefix: str = "",
     batch_size: int = 100,
     fetch_max_wait_ms: int = 100,
+    fetch_min_bytes: int = 1,
 ) -> None:
     """Register the consumer on the broker, in its consumer group: commit after effect.
 
@@ -261,6 +262,7 @@ def subscribe(
         # partitions is held by the broker this long, and new records on the busy ones wait
         # behind it (with Kafka's 500 ms default, 250-400 ms gaps between batches were measured).
         fetch_max_wait_ms=fetch_max_wait_ms,
+        fetch_min_bytes=fetch_min_bytes,
         session_timeout_ms=membership.session_timeout_ms,
         heartbeat_interval_ms=membership.heartbeat_interval_ms,
         max_poll_interval_ms=membership.max_poll_interval_ms,

@@ -522,6 +522,7 @@ class Service(Generic[SettingsT]):
                     prefix=prefix,
                     batch_size=settings.consumer_batch_size,
                     fetch_max_wait_ms=round(settings.consumer_fetch_max_wait_seconds * 1000),
+                    fetch_min_bytes=settings.consumer_fetch_min_bytes,
                 )
 
             async def start_consumers() -> None:
