@@ -10,7 +10,10 @@ What runs, all on this machine: Kafka and PostgreSQL (`scripts/infra.py`: the pr
 those KAFKA_BOOTSTRAP_SERVERS and POSTGRES_URL name, e.g. a pair no other job restarts), and
 catalog, enrollment, issuance and notifications as real processes (`python -m <service>`, as
 `make up` runs them) on free ports, with databases and a topic prefix of the run's own (removed
-afterwards), plus the SMTP sink notifications mails to. The measured path is the whole journey's
+afterwards), plus the SMTP server notifications mails to: Postfix's smtp-sink, a C test server made
+for benchmarking SMTP clients (unpacked from Debian's package into .local/tools, nothing
+installed), so that the sink takes little of the CPU it would share with the pipeline; the
+project's Python sink when it cannot be had, which the report says. The measured path is the whole journey's
 tail: a partner's signed CompletionReported on Kafka (plain aiokafka, as docs/partners.md says)
 -> enrollment completes the enrollment -> issuance signs (eddsa-rdfc-2022), records and publishes
 CredentialIssued -> notifications records the learner's notifications.
@@ -34,7 +37,7 @@ Phases, in order:
 5. latency at loads the pipeline sustains (`--fractions` of the throughput measured, `--low-duration`
    s each), lowest first;
 6. latency at `--rate` reports/s offered for `--duration` s: publish time to credential recorded.
-A paced phase "kept up" when its credentials were recorded at (95% of) the rate they were reported,
+A paced phase "kept up" when its credentials were recorded at (98% of) the rate they were reported,
 the 10th to the 90th percentile of their recording times; the latency target is judged at the
 highest offered rate that kept up.
 
@@ -64,6 +67,7 @@ import platform as host
 import re
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -128,8 +132,11 @@ TARGET_CATALOG_P99_MS = 50.0
 TARGET_RSS_MB = 150.0
 # Above this share of the busy time spent outside the run's processes, the run was disturbed.
 NOISY_SHARE = 0.15
-# A paced phase kept up when its credentials were recorded at this share of the offered rate.
-KEPT_UP = 0.95
+# A paced phase kept up when its credentials were recorded at this share of the offered rate. The
+# recorded rate is measured to about 1% (387/s offered, 391/s recorded, in a run that kept up);
+# a shortfall beyond 2% is a backlog that grows as long as the load lasts, not noise (451/s
+# offered, 431/s recorded: p50 1.35 s, against 351 ms at 387/s in the same run).
+KEPT_UP = 0.98
 LOAD_GENERATOR = "bench (load generator)"
 # The SMTP server the emails go to: in production another machine's work, so not the system's.
 MAIL_SINK = "mail sink (the bench's SMTP server)"
@@ -149,6 +156,90 @@ def wait_ready(processes: Sequence[Process]) -> None:
         harness_processes.wait_ready_blocking(processes, READY_TIMEOUT, interval=0.3)
     except NotReady as exc:
         raise SystemExit(str(exc)) from None
+
+
+POSTFIX = ROOT / ".local" / "tools" / "postfix"
+
+
+@functools.cache
+def smtp_sink() -> tuple[list[str], dict[str, str]] | str:
+    """Postfix's smtp-sink: on PATH, else unpacked from Debian's postfix package (`apt-get download`
+    and `dpkg-deb -x` into .local/tools: no package installed, no mail daemon started). The command
+    to run it with (then the address and backlog) and what it adds to the environment, or why it
+    could not be had."""
+    found = shutil.which("smtp-sink")
+    unpacked = POSTFIX / "usr" / "sbin" / "smtp-sink"
+    if found is None and not unpacked.exists():
+        apt, dpkg = shutil.which("apt-get"), shutil.which("dpkg-deb")
+        if apt is None or dpkg is None:
+            return "no apt-get and dpkg-deb on this machine"
+        with tempfile.TemporaryDirectory() as folder:
+            fetched = subprocess.run(  # noqa: S603
+                [apt, "-q", "download", "postfix"], cwd=folder, capture_output=True, text=True, check=False
+            )
+            debs = list(Path(folder).glob("postfix_*.deb"))
+            if not debs:
+                return (
+                    f"apt-get download postfix failed: {(fetched.stderr.strip().splitlines() or ['?'])[-1]}"
+                )
+            POSTFIX.mkdir(parents=True, exist_ok=True)
+            subprocess.run([dpkg, "-x", str(debs[0]), str(POSTFIX)], check=True)  # noqa: S603
+        print("unpacked Postfix's smtp-sink (apt-get download postfix) for the emails", flush=True)
+    # As root it must be told whom to run as.
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    if found:
+        return [found, *user], {}
+    return [str(unpacked), *user], {"LD_LIBRARY_PATH": str(POSTFIX / "usr" / "lib" / "postfix")}
+
+
+@dataclass
+class MailSink:
+    """The SMTP server the emails go to, and what it is (for the report)."""
+
+    port: int
+    pid: int
+    what: str
+
+
+@contextlib.contextmanager
+def mail_sink(logs: Path) -> Iterator[MailSink]:
+    """smtp-sink (see `smtp_sink`) on a free port, else the project's Python sink, until the block ends."""
+    port = free_port()
+    command = smtp_sink()
+    if isinstance(command, str):
+        sink_http = free_port()
+        python = Process(
+            "mail-sink",
+            [sys.executable, "-m", "notifications.smtp_sink"],
+            {"SINK_SMTP_PORT": str(port), "SINK_HTTP_PORT": str(sink_http)},
+            f"http://127.0.0.1:{sink_http}/health/live",
+            logs / "mail-sink.log",
+        )
+        python.log.write_bytes(b"")
+        python.start()
+        try:
+            wait_ready([python])
+            yield MailSink(port, pid(python), f"the project's Python sink; NOT smtp-sink ({command})")
+        finally:
+            harness_processes.stop_all([python])
+        return
+    argv, env = command
+    with (logs / "mail-sink.log").open("wb") as log:
+        started = subprocess.Popen(  # noqa: S603
+            [*argv, f"127.0.0.1:{port}", "256"], env={**os.environ, **env}, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if started.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"smtp-sink did not start: see {logs / 'mail-sink.log'}")
+            time.sleep(0.1)
+        yield MailSink(port, started.pid, "Postfix's smtp-sink")
+    finally:
+        started.terminate()
+        started.wait(timeout=10)
 
 
 # --- CPU and memory from /proc ---------------------------------------------------------------
@@ -1351,6 +1442,13 @@ class Paced:
     def kept_up(self) -> bool:
         return all(map(math.isfinite, self.latencies)) and self.recorded_rate >= KEPT_UP * self.offered
 
+    @property
+    def growth(self) -> float:
+        """How much longer (s) the last fifth of the reports (in publishing order) took than the
+        first fifth, medians: about 0 while the pipeline keeps up, the backlog's growth when not."""
+        fifth = max(len(self.latencies) // 5, 1)
+        return percentile(self.latencies[-fifth:], 0.5) - percentile(self.latencies[:fifth], 0.5)
+
 
 @dataclass
 class Measured:
@@ -1373,6 +1471,7 @@ class Measured:
     ladder: list[Paced]
     paced: Paced
     rss: dict[str, float]
+    mail_sink: str  # what the emails went to
 
     def highest_kept_up(self) -> Paced | None:
         """The paced phase with the highest offered rate that the pipeline kept up with."""
@@ -1390,33 +1489,38 @@ async def run(arguments: argparse.Namespace) -> Measured:
         keys_dir = scratch / "keys"
         keys.generate_key(keys_dir)
         async with throwaway(endpoints, [*SERVICES, "ceiling"], arguments.keep) as environment:
-            smtp_port, sink_http = free_port(), free_port()
-            sink = Process(
-                "mail-sink",
-                [sys.executable, "-m", "notifications.smtp_sink"],
-                {"SINK_SMTP_PORT": str(smtp_port), "SINK_HTTP_PORT": str(sink_http)},
-                f"http://127.0.0.1:{sink_http}/health/live",
-                logs / "mail-sink.log",
-            )
-            replicas = service_processes(
-                environment,
-                scratch,
-                logs,
-                keys_dir,
-                smtp_port,
-                arguments.trace_ratio,
-                arguments.catalog_workers,
-                arguments.replicas,
-            )
-            everything = [sink, *itertools.chain.from_iterable(replicas.values())]
-            for process in everything:
-                process.log.write_bytes(b"")
-                process.start()
-            try:
-                wait_ready(everything)
-                return await measure(arguments, environment, replicas, sink, keys_dir, logs)
-            finally:
-                harness_processes.stop_all(everything)
+            with mail_sink(logs) as sink:
+                return await run_services(arguments, environment, scratch, logs, keys_dir, sink)
+
+
+async def run_services(
+    arguments: argparse.Namespace,
+    environment: Environment,
+    scratch: Path,
+    logs: Path,
+    keys_dir: Path,
+    sink: MailSink,
+) -> Measured:
+    """The services, started and ready, measured, and stopped."""
+    replicas = service_processes(
+        environment,
+        scratch,
+        logs,
+        keys_dir,
+        sink.port,
+        arguments.trace_ratio,
+        arguments.catalog_workers,
+        arguments.replicas,
+    )
+    everything = list(itertools.chain.from_iterable(replicas.values()))
+    for process in everything:
+        process.log.write_bytes(b"")
+        process.start()
+    try:
+        wait_ready(everything)
+        return await measure(arguments, environment, replicas, sink, keys_dir, logs)
+    finally:
+        harness_processes.stop_all(everything)
 
 
 async def set_up(
@@ -1447,7 +1551,7 @@ async def measure(
     arguments: argparse.Namespace,
     environment: Environment,
     replicas: dict[str, list[Process]],
-    sink: Process,
+    sink: MailSink,
     keys_dir: Path,
     logs: Path,
 ) -> Measured:
@@ -1493,7 +1597,7 @@ async def measure(
     reporter = Reporter(environment, partner, course)
     meter = CpuMeter(
         {name: [pid(process) for process in processes] for name, processes in replicas.items()}
-        | {MAIL_SINK: [pid(sink)]},
+        | {MAIL_SINK: [sink.pid]},
         environment,
     )
     notifications_dsn = environment.database_url("notifications")
@@ -1598,6 +1702,7 @@ async def measure(
                 ladder=ladder,
                 paced=paced,
                 rss=rss,
+                mail_sink=sink.what,
             )
     finally:
         await reporter.producer.stop()
@@ -1615,6 +1720,7 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
     )
     figures.add(f"command: {arguments.command}")
     figures.add(f"traces: a fraction {arguments.trace_ratio:g} of journeys sampled (--trace-ratio)")
+    figures.add(f"emails: sent to {measured.mail_sink} on this machine; its CPU is the mail sink's line")
     figures.add()
 
     m = measured
@@ -1780,7 +1886,10 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
             else asked
         )
         kept = "kept up" if phase.kept_up else "fell behind"
-        label = f"at {phase.offered:.0f}/s offered ({share}; recorded at {phase.recorded_rate:.0f}/s: {kept})"
+        label = (
+            f"at {phase.offered:.0f}/s offered ({share}; recorded at {phase.recorded_rate:.0f}/s, the last "
+            f"fifth {_seconds(phase.growth)} slower than the first: {kept})"
+        )
         figures.add(latency_line(label, phase.latencies))
         stage_lines(figures, phase.stages)
         figures.add("    " + cpu_summary(phase.cpu, len(phase.latencies)))
