@@ -9,7 +9,7 @@ from email.message import EmailMessage
 import pytest
 from aiosmtplib.email import flatten_message
 
-from notifications.delivery import _WIRE, mime_email
+from notifications.delivery import mime_email
 from notifications.messages import Email
 
 SENDER = "microcred <no-reply@microcred.example>"
@@ -20,9 +20,14 @@ CONTENT = Email(
 )
 
 
+def wire(message: bytes | EmailMessage) -> bytes:
+    """What goes to the SMTP server: the bytes, or an `EmailMessage` as aiosmtplib flattens it."""
+    return message if isinstance(message, bytes) else flatten_message(message)
+
+
 def read_back(name: str, address: str) -> EmailMessage:
     message = mime_email(SENDER, name, address, CONTENT, "<d-1@microcred.example>")
-    parsed = email.message_from_bytes(flatten_message(message), policy=policy.default)
+    parsed = email.message_from_bytes(wire(message), policy=policy.default)
     assert isinstance(parsed, EmailMessage)
     return parsed
 
@@ -41,7 +46,8 @@ def test_a_mail_client_reads_back_every_header_and_both_parts() -> None:
     text, html = parsed.get_body(("plain",)), parsed.get_body(("html",))
     assert text is not None
     assert html is not None
-    assert text.get_content() == CONTENT.text
+    # Lines end in CRLF on the wire, as SMTP wants; a mail client shows them as line breaks.
+    assert text.get_content().replace("\r\n", "\n") == CONTENT.text
     assert html.get_content().strip() == CONTENT.html
 
 
@@ -55,7 +61,7 @@ def test_an_address_that_is_not_ascii_goes_as_before_for_smtputf8() -> None:
 def test_every_line_stays_within_smtps_limit_however_long_the_text() -> None:
     message = mime_email(SENDER, "Zoë", "zoe@example.org", CONTENT, "<d-1@microcred.example>")
 
-    lines = flatten_message(message).splitlines()
+    lines = wire(message).splitlines()
 
     assert max(len(line) for line in lines) <= 78
 
@@ -85,7 +91,7 @@ def test_long_names_and_subjects_are_folded_into_short_encoded_words() -> None:
     name = "Александр Сергеевич Пушкин-Гончаров"
     message = mime_email(SENDER, name, "a@example.org", content, "<d-1@microcred.example>")
 
-    raw = message.as_bytes(policy=_WIRE)
+    raw = wire(message)
     parsed = email.message_from_bytes(raw, policy=policy.default)
 
     assert max(len(line) for line in raw.splitlines()) <= 78
@@ -101,8 +107,16 @@ def test_a_line_that_starts_with_from_is_sent_as_it_is() -> None:
     content = Email(subject="x", text="Dear Zoe,\nFrom now on you hold it.\n", html="<p>x</p>")
     message = mime_email(SENDER, "Zoe", "zoe@example.org", content, "<d-1@microcred.example>")
 
-    parsed = email.message_from_bytes(message.as_bytes(policy=_WIRE), policy=policy.default)
+    parsed = email.message_from_bytes(wire(message), policy=policy.default)
     text = parsed.get_body(("plain",))
 
     assert text is not None
     assert text.get_content().replace("\r\n", "\n") == content.text
+
+
+def test_every_line_ends_in_crlf_and_the_bodies_are_quoted_printable_ascii() -> None:
+    raw = wire(mime_email(SENDER, "Zoë", "zoe@example.org", CONTENT, "<d-1@microcred.example>"))
+
+    assert raw.isascii()
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    assert raw.count(b"Content-Transfer-Encoding: quoted-printable\r\n") == 2
