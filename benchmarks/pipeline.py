@@ -90,7 +90,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from issuance import domain, keys, status_list
 from issuance.main import service as issuance_service
-from issuance.service import STATUS_PURPOSE, Platform, course_credential
+from issuance.service import STATUS_PURPOSE, Platform, signed_course_credential
 from microcred_events import (
     CompletedBy,
     CompletionReported,
@@ -952,10 +952,7 @@ async def ceiling(
                 assert isinstance(completion, CourseCompleted)
                 issued = datetime.now(UTC)
                 issuance = platform.issuance(course.issuer.issuer_id, list_id, index, issued)
-                document = platform.sign(
-                    domain.course_credential(issuance, course, completion), issuance.issuer_did, issued
-                )
-                credential = course_credential(issuance, course, completion, document)
+                credential = signed_course_credential(platform, issuance, course, completion, issued)
                 event = encode(
                     domain.issued_event(credential, issuance.credential_url), source="urn:microcred:issuance"
                 )

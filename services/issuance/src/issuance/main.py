@@ -12,7 +12,6 @@ from .keys import load_keyring
 from .proof_workers import ProofWorkers
 from .service import Platform
 from .settings import Settings
-from .signing_workers import SigningWorkers
 from .verification import Trust, http_fetcher
 
 
@@ -28,7 +27,6 @@ class IssuanceService(Service[Settings]):
             settings.base_url,
             load_keyring(settings.issuer_keys_dir),
             pathway_cascade=settings.pathway_cascade,
-            signers=SigningWorkers(settings.signing_workers),
         )
         trust = Trust(
             frozenset(settings.verify_trusted_hosts),
@@ -39,7 +37,7 @@ class IssuanceService(Service[Settings]):
         bound = dataclasses.replace(
             self,
             subscriptions=subscribers.subscriptions(platform),
-            background=[sweeper.sweeping(platform), workers.running, platform.signers.running],
+            background=[sweeper.sweeping(platform), workers.running],
         )
         app = Service.create_app(bound, settings)
         app.state.platform = platform

@@ -40,6 +40,7 @@ locks only make a transaction wait, never decide anything by themselves. A wait 
 The sweeper (`sweeper.py`) finishes whatever is still found left behind.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ import random
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -80,7 +81,6 @@ from . import domain, proofs, repository, status_list
 from .domain import CascadePolicy, Credential, Issuance, StatusChangeRefused
 from .jose import to_vc_jwt
 from .keys import KeyRing, SigningKey, did_document, did_web, jwks
-from .signing_workers import SigningWorkers
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,6 @@ class Platform:
     base_url: str
     keyring: KeyRing
     pathway_cascade: CascadePolicy = CascadePolicy.REVOKE
-    # Where a batch's credentials are signed: here only, unless SIGNING_WORKERS names processes.
-    signers: SigningWorkers = field(default_factory=lambda: SigningWorkers(0), compare=False)
 
     @property
     def did(self) -> str:
@@ -146,12 +144,6 @@ class Platform:
         return proofs.signed_json(
             document, key, verification_method=f"{controller}#{key.key_id}", created=domain.whole_seconds(now)
         )
-
-    async def sign_all(self, documents: Sequence[tuple[dict[str, Any], str]], now: datetime) -> list[str]:
-        """`sign` each (document, controller), on as many CPUs as SIGNING_WORKERS allows."""
-        key = self.keyring.signing
-        jobs = [(document, f"{controller}#{key.key_id}") for document, controller in documents]
-        return await self.signers.sign(key, jobs, domain.whole_seconds(now))
 
 
 def sha256(text: str) -> str:
@@ -288,24 +280,25 @@ async def _mint(
     now: datetime,
 ) -> None:
     issuances = await _issuances(conn, platform, [course.issuer.issuer_id for _, _, course in earned], now)
-    documents = await platform.sign_all(
-        [
-            (domain.course_credential(issuance, course, completion), issuance.issuer_did)
-            for (_, completion, course), issuance in zip(earned, issuances, strict=True)
-        ],
-        now,
-    )
-    issued = [
-        (span, course_credential(issuance, course, completion, document))
-        for (span, completion, course), issuance, document in zip(earned, issuances, documents, strict=True)
-    ]
+    issued: list[tuple[trace.Span, Credential]] = []
+    for (span, completion, course), issuance in zip(earned, issuances, strict=True):
+        credential = signed_course_credential(platform, issuance, course, completion, now)
+        issued.append((span, credential))
+        # Signing is CPU work: between two, the event loop's other work goes on (the consumer
+        # group's heartbeats among it, which a large batch would otherwise hold up for seconds).
+        await asyncio.sleep(0)
     await _record(conn, platform, issued)
 
 
-def course_credential(
-    issuance: Issuance, course: CourseSnapshot, completion: CourseCompleted, document: str
+def signed_course_credential(
+    platform: Platform,
+    issuance: Issuance,
+    course: CourseSnapshot,
+    completion: CourseCompleted,
+    now: datetime,
 ) -> Credential:
-    """The credential a completion earns under `issuance`, `document` its signed JSON."""
+    """The credential a completion earns under `issuance`, signed; no I/O."""
+    document = platform.sign(domain.course_credential(issuance, course, completion), issuance.issuer_did, now)
     return Credential(
         credential_id=issuance.credential_id,
         kind=CredentialKind.COURSE,

@@ -60,16 +60,6 @@ class Settings(ServiceSettings):
             "CPU while it works, and some 150 MB."
         ),
     )
-    signing_workers: int = Field(
-        default=0,
-        ge=0,
-        le=64,
-        description=(
-            "Processes beside the service's own that sign a share of each batch of credentials, so "
-            "minting uses more than one CPU where one is free (some 80 MB each); 0 signs everything "
-            "in the service's process."
-        ),
-    )
     verify_max_concurrent: int = Field(
         default=8,
         ge=1,
