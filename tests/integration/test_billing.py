@@ -30,6 +30,7 @@ from microcred_events import (
     Event,
     Learner,
     Money,
+    PaymentDeclined,
     PaymentFailed,
     PaymentSettled,
     RefundIssued,
@@ -304,14 +305,50 @@ async def test_after_a_declined_card_the_learner_checks_out_again_and_pays(
     assert again["session_id"] != first["session_id"], "the declined session was handed out again"
     assert json.loads(told_again.json()["answer"]) == {"outcome": "failed", "duplicate": True}
     assert json.loads(paid["delivery"]["answer"]) == {"outcome": "settled", "duplicate": False}
-    failed, settled = await billing_events(topic_reader, topic_prefix, payment["payment_id"], 2)
-    assert isinstance(failed, PaymentFailed)
-    assert (failed.reason_code, failed.amount, failed.retry_allowed) == ("card_declined", PRICE, True)
+    declined_event, settled = await billing_events(topic_reader, topic_prefix, payment["payment_id"], 2)
+    assert isinstance(declined_event, PaymentDeclined)
+    assert (declined_event.reason_code, declined_event.amount, declined_event.attempt) == (
+        "card_declined",
+        PRICE,
+        1,
+    )
     assert isinstance(settled, PaymentSettled)
     view = (
         await system.api.get(f"/payments/{payment['payment_id']}", headers=system.learner(learner))
     ).json()
     assert (view["status"], view["declines"]) == ("settled", 1)
+
+
+async def test_a_checkout_that_races_a_decline_does_not_keep_the_declined_session(system: Billing) -> None:
+    learner = uuid.uuid4()
+    payment = await system.payment_due(await system.enroll(learner))
+    provider = system.provider
+    declined: list[str] = []
+
+    class Racing:
+        """The provider, as seen by a checkout that waits on it while another tab checks out the
+        same payment and the card is declined there."""
+
+        name = provider.name
+
+        async def create_checkout(self, **request: Any) -> CheckoutSession:
+            session = await provider.create_checkout(**request)
+            system.app.dependency_overrides[api.payment_provider] = lambda: provider
+            other = await system.check_out(payment, learner)
+            await system.pay(other["session_id"], outcome="declined")
+            declined.append(other["session_id"])
+            return session
+
+    system.app.dependency_overrides[api.payment_provider] = lambda: Racing()
+    raced = await system.api.post(
+        f"/payments/{payment['payment_id']}/checkout", headers=system.learner(learner)
+    )
+    again = await system.check_out(payment, learner)
+
+    assert raced.status_code == 409, raced.text
+    assert raced.json()["type"] == "urn:microcred:problem:payment-declined-meanwhile"
+    assert declined, "the other tab's checkout did not happen"
+    assert again["session_id"] != declined[0], "the declined session was kept and handed out again"
 
 
 async def test_the_last_decline_allowed_fails_the_payment_for_good(
@@ -331,11 +368,7 @@ async def test_the_last_decline_allowed_fails_the_payment_for_good(
 
     assert answers == [{"outcome": "failed", "duplicate": False}] * 3
     failures = await billing_events(topic_reader, topic_prefix, payment["payment_id"], 3)
-    assert [(type(event), getattr(event, "retry_allowed", None)) for event in failures] == [
-        (PaymentFailed, True),
-        (PaymentFailed, True),
-        (PaymentFailed, False),
-    ]
+    assert [type(event) for event in failures] == [PaymentDeclined, PaymentDeclined, PaymentFailed]
     view = (
         await system.api.get(f"/payments/{payment['payment_id']}", headers=system.learner(learner))
     ).json()

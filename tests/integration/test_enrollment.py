@@ -36,6 +36,7 @@ from microcred_events import (
     Event,
     Learner,
     Money,
+    PaymentDeclined,
     PaymentFailed,
     PaymentSettled,
     RefundIssued,
@@ -448,27 +449,28 @@ async def test_a_learner_holding_a_valid_credential_is_told_before_paying_again(
     assert after_revocation.status_code == 201, after_revocation.text
 
 
-async def test_a_failed_payment_cancels_the_pending_enrollment_once_it_is_final(harness: Harness) -> None:
+async def test_a_failed_payment_cancels_the_pending_enrollment_a_declined_charge_does_not(
+    harness: Harness,
+) -> None:
     h = harness
     pending = await h.enrolled(h.learner("ada"), h.courses.paid)
-    payment_id = uuid.uuid4()
+    payment_id, now = uuid.uuid4(), datetime.now(UTC)
+    charge = {
+        "payment_id": payment_id,
+        "enrollment_id": pending["enrollment_id"],
+        "learner_id": pending["learner"]["learner_id"],
+        "amount": PRICE,
+        "provider": "stripe",
+        "reason_code": "card_declined",
+    }
+    declined = PaymentDeclined(
+        **charge, reason="The first card was declined.", attempt=1, attempts_left=2, declined_at=now
+    )
+    failed = PaymentFailed(**charge, reason="The card was declined.", failed_at=now)
 
-    def failure(reason: str, *, retry_allowed: bool) -> PaymentFailed:
-        return PaymentFailed(
-            payment_id=payment_id,
-            enrollment_id=pending["enrollment_id"],
-            learner_id=pending["learner"]["learner_id"],
-            amount=PRICE,
-            provider="stripe",
-            reason_code="card_declined",
-            reason=reason,
-            failed_at=datetime.now(UTC),
-            retry_allowed=retry_allowed,
-        )
-
-    # One partition (keyed by payment): had the first cancelled, the cancellation would give its reason.
-    await h.from_billing(failure("The first card was declined.", retry_allowed=True))
-    await h.from_billing(failure("The card was declined.", retry_allowed=False))
+    # One partition (keyed by payment): had the decline cancelled, the cancellation would give its reason.
+    await h.from_billing(declined)
+    await h.from_billing(failed)
 
     assert await h.status_becomes(pending["enrollment_id"], "cancelled")
     _, cancelled = await h.published(pending["enrollment_id"])

@@ -23,7 +23,7 @@ def test_registry_holds_every_event_class_once() -> None:
     } - {Event}
 
     assert set(REGISTRY.values()) == exported
-    assert len(REGISTRY) == len(exported) == 15
+    assert len(REGISTRY) == len(exported) == 16
     assert all(TYPE_PATTERN.fullmatch(event_type) for event_type in REGISTRY)
 
 

@@ -8,7 +8,14 @@ import pytest
 
 from billing import domain
 from billing.domain import DiscrepancyReason, Payment, PaymentRuleViolated, PaymentStatus, SettlementRefused
-from microcred_events import EnrollmentCreated, Money, PaymentFailed, PaymentSettled, example_data
+from microcred_events import (
+    EnrollmentCreated,
+    Money,
+    PaymentDeclined,
+    PaymentFailed,
+    PaymentSettled,
+    example_data,
+)
 
 NOW = datetime(2025, 3, 20, 10, 15, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=2)
@@ -115,7 +122,7 @@ def test_a_second_charge_for_a_settled_payment_is_a_discrepancy() -> None:
 
 def decline(
     payment: Payment, session_id: str = "cs_1", max_declines: int = 3
-) -> tuple[Payment, PaymentFailed]:
+) -> tuple[Payment, PaymentDeclined | PaymentFailed]:
     return domain.fail(
         payment,
         provider="simulator",
@@ -137,9 +144,9 @@ def test_a_decline_leaves_the_payment_due_for_another_checkout() -> None:
 
     assert declined.status is PaymentStatus.DUE
     assert (declined.declines, declined.checkout_session_id, declined.checkout_url) == (1, None, None)
-    assert isinstance(event, PaymentFailed)
+    assert isinstance(event, PaymentDeclined)
     assert (event.payment_id, event.amount, event.reason_code) == (payment.payment_id, PRICE, "card_declined")
-    assert event.retry_allowed
+    assert (event.attempt, event.attempts_left) == (1, 2)
     # The next checkout is a new session at the provider, not the declined one again.
     assert domain.checkout_key(declined) != domain.checkout_key(payment)
 
@@ -148,17 +155,22 @@ def test_the_last_decline_allowed_fails_the_payment_for_good() -> None:
     payment = due()
     for attempt in range(1, 3):
         payment, event = decline(checked_out(payment, f"cs_{attempt}"), f"cs_{attempt}")
-        assert (payment.status, event.retry_allowed) == (PaymentStatus.DUE, True)
+        assert payment.status is PaymentStatus.DUE
+        assert isinstance(event, PaymentDeclined)
+        assert (event.attempt, event.attempts_left) == (attempt, 3 - attempt)
     failed, event = decline(checked_out(payment, "cs_3"), "cs_3")
 
-    assert (failed.status, failed.declines, event.retry_allowed) == (PaymentStatus.FAILED, 3, False)
+    assert (failed.status, failed.declines) == (PaymentStatus.FAILED, 3)
+    assert isinstance(event, PaymentFailed)
+    assert (event.payment_id, event.reason_code) == (payment.payment_id, "card_declined")
     with pytest.raises(PaymentRuleViolated):
         checked_out(failed, "cs_4")
 
 
 def test_with_one_decline_allowed_the_first_is_final() -> None:
     failed, event = decline(checked_out(due()), max_declines=1)
-    assert (failed.status, event.retry_allowed) == (PaymentStatus.FAILED, False)
+    assert failed.status is PaymentStatus.FAILED
+    assert isinstance(event, PaymentFailed)
 
 
 def test_a_decline_of_an_earlier_checkout_changes_nothing() -> None:

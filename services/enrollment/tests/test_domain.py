@@ -167,7 +167,7 @@ def test_another_settlement_after_pending_changes_nothing(state: State, why: Ign
 
 def test_failed_payment_cancels_a_pending_enrollment() -> None:
     before = pending()
-    transition = domain.fail_payment(before, "The card was declined.", LATER, retry_allowed=False)
+    transition = domain.fail_payment(before, "The card was declined.", LATER)
     enrollment = transition.enrollment
     assert enrollment.status is EnrollmentStatus.CANCELLED
     assert enrollment.cancellation_reason is CancellationReason.PAYMENT_FAILED
@@ -192,21 +192,12 @@ def test_failed_payment_cancels_a_pending_enrollment() -> None:
 )
 def test_failed_payment_after_pending_changes_nothing(state: State, why: Ignored) -> None:
     before = state()
-    assert_unchanged(domain.fail_payment(before, "declined", LATER, retry_allowed=False), before, why)
+    assert_unchanged(domain.fail_payment(before, "declined", LATER), before, why)
 
 
 def test_the_same_failure_twice_cancels_once() -> None:
-    once = domain.fail_payment(pending(), "declined", LATER, retry_allowed=False).enrollment
-    assert_unchanged(
-        domain.fail_payment(once, "declined", LATER, retry_allowed=False), once, Ignored.ALREADY_CANCELLED
-    )
-
-
-def test_a_decline_the_learner_may_retry_keeps_the_enrollment_waiting_for_payment() -> None:
-    before = pending()
-    assert_unchanged(
-        domain.fail_payment(before, "declined", LATER, retry_allowed=True), before, Ignored.PAYMENT_RETRYABLE
-    )
+    once = domain.fail_payment(pending(), "declined", LATER).enrollment
+    assert_unchanged(domain.fail_payment(once, "declined", LATER), once, Ignored.ALREADY_CANCELLED)
 
 
 # --- refund ----------------------------------------------------------------------------------

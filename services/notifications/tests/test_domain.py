@@ -20,6 +20,7 @@ from microcred_events import (
     EnrollmentCreated,
     Event,
     Money,
+    PaymentDeclined,
     PaymentFailed,
     PaymentSettled,
     RefundIssued,
@@ -96,10 +97,20 @@ def test_a_reinstatement_is_news_of_its_own_each_time() -> None:
     assert first.event_key != later.event_key
 
 
+def test_each_declined_charge_of_a_payment_is_news_of_its_own() -> None:
+    first = notice_for(example(PaymentDeclined, attempt=1))
+    second = notice_for(example(PaymentDeclined, attempt=2))
+    failed = notice_for(example(PaymentFailed))
+    assert first.kind is Kind.PAYMENT_DECLINED
+    assert first.for_learner
+    assert len({first.event_key, second.event_key, failed.event_key}) == 3
+
+
 def test_every_notified_event_is_covered_here() -> None:
     covered: set[type[Event]] = {event_type for event_type, *_ in EXPECTED} | {
         CredentialRevoked,
         CredentialReinstated,
+        PaymentDeclined,
     }
     assert covered == set(NOTIFIED_EVENTS)
     assert {event_type.TYPE for event_type in covered} == WEBHOOK_EVENT_TYPES

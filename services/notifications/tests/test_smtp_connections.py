@@ -18,7 +18,8 @@ class CountingHandler(Handler):
 
     def __init__(self, store: MailStore) -> None:
         super().__init__(store)
-        self.sessions: list[int] = []
+        # The sessions themselves, not their id(): a closed session's id can be reused by the next.
+        self.sessions: list[Session] = []
 
     async def handle_RCPT(  # noqa: N802  # aiosmtpd's hook name
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -29,7 +30,7 @@ class CountingHandler(Handler):
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
-        self.sessions.append(id(session))
+        self.sessions.append(session)
         return await super().handle_DATA(server, session, envelope)
 
 
@@ -121,4 +122,4 @@ async def test_a_session_that_failed_is_dropped(sink: tuple[CountingHandler, int
     finally:
         connections.close()
     first, second = handler.sessions
-    assert first != second
+    assert first is not second

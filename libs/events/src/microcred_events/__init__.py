@@ -6,7 +6,7 @@ validated event, or get an `InvalidEvent` to dead-letter.
 """
 
 from microcred_events.base import ContractModel, Event, Money, example_data
-from microcred_events.billing import PaymentFailed, PaymentSettled, RefundIssued
+from microcred_events.billing import PaymentDeclined, PaymentFailed, PaymentSettled, RefundIssued
 from microcred_events.catalog import (
     Achievement,
     CourseFormat,
@@ -74,6 +74,7 @@ __all__ = [
     "Money",
     "PathwayPublished",
     "PathwaySnapshot",
+    "PaymentDeclined",
     "PaymentFailed",
     "PaymentSettled",
     "RefundIssued",

@@ -44,14 +44,47 @@ class PaymentSettled(Event):
     )
 
 
+class PaymentDeclined(Event):
+    """A charge of the payment was declined, and the payment is still due: the learner may check
+    out again (another card). Once as many are declined as billing allows, `PaymentFailed` follows
+    instead of this.
+
+    Consumers may rely on: one per declined charge, `attempt` counting them from 1; the
+    enrollment waits for payment as before. `reason_code` is stable to branch on, `reason` is
+    for people.
+    """
+
+    TYPE: ClassVar[str] = "org.microcred.billing.payment.declined.v1"
+    TOPIC: ClassVar[Topic] = Topic.BILLING_PAYMENT
+    KEY: ClassVar[str] = "payment_id"
+
+    payment_id: UUID = Field(description=_PAYMENT_DESCRIPTION, examples=[_PAYMENT_ID])
+    enrollment_id: UUID = Field(description="The enrollment it is for.", examples=[_ENROLLMENT_ID])
+    learner_id: UUID = Field(description="The learner who was charged.", examples=[_LEARNER_ID])
+    amount: Money = Field(description="The amount still due.", examples=[example_data(Money)])
+    provider: NonEmptyStr = Field(description="Payment provider that declined it.", examples=["stripe"])
+    reason_code: str = Field(
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="Machine-readable reason in snake_case, e.g. card_declined, insufficient_funds, expired.",
+        examples=["card_declined"],
+    )
+    reason: NonEmptyStr = Field(description="Explanation for people.", examples=["The card was declined."])
+    attempt: int = Field(
+        ge=1, description="Which declined charge of the payment this is, from 1.", examples=[1]
+    )
+    attempts_left: int = Field(
+        ge=1,
+        description="Checkouts the learner has left; a decline of the last fails the payment.",
+        examples=[2],
+    )
+    declined_at: UtcDateTime = Field(description="When it was declined.", examples=["2025-03-20T10:17:12Z"])
+
+
 class PaymentFailed(Event):
-    """A charge of the payment could not be collected.
+    """The payment could not be collected. Terminal for this payment.
 
     Consumers may rely on: `reason_code` is a stable, provider-independent code to branch on;
-    `reason` is for people. With `retry_allowed` the payment is still due and the learner may check
-    out again (another card); without it the payment has failed for good and enrollment cancels
-    the enrollment with reason `payment_failed`. Roll consumers out before a producer that sets
-    `retry_allowed`: one that does not know it reads every failure as final.
+    `reason` is for people. Enrollment cancels the enrollment with reason `payment_failed`.
     """
 
     TYPE: ClassVar[str] = "org.microcred.billing.payment.failed.v1"
@@ -70,14 +103,6 @@ class PaymentFailed(Event):
     )
     reason: NonEmptyStr = Field(description="Explanation for people.", examples=["The card was declined."])
     failed_at: UtcDateTime = Field(description="When it failed.", examples=["2025-03-20T10:17:12Z"])
-    retry_allowed: bool = Field(
-        default=False,
-        description=(
-            "True when the payment is still due: the learner may check out again. False (and absent, "
-            "from producers before it) when this failure is final for the payment."
-        ),
-        examples=[True],
-    )
 
 
 class RefundIssued(Event):
@@ -121,4 +146,4 @@ class RefundIssued(Event):
     )
 
 
-EVENTS: tuple[type[Event], ...] = (PaymentSettled, PaymentFailed, RefundIssued)
+EVENTS: tuple[type[Event], ...] = (PaymentSettled, PaymentDeclined, PaymentFailed, RefundIssued)

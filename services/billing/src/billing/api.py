@@ -178,10 +178,16 @@ async def get_payment(payment_id: UUID, db: Db, caller: Caller) -> PaymentOut:
 @payments.post(
     "/{payment_id}/checkout",
     summary="Check out a due payment: where to pay it",
-    description="Asking again returns the same checkout session.",
+    description=(
+        "Asking again returns the same checkout session, until a charge in it is declined: then the "
+        "payment stays due (up to PAYMENT_MAX_DECLINES declines) and the next checkout is a new session."
+    ),
     responses={
         404: _problem("No such payment, or not yours."),
-        409: _problem("The payment is not due (settled, failed, voided or refunded)."),
+        409: _problem(
+            "The payment is not due (settled, failed, voided or refunded), or a charge was declined "
+            "while this checkout was being opened (check out again)."
+        ),
         502: _problem("The payment provider could not be reached or refused."),
     },
 )

@@ -9,7 +9,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from uuid import UUID
 
-from microcred_events import EnrollmentCreated, Money, PaymentFailed, PaymentSettled, RefundIssued
+from microcred_events import (
+    EnrollmentCreated,
+    Money,
+    PaymentDeclined,
+    PaymentFailed,
+    PaymentSettled,
+    RefundIssued,
+)
 
 
 class PaymentStatus(enum.StrEnum):
@@ -175,13 +182,14 @@ def fail(
     reason: str,
     failed_at: datetime,
     max_declines: int,
-) -> tuple[Payment, PaymentFailed]:
+) -> tuple[Payment, PaymentDeclined | PaymentFailed]:
     """The provider could not collect a due payment at its checkout session `session_id`.
 
     Below `max_declines` declines the payment stays due, without a checkout session, so that the
-    learner's next checkout opens a new one (another card); the `max_declines`th fails it for good.
-    A failure at any other session than the current one (an earlier checkout's, told late or
-    again) changes nothing: `PaymentRuleViolated`, as for a payment no longer due.
+    learner's next checkout opens a new one (another card): `PaymentDeclined`. The
+    `max_declines`th fails it for good: `PaymentFailed`. A failure at any other session than the
+    current one (an earlier checkout's, told late or again) changes nothing: `PaymentRuleViolated`,
+    as for a payment no longer due.
     """
     require_due(payment)
     if session_id != payment.checkout_session_id:
@@ -199,6 +207,19 @@ def fail(
         provider=provider,
         updated_at=failed_at,
     )
+    if retry_allowed:
+        return failed, PaymentDeclined(
+            payment_id=payment.payment_id,
+            enrollment_id=payment.enrollment_id,
+            learner_id=payment.learner_id,
+            amount=payment.amount,
+            provider=provider,
+            reason_code=reason_code,
+            reason=reason,
+            attempt=declines,
+            attempts_left=max_declines - declines,
+            declined_at=failed_at,
+        )
     return failed, PaymentFailed(
         payment_id=payment.payment_id,
         enrollment_id=payment.enrollment_id,
@@ -208,7 +229,6 @@ def fail(
         reason_code=reason_code,
         reason=reason,
         failed_at=failed_at,
-        retry_allowed=retry_allowed,
     )
 
 

@@ -7,9 +7,10 @@ what is asked of the provider; the call goes out with an idempotency key, so ask
 open a second session or return money twice; the second applies the answer, re-reading the payment,
 which may have changed meanwhile.
 
-A checkout needs no record of its intent: its key, `<payment_id>:checkout`, gets the same session
-however often it is asked, so a checkout interrupted before its session was stored is finished by
-asking again. A refund is recorded `requested` first, which reserves its amount against concurrent
+A checkout needs no record of its intent: its key, `<payment_id>:checkout` (then
+`<payment_id>:checkout:<n>` after the n-th declined charge, for a new session), gets the same
+session however often it is asked, so a checkout interrupted before its session was stored is
+finished by asking again. A refund is recorded `requested` first, which reserves its amount against concurrent
 refunds, and becomes issued with the provider's answer; a definite refusal deletes it. One left
 `requested` (billing stopped mid-call, or the provider's answer was lost) keeps its amount reserved
 until someone asks the provider again with its key, `<payment_id>:refund:<refund_id>`, which is safe.
@@ -113,7 +114,8 @@ async def list_payments(
 async def check_out(
     db: asyncpg.Pool, provider: PaymentProvider, learner: Principal, payment_id: UUID
 ) -> CheckoutSession:
-    """Where the learner pays their due payment; the same session every time it is asked for."""
+    """Where the learner pays their due payment: the same session every time it is asked for,
+    until a charge in it is declined; then a new one."""
     async with db.acquire() as conn:
         payment = await _due_for(conn, learner, payment_id)
     if payment.checkout_session_id is not None and payment.checkout_url is not None:
@@ -127,12 +129,18 @@ async def check_out(
     )
     async with db.acquire() as conn, conn.transaction():
         # Voided meanwhile: 409. Checked out concurrently: the same key made the same session.
-        payment = await _due_for(conn, learner, payment_id, for_update=True)
-        if payment.checkout_session_id is None:
-            await repository.save(
-                conn,
-                domain.attach_checkout(payment, session.session_id, session.checkout_url, datetime.now(UTC)),
+        current = await _due_for(conn, learner, payment_id, for_update=True)
+        if current.declines != payment.declines:
+            # A concurrent checkout handed out this session and a charge in it was declined: the
+            # session is spent, and storing it would hand it out again for ever.
+            raise Problem(
+                409, "payment-declined-meanwhile", "a charge was declined meanwhile: check out again"
             )
+        if current.checkout_session_id is not None and current.checkout_url is not None:
+            return CheckoutSession(current.checkout_session_id, current.checkout_url)
+        await repository.save(
+            conn, domain.attach_checkout(current, session.session_id, session.checkout_url, datetime.now(UTC))
+        )
     return session
 
 

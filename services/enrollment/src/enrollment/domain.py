@@ -122,7 +122,6 @@ class Ignored(enum.StrEnum):
     AMOUNT_SHORT = "amount_short"
     NOT_ACTIVATING_PAYMENT = "not_activating_payment"
     PARTIAL_REFUND = "partial_refund"
-    PAYMENT_RETRYABLE = "payment_retryable"
 
 
 @dataclass(frozen=True)
@@ -202,17 +201,14 @@ def _activated(enrollment: Enrollment, payment_id: UUID | None, now: datetime) -
     return Transition(active, (event,))
 
 
-def fail_payment(enrollment: Enrollment, reason: str, now: datetime, *, retry_allowed: bool) -> Transition:
-    """A payment failed for good: an enrollment still waiting for payment is cancelled.
+def fail_payment(enrollment: Enrollment, reason: str, now: datetime) -> Transition:
+    """A payment failed: an enrollment still waiting for payment is cancelled.
 
-    A declined charge that leaves the payment due (`retry_allowed`: the learner checks out again,
-    with another card) leaves the enrollment waiting for it. A failure after activation is of
-    another attempt (the learner retried, and that one settled): the enrollment stays active.
+    A failure after activation is of another attempt (the learner retried with another card, and
+    that one settled): the enrollment is paid and stays active.
     """
     if enrollment.status is not EnrollmentStatus.PENDING_PAYMENT:
         return _unchanged(enrollment, _settled_state(enrollment.status))
-    if retry_allowed:
-        return _unchanged(enrollment, Ignored.PAYMENT_RETRYABLE)
     return _cancelled(enrollment, CancellationReason.PAYMENT_FAILED, reason, now, by="billing")
 
 

@@ -256,9 +256,7 @@ async def fail_payment(conn: Connection, event: PaymentFailed) -> None:
     await _react(
         conn,
         event.enrollment_id,
-        lambda enrollment: domain.fail_payment(
-            enrollment, event.reason, _now(), retry_allowed=event.retry_allowed
-        ),
+        lambda enrollment: domain.fail_payment(enrollment, event.reason, _now()),
         payment_id=event.payment_id,
     )
 

@@ -37,6 +37,7 @@ from microcred_events import (
     EnrollmentCreated,
     Event,
     Money,
+    PaymentDeclined,
     PaymentFailed,
     PaymentSettled,
     RefundIssued,
@@ -50,6 +51,7 @@ class Kind(enum.StrEnum):
     ENROLLMENT_ACTIVATED = "enrollment.activated"
     ENROLLMENT_CANCELLED = "enrollment.cancelled"
     PAYMENT_SETTLED = "payment.settled"
+    PAYMENT_DECLINED = "payment.declined"
     PAYMENT_FAILED = "payment.failed"
     REFUND_ISSUED = "refund.issued"
     COURSE_COMPLETED = "course.completed"
@@ -69,6 +71,7 @@ NOTIFIED_EVENTS: tuple[type[Event], ...] = (
     EnrollmentActivated,
     EnrollmentCancelled,
     PaymentSettled,
+    PaymentDeclined,
     PaymentFailed,
     RefundIssued,
     CourseCompleted,
@@ -122,6 +125,10 @@ def notice_for(event: Event) -> Notice:
             occurrence, learner_id, at = event.enrollment_id, event.learner_id, event.cancelled_at
         case PaymentSettled():
             occurrence, learner_id, at = event.payment_id, event.learner_id, event.settled_at
+        case PaymentDeclined():
+            # A payment can be declined more than once: each decline is its own news.
+            occurrence_key = f"{event.payment_id}:{event.attempt}"
+            return _notice(event, occurrence_key, event.learner_id, event.declined_at)
         case PaymentFailed():
             occurrence, learner_id, at = event.payment_id, event.learner_id, event.failed_at
         case RefundIssued():
