@@ -204,42 +204,54 @@ class MailSink:
 @contextlib.contextmanager
 def mail_sink(logs: Path) -> Iterator[MailSink]:
     """smtp-sink (see `smtp_sink`) on a free port, else the project's Python sink, until the block ends."""
-    port = free_port()
     command = smtp_sink()
-    if isinstance(command, str):
-        sink_http = free_port()
-        python = Process(
-            "mail-sink",
-            [sys.executable, "-m", "notifications.smtp_sink"],
-            {"SINK_SMTP_PORT": str(port), "SINK_HTTP_PORT": str(sink_http)},
-            f"http://127.0.0.1:{sink_http}/health/live",
-            logs / "mail-sink.log",
-        )
-        python.log.write_bytes(b"")
-        python.start()
+    started = None if isinstance(command, str) else _start_smtp_sink(*command, logs)
+    if isinstance(started, tuple):
+        process, port = started
         try:
-            wait_ready([python])
-            yield MailSink(port, pid(python), f"the project's Python sink; NOT smtp-sink ({command})")
+            yield MailSink(port, process.pid, "Postfix's smtp-sink")
         finally:
-            harness_processes.stop_all([python])
+            process.terminate()
+            process.wait(timeout=10)
         return
-    argv, env = command
-    with (logs / "mail-sink.log").open("wb") as log:
-        started = subprocess.Popen(  # noqa: S603
+    why_not = command if isinstance(command, str) else started
+    port, sink_http = free_port(), free_port()
+    python = Process(
+        "mail-sink",
+        [sys.executable, "-m", "notifications.smtp_sink"],
+        {"SINK_SMTP_PORT": str(port), "SINK_HTTP_PORT": str(sink_http)},
+        f"http://127.0.0.1:{sink_http}/health/live",
+        logs / "mail-sink.log",
+    )
+    python.log.write_bytes(b"")
+    python.start()
+    try:
+        wait_ready([python])
+        yield MailSink(port, pid(python), f"the project's Python sink; NOT smtp-sink ({why_not})")
+    finally:
+        harness_processes.stop_all([python])
+
+
+def _start_smtp_sink(
+    argv: list[str], env: dict[str, str], logs: Path
+) -> tuple[subprocess.Popen[bytes], int] | str:
+    """smtp-sink listening on a free port, or why it would not start (e.g. a library it needs is
+    missing: `apt-get download` fetches no dependencies)."""
+    port = free_port()
+    log_path = logs / "mail-sink.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603
             [*argv, f"127.0.0.1:{port}", "256"], env={**os.environ, **env}, stdout=log, stderr=log
         )
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if started.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"smtp-sink did not start: see {logs / 'mail-sink.log'}")
-            time.sleep(0.1)
-        yield MailSink(port, started.pid, "Postfix's smtp-sink")
-    finally:
-        started.terminate()
-        started.wait(timeout=10)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return process, port
+        time.sleep(0.1)
+    process.kill()
+    process.wait(timeout=10)
+    said = log_path.read_text(errors="replace").strip().splitlines()
+    return f"it did not start: {said[-1] if said else 'no answer on its port'}"
 
 
 # --- CPU and memory from /proc ---------------------------------------------------------------
@@ -1443,6 +1455,8 @@ class Paced:
     def growth(self) -> float:
         """How much longer (s) the last fifth of the reports (in publishing order) took than the
         first fifth, medians: about 0 while the pipeline keeps up, the backlog's growth when not."""
+        if not self.latencies:
+            return math.nan
         fifth = max(len(self.latencies) // 5, 1)
         return percentile(self.latencies[-fifth:], 0.5) - percentile(self.latencies[:fifth], 0.5)
 
@@ -1883,9 +1897,15 @@ def report(arguments: argparse.Namespace, measured: Measured) -> Figures:
             else asked
         )
         kept = "kept up" if phase.kept_up else "fell behind"
+        growth = phase.growth
+        than_first = (
+            f"the last fifth {_seconds(growth)} slower than the first"
+            if not growth < 0
+            else f"the last fifth {_seconds(-growth)} faster than the first"
+        )
         label = (
-            f"at {phase.offered:.0f}/s offered ({share}; recorded at {phase.recorded_rate:.0f}/s, the last "
-            f"fifth {_seconds(phase.growth)} slower than the first: {kept})"
+            f"at {phase.offered:.0f}/s offered ({share}; recorded at {phase.recorded_rate:.0f}/s, "
+            f"{than_first}: {kept})"
         )
         figures.add(latency_line(label, phase.latencies))
         stage_lines(figures, phase.stages)

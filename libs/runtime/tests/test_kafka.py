@@ -293,7 +293,14 @@ class RecordingConsumer:
 async def test_subscribe_leaves_offsets_to_the_runtime_on_prefixed_topics_and_group() -> None:
     broker, consumer = KafkaBroker("kafka:9092"), RecordingConsumer()
 
-    kafka.subscribe(broker, consumer, membership=MEMBERSHIP, prefix="staging.", fetch_max_wait_ms=80)  # type: ignore[arg-type]  # a fake consumer
+    kafka.subscribe(
+        broker,
+        consumer,  # type: ignore[arg-type]  # a fake consumer
+        membership=MEMBERSHIP,
+        prefix="staging.",
+        fetch_max_wait_ms=80,
+        fetch_min_bytes=4096,
+    )
 
     (subscriber,) = broker.subscribers
     assert isinstance(subscriber, LogicSubscriber)
@@ -307,6 +314,7 @@ async def test_subscribe_leaves_offsets_to_the_runtime_on_prefixed_topics_and_gr
     assert options["enable_auto_commit"] is False
     # Not Kafka's 500 ms: a fetch of idle partitions would hold up the busy ones' next records.
     assert options["fetch_max_wait_ms"] == 80
+    assert options["fetch_min_bytes"] == 4096
     assert (
         options["session_timeout_ms"],
         options["heartbeat_interval_ms"],

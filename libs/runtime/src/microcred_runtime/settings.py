@@ -26,6 +26,45 @@ _REDIS_SCHEMES = (
 )
 
 
+# The consumer's batching, as types: a service whose events may wait takes other defaults
+# (notifications) with the same bounds and descriptions.
+ConsumerBatchSize = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=1000,
+        description=(
+            "Most events applied in one transaction and one offset commit: what a poll returns, up "
+            "to this. 1 applies each on its own."
+        ),
+    ),
+]
+ConsumerFetchMaxWait = Annotated[
+    float,
+    Field(
+        ge=0.001,  # whole milliseconds: less would be 0, a fetch loop that never waits
+        le=30,
+        description=(
+            "Longest the broker holds a fetch for partitions with no new records (or fewer than "
+            "CONSUMER_FETCH_MIN_BYTES). A consumer sends its next fetch only after it, so new records "
+            "may wait this long behind idle topics; lower costs idle consumers more fetches."
+        ),
+    ),
+]
+ConsumerFetchMinBytes = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=50 * 1024 * 1024,
+        description=(
+            "Bytes of new records the broker waits for (up to CONSUMER_FETCH_MAX_WAIT_SECONDS) before "
+            "it answers a fetch: above 1, a consumer whose events may wait takes them in fewer, larger "
+            "batches, at less CPU per event."
+        ),
+    ),
+]
+
+
 class ServiceSettings(BaseSettings):
     """What every service reads from its environment; a service subclasses it to add its own."""
 
@@ -128,35 +167,9 @@ class ServiceSettings(BaseSettings):
     consumer_retry_backoff_seconds: float = Field(
         default=0.2, gt=0, description="First retry delay; it doubles on every further attempt."
     )
-    consumer_batch_size: int = Field(
-        default=100,
-        ge=1,
-        le=1000,
-        description=(
-            "Most events applied in one transaction and one offset commit: what a poll returns, up "
-            "to this. 1 applies each on its own."
-        ),
-    )
-    consumer_fetch_max_wait_seconds: float = Field(
-        default=0.1,
-        ge=0.001,  # whole milliseconds: less would be 0, a fetch loop that never waits
-        le=30,
-        description=(
-            "Longest the broker holds a fetch for partitions with no new records. A consumer sends "
-            "its next fetch only after it, so new records may wait this long behind idle topics; "
-            "lower costs idle consumers more fetches."
-        ),
-    )
-    consumer_fetch_min_bytes: int = Field(
-        default=1,
-        ge=1,
-        le=50 * 1024 * 1024,
-        description=(
-            "Bytes of new records the broker waits for (up to CONSUMER_FETCH_MAX_WAIT_SECONDS) before "
-            "it answers a fetch: above 1, a consumer whose events may wait takes them in fewer, larger "
-            "batches, at less CPU per event."
-        ),
-    )
+    consumer_batch_size: ConsumerBatchSize = 100
+    consumer_fetch_max_wait_seconds: ConsumerFetchMaxWait = 0.1
+    consumer_fetch_min_bytes: ConsumerFetchMinBytes = 1
     # Consumer-group membership. Dynamic members with a short session, not static membership
     # (group.instance.id): a SIGKILLed replica's partitions go to the survivors once its session
     # expires, either way, and only a dynamic member says goodbye (LeaveGroup) on SIGTERM, so a

@@ -5,6 +5,7 @@ from typing import Self
 from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 
 from microcred_runtime import ServiceSettings
+from microcred_runtime.settings import ConsumerBatchSize, ConsumerFetchMaxWait, ConsumerFetchMinBytes
 
 
 class SmtpSecurity(enum.StrEnum):
@@ -20,21 +21,9 @@ class Settings(ServiceSettings):
     # at most, rather than as soon as each arrives. At 390 credentials/s offered on two CPUs
     # (`make bench`, the pipeline shortened) that cut p99 report -> credential from 0.85-1.46 s
     # to 0.61-0.71 s: the CPU its small batches took was the pipeline's.
-    consumer_batch_size: int = Field(
-        default=500, ge=1, le=1000, description="As for every service; notifications' default is larger."
-    )
-    consumer_fetch_max_wait_seconds: float = Field(
-        default=0.5,
-        ge=0.001,
-        le=30,
-        description="As for every service; notifications waits longer for a batch to fill.",
-    )
-    consumer_fetch_min_bytes: int = Field(
-        default=256 * 1024,
-        ge=1,
-        le=50 * 1024 * 1024,
-        description="As for every service; notifications asks the broker for some 200 events at a time.",
-    )
+    consumer_batch_size: ConsumerBatchSize = 500
+    consumer_fetch_max_wait_seconds: ConsumerFetchMaxWait = 0.5
+    consumer_fetch_min_bytes: ConsumerFetchMinBytes = 256 * 1024
 
     smtp_host: str = Field(default="127.0.0.1", min_length=1, description="The SMTP server mail goes to.")
     smtp_port: int = Field(default=1025, ge=1, le=65535, description="1025 is the local sink's.")
