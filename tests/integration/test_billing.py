@@ -25,6 +25,7 @@ from billing.settings import Settings
 from billing.webhooks import SIGNATURE_HEADER, signature
 from microcred_events import (
     CancellationReason,
+    EnrollmentActivated,
     EnrollmentCancelled,
     EnrollmentCreated,
     Event,
@@ -141,7 +142,12 @@ async def system(
 ) -> AsyncIterator[Billing]:
     database = await new_database()
     settings = make_settings(
-        Settings, database, payment_provider_url="http://simulator", payment_webhook_secret=SECRET
+        Settings,
+        database,
+        payment_provider_url="http://simulator",
+        payment_webhook_secret=SECRET,
+        # Discrepancies are listed at once, not after the production 10 minutes.
+        reconcile_after_seconds=0,
     )
     app = billing.main.create_app(settings)
     simulator_app = simulator.create_app(
@@ -666,3 +672,124 @@ async def test_a_refused_refund_is_forgotten_and_one_with_a_lost_answer_stays_re
     assert rest.json()["amount"] == {"amount_minor": 900, "currency": "EUR"}
     assert rest.json()["payment"]["refunded"] == {"amount_minor": 900, "currency": "EUR"}
     assert rest.json()["payment"]["status"] == "settled"
+
+
+async def test_staff_list_what_money_and_enrollments_disagree_on_and_reconcile_it(system: Billing) -> None:
+    async def paid(learner: uuid.UUID, **params: str | int) -> tuple[EnrollmentCreated, dict[str, Any]]:
+        enrollment = await system.enroll(learner)
+        payment = await system.payment_due(enrollment)
+        await system.pay((await system.check_out(payment, learner))["session_id"], **params)
+        return enrollment, payment
+
+    async def listed() -> dict[tuple[str, str], dict[str, Any]]:
+        answer = await system.api.get("/reconciliation/discrepancies", headers=system.staff())
+        assert answer.status_code == 200, answer.text
+        return {(item["kind"], item["subject"]): item for item in answer.json()["items"]}
+
+    _, taken = await paid(uuid.uuid4())  # enrollment activates it below: nothing to reconcile
+    _, not_taken = await paid(uuid.uuid4())
+    cancelled_enrollment, kept = await paid(uuid.uuid4())
+    await paid(uuid.uuid4(), amount=4500)  # collected, settles nothing
+    _, unanswered = await paid(uuid.uuid4())
+    await system.send(
+        EnrollmentActivated(
+            enrollment_id=uuid.UUID(taken["enrollment_id"]),
+            learner_id=uuid.UUID(taken["learner_id"]),
+            course_id=uuid.uuid4(),
+            payment_id=uuid.UUID(taken["payment_id"]),
+            activated_at=datetime.now(UTC),
+        )
+    )
+    await system.send(
+        EnrollmentCancelled(
+            enrollment_id=cancelled_enrollment.enrollment_id,
+            learner_id=cancelled_enrollment.learner.learner_id,
+            course_id=cancelled_enrollment.course_id,
+            reason=CancellationReason.LEARNER_REQUEST,
+            detail="changed my mind",
+            cancelled_at=datetime.now(UTC),
+        )
+    )
+    system.app.dependency_overrides[api.payment_provider] = lambda: FailingRefunds(
+        system.provider, ProviderError("the payment provider is unreachable")
+    )
+    lost = await system.api.post(f"/payments/{unanswered['payment_id']}/refunds", headers=system.staff())
+    system.app.dependency_overrides[api.payment_provider] = lambda: system.provider
+    assert lost.status_code == 502
+    refund_id = str(await system.db.fetchval("SELECT refund_id FROM refunds WHERE status = 'requested'"))
+    short_event = await system.db.fetchval("SELECT provider_event_id FROM payment_discrepancies")
+
+    async def settled_in() -> dict[tuple[str, str], dict[str, Any]] | None:
+        found = await listed()
+        taken_seen = await system.db.fetchval(
+            "SELECT enrollment_activated_at IS NOT NULL AND"
+            " (SELECT enrollment_cancelled_at IS NOT NULL FROM payments WHERE payment_id = $2)"
+            " FROM payments WHERE payment_id = $1",
+            uuid.UUID(taken["payment_id"]),
+            uuid.UUID(kept["payment_id"]),
+        )
+        return found if taken_seen else None
+
+    found = await system.wait_for(settled_in)
+    assert found is not None, "billing did not hear of the activation and the cancellation"
+    paged, cursor = [], None
+    while True:
+        page = await system.api.get(
+            "/reconciliation/discrepancies",
+            params={"limit": 2, **({"cursor": cursor} if cursor else {})},
+            headers=system.staff(),
+        )
+        paged += [(item["kind"], item["subject"]) for item in page.json()["items"]]
+        if (cursor := page.json()["next_cursor"]) is None:
+            break
+    assert paged == list(found), "paging two at a time gave another list than one page"
+    assert set(found) == {
+        ("settled_not_active", not_taken["payment_id"]),
+        # Enrollment has not taken this one either (until its refund is through).
+        ("settled_not_active", unanswered["payment_id"]),
+        ("paid_enrollment_cancelled", kept["payment_id"]),
+        ("unmatched_collection", f"simulator:{short_event}"),
+        ("refund_unanswered", refund_id),
+    }
+    assert found[("paid_enrollment_cancelled", kept["payment_id"])]["amount"] == {
+        "amount_minor": 4900,
+        "currency": "EUR",
+    }
+    assert found[("unmatched_collection", f"simulator:{short_event}")]["amount"]["amount_minor"] == 4500
+
+    # Staff of another institution see none of it; learners may not look.
+    elsewhere = system.bearer("staff-2", "staff", issuers=[str(uuid.uuid4())])
+    assert (await system.api.get("/reconciliation/discrepancies", headers=elsewhere)).json()["items"] == []
+    learner = system.learner(uuid.UUID(kept["learner_id"]))
+    assert (await system.api.get("/reconciliation/discrepancies", headers=learner)).status_code == 403
+
+    # Reconciled: by hand with a note, once; the refund by asking the provider again.
+    resolution = f"/reconciliation/discrepancies/paid_enrollment_cancelled/{kept['payment_id']}/resolution"
+    note = {"note": "Course policy: no refund after the first module; the learner was told."}
+    by_hand = await system.api.post(resolution, json=note, headers=system.staff())
+    again = await system.api.post(resolution, json=note, headers=system.staff())
+    not_by_hand = await system.api.post(
+        f"/reconciliation/discrepancies/refund_unanswered/{refund_id}/resolution",
+        json=note,
+        headers=system.staff(),
+    )
+    retried = await system.api.post(
+        f"/payments/{unanswered['payment_id']}/refunds/{refund_id}/retry", headers=system.staff()
+    )
+    retried_again = await system.api.post(
+        f"/payments/{unanswered['payment_id']}/refunds/{refund_id}/retry", headers=system.staff()
+    )
+
+    assert by_hand.status_code == 204, by_hand.text
+    assert again.status_code == 404
+    assert not_by_hand.status_code == 409
+    assert not_by_hand.json()["type"] == "urn:microcred:problem:reconciled-at-provider"
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["payment"]["status"] == "refunded"
+    assert retried_again.status_code == 404
+    assert await system.outbox(unanswered["payment_id"]) == [PaymentSettled.TYPE, RefundIssued.TYPE]
+    assert set(await listed()) == {
+        ("settled_not_active", not_taken["payment_id"]),
+        ("unmatched_collection", f"simulator:{short_event}"),
+    }
+    assert await system.db.fetchval("SELECT resolved_by FROM reconciliations") == "staff:staff-1"

@@ -500,6 +500,14 @@ STAFF_OPERATIONS = [
         partner_credential=True,
     ),
     Operation("billing", "POST", "/payments/{payment_id}/refunds", {"reason": "a learner said so"}),
+    Operation("billing", "POST", "/payments/{payment_id}/refunds/{refund_id}/retry"),
+    Operation("billing", "GET", "/reconciliation/discrepancies"),
+    Operation(
+        "billing",
+        "POST",
+        "/reconciliation/discrepancies/{kind}/{subject}/resolution",
+        {"note": "a learner said so"},
+    ),
     Operation("issuance", "GET", "/credentials"),
     Operation("issuance", "POST", "/credentials/{credential_id}/revocation", {"reason": "a learner said so"}),
     Operation("issuance", "POST", "/credentials/{credential_id}/suspension", {"reason": "a learner said so"}),
@@ -528,6 +536,9 @@ def _ids(victim: Victim, targets: Targets) -> dict[str, str]:
         "partner_id": targets.partner_id,
         "partner_credential_id": targets.partner_credential_id,
         "payment_id": victim.payment_id,
+        "refund_id": str(uuid.uuid4()),  # the check precedes the lookup
+        "kind": "paid_enrollment_cancelled",
+        "subject": victim.payment_id,
         "credential_id": victim.credential_id,
         "subscription_id": targets.subscription_id,
         "delivery_id": str(uuid.uuid4()),  # deliveries come from events; the check precedes the lookup

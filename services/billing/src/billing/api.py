@@ -3,11 +3,12 @@
 Checkout and refund call the payment provider: their use cases run short transactions of their own.
 """
 
-from datetime import UTC, datetime
+import dataclasses
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from microcred_events import Money, RefundIssued, example_data
@@ -26,7 +27,7 @@ from microcred_runtime import (
 )
 
 from . import service
-from .domain import NoticeOutcome, Payment, PaymentStatus
+from .domain import Discrepancy, DiscrepancyKind, NoticeOutcome, Payment, PaymentStatus
 from .provider import PaymentProvider
 from .webhooks import SIGNATURE_HEADER, InvalidWebhook
 
@@ -39,6 +40,14 @@ payments = APIRouter(
     responses={401: problem_doc("No bearer token, or one that is not valid.")},
 )
 webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"])
+reconciliation = APIRouter(
+    prefix="/reconciliation",
+    tags=["reconciliation"],
+    responses={
+        401: problem_doc("No bearer token, or one that is not valid."),
+        403: problem_doc("Only staff and admins reconcile."),
+    },
+)
 
 
 async def payment_provider(request: Request, _started: RuntimeDep) -> PaymentProvider:
@@ -143,6 +152,45 @@ class RefundOut(BaseModel):
         )
 
 
+class DiscrepancyOut(BaseModel):
+    kind: DiscrepancyKind = Field(
+        description=(
+            "`unmatched_collection`: the provider collected money that settled no payment; "
+            "`settled_not_active`: settled, and enrollment has not activated the enrollment; "
+            "`paid_enrollment_cancelled`: settled, not refunded in full, for an enrollment since cancelled; "
+            "`refund_unanswered`: a refund the provider never answered (retry it)."
+        ),
+        examples=["paid_enrollment_cancelled"],
+    )
+    subject: str = Field(
+        description="Names it within its kind: a payment id, a refund id, or `<provider>:<event id>`.",
+        examples=[_PAYMENT_ID],
+    )
+    since: datetime = Field(description="When it began: the collection, settlement, cancellation or request.")
+    detail: str = Field(examples=["paid, and the enrollment was cancelled; not refunded in full"])
+    amount: Money = Field(
+        description="The money in question: collected, paid, not refunded yet, or being refunded.",
+        examples=[_MONEY],
+    )
+    payment_id: UUID | None = Field(description="The payment, when there is one.", examples=[_PAYMENT_ID])
+    refund_id: UUID | None = Field(description="The refund, for `refund_unanswered`.", examples=[None])
+
+    @classmethod
+    def of(cls, discrepancy: Discrepancy) -> "DiscrepancyOut":
+        return cls(**dataclasses.asdict(discrepancy))
+
+
+class ReconciliationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="What was done, for the audit trail (e.g. refunded at the provider as re_123).",
+        examples=["Refunded the charge at the provider (re_3OqX2b); the learner was told."],
+    )
+
+
 class WebhookReceipt(BaseModel):
     outcome: NoticeOutcome = Field(
         description="settled, failed, or ignored (nothing to change, e.g. a decline after settlement).",
@@ -218,6 +266,69 @@ async def refund_payment(
         db, provider, staff, payment_id, amount=refund.amount, reason=refund.reason
     )
     return RefundOut.of(payment, issued)
+
+
+@payments.post(
+    "/{payment_id}/refunds/{refund_id}/retry",
+    summary="Ask the provider again for a refund whose answer was lost (staff)",
+    description=(
+        "A refund stays `requested`, its amount reserved, when the provider's answer never came. This asks "
+        "again with the same idempotency key: the provider returns the money once however often it is asked."
+    ),
+    responses={
+        403: _problem("Only staff of the course's issuer, and admins, refund."),
+        404: _problem("No such payment, or no refund of it waiting for an answer."),
+        502: _problem("The payment provider could not be reached or refused."),
+    },
+)
+async def retry_refund(
+    payment_id: UUID, refund_id: UUID, db: Db, staff: Staff, provider: Provider
+) -> RefundOut:
+    payment, issued = await service.retry_refund(db, provider, staff, payment_id, refund_id)
+    return RefundOut.of(payment, issued)
+
+
+@reconciliation.get(
+    "/discrepancies",
+    summary="Payments whose money and enrollment disagree, for your issuers (staff; admins: all)",
+    description=(
+        "Money collected that settled nothing, payments settled but not taken by enrollment, payments "
+        "kept for cancelled enrollments, refunds never answered; each once RECONCILE_AFTER_SECONDS have "
+        "passed since it began."
+    ),
+    responses={400: _problem("The cursor is not one this API returned.")},
+)
+async def list_discrepancies(
+    db: Db, staff: Staff, runtime: RuntimeDep, limit: Limit = 50, cursor: Cursor = None
+) -> Page[DiscrepancyOut]:
+    overdue = timedelta(seconds=runtime.settings.reconcile_after_seconds)
+    async with db.acquire() as conn:
+        found, next_cursor = await service.list_discrepancies(
+            conn, staff, overdue_after=overdue, limit=limit, cursor=cursor
+        )
+    return Page[DiscrepancyOut](items=[DiscrepancyOut.of(item) for item in found], next_cursor=next_cursor)
+
+
+@reconciliation.post(
+    "/discrepancies/{kind}/{subject}/resolution",
+    status_code=204,
+    summary="Record a discrepancy reconciled by hand, with what was done (staff)",
+    responses={
+        404: _problem("No such open discrepancy of your issuers."),
+        409: _problem("Reconciled already, or an unanswered refund (retry it instead)."),
+    },
+)
+async def reconcile(
+    kind: DiscrepancyKind,
+    subject: Annotated[str, Path(max_length=300)],
+    body: ReconciliationIn,
+    db: Db,
+    staff: Staff,
+    runtime: RuntimeDep,
+) -> None:
+    overdue = timedelta(seconds=runtime.settings.reconcile_after_seconds)
+    async with db.acquire() as conn, conn.transaction():
+        await service.reconcile(conn, staff, kind, subject, body.note, overdue_after=overdue)
 
 
 # A provider event is a few KiB; a generous bound on what is read before the signature is checked.

@@ -44,6 +44,36 @@ class DiscrepancyReason(enum.StrEnum):
     UNKNOWN_PAYMENT = "unknown_payment"
 
 
+class DiscrepancyKind(enum.StrEnum):
+    """Why a payment's money and its enrollment disagree, for staff to reconcile."""
+
+    # The provider collected money that settled no payment (`DiscrepancyReason` says why).
+    UNMATCHED_COLLECTION = "unmatched_collection"
+    # Settled, but enrollment has not activated the enrollment for it (nor cancelled it).
+    SETTLED_NOT_ACTIVE = "settled_not_active"
+    # Settled and not refunded in full, for an enrollment since cancelled.
+    PAID_ENROLLMENT_CANCELLED = "paid_enrollment_cancelled"
+    # A refund asked of the provider whose answer never came: it stays reserved until asked again.
+    REFUND_UNANSWERED = "refund_unanswered"
+
+
+# Resolved by asking the provider again (`POST /payments/{id}/refunds/{refund_id}/retry`), not by hand.
+RESOLVED_BY_HAND = frozenset(DiscrepancyKind) - {DiscrepancyKind.REFUND_UNANSWERED}
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """One thing for staff to reconcile; `subject` names it within its kind (see RESOLVED_BY_HAND)."""
+
+    kind: DiscrepancyKind
+    subject: str
+    since: datetime
+    detail: str
+    amount: Money
+    payment_id: UUID | None = None
+    refund_id: UUID | None = None
+
+
 class NoticeOutcome(enum.StrEnum):
     """What became of a provider's notice about a payment."""
 

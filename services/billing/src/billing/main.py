@@ -37,7 +37,7 @@ service = BillingService(
     name="billing",
     settings_class=Settings,
     migrations=Path(__file__).parent / "migrations",
-    routers=[api.payments, api.webhooks],
+    routers=[api.payments, api.webhooks, api.reconciliation],
     subscriptions=subscriptions,
     description="Payments and refunds for enrollments in paid courses.",
 )

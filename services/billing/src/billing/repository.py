@@ -1,6 +1,6 @@
 """Billing's tables, as plain SQL."""
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -9,7 +9,7 @@ import asyncpg
 from microcred_events import Money, RefundIssued
 from microcred_runtime import Connection
 
-from .domain import DiscrepancyReason, NoticeOutcome, Payment, PaymentStatus
+from .domain import Discrepancy, DiscrepancyKind, DiscrepancyReason, NoticeOutcome, Payment, PaymentStatus
 
 _COLUMNS = (
     "payment_id, enrollment_id, learner_id, amount_minor, currency, status, refunded_minor,"
@@ -230,4 +230,142 @@ async def insert_discrepancy(
         received.amount_minor,
         received.currency,
         recorded_at,
+    )
+
+
+async def record_enrollment_activated(conn: Connection, payment_id: UUID, activated_at: datetime) -> None:
+    """Enrollment activated the enrollment for this payment (it names the payment)."""
+    await conn.execute(
+        "UPDATE payments SET enrollment_activated_at = $2"
+        " WHERE payment_id = $1 AND enrollment_activated_at IS NULL",
+        payment_id,
+        activated_at,
+    )
+
+
+async def record_enrollment_cancelled(conn: Connection, enrollment_id: UUID, cancelled_at: datetime) -> None:
+    await conn.execute(
+        "UPDATE payments SET enrollment_cancelled_at = $2"
+        " WHERE enrollment_id = $1 AND enrollment_cancelled_at IS NULL",
+        enrollment_id,
+        cancelled_at,
+    )
+
+
+# Each kind's open discrepancies, oldest first, of the issuers in $1 (NULL: every issuer's, and the
+# money no payment took, which only admins see), begun before $2: what should have followed (an
+# activation, a provider's answer) has had its time. Reconciled ones are left out.
+_UNRESOLVED = "NOT EXISTS (SELECT 1 FROM reconciliations r WHERE r.kind = {kind} AND r.subject = {subject})"
+_DISCREPANCIES = {
+    DiscrepancyKind.UNMATCHED_COLLECTION: (
+        "SELECT d.provider || ':' || d.provider_event_id AS subject, d.recorded_at AS since,"
+        " d.reason || ': ' || d.detail AS detail, d.received_minor AS amount_minor,"
+        " d.received_currency AS currency, d.payment_id, NULL::uuid AS refund_id"
+        " FROM payment_discrepancies d LEFT JOIN payments p ON p.payment_id = d.payment_id"
+        " WHERE d.recorded_at < $2 AND ($1::uuid[] IS NULL OR p.issuer_id = ANY($1)) AND "
+        + _UNRESOLVED.format(
+            kind="'unmatched_collection'", subject="d.provider || ':' || d.provider_event_id"
+        )
+    ),
+    DiscrepancyKind.SETTLED_NOT_ACTIVE: (
+        "SELECT payment_id::text AS subject, settled_at AS since,"
+        " 'settled, and enrollment has not activated the enrollment' AS detail, amount_minor, currency,"
+        " payment_id, NULL::uuid AS refund_id FROM payments p"
+        " WHERE status = 'settled' AND enrollment_activated_at IS NULL AND enrollment_cancelled_at IS NULL"
+        " AND settled_at < $2 AND ($1::uuid[] IS NULL OR issuer_id = ANY($1)) AND "
+        + _UNRESOLVED.format(kind="'settled_not_active'", subject="p.payment_id::text")
+    ),
+    DiscrepancyKind.PAID_ENROLLMENT_CANCELLED: (
+        "SELECT payment_id::text AS subject, enrollment_cancelled_at AS since,"
+        " 'paid, and the enrollment was cancelled; not refunded in full' AS detail,"
+        " amount_minor - refunded_minor AS amount_minor, currency, payment_id, NULL::uuid AS refund_id"
+        " FROM payments p WHERE status = 'settled' AND enrollment_cancelled_at < $2"
+        " AND ($1::uuid[] IS NULL OR issuer_id = ANY($1)) AND "
+        + _UNRESOLVED.format(kind="'paid_enrollment_cancelled'", subject="p.payment_id::text")
+    ),
+    DiscrepancyKind.REFUND_UNANSWERED: (
+        "SELECT r.refund_id::text AS subject, r.issued_at AS since,"
+        " 'the provider never answered this refund: ask it again' AS detail, r.amount_minor, r.currency,"
+        " r.payment_id, r.refund_id FROM refunds r JOIN payments p ON p.payment_id = r.payment_id"
+        " WHERE r.status = 'requested' AND r.issued_at < $2 AND ($1::uuid[] IS NULL OR p.issuer_id = ANY($1))"
+    ),
+}
+
+
+async def discrepancies(
+    conn: Connection,
+    *,
+    issuers: Collection[UUID] | None,
+    overdue_before: datetime,
+    after: tuple[datetime, str, str] | None,
+    limit: int,
+) -> list[Discrepancy]:
+    """What staff acting for `issuers` (None: admins, for all) have to reconcile, oldest first (by
+    since, kind, subject), after the key `after` of the previous page."""
+    since, kind_after, subject = after or (None, None, None)
+    found: list[Discrepancy] = []
+    for kind, query in _DISCREPANCIES.items():
+        rows = await conn.fetch(
+            f"SELECT * FROM ({query}) AS listed"
+            " WHERE $3::timestamptz IS NULL OR (since, $4::text, subject) > ($3, $5::text, $6::text)"
+            " ORDER BY since, subject LIMIT $7",
+            None if issuers is None else list(issuers),
+            overdue_before,
+            since,
+            kind.value,
+            kind_after,
+            subject,
+            limit,
+        )
+        found += [
+            Discrepancy(
+                kind=kind,
+                subject=row["subject"],
+                since=row["since"],
+                detail=row["detail"],
+                amount=Money(amount_minor=row["amount_minor"], currency=row["currency"]),
+                payment_id=row["payment_id"],
+                refund_id=row["refund_id"],
+            )
+            for row in rows
+        ]
+    return sorted(found, key=lambda item: (item.since, item.kind.value, item.subject))[:limit]
+
+
+async def reconcile(
+    conn: Connection, kind: DiscrepancyKind, subject: str, *, resolved_by: str, note: str, at: datetime
+) -> bool:
+    """Record a discrepancy reconciled by hand; False when someone did already."""
+    recorded = await conn.fetchval(
+        "INSERT INTO reconciliations (kind, subject, resolved_by, note, resolved_at)"
+        " VALUES ($1, $2, $3, $4, $5)"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        kind,
+        subject,
+        resolved_by,
+        note,
+        at,
+    )
+    return bool(recorded)
+
+
+async def requested_refund(conn: Connection, payment: Payment, refund_id: UUID) -> RefundIssued | None:
+    """The payment's refund `refund_id` while it is requested (its answer not applied yet)."""
+    row = await conn.fetchrow(
+        "SELECT amount_minor, currency, reason, issued_by, issued_at FROM refunds"
+        " WHERE refund_id = $1 AND payment_id = $2 AND status = 'requested'",
+        refund_id,
+        payment.payment_id,
+    )
+    if row is None:
+        return None
+    return RefundIssued(
+        refund_id=refund_id,
+        payment_id=payment.payment_id,
+        enrollment_id=payment.enrollment_id,
+        learner_id=payment.learner_id,
+        amount=Money(amount_minor=row["amount_minor"], currency=row["currency"]),
+        reason=row["reason"],
+        issued_at=row["issued_at"],
+        issued_by=row["issued_by"],
     )

@@ -20,13 +20,13 @@ import logging
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 from uuid import UUID
 
 import asyncpg
 
-from microcred_events import EnrollmentCancelled, Money, RefundIssued
+from microcred_events import EnrollmentActivated, EnrollmentCancelled, Money, RefundIssued
 from microcred_runtime import (
     Connection,
     Delivery,
@@ -39,7 +39,15 @@ from microcred_runtime import (
 )
 
 from . import domain, repository
-from .domain import DiscrepancyReason, NoticeOutcome, Payment, PaymentRuleViolated, SettlementRefused
+from .domain import (
+    Discrepancy,
+    DiscrepancyKind,
+    DiscrepancyReason,
+    NoticeOutcome,
+    Payment,
+    PaymentRuleViolated,
+    SettlementRefused,
+)
 from .provider import (
     ChargeFailed,
     ChargeSucceeded,
@@ -79,12 +87,20 @@ async def void_payment(conn: Connection, event: EnrollmentCancelled) -> None:
     payment = await repository.get_by_enrollment(conn, event.enrollment_id)
     if payment is None:
         return
+    await repository.record_enrollment_cancelled(conn, event.enrollment_id, event.cancelled_at)
     try:
         voided = domain.void(payment, datetime.now(UTC))
     except PaymentRuleViolated:
-        # Settled, failed or voided already: a refund of a settled one is staff's decision.
+        # Settled, failed or voided already: a refund of a settled one is staff's decision, and
+        # staff's discrepancy list shows it (`paid_enrollment_cancelled`) until they make it.
         return
     await repository.save(conn, voided)
+
+
+async def record_activation(conn: Connection, event: EnrollmentActivated) -> None:
+    """Enrollment took the payment: the money and the enrollment agree."""
+    if event.payment_id is not None:
+        await repository.record_enrollment_activated(conn, event.payment_id, event.activated_at)
 
 
 async def get_payment(conn: Connection, caller: Principal, payment_id: UUID) -> Payment:
@@ -170,6 +186,31 @@ async def refund_payment(
     `amount`. Staff refund payments for what their issuer issues; admins any."""
     async with db.acquire() as conn, conn.transaction():
         charge_id, requested = await _request_refund(conn, provider, staff, payment_id, amount, reason)
+    return await _refund_at_provider(db, provider, payment_id, charge_id, requested)
+
+
+async def retry_refund(
+    db: asyncpg.Pool, provider: PaymentProvider, staff: Principal, payment_id: UUID, refund_id: UUID
+) -> tuple[Payment, RefundIssued]:
+    """Ask the provider again for a refund whose answer was lost (it stays requested, its amount
+    reserved): with the same idempotency key, the money is returned once however often it is asked."""
+    async with db.acquire() as conn:
+        payment = await repository.get(conn, payment_id)
+        if payment is None:
+            raise _not_found(payment_id)
+        staff.require_issuer(payment.issuer_id)
+        requested = await repository.requested_refund(conn, payment, refund_id)
+    if requested is None:
+        raise Problem(404, "refund-not-requested", f"payment {payment_id} has no refund {refund_id} waiting")
+    if payment.provider != provider.name or payment.provider_reference is None:
+        raise Problem(409, "refund-at-other-provider", f"the payment was settled through {payment.provider}")
+    return await _refund_at_provider(db, provider, payment_id, payment.provider_reference, requested)
+
+
+async def _refund_at_provider(
+    db: asyncpg.Pool, provider: PaymentProvider, payment_id: UUID, charge_id: str, requested: RefundIssued
+) -> tuple[Payment, RefundIssued]:
+    """Ask the provider for a refund recorded requested, and apply its answer."""
     try:
         provider_refund_id = await provider.refund(
             charge_id=charge_id,
@@ -241,6 +282,54 @@ async def _request_refund(
         )
     await repository.insert_requested_refund(conn, requested, issued_by=staff.actor)
     return payment.provider_reference, requested
+
+
+async def list_discrepancies(
+    conn: Connection, staff: Principal, *, overdue_after: timedelta, limit: int, cursor: str | None = None
+) -> tuple[list[Discrepancy], str | None]:
+    """What the caller's issuers (every issuer's, for admins) have to reconcile, oldest first, each
+    once `overdue_after` has passed since it began (a settled payment or a refund has then had the
+    time for what should follow it)."""
+    found = await repository.discrepancies(
+        conn,
+        issuers=None if staff.is_admin else staff.issuers,
+        overdue_before=datetime.now(UTC) - overdue_after,
+        after=_discrepancy_after(cursor),
+        limit=limit + 1,
+    )
+    if len(found) <= limit:
+        return found, None
+    last = found[limit - 1]
+    return found[:limit], encode_cursor([last.since.isoformat(), last.kind.value, last.subject])
+
+
+async def reconcile(
+    conn: Connection,
+    staff: Principal,
+    kind: DiscrepancyKind,
+    subject: str,
+    note: str,
+    *,
+    overdue_after: timedelta,
+) -> None:
+    """Record a discrepancy the caller may see as reconciled by hand, with what was done."""
+    if kind not in domain.RESOLVED_BY_HAND:
+        raise Problem(
+            409, "reconciled-at-provider", "an unanswered refund is reconciled by asking the provider again"
+        )
+    # Open, and the caller's to see: on their list, whichever page it is on.
+    listed, cursor = await list_discrepancies(conn, staff, overdue_after=overdue_after, limit=500)
+    while cursor is not None and not any(item.kind is kind and item.subject == subject for item in listed):
+        listed, cursor = await list_discrepancies(
+            conn, staff, overdue_after=overdue_after, limit=500, cursor=cursor
+        )
+    if not any(item.kind is kind and item.subject == subject for item in listed):
+        raise Problem(404, "discrepancy-not-found", f"no open {kind} discrepancy {subject} of yours")
+    if not await repository.reconcile(
+        conn, kind, subject, resolved_by=staff.actor, note=note, at=datetime.now(UTC)
+    ):
+        raise Problem(409, "discrepancy-reconciled", f"{kind} {subject} was reconciled meanwhile")
+    log.info("discrepancy reconciled", extra={"kind": kind.value, "subject": subject, "by": staff.actor})
 
 
 @dataclass(frozen=True)
@@ -365,6 +454,20 @@ def _after(cursor: str | None) -> tuple[datetime, UUID] | None:
     if created_at.tzinfo is None:
         raise invalid
     return created_at, payment_id
+
+
+def _discrepancy_after(cursor: str | None) -> tuple[datetime, str, str] | None:
+    key = decode_cursor(cursor, 3)
+    if key is None:
+        return None
+    invalid = Problem(400, "invalid-cursor", "the cursor is not one this API returned")
+    try:
+        since, kind, subject = datetime.fromisoformat(key[0]), DiscrepancyKind(key[1]), key[2]
+    except (TypeError, ValueError):
+        raise invalid from None
+    if since.tzinfo is None or not isinstance(subject, str):
+        raise invalid
+    return since, kind.value, subject
 
 
 def _conflict(exc: PaymentRuleViolated) -> Problem:

@@ -14,6 +14,16 @@ class Settings(ServiceSettings):
     payment_webhook_secret: WebhookSecret = Field(
         description="Secret shared with the payment provider: it signs webhooks with it (HMAC-SHA256).",
     )
+    reconcile_after_seconds: float = Field(
+        default=600,
+        ge=0,
+        le=30 * 24 * 3600,
+        description=(
+            "How long a settled payment may wait for enrollment to activate its enrollment, and a refund "
+            "for the provider's answer, before staff's discrepancy list shows it (and any other "
+            "discrepancy, from when it began)."
+        ),
+    )
     payment_max_declines: int = Field(
         default=3,
         ge=1,

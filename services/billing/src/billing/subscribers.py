@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from microcred_events import EnrollmentCancelled, EnrollmentCreated
+from microcred_events import EnrollmentActivated, EnrollmentCancelled, EnrollmentCreated
 from microcred_runtime import Connection, Delivery, Rejected, Subscriptions
 
 from . import service
@@ -24,3 +24,8 @@ async def on_enrollments_created(conn: Connection, deliveries: Sequence[Delivery
 @subscriptions.on(EnrollmentCancelled)
 async def on_enrollment_cancelled(conn: Connection, event: EnrollmentCancelled) -> None:
     await service.void_payment(conn, event)
+
+
+@subscriptions.on(EnrollmentActivated)
+async def on_enrollment_activated(conn: Connection, event: EnrollmentActivated) -> None:
+    await service.record_activation(conn, event)
