@@ -765,7 +765,20 @@ async def test_staff_list_what_money_and_enrollments_disagree_on_and_reconcile_i
 
     # Reconciled: by hand with a note, once; the refund by asking the provider again.
     resolution = f"/reconciliation/discrepancies/paid_enrollment_cancelled/{kept['payment_id']}/resolution"
+    retry = f"/payments/{unanswered['payment_id']}/refunds/{refund_id}/retry"
     note = {"note": "Course policy: no refund after the first module; the learner was told."}
+    assert (await system.api.post(resolution, json=note, headers=elsewhere)).status_code == 404
+    assert (await system.api.post(retry, headers=elsewhere)).status_code == 403
+    system.app.dependency_overrides[api.payment_provider] = lambda: FailingRefunds(
+        system.provider, ProviderRefused("the payment provider answered 409")
+    )
+    refused_retry = await system.api.post(retry, headers=system.staff())
+    system.app.dependency_overrides[api.payment_provider] = lambda: system.provider
+    assert refused_retry.status_code == 502
+    # A refused retry proves nothing about the first request: the refund stays on the books.
+    assert await system.db.fetchval(
+        "SELECT status FROM refunds WHERE refund_id = $1", uuid.UUID(refund_id)
+    ) == ("requested")
     by_hand = await system.api.post(resolution, json=note, headers=system.staff())
     again = await system.api.post(resolution, json=note, headers=system.staff())
     not_by_hand = await system.api.post(
@@ -773,12 +786,8 @@ async def test_staff_list_what_money_and_enrollments_disagree_on_and_reconcile_i
         json=note,
         headers=system.staff(),
     )
-    retried = await system.api.post(
-        f"/payments/{unanswered['payment_id']}/refunds/{refund_id}/retry", headers=system.staff()
-    )
-    retried_again = await system.api.post(
-        f"/payments/{unanswered['payment_id']}/refunds/{refund_id}/retry", headers=system.staff()
-    )
+    retried = await system.api.post(retry, headers=system.staff())
+    retried_again = await system.api.post(retry, headers=system.staff())
 
     assert by_hand.status_code == 204, by_hand.text
     assert again.status_code == 404

@@ -49,9 +49,11 @@ class PaymentDeclined(Event):
     out again (another card). Once as many are declined as billing allows, `PaymentFailed` follows
     instead of this.
 
-    Consumers may rely on: one per declined charge, `attempt` counting them from 1; the
-    enrollment waits for payment as before. `reason_code` is stable to branch on, `reason` is
-    for people.
+    Consumers may rely on: one per declined charge at the payment's current checkout (a decline
+    told late, of a checkout the learner has since left, is none), `attempt` counting them from 1;
+    the enrollment waits for payment as before. A consumer built before this type dead-letters it
+    (an unknown type): roll enrollment and notifications out before billing. `reason_code` is
+    stable to branch on, `reason` is for people.
     """
 
     TYPE: ClassVar[str] = "org.microcred.billing.payment.declined.v1"

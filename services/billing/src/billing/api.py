@@ -272,19 +272,31 @@ async def refund_payment(
     "/{payment_id}/refunds/{refund_id}/retry",
     summary="Ask the provider again for a refund whose answer was lost (staff)",
     description=(
-        "A refund stays `requested`, its amount reserved, when the provider's answer never came. This asks "
-        "again with the same idempotency key: the provider returns the money once however often it is asked."
+        "A refund stays `requested`, its amount reserved, when the provider's answer never came. Once it "
+        "has waited RECONCILE_AFTER_SECONDS, this asks again with the same idempotency key: within the "
+        "provider's idempotency window (Stripe: 24 hours) the money is returned once, however often asked."
     ),
     responses={
         403: _problem("Only staff of the course's issuer, and admins, refund."),
         404: _problem("No such payment, or no refund of it waiting for an answer."),
-        502: _problem("The payment provider could not be reached or refused."),
+        409: _problem(
+            "Asked for less than RECONCILE_AFTER_SECONDS ago (its answer may still come), settled at "
+            "another provider, or made at the provider but dropped here meanwhile (reconcile it by hand)."
+        ),
+        502: _problem("The payment provider could not be reached or refused (the refund stays requested)."),
     },
 )
 async def retry_refund(
-    payment_id: UUID, refund_id: UUID, db: Db, staff: Staff, provider: Provider
+    payment_id: UUID, refund_id: UUID, db: Db, staff: Staff, provider: Provider, runtime: RuntimeDep
 ) -> RefundOut:
-    payment, issued = await service.retry_refund(db, provider, staff, payment_id, refund_id)
+    payment, issued = await service.retry_refund(
+        db,
+        provider,
+        staff,
+        payment_id,
+        refund_id,
+        unanswered_after=timedelta(seconds=runtime.settings.reconcile_after_seconds),
+    )
     return RefundOut.of(payment, issued)
 
 

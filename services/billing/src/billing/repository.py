@@ -153,6 +153,12 @@ async def mark_refund_issued(conn: Connection, refund_id: UUID, *, provider_refu
     return bool(issued)
 
 
+async def refund_issued(conn: Connection, refund_id: UUID) -> bool:
+    return bool(
+        await conn.fetchval("SELECT true FROM refunds WHERE refund_id = $1 AND status = 'issued'", refund_id)
+    )
+
+
 async def delete_requested_refund(conn: Connection, refund_id: UUID) -> None:
     """The provider refused the refund: nothing was returned, its amount is free again."""
     await conn.execute("DELETE FROM refunds WHERE refund_id = $1 AND status = 'requested'", refund_id)
@@ -277,8 +283,11 @@ _DISCREPANCIES = {
     ),
     DiscrepancyKind.PAID_ENROLLMENT_CANCELLED: (
         "SELECT payment_id::text AS subject, enrollment_cancelled_at AS since,"
-        " 'paid, and the enrollment was cancelled; not refunded in full' AS detail,"
-        " amount_minor - refunded_minor AS amount_minor, currency, payment_id, NULL::uuid AS refund_id"
+        " 'paid, and the enrollment was cancelled; not refunded in full (refunds asked for count)'"
+        " AS detail,"
+        " amount_minor - refunded_minor - (SELECT coalesce(sum(r.amount_minor), 0)::bigint FROM refunds r"
+        " WHERE r.payment_id = p.payment_id AND r.status = 'requested') AS amount_minor,"
+        " currency, payment_id, NULL::uuid AS refund_id"
         " FROM payments p WHERE status = 'settled' AND enrollment_cancelled_at < $2"
         " AND ($1::uuid[] IS NULL OR issuer_id = ANY($1)) AND "
         + _UNRESOLVED.format(kind="'paid_enrollment_cancelled'", subject="p.payment_id::text")
@@ -305,10 +314,11 @@ async def discrepancies(
     since, kind_after, subject = after or (None, None, None)
     found: list[Discrepancy] = []
     for kind, query in _DISCREPANCIES.items():
+        # Subjects compared byte by byte, as Python sorts the merged page, whatever the collation.
         rows = await conn.fetch(
-            f"SELECT * FROM ({query}) AS listed"
-            " WHERE $3::timestamptz IS NULL OR (since, $4::text, subject) > ($3, $5::text, $6::text)"
-            " ORDER BY since, subject LIMIT $7",
+            f"SELECT * FROM ({query}) AS listed WHERE $3::timestamptz IS NULL"
+            ' OR (since, $4::text, subject COLLATE "C") > ($3, $5::text, $6::text COLLATE "C")'
+            ' ORDER BY since, subject COLLATE "C" LIMIT $7',
             None if issuers is None else list(issuers),
             overdue_before,
             since,
@@ -330,6 +340,24 @@ async def discrepancies(
             for row in rows
         ]
     return sorted(found, key=lambda item: (item.since, item.kind.value, item.subject))[:limit]
+
+
+async def is_open(
+    conn: Connection,
+    kind: DiscrepancyKind,
+    subject: str,
+    *,
+    issuers: Collection[UUID] | None,
+    overdue_before: datetime,
+) -> bool:
+    """Whether `subject` is on the list of staff acting for `issuers` (see `discrepancies`)."""
+    found = await conn.fetchval(
+        f"SELECT true FROM ({_DISCREPANCIES[kind]}) AS listed WHERE subject = $3",
+        None if issuers is None else list(issuers),
+        overdue_before,
+        subject,
+    )
+    return bool(found)
 
 
 async def reconcile(

@@ -17,6 +17,7 @@ until someone asks the provider again with its key, `<payment_id>:refund:<refund
 """
 
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -146,14 +147,15 @@ async def check_out(
     async with db.acquire() as conn, conn.transaction():
         # Voided meanwhile: 409. Checked out concurrently: the same key made the same session.
         current = await _due_for(conn, learner, payment_id, for_update=True)
+        if current.checkout_session_id is not None and current.checkout_url is not None:
+            # Attached meanwhile, for the attempt the payment is at now.
+            return CheckoutSession(current.checkout_session_id, current.checkout_url)
         if current.declines != payment.declines:
             # A concurrent checkout handed out this session and a charge in it was declined: the
             # session is spent, and storing it would hand it out again for ever.
             raise Problem(
                 409, "payment-declined-meanwhile", "a charge was declined meanwhile: check out again"
             )
-        if current.checkout_session_id is not None and current.checkout_url is not None:
-            return CheckoutSession(current.checkout_session_id, current.checkout_url)
         await repository.save(
             conn, domain.attach_checkout(current, session.session_id, session.checkout_url, datetime.now(UTC))
         )
@@ -190,10 +192,17 @@ async def refund_payment(
 
 
 async def retry_refund(
-    db: asyncpg.Pool, provider: PaymentProvider, staff: Principal, payment_id: UUID, refund_id: UUID
+    db: asyncpg.Pool,
+    provider: PaymentProvider,
+    staff: Principal,
+    payment_id: UUID,
+    refund_id: UUID,
+    *,
+    unanswered_after: timedelta,
 ) -> tuple[Payment, RefundIssued]:
     """Ask the provider again for a refund whose answer was lost (it stays requested, its amount
-    reserved): with the same idempotency key, the money is returned once however often it is asked."""
+    reserved), once it has waited `unanswered_after`: with the same idempotency key, within the
+    provider's idempotency window (Stripe keeps a key 24 hours), the money is returned once."""
     async with db.acquire() as conn:
         payment = await repository.get(conn, payment_id)
         if payment is None:
@@ -202,15 +211,34 @@ async def retry_refund(
         requested = await repository.requested_refund(conn, payment, refund_id)
     if requested is None:
         raise Problem(404, "refund-not-requested", f"payment {payment_id} has no refund {refund_id} waiting")
+    if requested.issued_at > datetime.now(UTC) - unanswered_after:
+        # Its first request may still be at the provider, whose answer to a second one with the
+        # same key could be a refusal ("key in use") that is not the refund's.
+        raise Problem(
+            409,
+            "refund-in-flight",
+            f"the refund was asked for at {requested.issued_at.isoformat()}: "
+            "retry it once it is listed unanswered",
+        )
     if payment.provider != provider.name or payment.provider_reference is None:
         raise Problem(409, "refund-at-other-provider", f"the payment was settled through {payment.provider}")
-    return await _refund_at_provider(db, provider, payment_id, payment.provider_reference, requested)
+    return await _refund_at_provider(
+        db, provider, payment_id, payment.provider_reference, requested, retrying=True
+    )
 
 
 async def _refund_at_provider(
-    db: asyncpg.Pool, provider: PaymentProvider, payment_id: UUID, charge_id: str, requested: RefundIssued
+    db: asyncpg.Pool,
+    provider: PaymentProvider,
+    payment_id: UUID,
+    charge_id: str,
+    requested: RefundIssued,
+    *,
+    retrying: bool = False,
 ) -> tuple[Payment, RefundIssued]:
-    """Ask the provider for a refund recorded requested, and apply its answer."""
+    """Ask the provider for a refund recorded requested, and apply its answer. A refusal of the
+    first request frees its amount; of a retry, it proves nothing (the first may have gone through,
+    the key may have expired), so the refund stays requested for staff to check at the provider."""
     try:
         provider_refund_id = await provider.refund(
             charge_id=charge_id,
@@ -218,6 +246,9 @@ async def _refund_at_provider(
             idempotency_key=f"{payment_id}:refund:{requested.refund_id}",
         )
     except ProviderRefused as exc:
+        if retrying:
+            log.warning("refund %s retried and refused; it stays requested: %s", requested.refund_id, exc)
+            raise Problem(502, "payment-provider-error", f"{exc}; the refund stays requested") from None
         async with db.acquire() as conn:
             await repository.delete_requested_refund(conn, requested.refund_id)
         raise Problem(502, "payment-provider-error", str(exc)) from None
@@ -231,8 +262,23 @@ async def _refund_at_provider(
         if not await repository.mark_refund_issued(
             conn, requested.refund_id, provider_refund_id=provider_refund_id
         ):
-            # Applied by someone who asked the provider again with the same key.
-            return payment, requested
+            if await repository.refund_issued(conn, requested.refund_id):
+                # Applied by someone who asked the provider again with the same key.
+                return payment, requested
+            # Forgotten meanwhile (a refusal of another request with its key): the money went back
+            # all the same, and only a person can put that on the books.
+            log.error(
+                "refund %s made at the provider (%s) but no longer on record",
+                requested.refund_id,
+                provider_refund_id,
+                extra={"payment_id": str(payment_id)},
+            )
+            raise Problem(
+                409,
+                "refund-not-on-record",
+                f"the provider made refund {provider_refund_id}, but it was dropped here meanwhile: "
+                "reconcile it by hand",
+            )
         # Against the payment as it is now (other refunds may have been issued meanwhile); the
         # reservation made sure this one still fits.
         refunded, event = domain.refund(
@@ -317,13 +363,13 @@ async def reconcile(
         raise Problem(
             409, "reconciled-at-provider", "an unanswered refund is reconciled by asking the provider again"
         )
-    # Open, and the caller's to see: on their list, whichever page it is on.
-    listed, cursor = await list_discrepancies(conn, staff, overdue_after=overdue_after, limit=500)
-    while cursor is not None and not any(item.kind is kind and item.subject == subject for item in listed):
-        listed, cursor = await list_discrepancies(
-            conn, staff, overdue_after=overdue_after, limit=500, cursor=cursor
-        )
-    if not any(item.kind is kind and item.subject == subject for item in listed):
+    if not await repository.is_open(
+        conn,
+        kind,
+        subject,
+        issuers=None if staff.is_admin else staff.issuers,
+        overdue_before=datetime.now(UTC) - overdue_after,
+    ):
         raise Problem(404, "discrepancy-not-found", f"no open {kind} discrepancy {subject} of yours")
     if not await repository.reconcile(
         conn, kind, subject, resolved_by=staff.actor, note=note, at=datetime.now(UTC)
@@ -456,6 +502,10 @@ def _after(cursor: str | None) -> tuple[datetime, UUID] | None:
     return created_at, payment_id
 
 
+# A discrepancy's subject as this API makes them: an id, or `<provider>:<event id>`.
+_SUBJECT = re.compile(r"[A-Za-z0-9_.:-]{1,300}")
+
+
 def _discrepancy_after(cursor: str | None) -> tuple[datetime, str, str] | None:
     key = decode_cursor(cursor, 3)
     if key is None:
@@ -465,7 +515,7 @@ def _discrepancy_after(cursor: str | None) -> tuple[datetime, str, str] | None:
         since, kind, subject = datetime.fromisoformat(key[0]), DiscrepancyKind(key[1]), key[2]
     except (TypeError, ValueError):
         raise invalid from None
-    if since.tzinfo is None or not isinstance(subject, str):
+    if since.tzinfo is None or not (isinstance(subject, str) and _SUBJECT.fullmatch(subject)):
         raise invalid
     return since, kind.value, subject
 

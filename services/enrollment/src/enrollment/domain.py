@@ -202,10 +202,8 @@ def _activated(enrollment: Enrollment, payment_id: UUID | None, now: datetime) -
 
 
 def fail_payment(enrollment: Enrollment, reason: str, now: datetime) -> Transition:
-    """A payment failed: an enrollment still waiting for payment is cancelled.
-
-    A failure after activation is of another attempt (the learner retried with another card, and
-    that one settled): the enrollment is paid and stays active.
+    """A payment failed for good (`PaymentDeclined`, a decline the learner may retry, is not
+    this): an enrollment still waiting for payment is cancelled; one past that stays as it is.
     """
     if enrollment.status is not EnrollmentStatus.PENDING_PAYMENT:
         return _unchanged(enrollment, _settled_state(enrollment.status))
