@@ -239,13 +239,16 @@ async def insert_discrepancy(
     )
 
 
-async def record_enrollment_activated(conn: Connection, payment_id: UUID, activated_at: datetime) -> None:
-    """Enrollment activated the enrollment for this payment (it names the payment)."""
+async def record_enrollments_activated(conn: Connection, activated: Sequence[tuple[UUID, datetime]]) -> None:
+    """Enrollment activated enrollments for these payments: (payment id, when) each."""
+    if not activated:
+        return
     await conn.execute(
-        "UPDATE payments SET enrollment_activated_at = $2"
-        " WHERE payment_id = $1 AND enrollment_activated_at IS NULL",
-        payment_id,
-        activated_at,
+        "UPDATE payments SET enrollment_activated_at = a.at"
+        " FROM unnest($1::uuid[], $2::timestamptz[]) AS a (payment_id, at)"
+        " WHERE payments.payment_id = a.payment_id AND payments.enrollment_activated_at IS NULL",
+        [payment_id for payment_id, _ in activated],
+        [at for _, at in activated],
     )
 
 

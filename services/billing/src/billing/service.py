@@ -98,10 +98,11 @@ async def void_payment(conn: Connection, event: EnrollmentCancelled) -> None:
     await repository.save(conn, voided)
 
 
-async def record_activation(conn: Connection, event: EnrollmentActivated) -> None:
-    """Enrollment took the payment: the money and the enrollment agree."""
-    if event.payment_id is not None:
-        await repository.record_enrollment_activated(conn, event.payment_id, event.activated_at)
+async def record_activations(conn: Connection, events: Sequence[EnrollmentActivated]) -> None:
+    """Enrollment took these payments (a free enrollment names none): money and enrollment agree."""
+    await repository.record_enrollments_activated(
+        conn, [(event.payment_id, event.activated_at) for event in events if event.payment_id is not None]
+    )
 
 
 async def get_payment(conn: Connection, caller: Principal, payment_id: UUID) -> Payment:

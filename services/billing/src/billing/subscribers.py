@@ -26,6 +26,7 @@ async def on_enrollment_cancelled(conn: Connection, event: EnrollmentCancelled) 
     await service.void_payment(conn, event)
 
 
-@subscriptions.on(EnrollmentActivated)
-async def on_enrollment_activated(conn: Connection, event: EnrollmentActivated) -> None:
-    await service.record_activation(conn, event)
+# One with every enrollment activated: a poll's are noted in one statement.
+@subscriptions.on_batch(EnrollmentActivated)
+async def on_enrollments_activated(conn: Connection, deliveries: Sequence[Delivery]) -> None:
+    await service.record_activations(conn, [delivery.content for delivery in deliveries])
