@@ -132,6 +132,7 @@ class Billing:
 
 @pytest.fixture
 async def system(
+    request: pytest.FixtureRequest,
     new_database: Callable[[], Any],
     make_settings: Callable[..., Any],
     serve: Any,
@@ -146,8 +147,9 @@ async def system(
         database,
         payment_provider_url="http://simulator",
         payment_webhook_secret=SECRET,
-        # Discrepancies are listed at once, not after the production 10 minutes.
-        reconcile_after_seconds=0,
+        # Discrepancies are listed at once, not after the production 10 minutes, unless a test
+        # asks for another wait (indirect parametrization).
+        reconcile_after_seconds=getattr(request, "param", 0),
     )
     app = billing.main.create_app(settings)
     simulator_app = simulator.create_app(
@@ -802,3 +804,30 @@ async def test_staff_list_what_money_and_enrollments_disagree_on_and_reconcile_i
         ("unmatched_collection", f"simulator:{short_event}"),
     }
     assert await system.db.fetchval("SELECT resolved_by FROM reconciliations") == "staff:staff-1"
+
+
+@pytest.mark.parametrize("system", [3600], indirect=True)
+async def test_what_is_younger_than_reconcile_after_is_not_listed_nor_retried(system: Billing) -> None:
+    learner = uuid.uuid4()
+    payment = await system.payment_due(await system.enroll(learner))
+    await system.pay((await system.check_out(payment, learner))["session_id"])
+    system.app.dependency_overrides[api.payment_provider] = lambda: FailingRefunds(
+        system.provider, ProviderError("the payment provider is unreachable")
+    )
+    lost = await system.api.post(f"/payments/{payment['payment_id']}/refunds", headers=system.staff())
+    system.app.dependency_overrides[api.payment_provider] = lambda: system.provider
+    refund_id = await system.db.fetchval("SELECT refund_id FROM refunds WHERE status = 'requested'")
+
+    listed = await system.api.get("/reconciliation/discrepancies", headers=system.staff())
+    retried = await system.api.post(
+        f"/payments/{payment['payment_id']}/refunds/{refund_id}/retry", headers=system.staff()
+    )
+
+    assert lost.status_code == 502
+    # Settled seconds ago, never activated, its refund unanswered: none of it is overdue yet.
+    assert listed.json() == {"items": [], "next_cursor": None}
+    assert retried.status_code == 409
+    assert retried.json()["type"] == "urn:microcred:problem:refund-in-flight"
+    assert (
+        await system.db.fetchval("SELECT status FROM refunds WHERE refund_id = $1", refund_id) == "requested"
+    )
