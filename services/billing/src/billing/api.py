@@ -60,6 +60,14 @@ async def payment_provider(request: Request, _started: RuntimeDep) -> PaymentPro
 Provider = Annotated[PaymentProvider, Depends(payment_provider)]
 
 
+def _reconcile_after(runtime: RuntimeDep) -> timedelta:
+    return timedelta(seconds=runtime.settings.reconcile_after_seconds)
+
+
+ReconcileAfter = Annotated[timedelta, Depends(_reconcile_after)]
+"""RECONCILE_AFTER_SECONDS: how old a discrepancy is before it is listed, or a refund retried."""
+
+
 def _problem(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/problem+json": {}}}
 
@@ -287,7 +295,7 @@ async def refund_payment(
     },
 )
 async def retry_refund(
-    payment_id: UUID, refund_id: UUID, db: Db, staff: Staff, provider: Provider, runtime: RuntimeDep
+    payment_id: UUID, refund_id: UUID, db: Db, staff: Staff, provider: Provider, overdue: ReconcileAfter
 ) -> RefundOut:
     payment, issued = await service.retry_refund(
         db,
@@ -295,7 +303,7 @@ async def retry_refund(
         staff,
         payment_id,
         refund_id,
-        unanswered_after=timedelta(seconds=runtime.settings.reconcile_after_seconds),
+        unanswered_after=overdue,
     )
     return RefundOut.of(payment, issued)
 
@@ -311,9 +319,8 @@ async def retry_refund(
     responses={400: _problem("The cursor is not one this API returned.")},
 )
 async def list_discrepancies(
-    db: Db, staff: Staff, runtime: RuntimeDep, limit: Limit = 50, cursor: Cursor = None
+    db: Db, staff: Staff, overdue: ReconcileAfter, limit: Limit = 50, cursor: Cursor = None
 ) -> Page[DiscrepancyOut]:
-    overdue = timedelta(seconds=runtime.settings.reconcile_after_seconds)
     async with db.acquire() as conn:
         found, next_cursor = await service.list_discrepancies(
             conn, staff, overdue_after=overdue, limit=limit, cursor=cursor
@@ -336,9 +343,8 @@ async def reconcile(
     body: ReconciliationIn,
     db: Db,
     staff: Staff,
-    runtime: RuntimeDep,
+    overdue: ReconcileAfter,
 ) -> None:
-    overdue = timedelta(seconds=runtime.settings.reconcile_after_seconds)
     async with db.acquire() as conn, conn.transaction():
         await service.reconcile(conn, staff, kind, subject, body.note, overdue_after=overdue)
 
